@@ -335,9 +335,13 @@ def mergekit_recipe(name: str, params: dict[str, float], models: dict[str, Path]
 # Measurement
 
 
-def _proc_status(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) of ``pid`` in bytes; zeros when it is gone."""
-    rss = anon = 0
+def _proc_status(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, RssAnon, VmHWM) of ``pid`` in bytes; zeros when it is gone.
+
+    VmHWM is the high-water mark of the process's current address space: it starts afresh at ``exec``,
+    unlike ``wait4``'s ru_maxrss, which Linux carries over from the parent across fork + exec.
+    """
+    rss = anon = hwm = 0
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
@@ -345,9 +349,11 @@ def _proc_status(pid: int) -> tuple[int, int]:
                     rss = int(line.split()[1]) * 1024
                 elif line.startswith("RssAnon:"):
                     anon = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
-    return rss, anon
+    return rss, anon, hwm
 
 
 def process_tree(root: int) -> list[int]:
@@ -379,7 +385,7 @@ class RunResult:
     wall_s: float
     returncode: int | None
     killed: str | None  # "timeout" or "RSS limit" when this script killed it
-    hwm_bytes: int  # kernel high-water mark (ru_maxrss of the waited process, max over its descendants)
+    hwm_bytes: int  # kernel high-water mark: summed over the tree of each process's last polled VmHWM
     polled_rss_bytes: int  # max over polls of the summed VmRSS of the process tree
     polled_anon_bytes: int  # max over polls of the summed RssAnon of the process tree
     output_bytes: int
@@ -423,6 +429,7 @@ def run_measured(
         start = time.perf_counter()
         proc = subprocess.Popen(list(command), stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         peaks = {"rss": 0, "anon": 0}
+        hwm: dict[int, int] = {}  # pid -> VmHWM at its last poll (monotonic while it lives)
         done = threading.Event()
         killed: list[str] = []
 
@@ -430,9 +437,10 @@ def run_measured(
             while not done.is_set():
                 rss = anon = 0
                 for pid in process_tree(proc.pid):
-                    r, a = _proc_status(pid)
+                    r, a, h = _proc_status(pid)
                     rss += r
                     anon += a
+                    hwm[pid] = max(hwm.get(pid, 0), h)
                 peaks["rss"] = max(peaks["rss"], rss)
                 peaks["anon"] = max(peaks["anon"], anon)
                 reason = "timeout" if time.perf_counter() - start > timeout else None
@@ -446,7 +454,7 @@ def run_measured(
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         done.set()
         poller.join()
@@ -460,7 +468,7 @@ def run_measured(
         wall_s=wall,
         returncode=proc.returncode,
         killed=killed[0] if killed else None,
-        hwm_bytes=usage.ru_maxrss * 1024,
+        hwm_bytes=sum(hwm.values()),
         polled_rss_bytes=peaks["rss"],
         polled_anon_bytes=peaks["anon"],
         output_bytes=dir_bytes(out) if out.exists() else 0,
@@ -639,8 +647,9 @@ def render_report(
         "- Both tools run the same mergekit-dialect YAML with `dtype: bfloat16` (mergekit computes in bf16, "
         "modelfuse in float32 by default), one after the other, page cache warm, output deleted after each run.",
         "- Wall time: spawn to exit of the process, so it includes Python start-up and imports (torch: 1-2 s).",
-        "- Peak RSS: the larger of the kernel high-water mark (`wait4` ru_maxrss) and a 50 ms poll of the process "
-        "tree's summed VmRSS; it includes touched pages of memory-mapped inputs.",
+        "- Peak RSS: the larger of the kernel high-water mark (each process's VmHWM, polled every 50 ms; it starts "
+        "afresh at exec, unlike `wait4`'s ru_maxrss, which inherits the benchmark's own) and the polled sum of the "
+        "process tree's VmRSS; it includes touched pages of memory-mapped inputs.",
         "- I/O floor: read the method's inputs from the warm page cache + write one output-sized file "
         "(buffered write + close, **without fsync**; fsync reported apart). Best of the I/O repeats.",
         "",

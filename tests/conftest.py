@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MODELFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="modelfuse-test-cache-"))  # not ~/.cache
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ARCHITECTURES = ("llama", "qwen2", "gemma", "gpt2")

@@ -14,13 +14,14 @@ from modelfuse.options import MergeOptions
 
 Family = dict[str, Path]
 
-METHODS = ["linear", "task_arithmetic", "magmax", "lines", "ties", "dare_ties", "dare_linear", "della", "della_linear"]
+METHODS = ["linear", "task_arithmetic", "magmax", "lines", "ties", "dare_ties", "dare_linear", "della", "della_linear",
+           "breadcrumbs", "breadcrumbs_ties", "consensus_ta", "consensus_ties", "localize_stitch"]
 
 
 def recipe(family: Family, method: str) -> dict:
     """A recipe over a base and two experts (the base is ignored by methods that take none)."""
     models = [{"path": str(family["e1"]), "weight": 0.7}, {"path": str(family["e2"]), "weight": 0.4}]
-    if method in ("magmax",):
+    if method in ("magmax", "localize_stitch"):
         models = [{"path": str(family["e1"])}, {"path": str(family["e2"])}]
     return {"method": method, "base": str(family["base"]), "models": models, "dtype": "bfloat16", "seed": 3}
 
@@ -57,6 +58,10 @@ def test_rowwise_methods_go_in_row_blocks(make_family: Callable[..., Family]) ->
     ties_units = [u for u in work_units(modelfuse.plan(recipe(family, "ties")), chunk_elements=100)
                   if u.job.name == "model.layers.0.mlp.up_proj.weight"]  # [64, 32]
     assert len(ties_units) == 22 and all(u.thresholds is not None and len(u.thresholds) == 2 for u in ties_units)
+    crumbs_units = [u for u in work_units(modelfuse.plan(recipe(family, "breadcrumbs")), chunk_elements=100)
+                    if u.job.name == "model.layers.0.mlp.up_proj.weight"]  # two thresholds per model: the band
+    assert len(crumbs_units) == 22 and all(u.thresholds is not None and [len(t) for t in u.thresholds] == [2, 2]
+                                           for u in crumbs_units)
 
 
 def test_memory_budget_must_parse() -> None:
@@ -91,8 +96,17 @@ def test_estimate_follows_the_budget(make_family: Callable[..., Family]) -> None
     assert small.seconds > 0
 
 
-def test_ties_with_tied_magnitudes_is_bit_identical(make_family: Callable[..., Family], tmp_path: Path) -> None:
-    """Task vectors full of equal magnitudes (ties at the top-k threshold) still merge bit-identically."""
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"density": 0.3}),
+    ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.2}),
+    ("localize_stitch", {"density": 0.3}),
+    ("consensus_ties", {"density": 0.3, "k": 1}),
+])
+def test_topk_methods_with_tied_magnitudes_are_bit_identical(
+    method: str, parameters: dict[str, float], make_family: Callable[..., Family], tmp_path: Path
+) -> None:
+    """Task vectors full of equal magnitudes (ties at the top-k thresholds) still merge bit-identically."""
     from safetensors.torch import load_file, save_file
 
     family = make_family("llama")
@@ -102,11 +116,11 @@ def test_ties_with_tied_magnitudes_is_bit_identical(make_family: Callable[..., F
         quantized = {key: value + torch.randint(-2, 3, value.shape, generator=generator).float() * 0.01
                      for key, value in base.items()}  # deltas in {-0.02, ..., 0.02}: heavy ties
         save_file(quantized, str(family[name] / "model.safetensors"), metadata={"format": "pt"})
-    ties = {"method": "ties", "base": str(family["base"]), "parameters": {"density": 0.3},
-            "models": [{"path": str(family["e1"])}, {"path": str(family["e2"])}]}
+    merge = {"method": method, "base": str(family["base"]), "parameters": parameters,
+             "models": [{"path": str(family["e1"])}, {"path": str(family["e2"])}]}
     outputs = []
     for index, (chunk, threads) in enumerate([(1 << 20, 1), (7, 2), (100, 3)]):
         options = MergeOptions(chunk_elements=chunk, threads=threads)
-        out = modelfuse.merge(ties, tmp_path / f"out{index}", options=options)
+        out = modelfuse.merge(merge, tmp_path / f"out{index}", options=options)
         outputs.append((out / "model.safetensors").read_bytes())
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]

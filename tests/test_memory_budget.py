@@ -43,14 +43,14 @@ def _model(folder: Path, value: float) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
 def test_peak_rss_stays_under_budget(method: str, tmp_path: Path) -> None:
     """Peak RSS of a merging process stays under a budget that cannot hold even one input tensor."""
     base, first, second = (_model(tmp_path / name, v) for name, v in [("base", 1.0), ("a", 1.1), ("b", 0.9)])
     recipe = {"method": method, "models": [{"path": first}, {"path": second}]}
     if method != "linear":
         recipe["base"] = base
-    if method in ("ties", "dare_ties"):
+    if method in ("ties", "dare_ties", "breadcrumbs_ties"):
         recipe["parameters"] = {"density": 0.3}
     code = MEASURE.format(recipe=recipe, headroom=HEADROOM_MIB)
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,23 +13,6 @@ from modelfuse.recipe import Recipe
 
 PROVENANCE_FILE = "modelfuse_provenance.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def sha256_file(path: Path, block_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(block_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def input_hashes(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
-    """SHA-256 of every file at the top of each input folder, keyed by recipe path then file name."""
-    return {
-        label: {file.name: sha256_file(file) for file in sorted(folder.iterdir()) if file.is_file()}
-        for label, folder in folders.items()
-    }
 
 
 def provenance(recipe: Recipe, version: str, hashes: dict[str, dict[str, str]], tensors: int, nbytes: int) -> str:

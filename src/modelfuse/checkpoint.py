@@ -186,11 +186,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 descriptor = self._descriptors[file] = os.open(file, os.O_RDONLY)
         return descriptor
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor, or the row block ``[start, stop)`` of its first dimension (a fresh CPU tensor).
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor, or the row block ``[start, stop)`` of its first dimension, as a CPU tensor.
 
-        Reads with ``pread`` into a new buffer rather than memory-mapping, so file pages never count
-        toward this process's resident memory and the RAM budget covers only the tensors in use.
+        Reads with ``pread`` into a new buffer (or into the start of ``out``, a uint8 tensor of at least
+        ``nbytes(name, rows)`` bytes, which the result then shares) rather than memory-mapping, so file
+        pages never count toward this process's resident memory and the RAM budget covers only the
+        tensors in use.
 
         Raises:
             CheckpointError: If the file is shorter than its header says, naming the file and tensor.
@@ -203,7 +205,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
             start, stop = max(0, rows[0]), min(shape[0], rows[1])
             shape = (stop - start, *shape[1:])
             offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         view = memoryview(buffer.numpy())
         descriptor = self._descriptor(info.file)
         done = 0
@@ -214,6 +216,14 @@ class Checkpoint(Mapping[str, TensorInfo]):
                                       path=str(info.file), tensor=name)
             done += count
         return buffer.view(info.dtype).reshape(shape)
+
+    def nbytes(self, name: str, rows: tuple[int, int] | None = None) -> int:
+        """Bytes that ``read(name, rows)`` returns."""
+        info = self._tensors[name]
+        if rows is None or not info.shape:
+            return info.nbytes
+        start, stop = max(0, rows[0]), min(info.shape[0], rows[1])
+        return max(0, stop - start) * (info.nbytes // info.shape[0] if info.shape[0] else 0)
 
     def close(self) -> None:
         """Close the open file descriptors."""

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from modelfuse.card import PROVENANCE_FILE, input_hashes, model_card, provenance
+from modelfuse.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.errors import ModelfuseError
+from modelfuse.hashing import BackgroundHashes
 from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask, topk_threshold
 from modelfuse.methods.lines import apply_lines
@@ -42,39 +44,118 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+# Elements per piece that a row block's math runs on: the piece's float32 temporaries (a few per input)
+# stay in the CPU cache instead of streaming through memory once per operation.
+PIECE_ELEMENTS = 1 << 15
+
+
+class _ThreadBuffer(threading.local):
+    """Per thread, one byte buffer reused from block to block.
+
+    Reusing it spares the page faults of a fresh buffer per block (a large part of the time at page-cache
+    speed). It only grows, to the largest block the thread has handled, which the budget bounds.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """The buffer, at least ``nbytes`` long (its contents are garbage)."""
+        if self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffer
+
+
+_READ_BUFFER = _ThreadBuffer()  # a block's inputs, as read
+_RESULT_BUFFER = _ThreadBuffer()  # a block's result, until it is written
+
+
 def compute_tensor(
     job: TensorJob,
     plan: MergePlan,
     rows: tuple[int, int] | None = None,
-    thresholds: Sequence[TopkThreshold] | None = None,
-    equal_before: Sequence[int] | None = None,
+    thresholds: Sequence[Sequence[TopkThreshold]] | None = None,
+    equal_before: Sequence[Sequence[int]] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype.
 
     Row blocks are only asked for rowwise methods, whose result does not depend on the blocking, and
-    for top-k methods together with the whole tensor's ``thresholds`` and the ties at each threshold in
-    earlier blocks (``equal_before``), one per model.
+    for top-k methods together with the whole tensor's ``thresholds`` (per model, one per count of the
+    method's ``topk``) and the ties at each threshold in earlier blocks (``equal_before``, same layout).
+    A block (or a whole tensor of a rowwise method) is read once and computed in pieces of about
+    ``PIECE_ELEMENTS`` elements; the result does not depend on the piece size. A blocked result goes into
+    ``out`` (a uint8 buffer of at least its size, which the result then shares) when given.
 
     Raises:
         ModelfuseError: If the method returns a wrong shape or non-finite values from finite inputs.
     """
-    compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
     first = job.sources[0] if job.sources else job.base
     assert first is not None  # every job has at least one input
     if not plan.checkpoints[first.model][first.name].dtype.is_floating_point:
         return plan.checkpoints[first.model].read(first.name, rows)  # integer buffers are copied, never averaged
-    tensors = [plan.checkpoints[s.model].read(s.name, rows).to(compute_dtype) for s in job.sources]
-    base = plan.checkpoints[job.base.model].read(job.base.name, rows).to(compute_dtype) if job.base else None
+    if rows is None and job.method.rowwise and len(job.shape) >= 2:
+        rows = (0, job.shape[0])
+    inputs = [*job.sources, *([job.base] if job.base else [])]
+    if rows is None:
+        raw = [plan.checkpoints[source.model].read(source.name) for source in inputs]
+    else:  # a block's size is bounded by the budget: read it into this thread's reusable buffer
+        sizes = [plan.checkpoints[source.model].nbytes(source.name, rows) for source in inputs]
+        buffer = _READ_BUFFER.get(sum(sizes))
+        offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+        raw = [plan.checkpoints[source.model].read(source.name, rows, buffer[offset:])
+               for source, offset in zip(inputs, offsets, strict=True)]
+    raw_base = raw.pop() if job.base else None
+    if rows is None:
+        return _compute_piece(job, plan, raw, raw_base, None, None, None).to(job.dtype)
+    count = rows[1] - rows[0]
+    row_elements = int(torch.Size(job.shape[1:]).numel())
+    step = max(1, PIECE_ELEMENTS // max(1, row_elements))
+    before = [list(model) for model in equal_before] if equal_before is not None else None
+    if thresholds is not None and before is None:
+        before = [[0] * len(model) for model in thresholds]
+    shape = (count, *job.shape[1:])
+    if out is None:
+        result = torch.empty(shape, dtype=job.dtype)
+    else:
+        result = out[: count * row_elements * job.dtype.itemsize].view(job.dtype).reshape(shape)
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        piece = [tensor[start:stop] for tensor in raw]
+        piece_base = raw_base[start:stop] if raw_base is not None else None
+        piece_rows = (rows[0] + start, rows[0] + stop)
+        result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before))
+    return result
+
+
+def _compute_piece(
+    job: TensorJob,
+    plan: MergePlan,
+    raw: Sequence[torch.Tensor],
+    raw_base: torch.Tensor | None,
+    rows: tuple[int, int] | None,
+    thresholds: Sequence[Sequence[TopkThreshold]] | None,
+    equal_before: list[list[int]] | None,
+) -> torch.Tensor:
+    """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
+
+    With ``thresholds``, the top-k masks of this piece are passed to the method and ``equal_before`` (per
+    model and threshold, the ties counted before this piece) is advanced past it.
+    """
+    compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
+    tensors = [tensor.to(compute_dtype) for tensor in raw]
+    base = raw_base.to(compute_dtype) if raw_base is not None else None
     kwargs = dict(job.params)
     if job.method.random:
         noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
         row_elements = int(torch.Size(job.shape[1:]).numel())
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None}
-    if thresholds is not None and base is not None:
-        before = equal_before if equal_before is not None else [0] * len(thresholds)
-        context["topk_masks"] = [topk_chunk_mask((t - base).abs(), threshold, count)[0]
-                                 for t, threshold, count in zip(tensors, thresholds, before, strict=True)]
+    if thresholds is not None and equal_before is not None and base is not None:
+        context["topk_masks"] = [_piece_masks((tensor - base).abs(), model_thresholds, model_before)
+                                 for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,
+                                                                                   strict=True)]
     kwargs.update({name: context[name] for name in job.method.context})
     result = job.method.fn(tensors, base, **kwargs)
     expected = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
@@ -84,12 +165,25 @@ def compute_tensor(
     lines_post = plan.recipe.post.lines if plan.recipe.post is not None else None
     if lines_post is not None and base is not None:  # the recipe check guarantees a base for post.lines
         result = apply_lines(result, base, depth=job.depth, alpha=lines_post.alpha, beta=lines_post.beta)
-    if not bool(torch.isfinite(result).all()):
+    # A sum is finite exactly when no entry is NaN or Inf, unless finite entries overflow it: check those exactly.
+    if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
         inputs_finite = all(bool(torch.isfinite(t).all()) for t in [*tensors, *([base] if base is not None else [])])
         if inputs_finite:
             raise ModelfuseError(f"method {job.method.name!r} produced NaN or Inf in tensor {job.name!r}; "
                                  "check its parameters (e.g. weights summing to zero)", tensor=job.name)
-    return result.to(job.dtype)
+    return result
+
+
+def _piece_masks(
+    magnitude: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int]
+) -> list[torch.Tensor]:
+    """A piece's top-k masks of one task vector's magnitudes, one per threshold; advances ``equal_before``."""
+    masks = []
+    for index, threshold in enumerate(thresholds):
+        mask, equal_count = topk_chunk_mask(magnitude, threshold, equal_before[index])
+        equal_before[index] += equal_count
+        masks.append(mask)
+    return masks
 
 
 @dataclass(frozen=True)
@@ -100,8 +194,8 @@ class WorkUnit:
     rows: tuple[int, int] | None
     last: bool
     scratch_bytes: int
-    thresholds: tuple[TopkThreshold, ...] | None = None
-    equal_before: tuple[int, ...] | None = None  # per model: entries tied at its threshold in earlier blocks
+    thresholds: tuple[tuple[TopkThreshold, ...], ...] | None = None  # per model, one per top-k count
+    equal_before: tuple[tuple[int, ...], ...] | None = None  # same layout: entries tied at it in earlier blocks
 
 
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
@@ -139,7 +233,7 @@ def work_units(
         rows_per_block = max(1, block_elements // max(1, row_elements))
         starts = range(0, job.shape[0], rows_per_block)
         blocks = [(start, min(job.shape[0], start + rows_per_block)) for start in starts]
-        selection: list[tuple[TopkThreshold, list[int]]] | None = None
+        selection: list[list[tuple[TopkThreshold, list[int]]]] | None = None
         if select and job.method.topk is not None:
             selection = _selection(job, plan, blocks)
         for index, (start, stop) in enumerate(blocks):
@@ -147,17 +241,19 @@ def work_units(
             if selection is None:
                 yield WorkUnit(job, (start, stop), stop == job.shape[0], scratch)
                 continue
-            thresholds = tuple(threshold for threshold, _ in selection)
-            equal_before = tuple(before[index] for _, before in selection)
+            thresholds = tuple(tuple(threshold for threshold, _ in model) for model in selection)
+            equal_before = tuple(tuple(before[index] for _, before in model) for model in selection)
             yield WorkUnit(job, (start, stop), stop == job.shape[0], scratch, thresholds, equal_before)
 
 
-def _selection(job: TensorJob, plan: MergePlan, blocks: list[tuple[int, int]]) -> list[tuple[TopkThreshold, list[int]]]:
-    """Per model: the exact top-k threshold of |task vector| and, per row block, the ties before it.
+def _selection(
+    job: TensorJob, plan: MergePlan, blocks: list[tuple[int, int]]
+) -> list[list[tuple[TopkThreshold, list[int]]]]:
+    """Per model and top-k count: the exact threshold of |task vector| and, per row block, the ties before it.
 
     Ties at a threshold only need counting when some but not all of them are kept and the threshold is
     not 0 (a zero-magnitude entry selected or not changes nothing, the ``topk`` contract); then one more
-    streaming pass counts them per block.
+    streaming pass per model counts them per block, for all of its thresholds at once.
     """
     assert job.base is not None and job.method.topk is not None
     base_source = job.base
@@ -169,23 +265,27 @@ def _selection(job: TensorJob, plan: MergePlan, blocks: list[tuple[int, int]]) -
         base = plan.checkpoints[base_source.model].read(base_source.name, rows).to(torch.float32)
         return (expert - base).abs()
 
+    chunk = max(row_elements, (blocks[0][1] - blocks[0][0]) * row_elements)
     found = []
-    for source, k in zip(job.sources, job.method.topk(job.params, numel), strict=True):
+    for source, counts in zip(job.sources, job.method.topk(job.params, numel), strict=True):
 
         def read(start: int, stop: int, source: Source = source) -> torch.Tensor:
             first = start // row_elements
             values = magnitudes(source, (first, -(-stop // row_elements))).reshape(-1)
             return values[start - first * row_elements : stop - first * row_elements]
 
-        chunk = max(row_elements, (blocks[0][1] - blocks[0][0]) * row_elements)
-        threshold = topk_threshold(read, numel, k, chunk_elements=chunk, sample_elements=chunk)
-        before = [0] * len(blocks)
-        if threshold.equal_quota not in (0, threshold.equal_total) and threshold.value != 0.0:
-            seen = 0
-            for index, rows in enumerate(blocks):
-                before[index] = seen
-                seen += int(torch.count_nonzero(magnitudes(source, rows) == threshold.value))
-        found.append((threshold, before))
+        thresholds = [topk_threshold(read, numel, k, chunk_elements=chunk, sample_elements=chunk) for k in counts]
+        befores = [[0] * len(blocks) for _ in thresholds]
+        counted = [index for index, threshold in enumerate(thresholds)
+                   if threshold.equal_quota not in (0, threshold.equal_total) and threshold.value != 0.0]
+        if counted:
+            seen = [0] * len(thresholds)
+            for block, rows in enumerate(blocks):
+                magnitude = magnitudes(source, rows)
+                for index in counted:
+                    befores[index][block] = seen[index]
+                    seen[index] += int(torch.count_nonzero(magnitude == thresholds[index].value))
+        found.append(list(zip(thresholds, befores, strict=True)))
     return found
 
 
@@ -202,15 +302,24 @@ def resident_bytes() -> int:
         return 0
 
 
-def _release_freed_blocks() -> None:
-    """Make glibc hand freed tensor buffers back to the OS at once.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_MMAP_THRESHOLD_BYTES = 1 << 18  # buffers from this size up are mapped afresh and unmapped when freed
+_TRIM_THRESHOLD_BYTES = 4 << 20  # free memory an arena may keep for reuse
 
-    glibc raises its mmap threshold after large frees, after which block-sized buffers come from arenas
-    that keep freed memory; pinning the threshold (mallopt M_MMAP_THRESHOLD = -3) keeps RSS tracking
-    the buffers actually in use, so the budget holds. A no-op where glibc is absent.
+
+def _pin_allocator() -> None:
+    """Pin glibc's allocation thresholds so that RSS tracks the buffers in use and small buffers are reused.
+
+    By default glibc raises its mmap threshold after large frees (up to 32 MiB), after which block-sized
+    buffers come from arenas that keep freed memory, and the budget no longer holds. Pinned: buffers of
+    4 MiB and more (blocks, whole tensors) are unmapped as soon as they are freed, while the many small
+    temporaries of a piece (a few hundred KiB each) are recycled within their arena, sparing a page
+    fault per page. A no-op where glibc is absent.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
 def _tensor_budget(max_memory_bytes: int) -> int:
@@ -226,20 +335,22 @@ def _tensor_budget(max_memory_bytes: int) -> int:
 def _execute(
     plan: MergePlan, writer: ShardWriter, options: MergeOptions, on_tensor: Callable[[TensorJob], None] | None
 ) -> None:
-    """Compute work units on a thread pool while writing finished ones in order, within the memory budget.
+    """Compute work units on a thread pool, each written in place by its thread, within the memory budget.
 
-    At most ``2 * threads`` units are in flight, and a unit is only started when the scratch memory of
+    Reading, computing and writing overlap across the pool's threads. At most ``2 * threads`` units are in flight, and a unit is only started when the scratch memory of
     those in flight stays under what ``max_memory`` leaves after the process's current resident memory
     (a single unit larger than that runs alone).
     """
-    _release_freed_blocks()
+    _pin_allocator()
     budget = _tensor_budget(options.memory_bytes())
-    pending: deque[tuple[WorkUnit, Future[torch.Tensor]]] = deque()
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pool's threads are the parallelism; torch's own would oversubscribe the cores
+    pending: deque[tuple[WorkUnit, Future[None]]] = deque()
     in_flight = 0
 
     def finish_oldest() -> int:
         unit, future = pending.popleft()
-        writer.write_block(unit.job.name, future.result(), last=unit.last)
+        future.result()
         if unit.last and on_tensor is not None:
             on_tensor(unit.job)
         return unit.scratch_bytes
@@ -249,8 +360,7 @@ def _execute(
             for unit in work_units(plan, options.chunk_elements, budget, options.threads):
                 while pending and (len(pending) >= 2 * options.threads or in_flight + unit.scratch_bytes > budget):
                     in_flight -= finish_oldest()
-                future = pool.submit(compute_tensor, unit.job, plan, unit.rows, unit.thresholds, unit.equal_before)
-                pending.append((unit, future))
+                pending.append((unit, pool.submit(_run_unit, unit, plan, writer)))
                 in_flight += unit.scratch_bytes
             while pending:
                 in_flight -= finish_oldest()
@@ -258,6 +368,19 @@ def _execute(
             for _, future in pending:
                 future.cancel()
             raise
+        finally:
+            torch.set_num_threads(torch_threads)
+
+
+def _run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter) -> None:
+    """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers)."""
+    if unit.rows is None:
+        writer.write_rows(unit.job.name, 0, compute_tensor(unit.job, plan))
+        return
+    row_bytes = int(torch.Size(unit.job.shape[1:]).numel()) * unit.job.dtype.itemsize
+    out = _RESULT_BUFFER.get((unit.rows[1] - unit.rows[0]) * row_bytes)
+    block = compute_tensor(unit.job, plan, unit.rows, unit.thresholds, unit.equal_before, out)
+    writer.write_rows(unit.job.name, unit.rows[0], block)
 
 
 def run_plan(
@@ -288,11 +411,15 @@ def run_plan(
     options = options or MergeOptions()
     check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
+    hashes = BackgroundHashes(inputs)  # the provenance record's input digests, computed beside the merge
     with StagingFolder(out) as staging:
         writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes())
         try:
             _execute(plan, writer, options, on_tensor)
             writer.close()
+        except BaseException:
+            hashes.cancel()
+            raise
         finally:
             writer.abort()
         verify_written(staging.path, slots, writer.files)
@@ -302,7 +429,7 @@ def run_plan(
                 shutil.copyfile(reference / name, staging.path / name)
         (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
         (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
-        record = provenance(plan.recipe, __version__, input_hashes(inputs), len(slots), plan.write_bytes)
+        record = provenance(plan.recipe, __version__, hashes.result(), len(slots), plan.write_bytes)
         (staging.path / PROVENANCE_FILE).write_text(record, encoding="utf-8")
         staging.commit()
     for checkpoint in plan.checkpoints.values():

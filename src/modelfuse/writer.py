@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import torch
 
@@ -70,13 +70,16 @@ def _header_bytes(slots: Sequence[TensorSlot]) -> bytes:
 
 
 class ShardWriter:
-    """Streams tensors into shards whose headers are written up front from the planned slots.
+    """Writes tensors into shards whose headers are written up front from the planned slots.
 
-    Tensors must be written in the planned order; each is checked against its slot.
+    Every tensor has a fixed place in its shard, so tensors can be appended in the planned order
+    (``write``, ``write_block``) or their row blocks put in any order from several threads
+    (``write_rows``); each piece is checked against its slot, and ``close`` checks that every planned
+    byte was written exactly once in total.
 
     Args:
-        folder: Where the shard files go.
-        slots: Every output tensor, in write order.
+        folder: Where the shard files go (created by the caller; files are opened on first use).
+        slots: Every output tensor, in file order.
         max_shard_bytes: Maximum bytes of tensor data per shard.
     """
 
@@ -85,10 +88,17 @@ class ShardWriter:
         self.shards = plan_shards(slots, max_shard_bytes)
         self.files = shard_file_names(len(self.shards))
         self._queue = [(shard_index, slot) for shard_index, shard in enumerate(self.shards) for slot in shard]
-        self._position = 0
-        self._written = 0
-        self._handle: BinaryIO | None = None
-        self._shard_index = -1
+        self._headers = [_header_bytes(shard) for shard in self.shards]
+        self._places: dict[str, tuple[int, int, TensorSlot]] = {}  # name -> (shard, file offset of data, slot)
+        for shard_index, shard in enumerate(self.shards):
+            offset = len(self._headers[shard_index])
+            for slot in shard:
+                self._places[slot.name] = (shard_index, offset, slot)
+                offset += slot.nbytes
+        self._written = dict.fromkeys(self._places, 0)
+        self._position = 0  # next slot for the in-order API
+        self._descriptors: dict[int, int] = {}
+        self._lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor whole.
@@ -110,47 +120,80 @@ class ShardWriter:
                 or the blocks do not add up to the planned size.
         """
         slot = self._next_slot(name)
-        if block.dtype != slot.dtype or tuple(block.shape[1:]) != slot.shape[1:]:
-            raise OutputError(f"tensor {name!r}: block {list(block.shape)} {block.dtype} does not fit the planned "
-                              f"{list(slot.shape)} {slot.dtype}", tensor=name)
-        data = block.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        assert self._handle is not None
-        self._handle.write(memoryview(data))
-        self._written += data.nbytes
-        if self._written > slot.nbytes or (last and self._written != slot.nbytes):
-            raise OutputError(f"tensor {name!r}: {self._written} bytes written, {slot.nbytes} planned", tensor=name)
+        self._check_block(slot, block)
+        written = self._put(slot, self._written[name], block)
+        if last and written != slot.nbytes:
+            raise OutputError(f"tensor {name!r}: {written} bytes written, {slot.nbytes} planned", tensor=name)
         if last:
             self._position += 1
-            self._written = 0
+
+    def write_rows(self, name: str, start_row: int, block: torch.Tensor) -> None:
+        """Put rows ``[start_row, start_row + len(block))`` of tensor ``name`` in place; thread-safe, any order.
+
+        Raises:
+            OutputError: If the tensor was not planned, or the block does not fit its slot.
+        """
+        place = self._places.get(name)
+        if place is None:
+            raise OutputError(f"tensor {name!r} was not planned", tensor=name)
+        slot = place[2]
+        self._check_block(slot, block)
+        whole = start_row == 0 and tuple(block.shape) == slot.shape  # also a 0-dimensional tensor
+        if not whole and (not slot.shape or start_row < 0 or start_row + block.shape[0] > slot.shape[0]):
+            raise OutputError(f"tensor {name!r}: rows from {start_row} of a {list(block.shape)} block do not fit the "
+                              f"planned {list(slot.shape)}", tensor=name)
+        self._put(slot, start_row * (slot.nbytes // slot.shape[0] if slot.shape[0] else 0), block)
+
+    def _check_block(self, slot: TensorSlot, block: torch.Tensor) -> None:
+        if block.dtype != slot.dtype or tuple(block.shape[1:]) != slot.shape[1:]:
+            raise OutputError(f"tensor {slot.name!r}: block {list(block.shape)} {block.dtype} does not fit the "
+                              f"planned {list(slot.shape)} {slot.dtype}", tensor=slot.name)
+
+    def _put(self, slot: TensorSlot, offset: int, block: torch.Tensor) -> int:
+        """Write ``block``'s bytes at ``offset`` within the slot; returns the slot's bytes written so far."""
+        data = memoryview(block.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        shard_index, start, _ = self._places[slot.name]
+        with self._lock:
+            descriptor = self._descriptor(shard_index)
+            written = self._written[slot.name] = self._written[slot.name] + data.nbytes
+        if written > slot.nbytes or offset + data.nbytes > slot.nbytes:
+            raise OutputError(f"tensor {slot.name!r}: {written} bytes written, {slot.nbytes} planned",
+                              tensor=slot.name)
+        _pwrite_all(descriptor, data, start + offset)
+        return written
+
+    def _descriptor(self, shard_index: int) -> int:
+        """The shard's open file, created with its header on first use (call with the lock held)."""
+        descriptor = self._descriptors.get(shard_index)
+        if descriptor is None:
+            path = self.folder / self.files[shard_index]
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._descriptors[shard_index] = descriptor
+            _pwrite_all(descriptor, memoryview(self._headers[shard_index]), 0)
+        return descriptor
 
     def _next_slot(self, name: str) -> TensorSlot:
         if self._position >= len(self._queue):
             raise OutputError(f"tensor {name!r} was not planned", tensor=name)
-        shard_index, slot = self._queue[self._position]
+        slot = self._queue[self._position][1]
         if name != slot.name:
             raise OutputError(f"tensor {name!r} written where {slot.name!r} was planned", tensor=name)
-        if shard_index != self._shard_index:
-            self._open(shard_index)
         return slot
 
-    def _open(self, shard_index: int) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        self._shard_index = shard_index
-        self._handle = (self.folder / self.files[shard_index]).open("wb")
-        self._handle.write(_header_bytes(self.shards[shard_index]))
-
     def close(self) -> None:
-        """Finish the last shard and write the index when there is more than one shard.
+        """Finish the shards and write the index when there is more than one shard.
 
         Raises:
-            OutputError: If not every planned tensor was written.
+            OutputError: If not every planned tensor was written in full.
         """
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self._position != len(self._queue):
-            raise OutputError(f"only {self._position} of {len(self._queue)} tensors were written")
+        complete = sum(1 for _, slot in self._queue if self._written[slot.name] == slot.nbytes)
+        if complete != len(self._queue):
+            self.abort()
+            raise OutputError(f"only {complete} of {len(self._queue)} tensors were written")
+        with self._lock:
+            for shard_index in range(len(self.shards)):
+                self._descriptor(shard_index)  # a shard of empty tensors still gets its header
+        self.abort()
         if len(self.files) > 1:
             pairs = zip(self.files, self.shards, strict=True)
             weight_map = {slot.name: file for file, shard in pairs for slot in shard}
@@ -159,10 +202,18 @@ class ShardWriter:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     def abort(self) -> None:
-        """Close the open file, if any, without checks."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Close the open files, if any, without checks."""
+        with self._lock:
+            for descriptor in self._descriptors.values():
+                os.close(descriptor)
+            self._descriptors.clear()
+
+
+def _pwrite_all(descriptor: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(descriptor, data[done:], offset + done)
 
 
 def verify_written(folder: Path, slots: Sequence[TensorSlot], files: Sequence[str]) -> None:

@@ -102,6 +102,10 @@ class ParamSpec:
         return value
 
 
+# topk(params, numel) -> per model, the top-k counts of |theta_i - theta_base| a method selects by.
+TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered merge method."""
@@ -117,7 +121,7 @@ class MethodSpec:
     random: bool = False
     context: tuple[str, ...] = field(default=())
     rowwise: bool = False
-    topk: Callable[[dict[str, Any], int], list[int]] | None = None
+    topk: TopkCounts | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -127,8 +131,8 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 # Keyword-only parameters a method may declare to receive per-tensor context from the engine:
 # depth (0 at the embeddings / first layer, 1 at the last layer / head), tensor_name, and topk_masks
-# (per model, the exact top-k mask of |theta_i - theta_base| for the method's `topk` counts, for the rows
-# the call covers; None when the method is called on a whole tensor and selects by itself).
+# (per model, the exact top-k masks of |theta_i - theta_base|, one per count the method's `topk` gives, for
+# the rows the call covers; None when the method is called on a whole tensor and selects by itself).
 CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks")
 
 
@@ -204,7 +208,7 @@ def register(
     max_models: int | None = None,
     random: bool = False,
     rowwise: bool = False,
-    topk: Callable[[dict[str, Any], int], list[int]] | None = None,
+    topk: TopkCounts | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -220,8 +224,9 @@ def register(
             on the same row of the inputs, so the engine may compute the tensor in row blocks; the
             result must not depend on the blocking (random values come from a RandomField).
         topk: For methods that are rowwise once each task vector's top-k entries by magnitude are known:
-            ``topk(params, numel)`` gives the count kept per model; the engine finds the exact thresholds
-            in a streaming pre-pass and passes each row block's masks as ``topk_masks``.
+            ``topk(params, numel)`` gives, per model, the counts ``k`` whose top-k sets it needs; the engine
+            finds the exact thresholds in streaming pre-passes and passes each row block's masks as
+            ``topk_masks`` (per model, one mask per count, each equal to ``topk_mask(|tau_i|, k)`` there).
 
     Returns:
         A decorator registering the function.

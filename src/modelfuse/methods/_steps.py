@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -50,6 +51,11 @@ def magnitude_count(density: float, numel: int) -> int:
     if density <= 0.0 or numel == 0:
         return 0
     return max(1, int(density * numel))
+
+
+def density_topk_counts(params: dict[str, Any], numel: int) -> list[tuple[int, ...]]:
+    """A registry ``topk`` for methods that trim each task vector to its per-model ``density`` (one count each)."""
+    return [(magnitude_count(density, numel),) for density in params["density"]]
 
 
 def sparsify_magnitude(tau: torch.Tensor, density: float, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
@@ -27,7 +27,24 @@ Gamma = Annotated[
 ]
 
 
-def breadcrumb_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def breadcrumb_counts(density: float, gamma: float, count: int) -> tuple[int, int]:
+    """``(keep + top, top)``: the Breadcrumbs band is the ``keep + top`` largest |values| minus the ``top`` largest.
+
+    ``keep = floor(density * count)``; ``top = floor(gamma * count)``, reduced to ``count - keep`` when
+    ``density + gamma > 1`` (the density wins).
+    """
+    keep = int(density * count)  # floor, computed in float64 like the fraction itself
+    top = min(int(gamma * count), count - keep)
+    return keep + top, top
+
+
+def _topk_counts(params: dict[str, Any], count: int) -> list[tuple[int, ...]]:
+    return [breadcrumb_counts(d, g, count) for d, g in zip(params["density"], params["gamma"], strict=True)]
+
+
+def breadcrumb_mask(
+    tau: torch.Tensor, density: float, gamma: float, masks: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Boolean mask of the Breadcrumbs band of ``tau``: below the top ``gamma`` outliers, ``density`` of all entries.
 
     With ``n = numel``, ``keep = floor(density * n)`` entries are kept and ``top = floor(gamma * n)`` outliers are
@@ -39,32 +56,39 @@ def breadcrumb_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Te
         tau: A task vector (any shape).
         density: Fraction in [0, 1] of entries kept.
         gamma: Fraction in [0, 1] of largest-|value| entries dropped.
+        masks: The two top-k masks of ``|tau|`` for ``breadcrumb_counts`` when already computed (the engine's
+            streaming selection for a row block); None (default) selects here.
 
     Returns:
         A bool tensor shaped like ``tau`` with exactly ``keep`` True entries.
     """
-    count = tau.numel()
+    if masks is not None:
+        return masks[0] & ~masks[1]
     if density >= 1.0:
         return torch.ones_like(tau, dtype=torch.bool)
-    keep = int(density * count)  # floor, computed in float64 like the fraction itself
-    top = min(int(gamma * count), count - keep)
+    band_end, top = breadcrumb_counts(density, gamma, tau.numel())
     magnitude = tau.abs()
     # The `keep + top` largest minus the `top` largest: nested sets, because topk_mask uses one total order.
-    return topk_mask(magnitude, keep + top) & ~topk_mask(magnitude, top)
+    return topk_mask(magnitude, band_end) & ~topk_mask(magnitude, top)
 
 
 def _crumbs(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], gamma: Sequence[float]
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    topk_masks: Sequence[Sequence[torch.Tensor]] | None,
 ) -> list[torch.Tensor]:
     taus = task_vectors(tensors, base)
+    masks = topk_masks if topk_masks is not None else [None] * len(taus)
     return [
-        torch.where(breadcrumb_mask(tau, d, g), tau, torch.zeros_like(tau))
-        for tau, d, g in zip(taus, density, gamma, strict=True)
+        torch.where(breadcrumb_mask(tau, d, g, m), tau, torch.zeros_like(tau))
+        for tau, d, g, m in zip(taus, density, gamma, masks, strict=True)
     ]
 
 
 @register(name="breadcrumbs", description="Drop each task vector's outliers and small entries, then task arithmetic.",
-          paper=_PAPER, base="required")
+          paper=_PAPER, base="required", topk=_topk_counts)
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -74,6 +98,7 @@ def breadcrumbs(
     gamma: Gamma,
     lam: MergedScale = 1.0,
     normalize: WeightMean = False,
+    topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs with a linear (task arithmetic) combination.
 
@@ -93,16 +118,18 @@ def breadcrumbs(
             ``1 - density`` when ``density + gamma > 1``.
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Divide by the sum of the weights (unless it is ~0). Default False, as mergekit.
+        topk_masks: Each task vector's two top-k masks (``breadcrumb_counts``) when the engine computed them
+            for a row block; None (default) selects here over the whole tensor.
 
     Returns:
         The merged tensor.
     """
-    return base + lam * weighted_sum(_crumbs(tensors, base, density, gamma), weight, normalize=normalize)
+    return base + lam * weighted_sum(_crumbs(tensors, base, density, gamma, topk_masks), weight, normalize=normalize)
 
 
 @register(name="breadcrumbs_ties",
           description="Drop each task vector's outliers and small entries, then TIES sign election.",
-          paper=_PAPER, base="required")
+          paper=_PAPER, base="required", topk=_topk_counts)
 def breadcrumbs_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -112,6 +139,7 @@ def breadcrumbs_ties(
     gamma: Gamma,
     lam: MergedScale = 1.0,
     normalize: DisjointMean = False,
+    topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs masks followed by TIES sign election and disjoint merge.
 
@@ -131,8 +159,9 @@ def breadcrumbs_ties(
             ``1 - density`` when ``density + gamma > 1``.
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Disjoint mean (True) or disjoint sum (False, the default, as mergekit).
+        topk_masks: As in ``breadcrumbs``.
 
     Returns:
         The merged tensor.
     """
-    return ties_combine(_crumbs(tensors, base, density, gamma), base, weight, lam, normalize)
+    return ties_combine(_crumbs(tensors, base, density, gamma, topk_masks), base, weight, lam, normalize)

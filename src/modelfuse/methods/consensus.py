@@ -11,6 +11,7 @@ from modelfuse.methods._params import DisjointMean, TaskWeight
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import (
     agreement_mask,
+    density_topk_counts,
     disjoint_sum,
     elect_sign,
     sparsify_magnitude,
@@ -52,6 +53,7 @@ def consensus_combine(
     description="Task arithmetic restricted to entries that the TALL masks of at least k tasks share.",
     paper=_PAPER,
     base="required",
+    rowwise=True,
 )
 def consensus_ta(
     tensors: Sequence[torch.Tensor],
@@ -93,6 +95,7 @@ def consensus_ta(
     description="TIES merge restricted to entries that the TALL masks of at least k tasks share.",
     paper=_PAPER,
     base="required",
+    topk=density_topk_counts,
 )
 def consensus_ties(
     tensors: Sequence[torch.Tensor],
@@ -107,6 +110,7 @@ def consensus_ties(
     k: K = DEFAULT_K,
     lam: Lam = 1.0,
     normalize: DisjointMean = False,
+    topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Consensus TIES.
 
@@ -129,12 +133,15 @@ def consensus_ties(
         lam: Scale of the consensus task vector; default 1.0.
         normalize: Disjoint mean instead of disjoint sum; default False (the authors' consensus runs use
             the disjoint sum).
+        topk_masks: Each task vector's trim mask when the engine computed it for a row block; None
+            (default) selects here over the whole tensor.
 
     Returns:
         The merged tensor.
     """
     taus = task_vectors(tensors, base)
-    trimmed = [sparsify_magnitude(tau, d) for tau, d in zip(taus, density, strict=True)]
+    masks = [m[0] for m in topk_masks] if topk_masks is not None else [None] * len(taus)
+    trimmed = [sparsify_magnitude(tau, d, m) for tau, d, m in zip(taus, density, masks, strict=True)]
     scaled = weighted(trimmed, weight)
     merged = disjoint_sum(scaled, weight, elect_sign(scaled), normalize=normalize)
     return consensus_combine(taus, base, merged, mask_lambda, k, lam)

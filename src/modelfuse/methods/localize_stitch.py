@@ -8,7 +8,7 @@ from typing import Annotated
 import torch
 
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import sparsify_magnitude, task_vectors
+from modelfuse.methods._steps import density_topk_counts, sparsify_magnitude, task_vectors
 
 
 @register(
@@ -17,6 +17,7 @@ from modelfuse.methods._steps import sparsify_magnitude, task_vectors
     paper="Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic (He et al. 2024), "
     "https://arxiv.org/abs/2408.13656",
     base="required",
+    topk=density_topk_counts,
 )
 def localize_stitch(
     tensors: Sequence[torch.Tensor],
@@ -26,6 +27,7 @@ def localize_stitch(
         Sequence[float], Param("fraction of entries localized per expert (largest |delta|)", ge=0.0, le=1.0,
                                per_model=True, default=0.1)
     ],
+    topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Dataless Localize-and-Stitch.
 
@@ -43,11 +45,15 @@ def localize_stitch(
         base: The base model's tensor.
         density: Fraction in [0, 1] of entries localized per expert (per tensor); default 0.1 (the dataless
             setting of the authors' vision code; their language code uses 0.05).
+        topk_masks: Each task vector's localization mask when the engine computed it for a row block; None
+            (default) selects here over the whole tensor.
 
     Returns:
         The merged tensor.
     """
-    localized = [sparsify_magnitude(tau, d) for tau, d in zip(task_vectors(tensors, base), density, strict=True)]
+    masks = [m[0] for m in topk_masks] if topk_masks is not None else [None] * len(tensors)
+    taus = task_vectors(tensors, base)
+    localized = [sparsify_magnitude(tau, d, m) for tau, d, m in zip(taus, density, masks, strict=True)]
     total = torch.zeros_like(base)
     count = torch.zeros_like(base)
     for delta in localized:

@@ -10,9 +10,9 @@ import torch
 from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import (
+    density_topk_counts,
     disjoint_sum,
     elect_sign,
-    magnitude_count,
     sparsify_magnitude,
     task_vectors,
     weighted,
@@ -34,7 +34,7 @@ def ties_combine(
     paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al. 2023), "
     "https://arxiv.org/abs/2306.01708",
     base="required",
-    topk=lambda params, numel: [magnitude_count(d, numel) for d in params["density"]],
+    topk=density_topk_counts,
 )
 def ties(
     tensors: Sequence[torch.Tensor],
@@ -46,7 +46,7 @@ def ties(
     ],
     lam: MergedScale = 1.0,
     normalize: DisjointMean = True,
-    topk_masks: Sequence[torch.Tensor] | None = None,
+    topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """TIES-Merging.
 
@@ -70,7 +70,7 @@ def ties(
     Returns:
         The merged tensor.
     """
-    masks = topk_masks if topk_masks is not None else [None] * len(tensors)
+    masks = [m[0] for m in topk_masks] if topk_masks is not None else [None] * len(tensors)
     taus = task_vectors(tensors, base)
     trimmed = [sparsify_magnitude(tau, d, m) for tau, d, m in zip(taus, density, masks, strict=True)]
     return ties_combine(trimmed, base, weight, lam, normalize)
