@@ -646,7 +646,9 @@ def render_report(
         f"averages the experts only; the other methods use the base.",
         "- Both tools run the same mergekit-dialect YAML with `dtype: bfloat16` (mergekit computes in bf16, "
         "modelfuse in float32 by default), one after the other, page cache warm, output deleted after each run.",
-        "- Wall time: spawn to exit of the process, so it includes Python start-up and imports (torch: 1-2 s).",
+        "- Wall time: spawn to exit of the process, so it includes Python start-up and imports (torch: 1-2 s); "
+        "the `− start-up / floor` columns subtract the measured `import torch, safetensors` time before "
+        "dividing by the floor, since no merge can start earlier.",
         "- Peak RSS: the larger of the kernel high-water mark (each process's VmHWM, polled every 50 ms; it starts "
         "afresh at exec, unlike `wait4`'s ru_maxrss, which inherits the benchmark's own) and the polled sum of the "
         "process tree's VmRSS; it includes touched pages of memory-mapped inputs.",
@@ -663,6 +665,7 @@ def render_report(
         head.append("speedup (mergekit / modelfuse)")
     head.append("I/O floor s")
     head += [f"{tool} / floor" for tool in tools]
+    head += [f"{tool} − start-up / floor" for tool in tools]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, params in methods:
         label = method_label(name, params)
@@ -682,6 +685,7 @@ def render_report(
             row.append(f"{b / a:.1f}x" if a and b else "–")
         row.append(_fmt(floor, 2))
         row += [f"{w / floor:.1f}x" if (w := wall[tool]) else "–" for tool in tools]
+        row += [f"{(w - io.startup_s) / floor:.1f}x" if (w := wall[tool]) else "–" for tool in tools]
         lines.append("| " + " | ".join(row) + " |")
 
     lines += [

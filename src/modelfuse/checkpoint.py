@@ -199,23 +199,39 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """
         info = self._tensors[name]
         shape = info.shape
-        offset, nbytes = info.offset, info.nbytes
-        if rows is not None:
-            row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
-            start, stop = max(0, rows[0]), min(shape[0], rows[1])
-            shape = (stop - start, *shape[1:])
-            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+        if rows is None:
+            return self._pread(name, 0, info.nbytes, out).view(info.dtype).reshape(shape)
+        row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
+        start, stop = max(0, rows[0]), min(shape[0], rows[1])
+        block = self._pread(name, start * row_bytes, (stop - start) * row_bytes, out)
+        return block.view(info.dtype).reshape(stop - start, *shape[1:])
+
+    def read_elements(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the flat (row-major) elements ``[start, stop)`` of one tensor as a 1-D CPU tensor.
+
+        ``out`` is as in ``read``: a uint8 buffer to read into, which the result then shares.
+
+        Raises:
+            CheckpointError: If the file is shorter than its header says.
+        """
+        info = self._tensors[name]
+        itemsize = info.dtype.itemsize
+        return self._pread(name, start * itemsize, (stop - start) * itemsize, out).view(info.dtype)
+
+    def _pread(self, name: str, offset: int, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
+        """``nbytes`` bytes of tensor ``name``'s data from ``offset`` into a new buffer (or ``out``)."""
+        info = self._tensors[name]
         buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         view = memoryview(buffer.numpy())
         descriptor = self._descriptor(info.file)
         done = 0
         while done < nbytes:
-            count = os.preadv(descriptor, [view[done:]], offset + done)
+            count = os.preadv(descriptor, [view[done:]], info.offset + offset + done)
             if count <= 0:
                 raise CheckpointError(f"{info.file}: file ends inside tensor {name!r} (truncated file)",
                                       path=str(info.file), tensor=name)
             done += count
-        return buffer.view(info.dtype).reshape(shape)
+        return buffer
 
     def nbytes(self, name: str, rows: tuple[int, int] | None = None) -> int:
         """Bytes that ``read(name, rows)`` returns."""

@@ -45,8 +45,9 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 # Elements per piece that a row block's math runs on: the piece's float32 temporaries (a few per input)
-# stay in the CPU cache instead of streaming through memory once per operation.
-PIECE_ELEMENTS = 1 << 15
+# stay in the CPU cache instead of streaming through memory once per operation, and each operation is
+# long enough that the Python between operations (which holds the GIL) does not serialise the threads.
+PIECE_ELEMENTS = 1 << 17
 
 
 class _ThreadBuffer(threading.local):
@@ -69,6 +70,8 @@ class _ThreadBuffer(threading.local):
 
 _READ_BUFFER = _ThreadBuffer()  # a block's inputs, as read
 _RESULT_BUFFER = _ThreadBuffer()  # a block's result, until it is written
+_SELECTION_READ_BUFFER = _ThreadBuffer()  # the top-k pre-pass: an expert's and the base's values, as read
+_SELECTION_BUFFER = _ThreadBuffer()  # the top-k pre-pass: their float32 values, then |expert - base|
 
 
 def compute_tensor(
@@ -76,14 +79,15 @@ def compute_tensor(
     plan: MergePlan,
     rows: tuple[int, int] | None = None,
     thresholds: Sequence[Sequence[TopkThreshold]] | None = None,
-    equal_before: Sequence[Sequence[int]] | None = None,
+    equal_before: list[list[int]] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype.
 
     Row blocks are only asked for rowwise methods, whose result does not depend on the blocking, and
     for top-k methods together with the whole tensor's ``thresholds`` (per model, one per count of the
-    method's ``topk``) and the ties at each threshold in earlier blocks (``equal_before``, same layout).
+    method's ``topk``) and the number of entries tied at each threshold in earlier blocks
+    (``equal_before``, same layout, zeros when None), which is advanced in place past this block.
     A block (or a whole tensor of a rowwise method) is read once and computed in pieces of about
     ``PIECE_ELEMENTS`` elements; the result does not depend on the piece size. A blocked result goes into
     ``out`` (a uint8 buffer of at least its size, which the result then shares) when given.
@@ -112,7 +116,7 @@ def compute_tensor(
     count = rows[1] - rows[0]
     row_elements = int(torch.Size(job.shape[1:]).numel())
     step = max(1, PIECE_ELEMENTS // max(1, row_elements))
-    before = [list(model) for model in equal_before] if equal_before is not None else None
+    before = equal_before
     if thresholds is not None and before is None:
         before = [[0] * len(model) for model in thresholds]
     shape = (count, *job.shape[1:])
@@ -177,10 +181,13 @@ def _compute_piece(
 def _piece_masks(
     magnitude: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int]
 ) -> list[torch.Tensor]:
-    """A piece's top-k masks of one task vector's magnitudes, one per threshold; advances ``equal_before``."""
+    """A piece's top-k masks (float32 ones and zeros) of one task vector's magnitudes, one per threshold.
+
+    Advances ``equal_before`` past the piece.
+    """
     masks = []
     for index, threshold in enumerate(thresholds):
-        mask, equal_count = topk_chunk_mask(magnitude, threshold, equal_before[index])
+        mask, equal_count = topk_chunk_mask(magnitude, threshold, equal_before[index], as_float=True)
         equal_before[index] += equal_count
         masks.append(mask)
     return masks
@@ -188,14 +195,22 @@ def _piece_masks(
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """One piece of work: a whole tensor, or one row block of a rowwise (or top-k) method's tensor."""
+    """One piece of work: a whole tensor, one row block of a rowwise method's tensor, or a top-k method's
+    tensor streamed block by block (``blocks``) by one thread after it found the exact thresholds."""
 
     job: TensorJob
     rows: tuple[int, int] | None
     last: bool
     scratch_bytes: int
-    thresholds: tuple[tuple[TopkThreshold, ...], ...] | None = None  # per model, one per top-k count
-    equal_before: tuple[tuple[int, ...], ...] | None = None  # same layout: entries tied at it in earlier blocks
+    blocks: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def elements(self) -> int:
+        """Output elements the unit computes."""
+        numel = int(torch.Size(self.job.shape).numel())
+        if self.rows is None:
+            return numel
+        return numel // self.job.shape[0] * (self.rows[1] - self.rows[0])
 
 
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
@@ -207,14 +222,13 @@ def _blockable(job: TensorJob, plan: MergePlan) -> bool:
 
 
 def work_units(
-    plan: MergePlan, chunk_elements: int, budget_bytes: int | None = None, workers: int = 1, *, select: bool = True
+    plan: MergePlan, chunk_elements: int, budget_bytes: int | None = None, workers: int = 1
 ) -> Iterator[WorkUnit]:
     """Split the plan into work units in output order; rowwise and top-k methods go in row blocks.
 
     Blocks hold at most ``chunk_elements`` elements, fewer when ``2 * workers`` blocks would not fit
-    in ``budget_bytes`` (results do not depend on the block size). For a top-k method the exact
-    thresholds (and, where entries tie at a threshold, each block's count of earlier ties) are found
-    first by streaming passes over each task vector; ``select=False`` skips them (estimates only).
+    in ``budget_bytes`` (results do not depend on the block size). A rowwise tensor gives one unit per
+    block; a top-k tensor gives one unit that streams its blocks in order (see ``run_unit``).
     """
     for job in plan.jobs:
         numel = int(torch.Size(job.shape).numel())
@@ -224,7 +238,7 @@ def work_units(
         heavy = job.method.topk is not None or job.method.random
         per_element = 4 * (5 * inputs + 6) if heavy else 4 * (2 * inputs + 4)
         block_elements = chunk_elements
-        if budget_bytes is not None:  # 2 * workers blocks in flight, plus one block's worth for the selection
+        if budget_bytes is not None:  # 2 * workers blocks in flight, and one block's worth to spare
             block_elements = max(1, min(chunk_elements, budget_bytes // (per_element * (2 * workers + 1))))
         if not _blockable(job, plan) or numel <= block_elements:
             yield WorkUnit(job, None, True, per_element * numel)
@@ -232,62 +246,50 @@ def work_units(
         row_elements = numel // job.shape[0]
         rows_per_block = max(1, block_elements // max(1, row_elements))
         starts = range(0, job.shape[0], rows_per_block)
-        blocks = [(start, min(job.shape[0], start + rows_per_block)) for start in starts]
-        selection: list[list[tuple[TopkThreshold, list[int]]]] | None = None
-        if select and job.method.topk is not None:
-            selection = _selection(job, plan, blocks)
-        for index, (start, stop) in enumerate(blocks):
-            scratch = per_element * row_elements * (stop - start)
-            if selection is None:
-                yield WorkUnit(job, (start, stop), stop == job.shape[0], scratch)
-                continue
-            thresholds = tuple(tuple(threshold for threshold, _ in model) for model in selection)
-            equal_before = tuple(tuple(before[index] for _, before in model) for model in selection)
-            yield WorkUnit(job, (start, stop), stop == job.shape[0], scratch, thresholds, equal_before)
+        blocks = tuple((start, min(job.shape[0], start + rows_per_block)) for start in starts)
+        if job.method.topk is not None:
+            yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block, blocks)
+            continue
+        for start, stop in blocks:
+            yield WorkUnit(job, (start, stop), stop == job.shape[0], per_element * row_elements * (stop - start))
 
 
-def _selection(
-    job: TensorJob, plan: MergePlan, blocks: list[tuple[int, int]]
-) -> list[list[tuple[TopkThreshold, list[int]]]]:
-    """Per model and top-k count: the exact threshold of |task vector| and, per row block, the ties before it.
+def topk_thresholds(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[list[TopkThreshold]]:
+    """Per model and top-k count of the job's method: the exact threshold of |expert - base|.
 
-    Ties at a threshold only need counting when some but not all of them are kept and the threshold is
-    not 0 (a zero-magnitude entry selected or not changes nothing, the ``topk`` contract); then one more
-    streaming pass per model counts them per block, for all of its thresholds at once.
+    Found by streaming passes over the task vectors in chunks of ``chunk_elements`` (a sample, then
+    usually one counting pass per threshold), in this thread's reused buffers.
     """
     assert job.base is not None and job.method.topk is not None
     base_source = job.base
     numel = int(torch.Size(job.shape).numel())
-    row_elements = numel // job.shape[0]
 
-    def magnitudes(source: Source, rows: tuple[int, int]) -> torch.Tensor:
-        expert = plan.checkpoints[source.model].read(source.name, rows).to(torch.float32)
-        base = plan.checkpoints[base_source.model].read(base_source.name, rows).to(torch.float32)
-        return (expert - base).abs()
+    def magnitudes(source: Source, start: int, stop: int) -> torch.Tensor:
+        """|expert - base| at flat elements ``[start, stop)`` in float32, in this thread's reused buffers."""
+        expert, base = plan.checkpoints[source.model], plan.checkpoints[base_source.model]
+        count = stop - start
+        expert_bytes = count * expert[source.name].dtype.itemsize
+        raw = _SELECTION_READ_BUFFER.get(expert_bytes + count * base[base_source.name].dtype.itemsize)
+        values = _SELECTION_BUFFER.get(8 * count)[: 8 * count].view(torch.float32)
+        magnitude, base_values = values[:count], values[count:]
+        magnitude.copy_(expert.read_elements(source.name, start, stop, raw))
+        base_values.copy_(base.read_elements(base_source.name, start, stop, raw[expert_bytes:]))
+        return magnitude.sub_(base_values).abs_()
 
-    chunk = max(row_elements, (blocks[0][1] - blocks[0][0]) * row_elements)
     found = []
     for source, counts in zip(job.sources, job.method.topk(job.params, numel), strict=True):
 
         def read(start: int, stop: int, source: Source = source) -> torch.Tensor:
-            first = start // row_elements
-            values = magnitudes(source, (first, -(-stop // row_elements))).reshape(-1)
-            return values[start - first * row_elements : stop - first * row_elements]
+            return magnitudes(source, start, stop)
 
-        thresholds = [topk_threshold(read, numel, k, chunk_elements=chunk, sample_elements=chunk) for k in counts]
-        befores = [[0] * len(blocks) for _ in thresholds]
-        counted = [index for index, threshold in enumerate(thresholds)
-                   if threshold.equal_quota not in (0, threshold.equal_total) and threshold.value != 0.0]
-        if counted:
-            seen = [0] * len(thresholds)
-            for block, rows in enumerate(blocks):
-                magnitude = magnitudes(source, rows)
-                for index in counted:
-                    befores[index][block] = seen[index]
-                    seen[index] += int(torch.count_nonzero(magnitude == thresholds[index].value))
-        found.append(list(zip(thresholds, befores, strict=True)))
+        found.append([topk_threshold(read, numel, k, chunk_elements=chunk_elements,
+                                     sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
+                                     sample_blocks=_SAMPLE_BLOCKS) for k in counts])
     return found
 
+
+_SAMPLE_ELEMENTS = 1 << 17  # the pre-pass's sample: its sort costs more than a wider band saves
+_SAMPLE_BLOCKS = 256  # each sample block costs two reads: fewer, longer blocks than the kernel's default
 
 _ENGINE_RESERVE_BYTES = 16 << 20  # writer buffers, thread stacks, Python objects
 _MIN_TENSOR_BUDGET_BYTES = 8 << 20
@@ -303,7 +305,8 @@ def resident_bytes() -> int:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_MMAP_THRESHOLD_BYTES = 1 << 18  # buffers from this size up are mapped afresh and unmapped when freed
+_MMAP_THRESHOLD_BYTES = 1 << 20  # buffers from this size up are mapped afresh and unmapped when freed:
+# above a piece's float32 temporaries (PIECE_ELEMENTS * 4 bytes = 512 KiB), below the blocks
 _TRIM_THRESHOLD_BYTES = 4 << 20  # free memory an arena may keep for reuse
 
 
@@ -312,9 +315,9 @@ def _pin_allocator() -> None:
 
     By default glibc raises its mmap threshold after large frees (up to 32 MiB), after which block-sized
     buffers come from arenas that keep freed memory, and the budget no longer holds. Pinned: buffers of
-    4 MiB and more (blocks, whole tensors) are unmapped as soon as they are freed, while the many small
-    temporaries of a piece (a few hundred KiB each) are recycled within their arena, sparing a page
-    fault per page. A no-op where glibc is absent.
+    1 MiB and more (blocks, whole tensors) are unmapped as soon as they are freed, while the many small
+    temporaries of a piece (up to 512 KiB each) are recycled within their arena, sparing a page fault
+    per page. A no-op where glibc is absent.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
@@ -337,9 +340,10 @@ def _execute(
 ) -> None:
     """Compute work units on a thread pool, each written in place by its thread, within the memory budget.
 
-    Reading, computing and writing overlap across the pool's threads. At most ``2 * threads`` units are in flight, and a unit is only started when the scratch memory of
-    those in flight stays under what ``max_memory`` leaves after the process's current resident memory
-    (a single unit larger than that runs alone).
+    Reading, computing and writing overlap across the pool's threads. At most ``2 * threads`` units are
+    in flight, and a unit is only started when the scratch memory of those in flight stays under what
+    ``max_memory`` leaves after the process's current resident memory (a single unit larger than that
+    runs alone).
     """
     _pin_allocator()
     budget = _tensor_budget(options.memory_bytes())
@@ -357,10 +361,13 @@ def _execute(
 
     with ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="modelfuse") as pool:
         try:
-            for unit in work_units(plan, options.chunk_elements, budget, options.threads):
+            units = list(work_units(plan, options.chunk_elements, budget, options.threads))
+            # Writes are positional, so any order will do: the largest first keeps every thread busy to the end.
+            units.sort(key=lambda unit: unit.elements, reverse=True)
+            for unit in units:
                 while pending and (len(pending) >= 2 * options.threads or in_flight + unit.scratch_bytes > budget):
                     in_flight -= finish_oldest()
-                pending.append((unit, pool.submit(_run_unit, unit, plan, writer)))
+                pending.append((unit, pool.submit(run_unit, unit, plan, writer)))
                 in_flight += unit.scratch_bytes
             while pending:
                 in_flight -= finish_oldest()
@@ -372,15 +379,26 @@ def _execute(
             torch.set_num_threads(torch_threads)
 
 
-def _run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter) -> None:
-    """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers)."""
-    if unit.rows is None:
-        writer.write_rows(unit.job.name, 0, compute_tensor(unit.job, plan))
-        return
-    row_bytes = int(torch.Size(unit.job.shape[1:]).numel()) * unit.job.dtype.itemsize
-    out = _RESULT_BUFFER.get((unit.rows[1] - unit.rows[0]) * row_bytes)
-    block = compute_tensor(unit.job, plan, unit.rows, unit.thresholds, unit.equal_before, out)
-    writer.write_rows(unit.job.name, unit.rows[0], block)
+def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter) -> None:
+    """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers).
+
+    A streamed top-k unit first finds its tensor's thresholds, then computes its blocks in order, carrying
+    the count of entries tied at each threshold from block to block, so no extra pass counts them.
+    """
+    job = unit.job
+    row_bytes = int(torch.Size(job.shape[1:]).numel()) * job.dtype.itemsize
+    if unit.blocks is not None:
+        chunk = max(stop - start for start, stop in unit.blocks) * (row_bytes // job.dtype.itemsize)
+        thresholds = topk_thresholds(job, plan, chunk)
+        equal_before = [[0] * len(model) for model in thresholds]
+        for rows in unit.blocks:
+            out = _RESULT_BUFFER.get((rows[1] - rows[0]) * row_bytes)
+            writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out))
+    elif unit.rows is None:
+        writer.write_rows(job.name, 0, compute_tensor(job, plan))
+    else:
+        out = _RESULT_BUFFER.get((unit.rows[1] - unit.rows[0]) * row_bytes)
+        writer.write_rows(job.name, unit.rows[0], compute_tensor(job, plan, unit.rows, out=out))
 
 
 def run_plan(

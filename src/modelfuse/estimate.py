@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from modelfuse.engine import _tensor_budget, resident_bytes, work_units
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan
 
-# Rates measured on a 2-core machine (DESIGN.md): page-cached reads ~5 GB/s, writes ~0.6 GB/s,
-# blockwise float32 math ~10 GB/s of input, exact whole-tensor selection ~25 ns per element.
+# Rates measured on a 2-core machine (benchmarks/results/merge_speed-tinyllama.md): page-cached reads
+# ~5 GB/s, writes ~1 GB/s; rowwise float32 math ~2 ns per input element; top-k methods ~12 ns per model
+# element (exact threshold search and the masked combination); whole-tensor methods ~25 ns per element.
 READ_BYTES_PER_S = 5e9
-WRITE_BYTES_PER_S = 0.6e9
-ELEMENTWISE_BYTES_PER_S = 10e9
+WRITE_BYTES_PER_S = 1e9
+ROWWISE_S_PER_INPUT_ELEMENT = 2e-9
+TOPK_S_PER_MODEL_ELEMENT = 12e-9
 WHOLE_TENSOR_S_PER_ELEMENT = 25e-9
 
 
@@ -36,17 +39,18 @@ def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
     window: list[int] = []
     peak_in_flight = 0
     compute_seconds = 0.0
-    for unit in work_units(plan, options.chunk_elements, budget, options.threads, select=False):
+    for unit in work_units(plan, options.chunk_elements, budget, options.threads):
         while window and (len(window) >= 2 * options.threads or sum(window) + unit.scratch_bytes > budget):
             window.pop(0)
         window.append(unit.scratch_bytes)
         peak_in_flight = max(peak_in_flight, sum(window))
         inputs = len(unit.job.sources) + (1 if unit.job.base else 0)
-        elements = unit.scratch_bytes // max(1, 4 * (2 * inputs + 4))
-        if unit.job.method.rowwise or unit.job.method.topk is not None:
-            compute_seconds += elements * 4 * inputs / ELEMENTWISE_BYTES_PER_S
+        if unit.blocks is not None:  # a streamed top-k tensor
+            compute_seconds += unit.elements * len(unit.job.sources) * TOPK_S_PER_MODEL_ELEMENT
+        elif unit.job.method.rowwise:
+            compute_seconds += unit.elements * inputs * ROWWISE_S_PER_INPUT_ELEMENT
         else:
-            compute_seconds += elements * inputs * WHOLE_TENSOR_S_PER_ELEMENT
-    seconds = plan.read_bytes / READ_BYTES_PER_S + plan.write_bytes / WRITE_BYTES_PER_S
-    seconds += compute_seconds / max(1, min(options.threads, 2 * options.threads))
+            compute_seconds += unit.elements * inputs * WHOLE_TENSOR_S_PER_ELEMENT
+    parallel = max(1, min(options.threads, os.cpu_count() or 1))
+    seconds = (plan.read_bytes / READ_BYTES_PER_S + plan.write_bytes / WRITE_BYTES_PER_S + compute_seconds) / parallel
     return Estimate(resident_bytes() + peak_in_flight, plan.read_bytes, plan.write_bytes, seconds)

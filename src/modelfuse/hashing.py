@@ -29,7 +29,8 @@ class HashingCancelled(Exception):
 
 
 def cache_dir() -> Path:
-    """Where modelfuse keeps its cache: ``$MODELFUSE_CACHE_DIR``, ``$XDG_CACHE_HOME/modelfuse`` or ``~/.cache``."""
+    """Where modelfuse keeps its cache: ``$MODELFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/modelfuse``, else
+    ``~/.cache/modelfuse``."""
     if configured := os.environ.get("MODELFUSE_CACHE_DIR"):
         return Path(configured)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -66,7 +67,10 @@ def _save_cache(path: Path, entries: dict[str, str]) -> None:
     """Merge ``entries`` into the cache file atomically (another process may have added its own)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**_load_cache(path), **entries}
+        merged = _load_cache(path)
+        for key in entries:  # move them to the end: the newest are kept
+            merged.pop(key, None)
+        merged.update(entries)
         kept = dict(list(merged.items())[-_CACHE_LIMIT:])
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".hashes-", suffix=".tmp", delete=False,
                                          encoding="utf-8") as handle:
@@ -93,9 +97,8 @@ def input_hashes(folders: dict[str, Path], stop: threading.Event | None = None) 
             if not file.is_file():
                 continue
             key = _file_key(file)
-            digest = cache.get(key) or fresh.get(key)
-            if digest is None:
-                digest = fresh[key] = sha256_file(file, stop)
+            digest = cache.get(key) or fresh.get(key) or sha256_file(file, stop)
+            fresh[key] = digest  # hits too: the cache drops the least recently used entries first
             result[label][file.name] = digest
     if fresh:
         _save_cache(cache_path, fresh)
@@ -121,11 +124,16 @@ class BackgroundHashes:
             self._error = error
 
     def result(self) -> dict[str, dict[str, str]]:
-        """Wait for the hashes; re-raises what hashing raised (an OSError reading an input)."""
+        """Wait for the hashes; re-raises what hashing raised (an OSError reading an input).
+
+        Raises:
+            RuntimeError: If hashing was cancelled.
+        """
         self._thread.join()
         if self._error is not None:
             raise self._error
-        assert self._result is not None
+        if self._result is None:
+            raise RuntimeError("input hashing was cancelled")
         return self._result
 
     def cancel(self) -> None:

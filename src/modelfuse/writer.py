@@ -96,6 +96,7 @@ class ShardWriter:
                 self._places[slot.name] = (shard_index, offset, slot)
                 offset += slot.nbytes
         self._written = dict.fromkeys(self._places, 0)
+        self._rows: dict[str, list[tuple[int, int]]] = {}  # row ranges put by write_rows, per tensor
         self._position = 0  # next slot for the in-order API
         self._descriptors: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -138,27 +139,36 @@ class ShardWriter:
             raise OutputError(f"tensor {name!r} was not planned", tensor=name)
         slot = place[2]
         self._check_block(slot, block)
-        whole = start_row == 0 and tuple(block.shape) == slot.shape  # also a 0-dimensional tensor
-        if not whole and (not slot.shape or start_row < 0 or start_row + block.shape[0] > slot.shape[0]):
+        if start_row == 0 and tuple(block.shape) == slot.shape:  # whole, also a 0-dimensional tensor
+            self._put(slot, 0, block, rows=(0, slot.shape[0] if slot.shape else 1))
+            return
+        if not slot.shape or start_row < 0 or start_row + block.shape[0] > slot.shape[0]:
             raise OutputError(f"tensor {name!r}: rows from {start_row} of a {list(block.shape)} block do not fit the "
                               f"planned {list(slot.shape)}", tensor=name)
-        self._put(slot, start_row * (slot.nbytes // slot.shape[0] if slot.shape[0] else 0), block)
+        row_bytes = slot.nbytes // slot.shape[0] if slot.shape[0] else 0
+        self._put(slot, start_row * row_bytes, block, rows=(start_row, start_row + block.shape[0]))
 
     def _check_block(self, slot: TensorSlot, block: torch.Tensor) -> None:
         if block.dtype != slot.dtype or tuple(block.shape[1:]) != slot.shape[1:]:
             raise OutputError(f"tensor {slot.name!r}: block {list(block.shape)} {block.dtype} does not fit the "
                               f"planned {list(slot.shape)} {slot.dtype}", tensor=slot.name)
 
-    def _put(self, slot: TensorSlot, offset: int, block: torch.Tensor) -> int:
-        """Write ``block``'s bytes at ``offset`` within the slot; returns the slot's bytes written so far."""
+    def _put(self, slot: TensorSlot, offset: int, block: torch.Tensor, rows: tuple[int, int] | None = None) -> int:
+        """Write ``block``'s bytes at ``offset`` within the slot; returns the slot's bytes written so far.
+
+        ``rows`` (from ``write_rows``) is recorded so that ``close`` can check the blocks tile the tensor.
+        """
         data = memoryview(block.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
         shard_index, start, _ = self._places[slot.name]
         with self._lock:
+            written = self._written[slot.name] + data.nbytes
+            if written > slot.nbytes or offset + data.nbytes > slot.nbytes:
+                raise OutputError(f"tensor {slot.name!r}: {written} bytes written, {slot.nbytes} planned",
+                                  tensor=slot.name)
+            self._written[slot.name] = written
+            if rows is not None:
+                self._rows.setdefault(slot.name, []).append(rows)
             descriptor = self._descriptor(shard_index)
-            written = self._written[slot.name] = self._written[slot.name] + data.nbytes
-        if written > slot.nbytes or offset + data.nbytes > slot.nbytes:
-            raise OutputError(f"tensor {slot.name!r}: {written} bytes written, {slot.nbytes} planned",
-                              tensor=slot.name)
         _pwrite_all(descriptor, data, start + offset)
         return written
 
@@ -190,6 +200,11 @@ class ShardWriter:
         if complete != len(self._queue):
             self.abort()
             raise OutputError(f"only {complete} of {len(self._queue)} tensors were written")
+        for name, ranges in self._rows.items():
+            ranges.sort()
+            if any(ranges[i][1] != ranges[i + 1][0] for i in range(len(ranges) - 1)) or ranges[0][0] != 0:
+                self.abort()
+                raise OutputError(f"tensor {name!r}: row blocks overlap or leave rows unwritten", tensor=name)
         with self._lock:
             for shard_index in range(len(self.shards)):
                 self._descriptor(shard_index)  # a shard of empty tensors still gets its header

@@ -249,17 +249,18 @@ def test_split_torch_matches_split_numpy() -> None:
     low, high = topk_module._KEY_MIN, topk_module._KEY_MAX
     pairs = [(keys[3], keys[10]), (keys[5], keys[5]), (keys[5], keys[6]), (low, keys[8]), (keys[2], high)]
     pairs += [(low, high), (low, low), (high, high), (keys[1] + 1, keys[4] - 1)]
+    scratch = np.empty((2, chunk.numel() + 5), dtype=np.bool_)  # reused across calls, larger than the chunk
     for key_lo, key_hi in pairs:
         lo, hi = topk_module._unkey(key_lo), topk_module._unkey(key_hi)
         bounds = topk_module._Bounds(lo, hi, lo_finite=key_lo > low, hi_finite=key_hi < high, single=key_lo == key_hi)
-        above, at_hi, inner, at_lo = topk_module._split_numpy(chunk, bounds)
+        above, at_hi, inner, at_lo = topk_module._split_numpy(chunk, bounds, scratch)
         assert (above, at_hi) == (int((chunk > hi).sum()), int((chunk == hi).sum()))
         if key_lo == key_hi:
             assert inner is None and at_lo == 0
         else:
             assert inner is not None and torch.equal(inner, chunk[(chunk > lo) & (chunk < hi)])
             assert at_lo == int((chunk == lo).sum())
-        torch_above, torch_at_hi, torch_inner, torch_at_lo = topk_module._split_torch(chunk, bounds)
+        torch_above, torch_at_hi, torch_inner, torch_at_lo = topk_module._split_torch(chunk, bounds, scratch)
         assert (torch_above, torch_at_hi, torch_at_lo) == (above, at_hi, at_lo)
         assert (torch_inner is None and inner is None) or torch.equal(torch_inner, inner)
 
@@ -292,8 +293,10 @@ def test_errors() -> None:
     values = torch.randn(100)
     with pytest.raises(ValueError, match="numel must be >= 0"):
         topk_threshold(_reader(values), -1, 3)
-    with pytest.raises(ValueError, match="chunk_elements and sample_elements must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_elements, sample_elements and sample_blocks must be >= 1"):
         topk_threshold(_reader(values), 100, 3, chunk_elements=0)
+    with pytest.raises(ValueError, match="sample_blocks must be >= 1"):
+        topk_threshold(_reader(values), 100, 3, sample_blocks=0)
     with pytest.raises(ValueError, match=r"read\(0, 10\) returned 9 elements, expected 10"):
         topk_threshold(lambda start, stop: values[start : stop - 1], 100, 3, chunk_elements=10, sample_elements=100)
     with pytest.raises(TypeError, match=r"float32, float16 or bfloat16, got torch\.float64"):

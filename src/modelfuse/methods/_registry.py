@@ -131,8 +131,9 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 # Keyword-only parameters a method may declare to receive per-tensor context from the engine:
 # depth (0 at the embeddings / first layer, 1 at the last layer / head), tensor_name, and topk_masks
-# (per model, the exact top-k masks of |theta_i - theta_base|, one per count the method's `topk` gives, for
-# the rows the call covers; None when the method is called on a whole tensor and selects by itself).
+# (per model, the exact top-k masks of |theta_i - theta_base| as float32 ones and zeros, one per count the
+# method's `topk` gives, for the rows the call covers; None when the method is called on a whole tensor and
+# selects by itself).
 CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks")
 
 
@@ -226,7 +227,7 @@ def register(
         topk: For methods that are rowwise once each task vector's top-k entries by magnitude are known:
             ``topk(params, numel)`` gives, per model, the counts ``k`` whose top-k sets it needs; the engine
             finds the exact thresholds in streaming pre-passes and passes each row block's masks as
-            ``topk_masks`` (per model, one mask per count, each equal to ``topk_mask(|tau_i|, k)`` there).
+            ``topk_masks`` (per model, one float32 0/1 mask per count, equal to ``topk_mask(|tau_i|, k)`` there).
 
     Returns:
         A decorator registering the function.

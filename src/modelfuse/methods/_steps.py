@@ -62,7 +62,8 @@ def sparsify_magnitude(tau: torch.Tensor, density: float, mask: torch.Tensor | N
     """Keep the ``density`` fraction of entries with largest |value| (TIES trim); zero the rest.
 
     ``k = magnitude_count(density, numel)``. ``mask``, when given, is that top-k mask already computed
-    (the engine's streaming selection for a row block); it must equal ``topk_mask(tau.abs(), k)``.
+    (the engine's streaming selection for a row block, as 0/1 floats or bools); it must equal
+    ``topk_mask(tau.abs(), k)``.
     """
     if density >= 1.0:
         return tau.clone()
@@ -70,7 +71,7 @@ def sparsify_magnitude(tau: torch.Tensor, density: float, mask: torch.Tensor | N
         return torch.zeros_like(tau)
     if mask is None:
         mask = topk_mask(tau.abs(), magnitude_count(density, tau.numel()))
-    return torch.where(mask, tau, torch.zeros_like(tau))
+    return tau * mask
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, noise: RandomField, model: int) -> torch.Tensor:
@@ -93,8 +94,11 @@ def weighted(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[t
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """TIES sign election: +1 where the sum of weighted deltas is >= 0, else -1."""
-    total = torch.stack(list(weighted_deltas)).sum(dim=0)
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    total = weighted_deltas[0].clone()
+    for delta in weighted_deltas[1:]:
+        total += delta
+    total += 0.0  # -0.0 becomes +0.0, which copysign makes +1 like any sum >= 0
+    return torch.copysign(torch.ones((), dtype=total.dtype), total)
 
 
 def disjoint_sum(
@@ -103,17 +107,19 @@ def disjoint_sum(
     """Sum the weighted deltas whose sign agrees with ``sign`` (zeros never agree).
 
     With ``normalize`` the sum is divided, per entry, by the sum of the weights of the agreeing models
-    (the TIES disjoint mean); entries where no model agrees stay zero.
+    (the TIES disjoint mean); entries where no model agrees stay zero. Computed as ``sign`` times the sum
+    of ``max(delta * sign, 0)``: float arithmetic only, which is several times faster than masks on CPU.
     """
     total = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
     for delta, weight in zip(weighted_deltas, weights, strict=True):
-        agrees = torch.sign(delta) == sign
-        total += torch.where(agrees, delta, 0.0)
-        divisor += agrees.to(sign.dtype) * weight
-    if normalize:
-        divisor = torch.where(divisor == 0, 1.0, divisor)
-        total /= divisor
+        agreeing = (delta * sign).clamp_min_(0.0)  # |delta| where its sign is the elected one, else 0
+        total += agreeing
+        if divisor is not None:
+            divisor.add_(torch.sign(agreeing), alpha=weight)  # sign(agreeing) is 1 exactly where it agrees
+    total *= sign
+    if divisor is not None:
+        total /= torch.where(divisor == 0, 1.0, divisor)
     return total
 
 

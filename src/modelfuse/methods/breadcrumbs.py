@@ -56,14 +56,14 @@ def breadcrumb_mask(
         tau: A task vector (any shape).
         density: Fraction in [0, 1] of entries kept.
         gamma: Fraction in [0, 1] of largest-|value| entries dropped.
-        masks: The two top-k masks of ``|tau|`` for ``breadcrumb_counts`` when already computed (the engine's
-            streaming selection for a row block); None (default) selects here.
+        masks: The two top-k masks (0/1 floats) of ``|tau|`` for ``breadcrumb_counts`` when already computed (the
+            engine's streaming selection for a row block); None (default) selects here.
 
     Returns:
-        A bool tensor shaped like ``tau`` with exactly ``keep`` True entries.
+        A mask shaped like ``tau`` with exactly ``keep`` entries set: bools, or 0/1 floats when from ``masks``.
     """
-    if masks is not None:
-        return masks[0] & ~masks[1]
+    if masks is not None:  # 0/1 floats of nested sets: the difference is the band
+        return masks[0] - masks[1]
     if density >= 1.0:
         return torch.ones_like(tau, dtype=torch.bool)
     band_end, top = breadcrumb_counts(density, gamma, tau.numel())
@@ -82,7 +82,7 @@ def _crumbs(
     taus = task_vectors(tensors, base)
     masks = topk_masks if topk_masks is not None else [None] * len(taus)
     return [
-        torch.where(breadcrumb_mask(tau, d, g, m), tau, torch.zeros_like(tau))
+        tau * breadcrumb_mask(tau, d, g, m)
         for tau, d, g, m in zip(taus, density, gamma, masks, strict=True)
     ]
 
