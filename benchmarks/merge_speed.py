@@ -127,6 +127,9 @@ PRESETS: dict[str, Dims] = {
     "small": Dims(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4, vocab=32000),
     # TinyLlama-1.1B dimensions (2.2 GB bf16 per model).
     "tinyllama": Dims(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
+    # One layer of Llama-3-70B (~3.0B parameters, 6 GB bf16 per model): its 128256 x 8192 embedding and head,
+    # its 28672 x 8192 MLP weights, at full size.
+    "llama70b-1layer": Dims(hidden=8192, intermediate=28672, layers=1, heads=64, kv_heads=8, vocab=128256),
 }
 DIM_FLAGS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,16 +15,27 @@ LONG = 3 * BLOCK + 4321  # four blocks, the last one partial
 
 
 def _definition(seed: int, model: int, count: int) -> torch.Tensor:
-    """The documented construction, transcribed: block b is torch.rand from a generator seeded by (seed, model, b).
+    """The documented construction, transcribed: block b's words come from numpy's PCG64 seeded by (seed, model, b).
 
-    The block seed is the first 8 bytes (little-endian) of blake2b("seed:model:block"), top bit cleared.
+    The block seed is the first 8 bytes (little-endian) of blake2b("seed:model:block"), top bit cleared; each
+    raw 64-bit output gives two words, low word first; a word w gives the value (w >> 8) / 2**24.
     """
-    values: list[torch.Tensor] = []
+    values: list[float] = []
     for block in range((count + BLOCK - 1) // BLOCK):
         digest = hashlib.blake2b(f"{seed}:{model}:{block}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        values.append(torch.rand(BLOCK, generator=generator, dtype=torch.float32))
-    return torch.cat(values)[:count] if values else torch.empty(0)
+        generator = np.random.PCG64(int.from_bytes(digest, "little") & (2**63 - 1))
+        for raw in generator.random_raw(BLOCK // 2).tolist():
+            values += [(raw & 0xFFFFFFFF) >> 8, (raw >> 32) >> 8]
+    return (torch.tensor(values[:count], dtype=torch.float64) / 2**24).to(torch.float32)
+
+
+def test_bernoulli_equals_uniform_below_the_float32_probability() -> None:
+    """bernoulli(p) is exactly (uniform < float32(p)) as 0/1 floats, including the ends 0 and 1."""
+    field = RandomField(31).shifted(BLOCK - 100)
+    draws = field.uniform(1, (3, 1000))
+    for probability in (0.0, 1e-9, 0.1, 0.3, 1 / 3, 0.5, 0.9999999, 1.0):
+        expected = (draws < torch.tensor(probability, dtype=torch.float32)).float()
+        assert torch.equal(field.bernoulli(1, (3, 1000), probability), expected), probability
 
 
 def test_block_size_is_documented_value() -> None:

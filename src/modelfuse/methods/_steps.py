@@ -77,14 +77,13 @@ def sparsify_magnitude(tau: torch.Tensor, density: float, mask: torch.Tensor | N
 def drop_and_rescale(tau: torch.Tensor, density: float, noise: RandomField, model: int) -> torch.Tensor:
     """DARE: drop each entry with probability ``1 - density``, rescale survivors by ``1 / density``.
 
-    Entry ``j`` is kept when ``noise.uniform(model, tau.shape)[j] < density``.
+    Entry ``j`` is kept when ``noise.uniform(model, tau.shape)[j] < density`` (``noise.bernoulli``).
     """
     if density >= 1.0:
         return tau.clone()
     if density <= 0.0:
         return torch.zeros_like(tau)
-    keep = noise.uniform(model, tau.shape) < density
-    return torch.where(keep, tau / density, torch.zeros_like(tau))
+    return (tau / density).mul_(noise.bernoulli(model, tau.shape, density))
 
 
 def weighted(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[torch.Tensor]:
@@ -119,7 +118,8 @@ def disjoint_sum(
             divisor.add_(torch.sign(agreeing), alpha=weight)  # sign(agreeing) is 1 exactly where it agrees
     total *= sign
     if divisor is not None:
-        total /= torch.where(divisor == 0, 1.0, divisor)
+        # Divide by 1 where no weight agrees: |sign(divisor)| - 1 is -1 exactly there, else 0.
+        total /= divisor.sub_(torch.sign(divisor).abs_().sub_(1.0))
     return total
 
 
