@@ -67,6 +67,14 @@ def test_memory_budget_must_parse() -> None:
         MergeOptions(max_memory="lots").memory_bytes()
 
 
+@pytest.mark.parametrize(("options", "field"), [({"threads": 0}, "threads"), ({"chunk_elements": 0}, "chunk_elements"),
+                                                ({"speed": "max"}, "speed")])
+def test_bad_options_raise_our_error(options: dict[str, object], field: str) -> None:
+    """Out-of-range or unknown options raise RecipeError naming the option, never a pydantic error."""
+    with pytest.raises(modelfuse.RecipeError, match=field):
+        MergeOptions(**options)
+
+
 def test_block_results_equal_whole_tensor(make_family: Callable[..., Family]) -> None:
     """compute_tensor on row blocks, concatenated, equals the whole-tensor result bit for bit."""
     from modelfuse.engine import compute_tensor

@@ -10,11 +10,13 @@ from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan
 
 # Rates measured on a 2-core machine (benchmarks/results/merge_speed-tinyllama.md): page-cached reads
-# ~5 GB/s, writes ~1 GB/s; rowwise float32 math ~2 ns per input element; top-k methods ~12 ns per model
-# element (exact threshold search and the masked combination); whole-tensor methods ~25 ns per element.
+# ~5 GB/s, writes ~1 GB/s; rowwise float32 math ~2 ns per input element, ~7 ns with random drops (DARE,
+# DELLA); top-k methods ~12 ns per model element (exact threshold search and the masked combination);
+# whole-tensor methods ~25 ns per element.
 READ_BYTES_PER_S = 5e9
 WRITE_BYTES_PER_S = 1e9
 ROWWISE_S_PER_INPUT_ELEMENT = 2e-9
+RANDOM_S_PER_INPUT_ELEMENT = 7e-9
 TOPK_S_PER_MODEL_ELEMENT = 12e-9
 WHOLE_TENSOR_S_PER_ELEMENT = 25e-9
 
@@ -48,7 +50,8 @@ def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
         if unit.blocks is not None:  # a streamed top-k tensor
             compute_seconds += unit.elements * len(unit.job.sources) * TOPK_S_PER_MODEL_ELEMENT
         elif unit.job.method.rowwise:
-            compute_seconds += unit.elements * inputs * ROWWISE_S_PER_INPUT_ELEMENT
+            rate = RANDOM_S_PER_INPUT_ELEMENT if unit.job.method.random else ROWWISE_S_PER_INPUT_ELEMENT
+            compute_seconds += unit.elements * inputs * rate
         else:
             compute_seconds += unit.elements * inputs * WHOLE_TENSOR_S_PER_ELEMENT
     parallel = max(1, min(options.threads, os.cpu_count() or 1))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from modelfuse.errors import RecipeError
 from modelfuse.units import parse_bytes
 
 
@@ -26,6 +28,18 @@ class MergeOptions(BaseModel):
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="Worker threads.")
     max_memory: str = Field(default="2GiB", description="RAM budget for tensor data, e.g. 2GiB or 4GB.")
     chunk_elements: int = Field(default=1 << 20, ge=1, description="Elements per row block of block-wise methods.")
+
+    def __init__(self, **data: Any) -> None:
+        """Validate the options.
+
+        Raises:
+            RecipeError: Naming each bad option and what it must be (never a pydantic error).
+        """
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            problems = [f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()]
+            raise RecipeError("; ".join(problems)) from None
 
     def memory_bytes(self) -> int:
         """The RAM budget in bytes."""

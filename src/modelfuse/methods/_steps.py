@@ -125,12 +125,12 @@ def disjoint_sum(
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool) -> torch.Tensor:
     """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (unless that sum is ~0)."""
-    total = torch.zeros_like(deltas[0])
-    for delta, weight in zip(deltas, weights, strict=True):
+    total = deltas[0] * weights[0]
+    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
         total.add_(delta, alpha=weight)
     if normalize:
         weight_sum = float(sum(weights))
-        if abs(weight_sum) >= 1e-8:
+        if abs(weight_sum) >= 1e-8 and weight_sum != 1.0:  # dividing by 1 changes nothing: skip the pass
             total /= weight_sum
     return total
 
