@@ -22,10 +22,11 @@ from modelfuse.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.errors import ModelfuseError
 from modelfuse.hashing import BackgroundHashes
 from modelfuse.kernels.random import RandomField
-from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask, topk_threshold
+from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
+from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.methods.lines import apply_lines
 from modelfuse.options import MergeOptions
-from modelfuse.plan import MergePlan, Source, TensorJob
+from modelfuse.plan import MergePlan, TensorJob
 from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 
 log = logging.getLogger(__name__)
@@ -257,35 +258,38 @@ def work_units(
 def topk_thresholds(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[list[TopkThreshold]]:
     """Per model and top-k count of the job's method: the exact threshold of |expert - base|.
 
-    Found by streaming passes over the task vectors in chunks of ``chunk_elements`` (a sample, then
-    usually one counting pass per threshold), in this thread's reused buffers.
+    Found by streaming passes in chunks of ``chunk_elements`` (a sample, then usually one counting pass)
+    that read every model's task vector together, the base once per chunk, in this thread's buffers.
     """
     assert job.base is not None and job.method.topk is not None
     base_source = job.base
     numel = int(torch.Size(job.shape).numel())
+    counts = job.method.topk(job.params, numel)
+    streams = [(model, k) for model, model_counts in enumerate(counts) for k in model_counts]
+    rows = [model for model, _ in streams]
+    inputs = [*job.sources, base_source]
 
-    def magnitudes(source: Source, start: int, stop: int) -> torch.Tensor:
-        """|expert - base| at flat elements ``[start, stop)`` in float32, in this thread's reused buffers."""
-        expert, base = plan.checkpoints[source.model], plan.checkpoints[base_source.model]
+    def read(start: int, stop: int) -> torch.Tensor:
+        """``[streams, stop - start]``: |expert - base| of each stream's model at flat elements [start, stop)."""
         count = stop - start
-        expert_bytes = count * expert[source.name].dtype.itemsize
-        raw = _SELECTION_READ_BUFFER.get(expert_bytes + count * base[base_source.name].dtype.itemsize)
-        values = _SELECTION_BUFFER.get(8 * count)[: 8 * count].view(torch.float32)
-        magnitude, base_values = values[:count], values[count:]
-        magnitude.copy_(expert.read_elements(source.name, start, stop, raw))
-        base_values.copy_(base.read_elements(base_source.name, start, stop, raw[expert_bytes:]))
-        return magnitude.sub_(base_values).abs_()
+        sizes = [count * plan.checkpoints[source.model][source.name].dtype.itemsize for source in inputs]
+        raw = _SELECTION_READ_BUFFER.get(sum(sizes))
+        values = _SELECTION_BUFFER.get(4 * count * len(inputs))[: 4 * count * len(inputs)].view(torch.float32)
+        values = values.view(len(inputs), count)
+        offset = 0
+        for row, (source, size) in enumerate(zip(inputs, sizes, strict=True)):
+            values[row].copy_(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
+            offset += size
+        magnitudes = values[:-1].sub_(values[-1]).abs_()
+        return magnitudes if rows == list(range(len(job.sources))) else magnitudes[rows]
 
-    found = []
-    for source, counts in zip(job.sources, job.method.topk(job.params, numel), strict=True):
-
-        def read(start: int, stop: int, source: Source = source) -> torch.Tensor:
-            return magnitudes(source, start, stop)
-
-        found.append([topk_threshold(read, numel, k, chunk_elements=chunk_elements,
-                                     sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
-                                     sample_blocks=_SAMPLE_BLOCKS) for k in counts])
-    return found
+    found = topk_kernel_thresholds(read, numel, [k for _, k in streams], chunk_elements=chunk_elements,
+                                   sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
+                                   sample_blocks=_SAMPLE_BLOCKS)
+    per_model: list[list[TopkThreshold]] = [[] for _ in job.sources]
+    for (model, _), threshold in zip(streams, found, strict=True):
+        per_model[model].append(threshold)
+    return per_model
 
 
 _SAMPLE_ELEMENTS = 1 << 17  # the pre-pass's sample: its sort costs more than a wider band saves

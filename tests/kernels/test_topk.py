@@ -330,3 +330,38 @@ def test_cuda_chunks_select_like_cpu() -> None:
                 masks.append(mask.cpu())
                 equal_before += equal_count
             assert torch.equal(torch.cat(masks), topk_mask(values, k)), (kind, k)
+
+
+@pytest.mark.parametrize("numel", [3000, 50_000])
+def test_streams_read_together_match_one_at_a_time(numel: int) -> None:
+    """topk_thresholds over several streams (one repeated with another k) equals topk_threshold per stream,
+    and every counting pass reads all streams at once."""
+    values = torch.stack([_values(kind, numel, seed=3) for kind in ("magnitude", "integers", "mostly_zero")])
+    rows = [0, 1, 1, 2]  # stream 2 repeats stream 1 with another k
+    ks = [numel // 10, numel // 2, numel // 7, 1]
+    calls: list[tuple[int, int]] = []
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        calls.append((start, stop))
+        return values[rows, start:stop].clone()
+
+    for chunk_elements, sample_elements in ((1 << 20, 1 << 20), (997, 1500), (4096, 64)):
+        calls.clear()
+        got = topk_module.topk_thresholds(read, numel, ks, chunk_elements=chunk_elements,
+                                          sample_elements=sample_elements)
+        expected = [topk_threshold(_reader(values[row]), numel, k, chunk_elements=chunk_elements,
+                                   sample_elements=sample_elements) for row, k in zip(rows, ks, strict=True)]
+        assert got == expected, (chunk_elements, sample_elements)
+        assert max(stop - start for start, stop in calls) <= max(chunk_elements, sample_elements)
+
+
+def test_streams_with_k_zero_or_all() -> None:
+    """k = 0 gives +inf without reading; k = numel keeps every entry; a read of the wrong size is refused."""
+    values = torch.stack([_values("normal", 5000, seed=1), _values("two_values", 5000, seed=2)])
+    assert topk_module.topk_thresholds(lambda a, b: values[:, a:b], 5000, [0, 0]) == [TopkThreshold(math.inf, 0)] * 2
+    both = topk_module.topk_thresholds(lambda a, b: values[:, a:b], 5000, [5000, 0], chunk_elements=512,
+                                       sample_elements=256)
+    assert both[0] == topk_threshold(_reader(values[0]), 5000, 5000) and both[1] == TopkThreshold(math.inf, 0)
+    with pytest.raises(ValueError, match=r"returned (\d+) elements, expected"):
+        topk_module.topk_thresholds(lambda a, b: values[0, a:b], 5000, [1, 2], chunk_elements=1000,
+                                    sample_elements=1000)

@@ -50,7 +50,7 @@ _KEY_MAX = 0x7F800000
 _HISTOGRAM_BITS = 16
 # More, shorter sample blocks estimate the threshold better on correlated data, but cost a read() each.
 _SAMPLE_BLOCKS = 8192
-# Bracket half-width in standard errors of the sampled fraction (see `_sample_bracket`).
+# Bracket half-width in standard errors of the sampled fraction (see `_bracket`).
 _Z_SCORE = 5.0
 _Z_SCORE_MIN = 3.0
 
@@ -113,44 +113,100 @@ def topk_threshold(
             change between passes).
         TypeError: If ``read`` returns a dtype other than float32, float16 or bfloat16.
     """
+    return topk_thresholds(
+        lambda start, stop: read(start, stop).reshape(1, -1),
+        numel,
+        [k],
+        chunk_elements=chunk_elements,
+        sample_elements=sample_elements,
+        generator_seed=generator_seed,
+        sample_blocks=sample_blocks,
+    )[0]
+
+
+def topk_thresholds(
+    read: Reader,
+    numel: int,
+    ks: list[int],
+    *,
+    chunk_elements: int = 1 << 20,
+    sample_elements: int = 1 << 20,
+    generator_seed: int = 0,
+    sample_blocks: int = _SAMPLE_BLOCKS,
+) -> list[TopkThreshold]:
+    """:func:`topk_threshold` of several streams of ``numel`` values read together, one ``k`` per stream.
+
+    ``read(start, stop)`` returns a ``[len(ks), stop - start]`` tensor: row ``i`` is stream ``i``'s values
+    (a stream may repeat another with a different ``k``). Every pass reads all streams at once, so a
+    value they share (the base model of several task vectors) is read once per pass; streams whose
+    threshold is found drop out of the counting. Each result equals ``topk_threshold`` of its stream.
+    Working memory is that of ``topk_threshold`` times the number of streams.
+    """
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     if chunk_elements < 1 or sample_elements < 1 or sample_blocks < 1:
         raise ValueError(f"chunk_elements, sample_elements and sample_blocks must be >= 1, got {chunk_elements}, "
                          f"{sample_elements}, {sample_blocks}")
-    k = min(max(k, 0), numel)
-    if k == 0:
-        return TopkThreshold(math.inf, 0, 0)
+    streams = len(ks)
+    ks = [min(max(k, 0), numel) for k in ks]
+    found: list[TopkThreshold | None] = [TopkThreshold(math.inf, 0, 0) if k == 0 else None for k in ks]
+    active = [index for index, threshold in enumerate(found) if threshold is None]
     capacity = max(chunk_elements, sample_elements)
-    if numel <= capacity:
-        return _select(_read_whole(read, numel, chunk_elements), k, k, above=0)
-    key_lo, key_hi = _sample_bracket(read, numel, k, sample_elements, generator_seed, capacity, sample_blocks)
+    if active and numel <= capacity:
+        whole = _read_whole(read, numel, chunk_elements, streams)
+        for index in active:
+            found[index] = _select(whole[index], ks[index], ks[index], above=0)
+        active = []
+    bands: dict[int, tuple[int, int]] = {}
+    if active:
+        sample = _read_sample(read, numel, sample_elements, generator_seed, sample_blocks, streams)
+        bands = {index: _bracket(sample[index], numel, ks[index], capacity) for index in active}
     # Histograms of up to 2**16 bins, but no more bins than the budget's values (small budgets stay cheap).
     histogram_bits = min(_HISTOGRAM_BITS, max(8, capacity.bit_length()))
     # Enough passes for the first band, one missed bracket and every histogram narrowing (each divides the
     # band's at most 2**32 keys by 2**histogram_bits), plus a spare; more means inconsistent reads.
-    for _ in range(3 + -(-33 // histogram_bits)):
-        scan = _scan(read, numel, chunk_elements, key_lo, key_hi, capacity, histogram_bits)
-        at_least_hi = scan.above + scan.at_hi
-        above_lo = at_least_hi + scan.inner_count
-        if scan.above >= k:  # T is above the band: its upper side holds it
-            key_lo, key_hi = key_hi + 1, _KEY_MAX
-        elif at_least_hi >= k:  # T is hi (ties at a bound are counted, never histogrammed)
-            return TopkThreshold(_unkey(key_hi), k - scan.above, scan.at_hi)
-        elif above_lo >= k:  # T is strictly inside the band: the rank-th largest inner value
-            rank = k - at_least_hi
-            if scan.inner is not None:
-                return _select(scan.inner, rank, k, at_least_hi)
-            key_lo, key_hi, above_in_bins = _narrow(scan, rank)
-            if key_lo == key_hi:  # one float32 value: T itself, with every larger entry counted
-                return TopkThreshold(_unkey(key_lo), k - at_least_hi - above_in_bins)
-        elif above_lo + scan.at_lo >= k:  # T is lo
-            return TopkThreshold(_unkey(key_lo), k - above_lo, scan.at_lo)
-        else:  # T is below the band
-            key_lo, key_hi = _KEY_MIN, key_lo - 1
-        if key_lo > key_hi:
-            break
-    raise ValueError("inconsistent top-k counts: read() returned NaN values or different values on different passes")
+    passes = 0
+    while bands:
+        if passes == 3 + -(-33 // histogram_bits):
+            raise _inconsistent()
+        scans = _scan(read, numel, chunk_elements, bands, capacity, histogram_bits, streams)
+        passes += 1
+        for index, scan in scans.items():
+            outcome = _step(scan, ks[index])
+            if isinstance(outcome, TopkThreshold):
+                found[index] = outcome
+                del bands[index]
+            elif outcome[0] > outcome[1]:
+                raise _inconsistent()
+            else:
+                bands[index] = outcome
+    return [threshold for threshold in found if threshold is not None]
+
+
+def _inconsistent() -> ValueError:
+    return ValueError("inconsistent top-k counts: read() returned NaN values or different values on different passes")
+
+
+def _step(scan: _Scan, k: int) -> TopkThreshold | tuple[int, int]:
+    """The threshold, when one counting pass over a band pins it down, else the keys of the next band."""
+    key_lo, key_hi = scan.key_lo, scan.key_hi
+    at_least_hi = scan.above + scan.at_hi
+    above_lo = at_least_hi + scan.inner_count
+    if scan.above >= k:  # T is above the band: its upper side holds it
+        return key_hi + 1, _KEY_MAX
+    if at_least_hi >= k:  # T is hi (ties at a bound are counted, never histogrammed)
+        return TopkThreshold(_unkey(key_hi), k - scan.above, scan.at_hi)
+    if above_lo >= k:  # T is strictly inside the band: the rank-th largest inner value
+        rank = k - at_least_hi
+        if scan.inner is not None:
+            return _select(scan.inner, rank, k, at_least_hi)
+        key_lo, key_hi, above_in_bins = _narrow(scan, rank)
+        if key_lo == key_hi:  # one float32 value: T itself, with every larger entry counted
+            return TopkThreshold(_unkey(key_lo), k - at_least_hi - above_in_bins)
+        return key_lo, key_hi
+    if above_lo + scan.at_lo >= k:  # T is lo
+        return TopkThreshold(_unkey(key_lo), k - above_lo, scan.at_lo)
+    return _KEY_MIN, key_lo - 1  # T is below the band
 
 
 def topk_chunk_mask(
@@ -259,46 +315,71 @@ class _Scan:
 
 
 def _scan(
-    read: Reader, numel: int, chunk_elements: int, key_lo: int, key_hi: int, capacity: int, histogram_bits: int
-) -> _Scan:
-    """One pass: count entries above, at and inside the band; keep the inner values, or a histogram of them."""
-    bounds = _Bounds(
-        _unkey(key_lo),
-        _unkey(key_hi),
-        lo_finite=key_lo > _KEY_MIN,
-        hi_finite=key_hi < _KEY_MAX,
-        single=key_lo == key_hi,
-    )
-    scan = _Scan(key_lo, key_hi)
-    inner_width = max(0, key_hi - key_lo - 2)  # inner keys are key_lo + 1 + [0, inner_width]
-    scan.shift = max(0, inner_width.bit_length() - histogram_bits)
-    parts: list[torch.Tensor] = []
+    read: Reader,
+    numel: int,
+    chunk_elements: int,
+    bands: dict[int, tuple[int, int]],
+    capacity: int,
+    histogram_bits: int,
+    streams: int,
+) -> dict[int, _Scan]:
+    """One pass over all streams: for each stream with a band, count entries above, at and inside it, and
+    keep the inner values, or a histogram of them."""
+    states = {index: _ScanState(key_lo, key_hi, capacity, histogram_bits) for index, (key_lo, key_hi) in bands.items()}
     scratch = np.empty((2, min(chunk_elements, numel)), dtype=np.bool_)
     for start in _starts(numel, chunk_elements):
-        chunk = _read(read, start, min(start + chunk_elements, numel))
+        chunk = _read(read, start, min(start + chunk_elements, numel), streams)
+        for index, state in states.items():
+            state.add(chunk[index], scratch)
+    return {index: state.finish() for index, state in states.items()}
+
+
+class _ScanState:
+    """A counting pass over one stream's band, fed chunk by chunk."""
+
+    def __init__(self, key_lo: int, key_hi: int, capacity: int, histogram_bits: int) -> None:
+        self.bounds = _Bounds(
+            _unkey(key_lo),
+            _unkey(key_hi),
+            lo_finite=key_lo > _KEY_MIN,
+            hi_finite=key_hi < _KEY_MAX,
+            single=key_lo == key_hi,
+        )
+        self.scan = _Scan(key_lo, key_hi)
+        self.capacity = capacity
+        self.inner_width = max(0, key_hi - key_lo - 2)  # inner keys are key_lo + 1 + [0, inner_width]
+        self.scan.shift = max(0, self.inner_width.bit_length() - histogram_bits)
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, chunk: torch.Tensor, scratch: np.ndarray) -> None:
+        """Count one chunk (a 1-D float32 tensor)."""
+        scan = self.scan
         split = _split_numpy if chunk.device.type == "cpu" else _split_torch
-        above, at_hi, inner, at_lo = split(chunk, bounds, scratch)
+        above, at_hi, inner, at_lo = split(chunk, self.bounds, scratch)
         scan.above += above
         scan.at_hi += at_hi
         scan.at_lo += at_lo
         if inner is None or inner.numel() == 0:
-            continue
+            return
         scan.inner_count += inner.numel()
-        if scan.counts is None and scan.inner_count <= capacity:
-            parts.append(inner)
-            continue
+        if scan.counts is None and scan.inner_count <= self.capacity:
+            self.parts.append(inner)  # boolean indexing made a copy: the chunk's buffer may be reused
+            return
         if scan.counts is None:  # overflow: switch to a histogram, starting with what was kept
-            bins = (inner_width >> scan.shift) + 1
+            bins = (self.inner_width >> scan.shift) + 1
             scan.counts = torch.zeros(bins, dtype=torch.int64, device=inner.device)
-            scan.key_min = torch.full((bins,), key_hi, dtype=torch.int64, device=inner.device)
-            scan.key_max = torch.full((bins,), key_lo, dtype=torch.int64, device=inner.device)
-            for part in parts:
+            scan.key_min = torch.full((bins,), scan.key_hi, dtype=torch.int64, device=inner.device)
+            scan.key_max = torch.full((bins,), scan.key_lo, dtype=torch.int64, device=inner.device)
+            for part in self.parts:
                 _accumulate(scan, part)
-            parts = []
+            self.parts = []
         _accumulate(scan, inner)
-    if scan.counts is None and not bounds.single:
-        scan.inner = torch.cat(parts) if parts else torch.empty(0)
-    return scan
+
+    def finish(self) -> _Scan:
+        """The pass's counts, with the inner values when they fit."""
+        if self.scan.counts is None and not self.bounds.single:
+            self.scan.inner = torch.cat(self.parts) if self.parts else torch.empty(0)
+        return self.scan
 
 
 @dataclass(frozen=True)
@@ -378,13 +459,13 @@ def _select(band: torch.Tensor, rank: int, k: int, above: int) -> TopkThreshold:
     return TopkThreshold(float(value) + 0.0, k - greater, equal)  # + 0.0 turns -0.0 into +0.0
 
 
-def _sample_bracket(
-    read: Reader, numel: int, k: int, sample_elements: int, seed: int, capacity: int, max_blocks: int
-) -> tuple[int, int]:
-    """Keys ``(lo, hi)`` of a bracket that holds the k-th largest value with high probability.
+def _read_sample(
+    read: Reader, numel: int, sample_elements: int, seed: int, max_blocks: int, streams: int
+) -> np.ndarray:
+    """A seeded sample of every stream, ``[streams, blocks, length]`` float32 (``numel >= 2``).
 
     The sample is ``blocks`` contiguous blocks, one at a random offset in each of ``blocks`` equal strata of
-    the flat range. Requires ``numel >= 2``.
+    the flat range.
     """
     # Smaller tensors get a smaller sample (at most 1/16 of the values) in fewer blocks (one per 8192 values):
     # each block costs a read() call, and a small tensor's band fits the budget anyway.
@@ -398,11 +479,19 @@ def _sample_bracket(
     generator = torch.Generator().manual_seed(seed)
     offsets = (torch.rand(blocks, generator=generator, dtype=torch.float64) * (highs - lows)).to(torch.int64)
     starts = (lows + offsets).tolist()
-    sample = torch.empty(blocks, length, dtype=torch.float32)  # [blocks, length], on CPU whatever device read() returns
+    sample = torch.empty(streams, blocks, length, dtype=torch.float32)  # on CPU whatever device read() returns
     for row, start in enumerate(starts):
-        sample[row] = _read(read, start, start + length)  # a copy: read() may reuse its buffer
+        sample[:, row] = _read(read, start, start + length, streams)  # a copy: read() may reuse its buffer
     _check_no_nan(sample)
-    sample_array = sample.numpy()
+    return sample.numpy()
+
+
+def _bracket(sample_array: np.ndarray, numel: int, k: int, capacity: int) -> tuple[int, int]:
+    """Keys ``(lo, hi)`` of a bracket that holds the k-th largest value with high probability.
+
+    ``sample_array`` is one stream's sample, ``[blocks, length]`` (see `_read_sample`).
+    """
+    blocks = sample_array.shape[0]
     # One sort serves every rank; numpy's sort stays fast on heavy ties (np.partition does not).
     ordered = np.sort(sample_array, axis=None)
     size = ordered.size
@@ -435,23 +524,24 @@ def _starts(numel: int, chunk_elements: int) -> range:
     return range(0, numel, chunk_elements)
 
 
-def _read(read: Reader, start: int, stop: int) -> torch.Tensor:
-    """``read(start, stop)`` as a flat float32 tensor, checked."""
+def _read(read: Reader, start: int, stop: int, streams: int) -> torch.Tensor:
+    """``read(start, stop)`` as a ``[streams, stop - start]`` float32 tensor, checked."""
     values = read(start, stop)
-    if values.numel() != stop - start:
-        raise ValueError(f"read({start}, {stop}) returned {values.numel()} elements, expected {stop - start}")
-    return _as_float32(values).reshape(-1)
+    expected = streams * (stop - start)
+    if values.numel() != expected:
+        raise ValueError(f"read({start}, {stop}) returned {values.numel()} elements, expected {expected}")
+    return _as_float32(values).reshape(streams, stop - start)
 
 
-def _read_whole(read: Reader, numel: int, chunk_elements: int) -> torch.Tensor:
-    """All ``numel`` values as one float32 tensor, read in chunks (``numel >= 1``)."""
+def _read_whole(read: Reader, numel: int, chunk_elements: int, streams: int) -> torch.Tensor:
+    """All ``numel`` values of every stream, ``[streams, numel]`` float32, read in chunks (``numel >= 1``)."""
     whole = torch.empty(0)
     for start in _starts(numel, chunk_elements):
         stop = min(start + chunk_elements, numel)
-        chunk = _read(read, start, stop)
+        chunk = _read(read, start, stop, streams)
         if start == 0:
-            whole = torch.empty(numel, dtype=torch.float32, device=chunk.device)
-        whole[start:stop] = chunk  # a copy: read() may reuse its buffer
+            whole = torch.empty(streams, numel, dtype=torch.float32, device=chunk.device)
+        whole[:, start:stop] = chunk  # a copy: read() may reuse its buffer
     _check_no_nan(whole)
     return whole
 
