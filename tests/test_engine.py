@@ -135,7 +135,8 @@ def _llama_recipe(family: Family, **extra: Any) -> dict[str, Any]:
 def test_failed_merge_leaves_nothing(
     error: type[BaseException], overwrite: bool, make_family: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A merge that fails mid-way leaves no output, no hidden partial folder, and an old output intact."""
+    """A merge that fails mid-way leaves no output, no hidden partial folder, an old output intact, and stops
+    hashing the inputs."""
     family = make_family("llama")
     real = modelfuse.engine.compute_tensor
     calls: list[str] = []
@@ -147,6 +148,14 @@ def test_failed_merge_leaves_nothing(
         return real(job, plan, *block)
 
     monkeypatch.setattr(modelfuse.engine, "compute_tensor", failing)
+    cancelled: list[bool] = []
+
+    class SpyHashes(modelfuse.engine.BackgroundHashes):
+        def cancel(self) -> None:
+            cancelled.append(True)
+            super().cancel()
+
+    monkeypatch.setattr(modelfuse.engine, "BackgroundHashes", SpyHashes)
     work = tmp_path / "work"
     work.mkdir()
     out = work / "merged"
@@ -156,6 +165,7 @@ def test_failed_merge_leaves_nothing(
     with pytest.raises(error, match="simulated failure"):
         modelfuse.merge(_llama_recipe(family), out, overwrite=overwrite)
     assert len(calls) == 4
+    assert cancelled == [True]  # the input hashing stopped with the merge
     assert not list(work.glob(".*modelfuse-partial*")) and not list(work.glob(".*modelfuse-old*"))
     if overwrite:
         assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -405,6 +405,31 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter) -> None:
         writer.write_rows(job.name, unit.rows[0], compute_tensor(job, plan, unit.rows, out=out))
 
 
+def _write_staged(
+    plan: MergePlan,
+    slots: list[TensorSlot],
+    staging: StagingFolder,
+    options: MergeOptions,
+    on_tensor: Callable[[TensorJob], None] | None,
+) -> None:
+    """Merge into the staging folder and add config, tokenizer files and model card (not the provenance)."""
+    from modelfuse import __version__
+
+    writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes())
+    try:
+        _execute(plan, writer, options, on_tensor)
+        writer.close()
+    finally:
+        writer.abort()
+    verify_written(staging.path, slots, writer.files)
+    reference = plan.checkpoints[plan.reference].folder
+    for name in COPIED_FILES:
+        if (reference / name).is_file():
+            shutil.copyfile(reference / name, staging.path / name)
+    (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
+    (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
+
+
 def run_plan(
     plan: MergePlan,
     out: Path,
@@ -433,25 +458,14 @@ def run_plan(
     options = options or MergeOptions()
     check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
-    hashes = BackgroundHashes(inputs)  # the provenance record's input digests, computed beside the merge
     with StagingFolder(out) as staging:
-        writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes())
+        hashes = BackgroundHashes(inputs)  # the provenance record's input digests, computed beside the merge
         try:
-            _execute(plan, writer, options, on_tensor)
-            writer.close()
+            _write_staged(plan, slots, staging, options, on_tensor)
+            record = provenance(plan.recipe, __version__, hashes.result(), len(slots), plan.write_bytes)
         except BaseException:
-            hashes.cancel()
+            hashes.cancel()  # nothing keeps reading the inputs once the merge has failed
             raise
-        finally:
-            writer.abort()
-        verify_written(staging.path, slots, writer.files)
-        reference = plan.checkpoints[plan.reference].folder
-        for name in COPIED_FILES:
-            if (reference / name).is_file():
-                shutil.copyfile(reference / name, staging.path / name)
-        (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
-        (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
-        record = provenance(plan.recipe, __version__, hashes.result(), len(slots), plan.write_bytes)
         (staging.path / PROVENANCE_FILE).write_text(record, encoding="utf-8")
         staging.commit()
     for checkpoint in plan.checkpoints.values():
