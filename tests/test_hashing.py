@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import modelfuse.hashing as hashing
+from modelfuse.errors import CheckpointError
 from modelfuse.hashing import BackgroundHashes, HashingCancelled, cache_dir, input_hashes, sha256_file
 
 
@@ -129,20 +130,34 @@ def test_background_result_equals_input_hashes(model: Path, tmp_path: Path) -> N
     assert BackgroundHashes(folders).result() == input_hashes(folders)
 
 
-def test_background_reraises_os_error(tmp_path: Path) -> None:
-    """An OSError raised on the hashing thread (a missing folder) is raised again by result()."""
-    hashes = BackgroundHashes({"m": tmp_path / "missing"})
-    with pytest.raises(FileNotFoundError):
-        hashes.result()
+def test_background_reraises_read_errors_naming_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder or file that cannot be read gives a CheckpointError naming it, raised again by result()."""
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError, match="missing: cannot list it") as caught:
+        BackgroundHashes({"m": missing}).result()
+    assert caught.value.path == str(missing)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"x" * 10)
+
+    def unreadable(path: Path, stop: threading.Event | None = None) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(hashing, "sha256_file", unreadable)
+    with pytest.raises(CheckpointError, match=r"weights\.bin: cannot read it .*Permission denied") as caught:
+        BackgroundHashes({"m": folder}).result()
+    assert caught.value.path == str(folder / "weights.bin")
 
 
-def test_cancel_stops_promptly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """cancel() on a large file returns soon after it is called, without raising, and the thread ends."""
+def test_cancel_stops_before_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cancel() stops hashing at the next block, without raising; the thread ends and result() says so."""
     monkeypatch.setattr(hashing, "_BLOCK_BYTES", 1024)
     folder = tmp_path / "big"
     folder.mkdir()
-    (folder / "weights.bin").write_bytes(os.urandom(4 << 20))  # 4096 blocks: about 4 s uncancelled, see below
+    blocks = 4096
+    (folder / "weights.bin").write_bytes(os.urandom(blocks * 1024))
     started = threading.Event()
+    hashed: list[int] = []
 
     class SlowDigest:
         """A sha256 that signals the first block and then takes 1 ms per block, so cancel() has time to act."""
@@ -152,6 +167,7 @@ def test_cancel_stops_promptly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
         def update(self, block: bytes) -> None:
             started.set()
+            hashed.append(len(block))
             time.sleep(0.001)
             self._digest.update(block)
 
@@ -161,10 +177,11 @@ def test_cancel_stops_promptly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(hashing, "hashlib", SimpleNamespace(sha256=SlowDigest))  # this module only
     hashes = BackgroundHashes({"m": folder})
     assert started.wait(timeout=10)
-    begin = time.monotonic()
     hashes.cancel()
-    assert time.monotonic() - begin < 1.0
     assert not hashes._thread.is_alive()
+    assert 1 <= len(hashed) < blocks  # stopped part-way through the file
+    with pytest.raises(RuntimeError, match="cancelled"):
+        hashes.result()
 
 
 def test_sha256_file_raises_when_stop_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

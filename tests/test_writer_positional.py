@@ -182,3 +182,25 @@ def test_in_order_write_and_write_block_still_work(tmp_path: Path) -> None:
     writer.close()
     loaded = load_file(tmp_path / SINGLE_FILE)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_write_failure_names_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed write (disk full) raises OutputError naming the shard file and tensor, not a bare OSError."""
+    import modelfuse.writer as writer_module
+
+    tensors = {"a": torch.zeros(4, 2)}
+    writer = ShardWriter(tmp_path, slots_of(tensors), 1 << 20)
+
+    def full(descriptor: int, data: memoryview, offset: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    writer.write_rows("a", 0, tensors["a"][:2])  # the shard is open, its header written
+    monkeypatch.setattr(writer_module, "_pwrite_all", full)
+    with pytest.raises(OutputError, match=r"model\.safetensors: cannot write tensor 'a' \(No space left"):
+        writer.write_rows("a", 2, tensors["a"][2:])
+    writer.abort()
+    fresh = ShardWriter(tmp_path / "other", slots_of(tensors), 1 << 20)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(OutputError, match=r"model\.safetensors: cannot write the shard \(No space left"):
+        fresh.write_rows("a", 0, tensors["a"])
+    fresh.abort()

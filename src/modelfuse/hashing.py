@@ -17,6 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from modelfuse.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 _CACHE_FILE = "file-hashes.json"
@@ -86,6 +88,9 @@ def input_hashes(folders: dict[str, Path], stop: threading.Event | None = None) 
     """SHA-256 of every file at the top of each input folder, keyed by recipe path then file name.
 
     Digests of files unchanged since an earlier run come from the cache; new ones are added to it.
+
+    Raises:
+        CheckpointError: If a file cannot be read, naming it.
     """
     cache_path = cache_dir() / _CACHE_FILE
     cache = _load_cache(cache_path)
@@ -93,11 +98,18 @@ def input_hashes(folders: dict[str, Path], stop: threading.Event | None = None) 
     result: dict[str, dict[str, str]] = {}
     for label, folder in folders.items():
         result[label] = {}
-        for file in sorted(folder.iterdir()):
-            if not file.is_file():
-                continue
-            key = _file_key(file)
-            digest = cache.get(key) or fresh.get(key) or sha256_file(file, stop)
+        try:
+            files = [file for file in sorted(folder.iterdir()) if file.is_file()]
+        except OSError as error:
+            raise CheckpointError(f"{folder}: cannot list it to record its files' checksums ({error.strerror})",
+                                  path=str(folder)) from None
+        for file in files:
+            try:
+                key = _file_key(file)
+                digest = cache.get(key) or fresh.get(key) or sha256_file(file, stop)
+            except OSError as error:
+                raise CheckpointError(f"{file}: cannot read it to record its checksum ({error.strerror}); check "
+                                      "its permissions", path=str(file)) from None
             fresh[key] = digest  # hits too: the cache drops the least recently used entries first
             result[label][file.name] = digest
     if fresh:
@@ -124,7 +136,7 @@ class BackgroundHashes:
             self._error = error
 
     def result(self) -> dict[str, dict[str, str]]:
-        """Wait for the hashes; re-raises what hashing raised (an OSError reading an input).
+        """Wait for the hashes; re-raises what hashing raised (a CheckpointError naming an unreadable input).
 
         Raises:
             RuntimeError: If hashing was cancelled.

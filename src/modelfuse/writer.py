@@ -169,7 +169,12 @@ class ShardWriter:
             if rows is not None:
                 self._rows.setdefault(slot.name, []).append(rows)
             descriptor = self._descriptor(shard_index)
-        _pwrite_all(descriptor, data, start + offset)
+        try:
+            _pwrite_all(descriptor, data, start + offset)
+        except OSError as error:
+            raise OutputError(f"{self.folder / self.files[shard_index]}: cannot write tensor {slot.name!r} "
+                              f"({error.strerror}); check free space and permissions",
+                              path=str(self.folder), tensor=slot.name) from None
         return written
 
     def _descriptor(self, shard_index: int) -> int:
@@ -177,9 +182,13 @@ class ShardWriter:
         descriptor = self._descriptors.get(shard_index)
         if descriptor is None:
             path = self.folder / self.files[shard_index]
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._descriptors[shard_index] = descriptor
-            _pwrite_all(descriptor, memoryview(self._headers[shard_index]), 0)
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._descriptors[shard_index] = descriptor
+                _pwrite_all(descriptor, memoryview(self._headers[shard_index]), 0)
+            except OSError as error:
+                raise OutputError(f"{path}: cannot write the shard ({error.strerror}); check free space and "
+                                  "permissions", path=str(path)) from None
         return descriptor
 
     def _next_slot(self, name: str) -> TensorSlot:

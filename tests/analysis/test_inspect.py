@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from modelfuse.analysis import inspect_task_vectors
 from modelfuse.checkpoint import Checkpoint
-from modelfuse.cli import main
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +27,12 @@ Run = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
-    """Run the console script in this process; returns (exit code, stdout, stderr)."""
+def run(run_cli: Callable[..., Any]) -> Run:
+    """The shared in-process console-script runner, 200 columns wide; returns (exit code, stdout, stderr)."""
 
     def call(*args: str | Path) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["modelfuse", *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "200")
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        result = run_cli(*args, columns=200)
+        return result.returncode, result.stdout, result.stderr
 
     return call
 
