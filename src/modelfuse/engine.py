@@ -21,6 +21,7 @@ import torch
 from modelfuse.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.errors import ModelfuseError
 from modelfuse.hashing import BackgroundHashes
+from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
@@ -158,7 +159,7 @@ def _compute_piece(
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None}
     if thresholds is not None and equal_before is not None and base is not None:
-        context["topk_masks"] = [_piece_masks((tensor - base).abs(), model_thresholds, model_before)
+        context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before)
                                  for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,
                                                                                    strict=True)]
     kwargs.update({name: context[name] for name in job.method.context})
@@ -180,15 +181,20 @@ def _compute_piece(
 
 
 def _piece_masks(
-    magnitude: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int]
+    tensor: torch.Tensor, base: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int]
 ) -> list[torch.Tensor]:
-    """A piece's top-k masks (float32 ones and zeros) of one task vector's magnitudes, one per threshold.
+    """A piece's top-k masks (float32 ones and zeros) of one task vector ``|tensor - base|``, one per threshold.
 
     Advances ``equal_before`` past the piece.
     """
     masks = []
+    magnitude = None
     for index, threshold in enumerate(thresholds):
-        mask, equal_count = topk_chunk_mask(magnitude, threshold, equal_before[index], as_float=True)
+        kept = fused.topk_keep(tensor, base, threshold, equal_before[index])
+        if kept is None:
+            magnitude = (tensor - base).abs() if magnitude is None else magnitude
+            kept = topk_chunk_mask(magnitude, threshold, equal_before[index], as_float=True)
+        mask, equal_count = kept
         equal_before[index] += equal_count
         masks.append(mask)
     return masks
@@ -270,7 +276,7 @@ def topk_thresholds(job: TensorJob, plan: MergePlan, chunk_elements: int) -> lis
     inputs = [*job.sources, base_source]
 
     def read(start: int, stop: int) -> torch.Tensor:
-        """``[streams, stop - start]``: |expert - base| of each stream's model at flat elements [start, stop)."""
+        """``[models, stop - start]``: |expert - base| of each model at flat elements [start, stop)."""
         count = stop - start
         sizes = [count * plan.checkpoints[source.model][source.name].dtype.itemsize for source in inputs]
         raw = _SELECTION_READ_BUFFER.get(sum(sizes))
@@ -281,11 +287,11 @@ def topk_thresholds(job: TensorJob, plan: MergePlan, chunk_elements: int) -> lis
             values[row].copy_(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
             offset += size
         magnitudes = values[:-1].sub_(values[-1]).abs_()
-        return magnitudes if rows == list(range(len(job.sources))) else magnitudes[rows]
+        return magnitudes
 
     found = topk_kernel_thresholds(read, numel, [k for _, k in streams], chunk_elements=chunk_elements,
                                    sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
-                                   sample_blocks=_SAMPLE_BLOCKS)
+                                   sample_blocks=_SAMPLE_BLOCKS, rows=rows)
     per_model: list[list[TopkThreshold]] = [[] for _ in job.sources]
     for (model, _), threshold in zip(streams, found, strict=True):
         per_model[model].append(threshold)
@@ -311,7 +317,8 @@ def resident_bytes() -> int:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _MMAP_THRESHOLD_BYTES = 1 << 20  # buffers from this size up are mapped afresh and unmapped when freed:
 # above a piece's float32 temporaries (PIECE_ELEMENTS * 4 bytes = 512 KiB), below the blocks
-_TRIM_THRESHOLD_BYTES = 4 << 20  # free memory an arena may keep for reuse
+_TRIM_THRESHOLD_BYTES = 32 << 20  # free memory an arena (one per thread) may keep for reuse: more than a piece's
+# temporaries for many models, so that they are not handed back to the kernel and faulted in again every piece
 
 
 def _pin_allocator() -> None:
@@ -329,9 +336,10 @@ def _pin_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
-def _tensor_budget(max_memory_bytes: int) -> int:
-    """Bytes left for tensor data: the budget minus what Python, torch and the engine already hold."""
-    available = max_memory_bytes - resident_bytes() - _ENGINE_RESERVE_BYTES
+def _tensor_budget(max_memory_bytes: int, threads: int) -> int:
+    """Bytes left for tensor data: the budget minus what Python, torch and the engine already hold, and the
+    free memory each thread's arena may keep."""
+    available = max_memory_bytes - resident_bytes() - _ENGINE_RESERVE_BYTES - threads * _TRIM_THRESHOLD_BYTES
     if available < _MIN_TENSOR_BUDGET_BYTES:
         log.warning("--max-memory %d MiB is below what the process already uses (%d MiB); using minimal blocks",
                     max_memory_bytes >> 20, resident_bytes() >> 20)
@@ -350,7 +358,8 @@ def _execute(
     runs alone).
     """
     _pin_allocator()
-    budget = _tensor_budget(options.memory_bytes())
+    fused.warm_up(len(job.sources) for job in plan.jobs)
+    budget = _tensor_budget(options.memory_bytes(), options.threads)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the pool's threads are the parallelism; torch's own would oversubscribe the cores
     pending: deque[tuple[WorkUnit, Future[None]]] = deque()

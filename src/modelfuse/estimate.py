@@ -37,7 +37,7 @@ def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
     Peak memory is the process's resident memory now plus the largest scratch the scheduler lets be in
     flight at once; time assumes a warm page cache and the rates above (a rough guide, not a promise).
     """
-    budget = _tensor_budget(options.memory_bytes())
+    budget = _tensor_budget(options.memory_bytes(), options.threads)
     window: list[int] = []
     peak_in_flight = 0
     compute_seconds = 0.0

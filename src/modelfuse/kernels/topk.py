@@ -133,12 +133,13 @@ def topk_thresholds(
     sample_elements: int = 1 << 20,
     generator_seed: int = 0,
     sample_blocks: int = _SAMPLE_BLOCKS,
+    rows: list[int] | None = None,
 ) -> list[TopkThreshold]:
     """:func:`topk_threshold` of several streams of ``numel`` values read together, one ``k`` per stream.
 
-    ``read(start, stop)`` returns a ``[len(ks), stop - start]`` tensor: row ``i`` is stream ``i``'s values
-    (a stream may repeat another with a different ``k``). Every pass reads all streams at once, so a
-    value they share (the base model of several task vectors) is read once per pass; streams whose
+    ``read(start, stop)`` returns a ``[max(rows) + 1, stop - start]`` tensor: row ``rows[i]`` (default ``i``)
+    is stream ``i``'s values; several streams may share a row with different ``k``. Every pass reads all
+    streams at once, so a value they share (the base model of several task vectors) is read once per pass; streams whose
     threshold is found drop out of the counting. Each result equals ``topk_threshold`` of its stream.
     Working memory is that of ``topk_threshold`` times the number of streams.
     """
@@ -147,7 +148,10 @@ def topk_thresholds(
     if chunk_elements < 1 or sample_elements < 1 or sample_blocks < 1:
         raise ValueError(f"chunk_elements, sample_elements and sample_blocks must be >= 1, got {chunk_elements}, "
                          f"{sample_elements}, {sample_blocks}")
-    streams = len(ks)
+    rows = list(range(len(ks))) if rows is None else rows
+    if len(rows) != len(ks) or any(row < 0 for row in rows):
+        raise ValueError(f"rows must give one row >= 0 per k, got {rows} for {len(ks)} ks")
+    streams = max(rows, default=-1) + 1  # rows of each read
     ks = [min(max(k, 0), numel) for k in ks]
     found: list[TopkThreshold | None] = [TopkThreshold(math.inf, 0, 0) if k == 0 else None for k in ks]
     active = [index for index, threshold in enumerate(found) if threshold is None]
@@ -155,12 +159,12 @@ def topk_thresholds(
     if active and numel <= capacity:
         whole = _read_whole(read, numel, chunk_elements, streams)
         for index in active:
-            found[index] = _select(whole[index], ks[index], ks[index], above=0)
+            found[index] = _select(whole[rows[index]], ks[index], ks[index], above=0)
         active = []
     bands: dict[int, tuple[int, int]] = {}
     if active:
         sample = _read_sample(read, numel, sample_elements, generator_seed, sample_blocks, streams)
-        bands = {index: _bracket(sample[index], numel, ks[index], capacity) for index in active}
+        bands = {index: _bracket(sample[rows[index]], numel, ks[index], capacity) for index in active}
     # Histograms of up to 2**16 bins, but no more bins than the budget's values (small budgets stay cheap).
     histogram_bits = min(_HISTOGRAM_BITS, max(8, capacity.bit_length()))
     # Enough passes for the first band, one missed bracket and every histogram narrowing (each divides the
@@ -169,7 +173,7 @@ def topk_thresholds(
     while bands:
         if passes == 3 + -(-33 // histogram_bits):
             raise _inconsistent()
-        scans = _scan(read, numel, chunk_elements, bands, capacity, histogram_bits, streams)
+        scans = _scan(read, numel, chunk_elements, bands, capacity, histogram_bits, rows, streams)
         passes += 1
         for index, scan in scans.items():
             outcome = _step(scan, ks[index])
@@ -321,6 +325,7 @@ def _scan(
     bands: dict[int, tuple[int, int]],
     capacity: int,
     histogram_bits: int,
+    rows: list[int],
     streams: int,
 ) -> dict[int, _Scan]:
     """One pass over all streams: for each stream with a band, count entries above, at and inside it, and
@@ -330,7 +335,7 @@ def _scan(
     for start in _starts(numel, chunk_elements):
         chunk = _read(read, start, min(start + chunk_elements, numel), streams)
         for index, state in states.items():
-            state.add(chunk[index], scratch)
+            state.add(chunk[rows[index]], scratch)
     return {index: state.finish() for index, state in states.items()}
 
 

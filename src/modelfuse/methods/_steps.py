@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 
 
@@ -124,14 +125,24 @@ def disjoint_sum(
 
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool) -> torch.Tensor:
-    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (unless that sum is ~0)."""
-    total = deltas[0] * weights[0]
-    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
-        total.add_(delta, alpha=weight)
+    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (unless that sum is ~0).
+
+    Each product is rounded before it is added (no fused multiply-add), in index order, so that the fused
+    CPU kernel computes the same float32 values.
+    """
+    divisor = 1.0
     if normalize:
         weight_sum = float(sum(weights))
-        if abs(weight_sum) >= 1e-8 and weight_sum != 1.0:  # dividing by 1 changes nothing: skip the pass
-            total /= weight_sum
+        if abs(weight_sum) >= 1e-8:
+            divisor = weight_sum
+    fused_result = fused.weighted_sum(deltas, weights, divisor)
+    if fused_result is not None:
+        return fused_result
+    total = deltas[0] * weights[0]
+    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
+        total += delta * weight
+    if divisor != 1.0:  # dividing by 1 changes nothing: skip the pass
+        total /= divisor
     return total
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import torch
 
+from modelfuse.kernels import fused
 from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import (
@@ -23,6 +24,9 @@ def ties_combine(
     deltas: Sequence[torch.Tensor], base: torch.Tensor, weight: Sequence[float], lam: float, normalize: bool
 ) -> torch.Tensor:
     """Elect signs over the weighted deltas and add ``lam`` times their disjoint mean to ``base``."""
+    fused_result = fused.ties_combine(deltas, base, weight, lam, normalize)
+    if fused_result is not None:
+        return fused_result
     scaled = weighted(deltas, weight)
     sign = elect_sign(scaled)
     return base + lam * disjoint_sum(scaled, weight, sign, normalize=normalize)

@@ -1,0 +1,180 @@
+"""Fused CPU loops for the hottest merge steps, compiled with numba when it is installed (``modelfuse[fast]``).
+
+Each kernel performs, element by element, the same float32 operations in the same order as the torch
+definition it replaces, so the results are equal (up to the sign of zeros) and the merge does not depend on
+whether numba is present. Eager torch makes one pass over memory per operation; a fused loop makes one pass
+for all of them, which is 10-30x faster for TIES' sign election and disjoint mean on a 2-core machine.
+
+The wrappers return None when a kernel does not apply (numba missing, tensors not contiguous float32 on
+the CPU); callers then run their torch definition.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelfuse.kernels.topk import TopkThreshold
+
+AVAILABLE = importlib.util.find_spec("numba") is not None
+"""Whether the fused kernels can run; tests set it to False to run the torch definitions."""
+
+_compiled: dict[str, Any] = {}
+_compile_lock = threading.Lock()
+
+
+def _kernels() -> dict[str, Any]:
+    """The compiled kernels, built on first use (numba is imported only then; compiled code is cached on disk
+    next to this module, or nowhere when that folder is read-only)."""
+    with _compile_lock:
+        if not _compiled:
+            import numba
+
+            loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
+                     "topk_keep": _topk_keep_loop}
+            for name, loop in loops.items():
+                try:
+                    _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
+                except RuntimeError:  # numba found no writable cache folder: compile in every process
+                    _compiled[name] = numba.njit(nogil=True)(loop)
+    return _compiled
+
+
+def warm_up(model_counts: Iterable[int]) -> None:
+    """Load the compiler and the kernels for merges of these numbers of models now (no-op without numba).
+
+    The engine calls this before it measures the process's resident memory for the RAM budget: numba and
+    LLVM take about 120 MB once loaded, which the budget must count like torch's own memory.
+    """
+    if not AVAILABLE:
+        return
+    one = torch.ones(1)
+    for count in sorted(set(model_counts)):
+        if count >= 1:
+            ties_combine([one] * count, one, [1.0] * count, 1.0, True)
+            weighted_sum([one] * count, [1.0] * count, 1.0)
+    topk_keep(one, one, TopkThreshold(1.0, 0), 0)
+
+
+def _applies(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor is a contiguous CPU float32 tensor of the same number of elements."""
+    if not AVAILABLE or not tensors:
+        return False
+    numel = tensors[0].numel()
+    return all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() == numel
+        and not t.requires_grad
+        for t in tensors
+    )
+
+
+def _flat(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().reshape(-1).numpy()
+
+
+def ties_combine(
+    deltas: Sequence[torch.Tensor], base: torch.Tensor, weight: Sequence[float], lam: float, normalize: bool
+) -> torch.Tensor | None:
+    """Fused :func:`modelfuse.methods.ties.ties_combine`, or None when it does not apply."""
+    if len(weight) != len(deltas) or not _applies([*deltas, base]):
+        return None
+    out = torch.empty_like(base)
+    _kernels()["ties_combine"](tuple(_flat(d) for d in deltas), _flat(base), np.asarray(weight, dtype=np.float32),
+                               np.float32(lam), bool(normalize), _flat(out))
+    return out
+
+
+def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], divisor: float) -> torch.Tensor | None:
+    """Fused ``(sum_i deltas[i] * weights[i]) / divisor`` in index order (no division when ``divisor`` is 1),
+    or None when it does not apply."""
+    if len(weights) != len(deltas) or not _applies(deltas):
+        return None
+    out = torch.empty_like(deltas[0])
+    _kernels()["weighted_sum"](tuple(_flat(d) for d in deltas), np.asarray(weights, dtype=np.float32),
+                               np.float32(divisor), _flat(out))
+    return out
+
+
+def topk_keep(
+    tensor: torch.Tensor, base: torch.Tensor, threshold: TopkThreshold, equal_before: int
+) -> tuple[torch.Tensor, int] | None:
+    """Fused top-k mask of ``|tensor - base|`` for one chunk (see :func:`modelfuse.kernels.topk.topk_chunk_mask`):
+    float32 ones and zeros, and the chunk's count of entries equal to the threshold; None when it does not apply."""
+    if not _applies([tensor, base]):
+        return None
+    out = torch.empty_like(tensor)
+    equal_count = _kernels()["topk_keep"](_flat(tensor), _flat(base), np.float32(threshold.value),
+                                          threshold.equal_quota - equal_before, _flat(out))
+    return out, int(equal_count)
+
+
+# The loops below are plain Python over numpy arrays: numba compiles them; the tests also run them uncompiled.
+
+
+def _ties_combine_loop(
+    deltas: tuple[np.ndarray, ...], base: np.ndarray, weights: np.ndarray, lam: np.float32, normalize: bool,
+    out: np.ndarray,
+) -> None:
+    """out = base + lam * disjoint_sum(d_i * w_i, elect_sign(...)), per entry, in the order of the torch steps."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    count = len(deltas)
+    for j in range(base.size):
+        total_sum = deltas[0][j] * weights[0]
+        for i in range(1, count):
+            total_sum += deltas[i][j] * weights[i]
+        sign = one if total_sum + zero >= zero else -one  # +1 on ties, as copysign(1, sum + 0.0)
+        total = zero
+        divisor = zero
+        for i in range(count):
+            agreeing = deltas[i][j] * weights[i] * sign
+            agreeing = zero if agreeing <= zero else agreeing  # clamp_min(0), NaN kept
+            total += agreeing
+            if agreeing > zero:
+                divisor += weights[i]
+        total *= sign
+        if normalize and divisor != zero:
+            total /= divisor
+        out[j] = base[j] + lam * total
+
+
+def _weighted_sum_loop(
+    deltas: tuple[np.ndarray, ...], weights: np.ndarray, divisor: np.float32, out: np.ndarray
+) -> None:
+    """out = (d_0 w_0 + d_1 w_1 + ...) / divisor, per entry; a divisor of 1 is skipped like in torch."""
+    count = len(deltas)
+    divide = divisor != np.float32(1.0)
+    for j in range(out.size):
+        total = deltas[0][j] * weights[0]
+        for i in range(1, count):
+            total += deltas[i][j] * weights[i]
+        out[j] = total / divisor if divide else total
+
+
+def _topk_keep_loop(tensor: np.ndarray, base: np.ndarray, value: np.float32, remaining: int, out: np.ndarray) -> int:
+    """out = 1 where |tensor - base| > value, or == value among the first ``remaining`` such entries; else 0.
+
+    Returns the number of entries equal to ``value``. The first loop keeps every equal entry (it vectorizes);
+    the rare chunk where the quota of equal entries runs out is fixed by a second, sequential loop.
+    """
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    equal_count = 0
+    for j in range(out.size):
+        magnitude = abs(tensor[j] - base[j])
+        out[j] = one if magnitude >= value else zero
+        equal_count += 1 if magnitude == value else 0
+    if equal_count > remaining:
+        seen = 0
+        for j in range(out.size):
+            if abs(tensor[j] - base[j]) == value:
+                seen += 1
+                if seen > remaining:
+                    out[j] = zero
+    return equal_count
+

@@ -1,0 +1,113 @@
+"""The fused CPU kernels equal the torch definitions they replace (values equal, zeros of either sign)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from modelfuse.kernels import fused
+from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
+from modelfuse.methods._steps import weighted_sum
+from modelfuse.methods.ties import ties_combine
+
+needs_numba = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
+
+
+@pytest.fixture
+def torch_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run the torch definitions (as without numba)."""
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    yield
+
+
+def _deltas(models: int, count: int, seed: int) -> list[torch.Tensor]:
+    """Sparse-ish deltas with exact zeros, ties in magnitude and both signs, as trimmed task vectors are."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(-4, 5, (models, count), generator=generator).float() * 0.25
+    values += torch.randn(models, count, generator=generator) * (torch.rand(models, count, generator=generator) < 0.3)
+    return list(values)
+
+
+def _with_torch_only(compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "AVAILABLE", False)
+        return compute()
+
+
+@needs_numba
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(("weights", "lam"), [(None, 1.0), ([0.3, -0.7, 1.5, 0.25, 2.0], 0.8)])
+def test_ties_combine_equals_torch(
+    models: int, normalize: bool, weights: list[float] | None, lam: float
+) -> None:
+    deltas = _deltas(models, 5000, seed=models)
+    base = torch.randn(5000, generator=torch.Generator().manual_seed(9))
+    weight = [1.0] * models if weights is None else weights[:models]
+    fast = ties_combine(deltas, base, weight, lam, normalize)
+    reference = _with_torch_only(lambda: ties_combine(deltas, base, weight, lam, normalize))
+    assert fused.ties_combine(deltas, base, weight, lam, normalize) is not None  # the kernel did run
+    assert torch.equal(fast, reference)
+
+
+@needs_numba
+@pytest.mark.parametrize("models", [1, 2, 4])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_weighted_sum_equals_torch(models: int, normalize: bool) -> None:
+    deltas = _deltas(models, 3000, seed=10 + models)
+    weights = [0.37, 1.0, -0.2, 0.11][:models]
+    fast = weighted_sum(deltas, weights, normalize=normalize)
+    reference = _with_torch_only(lambda: weighted_sum(deltas, weights, normalize=normalize))
+    assert torch.equal(fast, reference)
+
+
+def test_weighted_sum_rounds_each_product(torch_only: None) -> None:
+    """Products are rounded before the sum (no fused multiply-add), as the fused kernel computes."""
+    a, b = torch.randn(10000), torch.randn(10000)
+    expected = a.numpy() * np.float32(0.3) + b.numpy() * np.float32(0.7)
+    assert np.array_equal(weighted_sum([a, b], [0.3, 0.7], normalize=False).numpy(), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("equal_before", [0, 3, 40, 1000])
+def test_topk_keep_equals_chunk_mask(equal_before: int) -> None:
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randint(-3, 4, (2000,), generator=generator).float() * 0.5
+    tensor = base + torch.randint(-3, 4, (2000,), generator=generator).float() * 0.5  # many ties at each value
+    threshold = TopkThreshold(1.0, equal_quota=50)
+    kept = fused.topk_keep(tensor, base, threshold, equal_before)
+    assert kept is not None
+    mask, equal_count = kept
+    expected, expected_count = topk_chunk_mask((tensor - base).abs(), threshold, equal_before, as_float=True)
+    assert equal_count == expected_count
+    assert torch.equal(mask, expected)
+
+
+def test_kernels_do_not_apply_to_other_tensors() -> None:
+    deltas = _deltas(2, 100, seed=1)
+    base = torch.zeros(100)
+    assert fused.ties_combine(deltas, base.double(), [1.0, 1.0], 1.0, True) is None
+    assert fused.ties_combine([deltas[0], deltas[1][::2]], base[:50], [1.0, 1.0], 1.0, True) is None
+    assert fused.weighted_sum(deltas, [1.0], 1.0) is None  # a weight count mismatch is the torch path's error
+    with pytest.raises(ValueError):
+        weighted_sum(deltas, [1.0], normalize=False)
+
+
+@pytest.mark.parametrize("models", [1, 3])
+def test_loops_run_uncompiled(models: int) -> None:
+    """The loops are plain Python: they give the torch definitions' values even without numba."""
+    deltas = _deltas(models, 200, seed=3)
+    base = torch.randn(200, generator=torch.Generator().manual_seed(2))
+    weights = np.asarray([0.5, -1.0, 2.0][:models], dtype=np.float32)
+    out = np.empty(200, dtype=np.float32)
+    fused._ties_combine_loop(tuple(d.numpy() for d in deltas), base.numpy(), weights, np.float32(0.5), True, out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "AVAILABLE", False)
+        expected = ties_combine(deltas, base, weights.tolist(), 0.5, True)
+        weighted = weighted_sum(deltas, weights.tolist(), normalize=False)
+    assert np.array_equal(out, expected.numpy())
+    fused._weighted_sum_loop(tuple(d.numpy() for d in deltas), weights, np.float32(1.0), out)
+    assert np.array_equal(out, weighted.numpy())
