@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from modelfuse.kernels import fused
+from modelfuse.kernels.random import RandomField, keep_limit
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
-from modelfuse.methods._steps import weighted_sum
+from modelfuse.methods._steps import drop_and_rescale, weighted_sum
 from modelfuse.methods.ties import ties_combine
 
 needs_numba = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
@@ -111,3 +112,26 @@ def test_loops_run_uncompiled(models: int) -> None:
     assert np.array_equal(out, expected.numpy())
     fused._weighted_sum_loop(tuple(d.numpy() for d in deltas), weights, np.float32(1.0), out)
     assert np.array_equal(out, weighted.numpy())
+
+
+@needs_numba
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1 / 3])
+@pytest.mark.parametrize("offset", [0, 12345, 2**35 + 3])
+def test_drop_and_rescale_equals_numpy_draws(density: float, offset: int) -> None:
+    tau = torch.randn(20000, generator=torch.Generator().manual_seed(8))
+    noise = RandomField(99).shifted(offset)
+    fast = drop_and_rescale(tau, density, noise, 2)
+    reference = _with_torch_only(lambda: drop_and_rescale(tau, density, noise, 2))
+    assert fused.drop_and_rescale(tau, density, noise.key(2), noise.offset) is not None
+    assert torch.equal(fast, reference)
+    assert torch.equal(reference, (tau / density) * noise.bernoulli(2, tau.shape, density))
+
+
+def test_drop_loop_runs_uncompiled() -> None:
+    tau = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    noise = RandomField(5).shifted(77)
+    out = np.empty(300, dtype=np.float32)
+    with np.errstate(over="ignore"):  # numpy scalars warn where compiled uint64 arithmetic silently wraps
+        fused._drop_and_rescale_loop(tau.numpy(), np.float32(0.4), np.uint64(noise.key(1)), np.uint64(77),
+                                     np.uint64(keep_limit(0.4)), out)
+    assert np.array_equal(out, ((tau / 0.4) * noise.bernoulli(1, tau.shape, 0.4)).numpy())

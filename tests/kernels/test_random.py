@@ -4,29 +4,36 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 
-from modelfuse.kernels.random import BLOCK_ELEMENTS, RandomField
+from modelfuse.kernels.random import RandomField, splitmix_words
 
-BLOCK = 1 << 16  # the documented block size, written out so a silent change of the constant is caught
-LONG = 3 * BLOCK + 4321  # four blocks, the last one partial
+BLOCK = 1 << 16  # the numpy implementation draws words in batches of this many: offsets straddle them
+LONG = 3 * BLOCK + 4321  # spans several of the numpy implementation's 65536-word batches, the last one partial
+MASK = 2**64 - 1
 
 
-def _definition(seed: int, model: int, count: int) -> torch.Tensor:
-    """The documented construction, transcribed: block b's words come from numpy's PCG64 seeded by (seed, model, b).
+def _definition(seed: int, model: int, count: int, start: int = 0) -> torch.Tensor:
+    """The documented construction, transcribed with Python integers: SplitMix64 from blake2b("seed:model").
 
-    The block seed is the first 8 bytes (little-endian) of blake2b("seed:model:block"), top bit cleared; each
-    raw 64-bit output gives two words, low word first; a word w gives the value (w >> 8) / 2**24.
+    Element j's word is the upper half of SplitMix64's output j + 1; a word w gives the value (w >> 8) / 2**24.
     """
-    values: list[float] = []
-    for block in range((count + BLOCK - 1) // BLOCK):
-        digest = hashlib.blake2b(f"{seed}:{model}:{block}".encode(), digest_size=8).digest()
-        generator = np.random.PCG64(int.from_bytes(digest, "little") & (2**63 - 1))
-        for raw in generator.random_raw(BLOCK // 2).tolist():
-            values += [(raw & 0xFFFFFFFF) >> 8, (raw >> 32) >> 8]
-    return (torch.tensor(values[:count], dtype=torch.float64) / 2**24).to(torch.float32)
+    key = int.from_bytes(hashlib.blake2b(f"{seed}:{model}".encode(), digest_size=8).digest(), "little")
+    values = []
+    for index in range(start, start + count):
+        z = (key + (index + 1) * 0x9E3779B97F4A7C15) & MASK
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+        values.append(((z ^ (z >> 31)) >> 32) >> 8)
+    return (torch.tensor(values, dtype=torch.float64) / 2**24).to(torch.float32)
+
+
+def test_splitmix_reference_output() -> None:
+    """SplitMix64 from state 1234567 gives the reference implementation's first outputs (upper 32 bits)."""
+    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423]  # splitmix64.c, seed 1234567
+    assert [int(w) for w in splitmix_words(1234567, 0, 3)] == [value >> 32 for value in expected]
+    assert splitmix_words(1234567, 5, 0).size == 0
 
 
 def test_bernoulli_equals_uniform_below_the_float32_probability() -> None:
@@ -36,11 +43,6 @@ def test_bernoulli_equals_uniform_below_the_float32_probability() -> None:
     for probability in (0.0, 1e-9, 0.1, 0.3, 1 / 3, 0.5, 0.9999999, 1.0):
         expected = (draws < torch.tensor(probability, dtype=torch.float32)).float()
         assert torch.equal(field.bernoulli(1, (3, 1000), probability), expected), probability
-
-
-def test_block_size_is_documented_value() -> None:
-    """Blocks are 65536 elements: changing it would change every merge's random masks."""
-    assert BLOCK_ELEMENTS == BLOCK
 
 
 @pytest.mark.parametrize(("seed", "model"), [(0, 0), (7, 2), (2**63 - 1, 5)])
@@ -158,3 +160,9 @@ def test_threshold_keeps_the_density(density: float) -> None:
     """The fraction of values below d is ~d (what DARE's mask relies on)."""
     kept = float((RandomField(6).uniform(1, (LONG,)) < density).double().mean())
     assert abs(kept - density) < 0.005  # std ~ sqrt(d (1 - d) / LONG) <= 0.001
+
+
+@pytest.mark.parametrize(("seed", "model", "start"), [(3, 0, 0), (11, 4, 2**40 + 7)])
+def test_views_follow_the_definition_far_into_a_tensor(seed: int, model: int, start: int) -> None:
+    """A view at any offset draws the words of its own indices, without drawing those before them."""
+    assert torch.equal(RandomField(seed).shifted(start).uniform(model, (300,)), _definition(seed, model, 300, start))

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelfuse.kernels.random import GOLDEN_GAMMA, MIX_1, MIX_2, keep_limit
 from modelfuse.kernels.topk import TopkThreshold
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -36,7 +37,7 @@ def _kernels() -> dict[str, Any]:
             import numba
 
             loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
-                     "topk_keep": _topk_keep_loop}
+                     "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop}
             for name, loop in loops.items():
                 try:
                     _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
@@ -59,6 +60,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
             ties_combine([one] * count, one, [1.0] * count, 1.0, True)
             weighted_sum([one] * count, [1.0] * count, 1.0)
     topk_keep(one, one, TopkThreshold(1.0, 0), 0)
+    drop_and_rescale(one, 0.5, 0, 0)
 
 
 def _applies(tensors: Sequence[torch.Tensor]) -> bool:
@@ -111,6 +113,18 @@ def topk_keep(
     equal_count = _kernels()["topk_keep"](_flat(tensor), _flat(base), np.float32(threshold.value),
                                           threshold.equal_quota - equal_before, _flat(out))
     return out, int(equal_count)
+
+
+def drop_and_rescale(tau: torch.Tensor, density: float, key: int, start: int) -> torch.Tensor | None:
+    """Fused :func:`modelfuse.methods._steps.drop_and_rescale` for ``0 < density < 1``: ``(tau / density)`` times
+    ``word < keep_limit(density)``, the words of stream ``key`` from element ``start`` (see
+    :mod:`modelfuse.kernels.random`); None when it does not apply."""
+    if not _applies([tau]):
+        return None
+    out = torch.empty_like(tau)
+    _kernels()["drop_and_rescale"](_flat(tau), np.float32(density), np.uint64(key), np.uint64(start),
+                                   np.uint64(keep_limit(density)), _flat(out))
+    return out
 
 
 # The loops below are plain Python over numpy arrays: numba compiles them; the tests also run them uncompiled.
@@ -178,3 +192,19 @@ def _topk_keep_loop(tensor: np.ndarray, base: np.ndarray, value: np.float32, rem
                     out[j] = zero
     return equal_count
 
+
+
+def _drop_and_rescale_loop(
+    tau: np.ndarray, density: np.float32, key: np.uint64, start: np.uint64, limit: np.uint64, out: np.ndarray
+) -> None:
+    """out = (tau / density) * (word < limit), with element j's SplitMix64 word (index ``start + j``)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    gamma, mix_1, mix_2 = np.uint64(GOLDEN_GAMMA), np.uint64(MIX_1), np.uint64(MIX_2)
+    counter = key + (start + np.uint64(1)) * gamma  # uint64 arithmetic wraps modulo 2**64
+    for j in range(out.size):
+        z = counter + np.uint64(j) * gamma
+        z = (z ^ (z >> np.uint64(30))) * mix_1
+        z = (z ^ (z >> np.uint64(27))) * mix_2
+        word = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+        out[j] = (tau[j] / density) * (one if word < limit else zero)

@@ -1,60 +1,64 @@
 """Counter-based random numbers: the same value for the same (seed, model, element) however work is split.
 
-Definition (a change would change every random merge): the elements of a tensor are split into blocks of
-``BLOCK_ELEMENTS``; block ``b`` of model ``m`` draws 32-bit words from numpy's ``PCG64`` bit generator
-seeded with ``_block_seed(seed, m, b)``: raw 64-bit outputs in order, each split low word first. Element
-``j`` of the block gets word ``j``, ``w``, and the uniform value ``(w >> 8) * 2**-24`` in ``[0, 1)`` (24
-bits, like any float32 uniform). A view starting inside a block jumps there with ``PCG64.advance``, so a
-row block costs only its own draws.
+Definition (a change would change every random merge): model ``m`` of a tensor whose seed is ``s`` has the
+64-bit key ``k``, the first 8 bytes (little-endian) of ``blake2b("s:m")``. Element ``j`` gets the word ``w``,
+the upper 32 bits of SplitMix64's output number ``j + 1`` from state ``k`` (Steele, Lea & Flood 2014; it
+passes BigCrush)::
+
+    z = k + (j + 1) * 0x9E3779B97F4A7C15            (mod 2**64)
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    w = (z ^ (z >> 31)) >> 32
+
+and the uniform value ``(w >> 8) * 2**-24`` in ``[0, 1)`` (24 bits, like any float32 uniform). Each word
+depends only on its element's index, so a row block costs only its own draws, and a fused kernel can
+compute the words inside its loop.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-BLOCK_ELEMENTS = 1 << 16
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+MIX_1 = 0xBF58476D1CE4E5B9
+MIX_2 = 0x94D049BB133111EB
 _UNIFORM_BITS = 24
-_OPEN_STREAMS = 64
+_WORDS_AT_ONCE = 1 << 16  # uint64 scratch of 512 KiB: stays in cache
 
 
-def _block_seed(seed: int, model: int, block: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{model}:{block}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def stream_key(seed: int, model: int) -> int:
+    """The 64-bit SplitMix64 state of ``model``'s stream in a tensor seeded ``seed``."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{model}".encode(), digest_size=8).digest(), "little")
 
 
-class _Streams(threading.local):
-    """Per thread, the bit generator of the block last drawn from, per (seed, model), and its position.
+def splitmix_words(key: int, start: int, count: int) -> np.ndarray:
+    """Words of elements ``[start, start + count)`` of the stream ``key``, as uint32 (numpy; see the module)."""
+    out = np.empty(count, dtype=np.uint32)
+    for first in range(0, count, _WORDS_AT_ONCE):
+        # uint64 arrays wrap around on overflow, which is the arithmetic modulo 2**64 the definition asks for
+        z = np.arange(start + first + 1, start + min(count, first + _WORDS_AT_ONCE) + 1, dtype=np.uint64)
+        z *= np.uint64(GOLDEN_GAMMA)
+        z += np.uint64(key)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(MIX_1)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(MIX_2)
+        z ^= z >> np.uint64(31)
+        out[first : first + z.size] = z >> np.uint64(32)
+    return out
 
-    Consecutive pieces of a row block continue where the previous one stopped: the generator is
-    advanced instead of seeded again (seeding costs as much as drawing a few thousand words).
+
+def keep_limit(probability: float) -> int:
+    """The word bound of a Bernoulli draw: ``w < keep_limit(p)`` exactly when ``uniform < float32(p)``.
+
+    ``u < p  <=>  (w >> 8) < ceil(p * 2**24)  <=>  w < ceil(p * 2**24) * 2**8``, clamped to ``[0, 2**32]``.
     """
-
-    def __init__(self) -> None:
-        self.open: dict[tuple[int, int], tuple[int, int, np.random.PCG64]] = {}
-
-    def words(self, seed: int, model: int, block: int, start: int, count: int) -> np.ndarray:
-        """Words ``[start, start + count)`` of a block (``start`` even), as uint32."""
-        key = (seed, model)
-        known = self.open.get(key)
-        if known is not None and known[0] == block and known[1] <= start:
-            generator = known[2]
-            generator.advance((start - known[1]) // 2)
-        else:
-            generator = np.random.PCG64(_block_seed(seed, model, block))
-            generator.advance(start // 2)
-        raw = generator.random_raw((count + 1) // 2)
-        if len(self.open) >= _OPEN_STREAMS and key not in self.open:
-            self.open.clear()  # many tensors' streams: keep the cache small
-        self.open[key] = (block, start + 2 * raw.size, generator)
-        return raw.astype("<u8", copy=False).view("<u4")[:count]
-
-
-_STREAMS = _Streams()
+    limit = int(np.ceil(float(np.float32(probability)) * 2.0**_UNIFORM_BITS))
+    return min(max(limit, 0), 1 << _UNIFORM_BITS) << (32 - _UNIFORM_BITS)
 
 
 @dataclass(frozen=True)
@@ -76,18 +80,13 @@ class RandomField:
         """The view starting ``elements`` further into the tensor."""
         return RandomField(self.seed, self.offset + elements)
 
+    def key(self, model: int) -> int:
+        """The SplitMix64 state of ``model``'s stream (see the module)."""
+        return stream_key(self.seed, model)
+
     def words(self, model: int, count: int) -> np.ndarray:
         """The 32-bit words behind this view's next ``count`` values for ``model`` (uint32)."""
-        out = np.empty(count, dtype=np.uint32)
-        position = 0
-        while position < count:
-            block, start = divmod(self.offset + position, BLOCK_ELEMENTS)
-            take = min(BLOCK_ELEMENTS - start, count - position)
-            odd = start % 2  # words come in pairs: start from the pair holding the first one
-            words = _STREAMS.words(self.seed, model, block, start - odd, take + odd)
-            out[position : position + take] = words[odd:]
-            position += take
-        return out
+        return splitmix_words(self.key(model), self.offset, count)
 
     def uniform(self, model: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform values for ``model`` over this view's next ``prod(shape)`` elements, shaped ``shape``."""
@@ -101,12 +100,11 @@ class RandomField:
 
         Comparing the integers directly is several times faster than building the uniforms.
         """
-        words = self.words(model, int(torch.Size(shape).numel()))
-        # u < p  <=>  (w >> 8) < ceil(p * 2**24)  <=>  w < ceil(p * 2**24) * 2**8, for p = float32(probability)
-        limit = int(np.ceil(float(np.float32(probability)) * 2.0**_UNIFORM_BITS))
-        if limit >= 1 << _UNIFORM_BITS:
+        limit = keep_limit(probability)
+        if limit >= 1 << 32:
             return torch.ones(shape, dtype=torch.float32)
         if limit <= 0:
             return torch.zeros(shape, dtype=torch.float32)
-        keep = (words < np.uint32(limit << (32 - _UNIFORM_BITS))).astype(np.float32)
+        words = self.words(model, int(torch.Size(shape).numel()))
+        keep = (words < np.uint32(limit)).astype(np.float32)
         return torch.from_numpy(keep).reshape(shape)

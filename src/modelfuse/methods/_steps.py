@@ -84,6 +84,9 @@ def drop_and_rescale(tau: torch.Tensor, density: float, noise: RandomField, mode
         return tau.clone()
     if density <= 0.0:
         return torch.zeros_like(tau)
+    fused_result = fused.drop_and_rescale(tau, density, noise.key(model), noise.offset)
+    if fused_result is not None:
+        return fused_result
     return (tau / density).mul_(noise.bernoulli(model, tau.shape, density))
 
 
