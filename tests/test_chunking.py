@@ -129,3 +129,20 @@ def test_topk_methods_with_tied_magnitudes_are_bit_identical(
         out = modelfuse.merge(merge, tmp_path / f"out{index}", options=options)
         outputs.append((out / "model.safetensors").read_bytes())
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_kernels_do_not_change_outputs(
+    method: str, dtype: torch.dtype, make_family: Callable[..., Family], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With numba's fused kernels (when installed) and with the torch steps alone, the shards are byte-identical."""
+    from modelfuse.kernels import fused
+
+    family = make_family("llama", dtype=dtype)
+    options = MergeOptions(chunk_elements=300, threads=2)
+    fast = modelfuse.merge(recipe(family, method), tmp_path / "fast", options=options)
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    plain = modelfuse.merge(recipe(family, method), tmp_path / "plain", options=options)
+    assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()

@@ -117,15 +117,17 @@ def compute_tensor(
         return _compute_piece(job, plan, raw, raw_base, None, None, None).to(job.dtype)
     count = rows[1] - rows[0]
     row_elements = int(torch.Size(job.shape[1:]).numel())
+    shape = (count, *job.shape[1:])
+    kernel = job.method.bf16_kernel
+    if kernel is not None and thresholds is None and job.dtype == torch.bfloat16 and _plain_float32(plan):
+        result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
+        if kernel(raw, raw_base, job.params, result):
+            return result
     step = max(1, PIECE_ELEMENTS // max(1, row_elements))
     before = equal_before
     if thresholds is not None and before is None:
         before = [[0] * len(model) for model in thresholds]
-    shape = (count, *job.shape[1:])
-    if out is None:
-        result = torch.empty(shape, dtype=job.dtype)
-    else:
-        result = out[: count * row_elements * job.dtype.itemsize].view(job.dtype).reshape(shape)
+    result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
     for start in range(0, count, step):
         stop = min(count, start + step)
         piece = [tensor[start:stop] for tensor in raw]
@@ -133,6 +135,16 @@ def compute_tensor(
         piece_rows = (rows[0] + start, rows[0] + stop)
         result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before))
     return result
+
+
+def _view_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The start of the uint8 buffer ``out`` viewed as a ``dtype`` tensor of ``shape``."""
+    return out[: int(torch.Size(shape).numel()) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _plain_float32(plan: MergePlan) -> bool:
+    """Whether the recipe computes in float32 with no post-processing, as methods' bf16 kernels do."""
+    return _COMPUTE_DTYPES[plan.recipe.compute_dtype] == torch.float32 and plan.recipe.post is None
 
 
 def _compute_piece(

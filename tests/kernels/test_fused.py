@@ -11,7 +11,9 @@ import torch
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField, keep_limit
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
-from modelfuse.methods._steps import drop_and_rescale, weighted_sum
+from modelfuse.methods._steps import drop_and_rescale, weight_divisor, weighted_sum
+from modelfuse.methods.linear import linear
+from modelfuse.methods.task_arithmetic import task_arithmetic
 from modelfuse.methods.ties import ties_combine
 
 needs_numba = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
@@ -135,3 +137,63 @@ def test_drop_loop_runs_uncompiled() -> None:
         fused._drop_and_rescale_loop(tau.numpy(), np.float32(0.4), np.uint64(noise.key(1)), np.uint64(77),
                                      np.uint64(keep_limit(0.4)), out)
     assert np.array_equal(out, ((tau / 0.4) * noise.bernoulli(1, tau.shape, 0.4)).numpy())
+
+
+def _bf16_models(models: int, count: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(count, generator=generator)
+    experts = [(base + 0.05 * torch.randn(count, generator=generator)).to(torch.bfloat16) for _ in range(models)]
+    return experts, base.to(torch.bfloat16)
+
+
+@needs_numba
+@pytest.mark.parametrize("models", [1, 2, 3, 6])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_bf16_kernel_equals_torch(models: int, normalize: bool) -> None:
+    experts, _ = _bf16_models(models, 10007, seed=models)  # not a multiple of the kernel's batch
+    weights = [0.2, 0.5, 1.3, -0.4, 0.9, 0.1][:models]
+    out = torch.empty(10007, dtype=torch.bfloat16)
+    divisor = weight_divisor(weights, normalize=normalize)
+    assert fused.affine_bf16(experts, None, weights, divisor, 1.0, out)
+    reference = _with_torch_only(lambda: linear([e.float() for e in experts], None, weight=weights,
+                                                normalize=normalize).to(torch.bfloat16))
+    assert torch.equal(out, reference)
+
+
+@needs_numba
+@pytest.mark.parametrize(("lam", "normalize"), [(1.0, False), (0.7, False), (0.45, True)])
+def test_task_arithmetic_bf16_kernel_equals_torch(lam: float, normalize: bool) -> None:
+    experts, base = _bf16_models(3, 5000, seed=7)
+    weights = [0.3, 1.0, 0.6]
+    out = torch.empty(5000, dtype=torch.bfloat16)
+    assert fused.affine_bf16(experts, base, weights, weight_divisor(weights, normalize=normalize), lam, out)
+    reference = _with_torch_only(lambda: task_arithmetic([e.float() for e in experts], base.float(), weight=weights,
+                                                         lam=lam, normalize=normalize).to(torch.bfloat16))
+    assert torch.equal(out, reference)
+
+
+@needs_numba
+def test_bf16_kernel_declines_what_it_does_not_handle() -> None:
+    experts, _ = _bf16_models(2, 100, seed=1)
+    out = torch.empty(100, dtype=torch.bfloat16)
+    overflowing = [torch.full((100,), 3e38, dtype=torch.bfloat16)] * 2
+    assert not fused.affine_bf16(overflowing, None, [1.0, 1.0], 1.0, 1.0, out)  # inf: the torch path reports it
+    assert not fused.affine_bf16([e.float() for e in experts], None, [1.0, 1.0], 1.0, 1.0, out)
+    assert not fused.affine_bf16(experts, None, [1.0], 1.0, 1.0, out)
+    assert not fused.affine_bf16(experts, None, [1.0, 1.0], 1.0, 1.0, out.float())
+
+
+def test_bf16_loop_runs_uncompiled() -> None:
+    experts, base = _bf16_models(2, 5000, seed=3)
+    bits = tuple(e.view(torch.int16).numpy().view(np.uint16) for e in experts)
+    out = torch.empty(5000, dtype=torch.bfloat16)
+    weights = np.asarray([0.5, 0.25], dtype=np.float32)
+    nonfinite = fused._affine_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16), True, weights,
+                                        np.float32(1.0), np.float32(0.8),
+                                        out.view(torch.int16).numpy().view(np.uint16))
+    assert nonfinite == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "AVAILABLE", False)
+        expected = task_arithmetic([e.float() for e in experts], base.float(), weight=[0.5, 0.25], lam=0.8,
+                                   normalize=False).to(torch.bfloat16)
+    assert torch.equal(out, expected)

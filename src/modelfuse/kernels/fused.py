@@ -37,7 +37,8 @@ def _kernels() -> dict[str, Any]:
             import numba
 
             loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
-                     "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop}
+                     "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
+                     "affine_bf16": _affine_bf16_loop}
             for name, loop in loops.items():
                 try:
                     _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
@@ -127,6 +128,36 @@ def drop_and_rescale(tau: torch.Tensor, density: float, key: int, start: int) ->
     return out
 
 
+def affine_bf16(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    weights: Sequence[float],
+    divisor: float,
+    lam: float,
+    out: torch.Tensor,
+) -> bool:
+    """Linear merging or task arithmetic from bfloat16 inputs straight into the bfloat16 ``out``.
+
+    Without ``base``: ``out = bf16((sum_i x_i w_i) / divisor)``; with it: ``out = bf16(b + lam * ((sum_i (x_i - b)
+    w_i) / divisor))``, all in float32 in the order of the torch steps (``weighted_sum``), then rounded to
+    nearest even as torch rounds to bfloat16. No float32 copy of any input is made. Returns False, with
+    ``out`` unspecified, when it does not apply (numba missing, other dtypes or shapes) or a result is NaN or
+    infinite (the caller then runs the torch steps, which report it).
+    """
+    inputs = [*tensors, *([base] if base is not None else [])]
+    if not AVAILABLE or len(weights) != len(tensors) or not tensors:
+        return False
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != out.numel()
+           for t in [*inputs, out]):
+        return False
+    bits = [t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in inputs]
+    base_bits = bits.pop() if base is not None else bits[0]
+    nonfinite = _kernels()["affine_bf16"](tuple(bits), base_bits, base is not None,
+                                          np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam),
+                                          out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+    return nonfinite == 0
+
+
 # The loops below are plain Python over numpy arrays: numba compiles them; the tests also run them uncompiled.
 
 
@@ -208,3 +239,61 @@ def _drop_and_rescale_loop(
         z = (z ^ (z >> np.uint64(27))) * mix_2
         word = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
         out[j] = (tau[j] / density) * (one if word < limit else zero)
+
+
+def _affine_bf16_loop(
+    inputs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    has_base: bool,
+    weights: np.ndarray,
+    divisor: np.float32,
+    lam: np.float32,
+    out: np.ndarray,
+) -> int:
+    """The loop of :func:`affine_bf16` on bfloat16 bit patterns (uint16); returns how many results are not finite.
+
+    Works through the elements in batches: bfloat16 is the upper half of a float32, so a batch is widened
+    into uint32 scratch viewed as float32, and results are rounded back by their bits (round to nearest even).
+    """
+    batch = 4096
+    wide = np.empty(batch, dtype=np.uint32)
+    values = wide.view(np.float32)
+    base_wide = np.empty(batch, dtype=np.uint32)
+    base_values = base_wide.view(np.float32)
+    total = np.empty(batch, dtype=np.float32)
+    total_bits = total.view(np.uint32)
+    divide = divisor != np.float32(1.0)
+    shift = np.uint32(16)
+    nonfinite = 0
+    for start in range(0, out.size, batch):
+        size = min(batch, out.size - start)
+        if has_base:  # (slices first: indexing by start + j would cost a negative-index check per element)
+            base_batch = base[start : start + size]
+            for j in range(size):
+                base_wide[j] = np.uint32(base_batch[j]) << shift
+        for i in range(len(inputs)):
+            source = inputs[i][start : start + size]
+            weight = weights[i]
+            for j in range(size):
+                wide[j] = np.uint32(source[j]) << shift
+            if has_base:  # conditions outside the loops, so that each loop vectorizes
+                for j in range(size):
+                    values[j] = values[j] - base_values[j]
+            if i == 0:
+                for j in range(size):
+                    total[j] = values[j] * weight
+            else:
+                for j in range(size):
+                    total[j] = total[j] + values[j] * weight
+        if divide:
+            for j in range(size):
+                total[j] = total[j] / divisor
+        if has_base:
+            for j in range(size):
+                total[j] = base_values[j] + lam * total[j]
+        out_batch = out[start : start + size]
+        for j in range(size):
+            word = total_bits[j]
+            nonfinite += 1 if (word & np.uint32(0x7F800000)) == np.uint32(0x7F800000) else 0
+            out_batch[j] = np.uint16((word + np.uint32(0x7FFF) + ((word >> shift) & np.uint32(1))) >> shift)
+    return nonfinite

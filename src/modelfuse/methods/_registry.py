@@ -104,6 +104,8 @@ class ParamSpec:
 
 # topk(params, numel) -> per model, the top-k counts of |theta_i - theta_base| a method selects by.
 TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
+# bf16_kernel(tensors, base, params, out) -> whether it computed the method on bfloat16 inputs into ``out``.
+Bf16Kernel = Callable[..., bool]
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class MethodSpec:
     context: tuple[str, ...] = field(default=())
     rowwise: bool = False
     topk: TopkCounts | None = None
+    bf16_kernel: Bf16Kernel | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -210,6 +213,7 @@ def register(
     random: bool = False,
     rowwise: bool = False,
     topk: TopkCounts | None = None,
+    bf16_kernel: Bf16Kernel | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -228,6 +232,9 @@ def register(
             ``topk(params, numel)`` gives, per model, the counts ``k`` whose top-k sets it needs; the engine
             finds the exact thresholds in streaming pre-passes and passes each row block's masks as
             ``topk_masks`` (per model, one float32 0/1 mask per count, equal to ``topk_mask(|tau_i|, k)`` there).
+        bf16_kernel: For rowwise methods, a fused computation of the method from bfloat16 inputs straight into a
+            bfloat16 output (the engine's fast path for blocks); it returns False when it cannot, and must
+            otherwise give the same values as ``fn`` in float32 rounded to bfloat16.
 
     Returns:
         A decorator registering the function.
@@ -244,7 +251,8 @@ def register(
         params = _wire_params(fn, name, random)
         context = tuple(p for p in inspect.signature(fn).parameters if p in CONTEXT_PARAMS)
         _METHODS[name] = MethodSpec(
-            name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk
+            name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
+            bf16_kernel,
         )
         return fn
 

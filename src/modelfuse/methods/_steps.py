@@ -127,17 +127,19 @@ def disjoint_sum(
     return total
 
 
+def weight_divisor(weights: Sequence[float], *, normalize: bool) -> float:
+    """What :func:`weighted_sum` divides by: ``sum_i w_i`` when ``normalize`` and that sum is not ~0, else 1."""
+    weight_sum = float(sum(weights))
+    return weight_sum if normalize and abs(weight_sum) >= 1e-8 else 1.0
+
+
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool) -> torch.Tensor:
     """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (unless that sum is ~0).
 
     Each product is rounded before it is added (no fused multiply-add), in index order, so that the fused
     CPU kernel computes the same float32 values.
     """
-    divisor = 1.0
-    if normalize:
-        weight_sum = float(sum(weights))
-        if abs(weight_sum) >= 1e-8:
-            divisor = weight_sum
+    divisor = weight_divisor(weights, normalize=normalize)
     fused_result = fused.weighted_sum(deltas, weights, divisor)
     if fused_result is not None:
         return fused_result

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
+from modelfuse.kernels import fused
 from modelfuse.methods._params import WeightMean
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import weighted_sum
+from modelfuse.methods._steps import weight_divisor, weighted_sum
+
+
+def _linear_bf16(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], out: torch.Tensor
+) -> bool:
+    """:func:`linear` fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    divisor = weight_divisor(params["weight"], normalize=params["normalize"])
+    return fused.affine_bf16(tensors, None, params["weight"], divisor, 1.0, out)
 
 
 @register(
@@ -18,6 +27,7 @@ from modelfuse.methods._steps import weighted_sum
     paper="Model soups (Wortsman et al. 2022), https://arxiv.org/abs/2203.05482",
     base="unused",
     rowwise=True,
+    bf16_kernel=_linear_bf16,
 )
 def linear(
     tensors: Sequence[torch.Tensor],

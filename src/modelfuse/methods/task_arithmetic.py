@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
+from modelfuse.kernels import fused
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import task_vectors, weighted_sum
+from modelfuse.methods._steps import task_vectors, weight_divisor, weighted_sum
+
+
+def _task_arithmetic_bf16(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], out: torch.Tensor
+) -> bool:
+    """:func:`task_arithmetic` fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    divisor = weight_divisor(params["weight"], normalize=params["normalize"])
+    return fused.affine_bf16(tensors, base, params["weight"], divisor, params["lam"], out)
 
 
 @register(
@@ -17,6 +26,7 @@ from modelfuse.methods._steps import task_vectors, weighted_sum
     paper="Editing Models with Task Arithmetic (Ilharco et al. 2023), https://arxiv.org/abs/2212.04089",
     base="required",
     rowwise=True,
+    bf16_kernel=_task_arithmetic_bf16,
 )
 def task_arithmetic(
     tensors: Sequence[torch.Tensor],
