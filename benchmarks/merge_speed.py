@@ -15,7 +15,8 @@ What it does:
    are seeded random values written directly with ``safetensors`` (no torch model is built); each expert
    is ``base + N(0, noise_std)``.
 2. For each method it writes one mergekit-dialect YAML (which modelfuse accepts as is) and runs
-   ``modelfuse merge`` and ``mergekit-yaml`` on it, one after the other, each as a subprocess, measuring
+   ``modelfuse merge`` and ``mergekit-yaml`` on it, one after the other, each as a subprocess (before each
+   run: ``sync``, then every input file read once, untimed, so each starts with a warm page cache), measuring
    wall time and peak RSS (the kernel's high-water mark from ``wait4`` and a 50 ms poll of the whole
    process tree's ``VmRSS``/``RssAnon`` in ``/proc``). Each output is deleted after it is measured.
 3. Measures the I/O floor in the same run: reading every input file from a warm page cache (each file is
@@ -846,6 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     runs: dict[tuple[str, str], list[RunResult]] = {}
     recipe_example = ""
+    input_files = sorted(path for folder in models.values() for path in folder.iterdir() if path.is_file())
+    warm_buffer = bytearray(64 * MIB)
     for name, params in methods:
         label_m = method_label(name, params)
         recipe = mergekit_recipe(name, params, models)
@@ -866,6 +869,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     command += ["--no-cuda", "--allow-crimes", "--no-copy-tokenizer", "--quiet"]
                     command += shlex.split(args.mergekit_args)
                 log(f"{tool} {label_m} (run {attempt + 1}/{args.repeat})")
+                # Same start for every run: earlier outputs flushed, inputs back in the page cache (a previous
+                # run's memory use may have evicted them), untimed.
+                os.sync()
+                _read_all(input_files, warm_buffer)
                 result = run_measured(
                     command,
                     tool=tool,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from modelfuse.engine import _tensor_budget, resident_bytes, work_units
+from modelfuse.engine import _MIN_TENSOR_BUDGET_BYTES, _tensor_budget, resident_bytes, work_units
+from modelfuse.kernels import fused
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan
 
@@ -34,10 +35,12 @@ class Estimate:
 def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
     """Simulate the engine's scheduler over the plan's work units to predict peak memory and time.
 
-    Peak memory is the process's resident memory now plus the largest scratch the scheduler lets be in
+    Peak memory is the process's resident memory now (plus the fused kernels' compiler, when it is still to be
+    loaded) plus the largest scratch the scheduler lets be in
     flight at once; time assumes a warm page cache and the rates above (a rough guide, not a promise).
     """
-    budget = _tensor_budget(options.memory_bytes(), options.threads)
+    compiler_bytes = fused.unloaded_bytes()  # the engine loads it before measuring its resident memory
+    budget = max(_MIN_TENSOR_BUDGET_BYTES, _tensor_budget(options.memory_bytes(), options.threads) - compiler_bytes)
     window: list[int] = []
     peak_in_flight = 0
     compute_seconds = 0.0
@@ -56,4 +59,5 @@ def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
             compute_seconds += unit.elements * inputs * WHOLE_TENSOR_S_PER_ELEMENT
     parallel = max(1, min(options.threads, os.cpu_count() or 1))
     seconds = (plan.read_bytes / READ_BYTES_PER_S + plan.write_bytes / WRITE_BYTES_PER_S + compute_seconds) / parallel
-    return Estimate(resident_bytes() + peak_in_flight, plan.read_bytes, plan.write_bytes, seconds)
+    peak_bytes = resident_bytes() + compiler_bytes + peak_in_flight
+    return Estimate(peak_bytes, plan.read_bytes, plan.write_bytes, seconds)
