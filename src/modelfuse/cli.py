@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -206,6 +207,44 @@ def extract_command(
     out_console.print(f"[green]extracted[/] task {done['index']} ({done['name']}) -> {done['out']}; relative L2 "
                       f"error recorded at compression: {done['rel_error']:.3e} of the weights, "
                       f"{done['rel_error_task_vector']:.3f} of the task vector")
+
+
+@app.command(name="eval", epilog="Example: modelfuse eval ./merged --task rg:basic_arithmetic --task qa.jsonl "
+             "--limit 100 -o results.json")
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="Model folder (Hugging Face causal LM with its tokenizer).")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="rg:NAME, a .jsonl task or a .txt text.")],
+    limit: Annotated[int | None, typer.Option(min=1, help="First N examples of each task's split.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated at once.")] = 16,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer, in tokens.")] = 32,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop generating at this string (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the built-in tasks' examples.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Score MODEL on tasks: accuracy of greedy answers or of the likeliest choice, or perplexity."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from modelfuse.evaluation import TaskError, evaluate
+
+    if split not in ("train", "validation", "test"):
+        raise TaskError(f"--split {split!r}: use train, validation or test")
+    with Progress(console=console, transient=True) as bars:
+        def progress(name: str, total: int) -> Callable[[int], None]:
+            bar = bars.add_task(name, total=total)
+            return lambda done: bars.advance(bar, done)
+
+        result = evaluate(model, task, split=split, limit=limit, batch_size=batch_size,  # type: ignore[arg-type]
+                          max_new_tokens=max_new_tokens, stop=stop or (), seed=seed, progress=progress)
+    table = Table("task", "metric", "score", "examples", "seconds", title=f"{model} ({split})")
+    for item in result.tasks:
+        table.add_row(item.task, item.metric, f"{item.score:.4f}", str(item.count), f"{item.seconds:.1f}")
+    out_console.print(table)
+    if out is not None:
+        out.write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
 
 
 def main() -> None:
