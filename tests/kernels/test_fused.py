@@ -11,7 +11,7 @@ import torch
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField, keep_limit
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
-from modelfuse.methods._steps import drop_and_rescale, weight_divisor, weighted_sum
+from modelfuse.methods._steps import drop_and_rescale, drop_task_vector, weight_divisor, weighted_sum
 from modelfuse.methods.linear import linear
 from modelfuse.methods.task_arithmetic import task_arithmetic
 from modelfuse.methods.ties import ties_combine
@@ -124,7 +124,7 @@ def test_drop_and_rescale_equals_numpy_draws(density: float, offset: int) -> Non
     noise = RandomField(99).shifted(offset)
     fast = drop_and_rescale(tau, density, noise, 2)
     reference = _with_torch_only(lambda: drop_and_rescale(tau, density, noise, 2))
-    assert fused.drop_and_rescale(tau, density, noise.key(2), noise.offset) is not None
+    assert fused.drop_and_rescale(tau, None, density, noise.key(2), noise.offset) is not None
     assert torch.equal(fast, reference)
     assert torch.equal(reference, (tau / density) * noise.bernoulli(2, tau.shape, density))
 
@@ -134,8 +134,8 @@ def test_drop_loop_runs_uncompiled() -> None:
     noise = RandomField(5).shifted(77)
     out = np.empty(300, dtype=np.float32)
     with np.errstate(over="ignore"):  # numpy scalars warn where compiled uint64 arithmetic silently wraps
-        fused._drop_and_rescale_loop(tau.numpy(), np.float32(0.4), np.uint64(noise.key(1)), np.uint64(77),
-                                     np.uint64(keep_limit(0.4)), out)
+        fused._drop_and_rescale_loop(tau.numpy(), tau.numpy(), False, np.float32(0.4), np.uint64(noise.key(1)),
+                                     np.uint64(77), np.uint64(keep_limit(0.4)), out)
     assert np.array_equal(out, ((tau / 0.4) * noise.bernoulli(1, tau.shape, 0.4)).numpy())
 
 
@@ -197,3 +197,14 @@ def test_bf16_loop_runs_uncompiled() -> None:
         expected = task_arithmetic([e.float() for e in experts], base.float(), weight=[0.5, 0.25], lam=0.8,
                                    normalize=False).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_drop_task_vector_equals_dropping_the_difference(density: float) -> None:
+    generator = torch.Generator().manual_seed(12)
+    tensor, base = torch.randn(5000, generator=generator), torch.randn(5000, generator=generator)
+    noise = RandomField(4).shifted(999)
+    fast = drop_task_vector(tensor, base, density, noise, 1)
+    reference = _with_torch_only(lambda: drop_and_rescale(tensor - base, density, noise, 1))
+    assert torch.equal(fast, reference)

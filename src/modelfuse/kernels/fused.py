@@ -65,7 +65,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
             ties_combine([one] * count, one, [1.0] * count, 1.0, True)
             weighted_sum([one] * count, [1.0] * count, 1.0)
     topk_keep(one, one, TopkThreshold(1.0, 0), 0)
-    drop_and_rescale(one, 0.5, 0, 0)
+    drop_and_rescale(one, one, 0.5, 0, 0)
     _warm.set()
 
 
@@ -126,14 +126,17 @@ def topk_keep(
     return out, int(equal_count)
 
 
-def drop_and_rescale(tau: torch.Tensor, density: float, key: int, start: int) -> torch.Tensor | None:
-    """Fused :func:`modelfuse.methods._steps.drop_and_rescale` for ``0 < density < 1``: ``(tau / density)`` times
-    ``word < keep_limit(density)``, the words of stream ``key`` from element ``start`` (see
-    :mod:`modelfuse.kernels.random`); None when it does not apply."""
-    if not _applies([tau]):
+def drop_and_rescale(
+    tensor: torch.Tensor, base: torch.Tensor | None, density: float, key: int, start: int
+) -> torch.Tensor | None:
+    """Fused :func:`modelfuse.methods._steps.drop_and_rescale` for ``0 < density < 1`` of ``tau = tensor - base``
+    (``tensor`` itself without ``base``): ``(tau / density)`` times ``word < keep_limit(density)``, the words of
+    stream ``key`` from element ``start`` (see :mod:`modelfuse.kernels.random`); None when it does not apply."""
+    if not _applies([tensor] if base is None else [tensor, base]):
         return None
-    out = torch.empty_like(tau)
-    _kernels()["drop_and_rescale"](_flat(tau), np.float32(density), np.uint64(key), np.uint64(start),
+    out = torch.empty_like(tensor)
+    _kernels()["drop_and_rescale"](_flat(tensor), _flat(tensor if base is None else base), base is not None,
+                                   np.float32(density), np.uint64(key), np.uint64(start),
                                    np.uint64(keep_limit(density)), _flat(out))
     return out
 
@@ -236,9 +239,11 @@ def _topk_keep_loop(tensor: np.ndarray, base: np.ndarray, value: np.float32, rem
 
 
 def _drop_and_rescale_loop(
-    tau: np.ndarray, density: np.float32, key: np.uint64, start: np.uint64, limit: np.uint64, out: np.ndarray
+    tensor: np.ndarray, base: np.ndarray, has_base: bool, density: np.float32, key: np.uint64, start: np.uint64,
+    limit: np.uint64, out: np.ndarray,
 ) -> None:
-    """out = (tau / density) * (word < limit), with element j's SplitMix64 word (index ``start + j``)."""
+    """out = (tau / density) * (word < limit), tau = tensor - base (or tensor), with element j's SplitMix64 word
+    (index ``start + j``)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     gamma, mix_1, mix_2 = np.uint64(GOLDEN_GAMMA), np.uint64(MIX_1), np.uint64(MIX_2)
@@ -248,7 +253,8 @@ def _drop_and_rescale_loop(
         z = (z ^ (z >> np.uint64(30))) * mix_1
         z = (z ^ (z >> np.uint64(27))) * mix_2
         word = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
-        out[j] = (tau[j] / density) * (one if word < limit else zero)
+        tau = tensor[j] - base[j] if has_base else tensor[j]
+        out[j] = (tau / density) * (one if word < limit else zero)
 
 
 def _affine_bf16_loop(

@@ -84,10 +84,21 @@ def drop_and_rescale(tau: torch.Tensor, density: float, noise: RandomField, mode
         return tau.clone()
     if density <= 0.0:
         return torch.zeros_like(tau)
-    fused_result = fused.drop_and_rescale(tau, density, noise.key(model), noise.offset)
+    fused_result = fused.drop_and_rescale(tau, None, density, noise.key(model), noise.offset)
     if fused_result is not None:
         return fused_result
     return (tau / density).mul_(noise.bernoulli(model, tau.shape, density))
+
+
+def drop_task_vector(
+    tensor: torch.Tensor, base: torch.Tensor, density: float, noise: RandomField, model: int
+) -> torch.Tensor:
+    """``drop_and_rescale(tensor - base, density, noise, model)``, in one fused pass when it can."""
+    if 0.0 < density < 1.0:
+        fused_result = fused.drop_and_rescale(tensor, base, density, noise.key(model), noise.offset)
+        if fused_result is not None:
+            return fused_result
+    return drop_and_rescale(tensor - base, density, noise, model)
 
 
 def weighted(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from modelfuse.kernels.random import RandomField
 from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import drop_and_rescale, task_vectors, weighted_sum
+from modelfuse.methods._steps import drop_task_vector, weighted_sum
 from modelfuse.methods.ties import ties_combine
 
 _PAPER = "Language Models are Super Mario (Yu et al. 2024), https://arxiv.org/abs/2311.03099"
@@ -22,8 +22,8 @@ Density = Annotated[
 def _dropped(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField
 ) -> list[torch.Tensor]:
-    taus = task_vectors(tensors, base)
-    return [drop_and_rescale(tau, d, noise, model) for model, (tau, d) in enumerate(zip(taus, density, strict=True))]
+    return [drop_task_vector(tensor, base, d, noise, model)
+            for model, (tensor, d) in enumerate(zip(tensors, density, strict=True))]
 
 
 @register(name="dare_linear", description="DARE drop-and-rescale of task vectors, then task arithmetic.",
