@@ -247,6 +247,28 @@ def eval_command(
         out.write_text(json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8")
 
 
+@app.command(name="finetune", epilog="Example: modelfuse finetune ./base --task rg:basic_arithmetic --steps 200 "
+             "-o ./arith-expert")
+def finetune_command(
+    base: Annotated[Path, typer.Argument(help="Model folder to start from (causal LM with its tokenizer).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="rg:NAME or a .jsonl generation task (train split).")],
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (model, or adapter with --lora-rank).")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 5e-5,
+    seed: Annotated[int, typer.Option(help="Seed of the task's examples, the batches and the LoRA init.")] = 0,
+    lora_rank: Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank (peft).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Fine-tune BASE on a task's train split and save the expert (deterministic from --seed)."""
+    from modelfuse.evaluation.finetune import finetune
+
+    done = finetune(base, task, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=lora_rank,
+                    overwrite=overwrite)
+    out_console.print(f"[green]fine-tuned[/] {done.steps} steps in {done.seconds:.0f} s: loss {done.first_loss:.3f} "
+                      f"-> {done.last_loss:.3f}; saved {done.out}")
+
+
 def main() -> None:
     """Entry point: run the app, turning modelfuse errors into a message and exit code 1."""
     try:

@@ -1,0 +1,136 @@
+"""Make experts for experiments: fine-tune a causal LM on a task's train split (full, or LoRA through peft)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modelfuse.evaluation.runner import format_prompt, load_model
+from modelfuse.evaluation.tasks import Example, TaskError, load_task
+from modelfuse.writer import check_output_location
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Where the expert went and how training went."""
+
+    out: Path
+    steps: int
+    first_loss: float
+    last_loss: float  # mean of the last 10 steps
+    seconds: float
+
+
+def training_batch(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_tokens: int = 256
+) -> dict[str, torch.Tensor]:
+    """Token ids of ``formatted prompt + answer + end-of-sequence``, right-padded, with the loss on the answer only.
+
+    The prompt is formatted as evaluation formats it (chat template when the tokenizer has one), so the
+    expert learns to answer right where ``modelfuse eval`` starts generating.
+    """
+    rows, labels = [], []
+    for example in examples:
+        prompt = tokenizer(format_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[-max_tokens:]
+        rows.append(ids)
+        labels.append(([-100] * len(prompt) + answer)[-max_tokens:])
+    width = max(len(ids) for ids in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+
+
+def finetune(
+    base: str | Path,
+    task_spec: str,
+    out: str | Path,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 5e-5,
+    seed: int = 0,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    overwrite: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``base`` on the train split of ``task_spec`` for ``steps`` AdamW steps and save the result.
+
+    Deterministic from ``seed`` (batches are drawn with their own generator; the model runs on the CPU).
+    With ``lora_rank``, trains a LoRA adapter on every linear layer through peft and saves the adapter
+    (``adapter_config.json`` + ``adapter_model.safetensors``); otherwise saves the full model and tokenizer.
+
+    Raises:
+        TaskError: If the task has no train examples or generation tasks only are accepted.
+        OutputError: If ``out`` exists (without ``overwrite``) or lies inside the base folder.
+    """
+    out = Path(out)
+    check_output_location(out, [Path(base)], overwrite=overwrite)
+    task = load_task(task_spec, seed=seed)
+    train = task.examples("train")
+    if task.kind != "generate" or not train:
+        raise TaskError(f"task {task.name}: fine-tuning needs a generation task with train examples")
+    model, tokenizer = load_model(base)
+    torch.manual_seed(seed)
+    if lora_rank is not None:
+        model = _with_lora(model, lora_rank, lora_alpha if lora_alpha is not None else 2.0 * lora_rank)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    draw = random.Random(seed)
+    losses: list[float] = []
+    began = time.perf_counter()
+    for step in range(steps):
+        batch = training_batch(tokenizer, [train[draw.randrange(len(train))] for _ in range(batch_size)])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    model.eval()
+    _save(model, tokenizer, out, overwrite=overwrite)
+    tail = losses[-10:] or [float("nan")]
+    return FinetuneResult(out, steps, losses[0] if losses else float("nan"), sum(tail) / len(tail),
+                          time.perf_counter() - began)
+
+
+def _with_lora(model: Any, rank: int, alpha: float) -> Any:
+    """The model wrapped with a fresh LoRA adapter on every linear layer (peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise TaskError("LoRA fine-tuning needs peft: pip install peft") from error
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0))
+
+
+def _save(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, *, overwrite: bool) -> None:
+    """Write to a temporary sibling folder, then rename it into place: never a half-written ``out``."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
