@@ -232,6 +232,8 @@ def eval_command(
 
     if split not in ("train", "validation", "test"):
         raise TaskError(f"--split {split!r}: use train, validation or test")
+    if out is not None and not out.parent.is_dir():
+        raise TaskError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
     with Progress(console=console, transient=True) as bars:
         def progress(name: str, total: int) -> Callable[[int], None]:
             bar = bars.add_task(name, total=total)

@@ -122,3 +122,18 @@ def test_eval_cli_errors_are_one_line(lm_folder: Path, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "modelfuse.cli", "eval", str(lm_folder), "--task", "nosuch"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "unknown; use rg:NAME" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_eval_cli_refuses_an_output_in_a_missing_folder(lm_folder: Path, tmp_path: Path) -> None:
+    text = tmp_path / "held.txt"
+    text.write_text("a", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "modelfuse.cli", "eval", str(lm_folder), "--task", str(text),
+                           "-o", str(tmp_path / "missing" / "r.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_too_short_perplexity_text_names_the_task(lm_folder: Path, tmp_path: Path) -> None:
+    text = tmp_path / "tiny.txt"
+    text.write_text("a", encoding="utf-8")
+    with pytest.raises(TaskError, match="task tiny: perplexity needs a text of at least two tokens"):
+        evaluate(lm_folder, [str(text)])

@@ -169,7 +169,10 @@ def evaluate_task(
     """
     began = time.perf_counter()
     if task.kind == "perplexity":
-        value = perplexity(model, tokenizer, task.text)
+        try:
+            value = perplexity(model, tokenizer, task.text)
+        except TaskError as error:
+            raise TaskError(f"task {task.name}: {error}") from error
         return TaskResult(task.name, task.kind, "perplexity", value, 1, time.perf_counter() - began)
     examples = task.examples(split, limit)
     if not examples:

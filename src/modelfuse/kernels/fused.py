@@ -66,6 +66,8 @@ def warm_up(model_counts: Iterable[int]) -> None:
             weighted_sum([one] * count, [1.0] * count, 1.0)
     topk_keep(one, one, TopkThreshold(1.0, 0), 0)
     drop_and_rescale(one, one, 0.5, 0, 0)
+    half = torch.ones(1, dtype=torch.bfloat16)
+    affine_bf16([half], None, [1.0], 1.0, 1.0, torch.empty(1, dtype=torch.bfloat16))
     _warm.set()
 
 
@@ -235,7 +237,6 @@ def _topk_keep_loop(tensor: np.ndarray, base: np.ndarray, value: np.float32, rem
                 if seen > remaining:
                     out[j] = zero
     return equal_count
-
 
 
 def _drop_and_rescale_loop(
