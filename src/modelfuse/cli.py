@@ -213,7 +213,13 @@ def extract_command(
              "--limit 100 -o results.json")
 def eval_command(
     model: Annotated[Path, typer.Argument(help="Model folder (Hugging Face causal LM with its tokenizer).")],
-    task: Annotated[list[str], typer.Option("--task", "-t", help="rg:NAME, a .jsonl task or a .txt text.")],
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help="rg:NAME, a .jsonl task or a .txt text.")]
+    = None,
+    lm_eval: Annotated[str | None, typer.Option(
+        "--lm-eval", help="lm-evaluation-harness tasks, comma-separated: registered names or task .yaml files.")]
+    = None,
+    lm_eval_chat_template: Annotated[bool, typer.Option(
+        help="Apply the model's chat template to lm-eval prompts (they are raw by default).")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="First N examples of each task's split.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated at once.")] = 16,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
@@ -230,6 +236,9 @@ def eval_command(
 
     from modelfuse.evaluation import TaskError, evaluate
 
+    lm_eval_tasks = [name.strip() for name in (lm_eval or "").split(",") if name.strip()]
+    if not task and not lm_eval_tasks:
+        raise TaskError("give at least one --task or --lm-eval task")
     if split not in ("train", "validation", "test"):
         raise TaskError(f"--split {split!r}: use train, validation or test")
     if out is not None and not out.parent.is_dir():
@@ -239,8 +248,9 @@ def eval_command(
             bar = bars.add_task(name, total=total)
             return lambda done: bars.advance(bar, done)
 
-        result = evaluate(model, task, split=split, limit=limit, batch_size=batch_size,  # type: ignore[arg-type]
-                          max_new_tokens=max_new_tokens, stop=stop or (), seed=seed, progress=progress)
+        result = evaluate(model, task or [], split=split, limit=limit, batch_size=batch_size,  # type: ignore[arg-type]
+                          max_new_tokens=max_new_tokens, stop=stop or (), seed=seed, progress=progress,
+                          lm_eval_tasks=lm_eval_tasks, lm_eval_chat_template=lm_eval_chat_template)
     table = Table("task", "metric", "score", "examples", "seconds", title=f"{model} ({split})")
     for item in result.tasks:
         table.add_row(item.task, item.metric, f"{item.score:.4f}", str(item.count), f"{item.seconds:.1f}")

@@ -30,6 +30,7 @@ class TaskResult:
     count: int
     seconds: float
     records: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric, when a task reports several (lm-eval)
 
 
 @dataclass
@@ -208,12 +209,19 @@ def evaluate(
     stop: Sequence[str] = (),
     seed: int = 0,
     progress: Callable[[str, int], Progress] | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_chat_template: bool = False,
 ) -> EvalResult:
-    """Score the model folder on every task (specs as in :mod:`modelfuse.evaluation.tasks`).
+    """Score the model folder on every task (specs as in :mod:`modelfuse.evaluation.tasks`), then on the
+    ``lm_eval_tasks`` (lm-evaluation-harness names or task YAML files; ``limit`` applies to them too).
 
     ``progress(task_name, total)``, when given, returns the per-task progress callback.
     """
     tasks = [load_task(spec, seed=seed) for spec in task_specs]  # bad specs fail before the model loads
+    if lm_eval_tasks:
+        from modelfuse.evaluation.lm_eval_adapter import resolve_tasks
+
+        resolve_tasks(lm_eval_tasks)
     model, tokenizer = load_model(model_path)
     results = []
     for task in tasks:
@@ -221,6 +229,11 @@ def evaluate(
         callback = progress(task.name, total) if progress is not None else None
         results.append(evaluate_task(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size,
                                      max_new_tokens=max_new_tokens, stop=stop, progress=callback))
+    if lm_eval_tasks:
+        from modelfuse.evaluation.lm_eval_adapter import run_lm_eval
+
+        results += run_lm_eval(model, tokenizer, lm_eval_tasks, limit=limit, batch_size=batch_size, seed=seed,
+                               chat_template=lm_eval_chat_template)
     return EvalResult(str(model_path), split, results)
 
 
