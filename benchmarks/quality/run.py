@@ -144,10 +144,15 @@ class Scorer:
         return jobs
 
 
+def merged_key(method: MethodSpec, params: dict[str, Any], experts_key: str) -> str:
+    """The score cache key of a merge."""
+    return method.name + "".join(f"-{k}={v}" for k, v in params.items()) + f"-{experts_key}"
+
+
 def merge_and_score(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path],
                     scorer: Scorer, work: Path, split: str, experts_key: str) -> tuple[dict[str, float], float]:
     """Scores of the merged model on ``split`` and the merge's wall time (cached with the scores)."""
-    key = method.name + "".join(f"-{k}={v}" for k, v in params.items()) + f"-{experts_key}"
+    key = merged_key(method, params, experts_key)
     timing = scorer.cache / f"{key}.seconds"
     if scorer.cached(key, split) and timing.is_file():
         return scorer.score(key, work, split), float(timing.read_text())
@@ -163,8 +168,9 @@ def _digest(value: object) -> str:
     return hashlib.blake2b(json.dumps(value).encode(), digest_size=5).hexdigest()
 
 
-def run(cache: Path, limits: Limits, only: list[str] | None) -> dict[str, Any]:
-    """The whole benchmark; returns everything measured."""
+def run(cache: Path, limits: Limits, only: list[str] | None, cached_only: bool = False) -> dict[str, Any]:
+    """The whole benchmark; returns everything measured. ``cached_only`` reports the methods already measured
+    (a partial run) without merging anything."""
     torch.set_num_threads(2)
     files = write_task_files(cache / "tasks")
     specs = expert_specs(files)
@@ -187,6 +193,11 @@ def run(cache: Path, limits: Limits, only: list[str] | None) -> dict[str, Any]:
         reason = eligible(method)
         if reason is not None:
             results["skipped"][method.name] = reason
+            continue
+        if cached_only and not all(scorer.cached(merged_key(method, params, experts_key), "validation")
+                                   for params in configurations(method)):
+            results["skipped"][method.name] = "not measured yet (partial run)"
+            results["partial"] = True
             continue
         log.info("%s", method.name)
         tried = []
@@ -218,6 +229,8 @@ def report(results: dict[str, Any], out: Path) -> None:
              f"{results['limits']['test']} test examples of each expert task (hyperparameter chosen on the first "
              f"{results['limits']['validation']} validation examples), held-out multiple-choice knowledge checks "
              "(no expert trained on them) and perplexity on held-out BBC articles.", "",
+             *(["**Partial run**: only the methods measured so far are reported; the rest are listed as not "
+                "run below.", ""] if results.get("partial") else []),
              "## Base and experts (test split)", "",
              "| model | " + " | ".join(tasks) + " | mean | " + " | ".join(held) + " | perplexity |",
              "|---" * (len(tasks) + len(held) + 3) + "|"]
@@ -280,11 +293,13 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=Limits.test)
     parser.add_argument("--only", nargs="*", help="Run only these methods.")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="Report the methods measured so far; merge nothing new (test scores still computed).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     for noisy in ("modelfuse", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    results = run(args.cache, Limits(args.validation_limit, args.test_limit), args.only)
+    results = run(args.cache, Limits(args.validation_limit, args.test_limit), args.only, args.cached_only)
     report(results, args.out)
     print((args.out / "quality.md").read_text())
 
