@@ -116,3 +116,16 @@ def test_finetune_merge_evaluate_end_to_end(base: Path, tmp_path: Path) -> None:
     assert merged == tmp_path / "merged"
     direct = evaluate(tmp_path / "merged", [str(tasks["reverse"])], max_new_tokens=10)
     assert direct.tasks[0].score == results["merged"]["reverse"]["score"]  # the CLI reports the library's score
+
+
+def test_gguf_conversion_refuses_a_missing_file_and_an_existing_output(tmp_path: Path) -> None:
+    from modelfuse.evaluation.gguf import gguf_to_folder
+
+    with pytest.raises(TaskError, match="no such GGUF file"):
+        gguf_to_folder(tmp_path / "missing.gguf", tmp_path / "out")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError):
+        gguf_to_folder(gguf, tmp_path / "taken")
+    assert gguf.read_bytes() == b"GGUF" and not any((tmp_path / "taken").iterdir())

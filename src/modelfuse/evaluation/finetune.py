@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modelfuse.evaluation.runner import format_prompt, load_model
+from modelfuse.evaluation.runner import format_prompt, load_model, save_model
 from modelfuse.evaluation.tasks import Example, TaskError, load_task
 from modelfuse.writer import check_output_location
 
@@ -103,7 +103,7 @@ def finetune(
         if on_step is not None:
             on_step(step + 1, losses[-1])
     model.eval()
-    _save(model, tokenizer, out, overwrite=overwrite)
+    save_model(model, tokenizer, out)  # check_output_location above refused an existing out without overwrite
     tail = losses[-10:] or [float("nan")]
     return FinetuneResult(out, steps, losses[0] if losses else float("nan"), sum(tail) / len(tail),
                           time.perf_counter() - began)
@@ -116,21 +116,3 @@ def _with_lora(model: Any, rank: int, alpha: float) -> Any:
     except ImportError as error:
         raise TaskError("LoRA fine-tuning needs peft: pip install peft") from error
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0))
-
-
-def _save(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, *, overwrite: bool) -> None:
-    """Write to a temporary sibling folder, then rename it into place: never a half-written ``out``."""
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

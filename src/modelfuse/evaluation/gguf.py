@@ -9,13 +9,13 @@ save such a model, so the weights are copied into a fresh model built from the s
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from modelfuse.evaluation.runner import save_model
 from modelfuse.evaluation.tasks import TaskError
+from modelfuse.writer import check_output_location
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,6 +35,8 @@ def smollm2_gguf() -> Path:
 def gguf_to_folder(gguf_file: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the GGUF model de-quantized to ``dtype`` as a Hugging Face folder at ``out`` (staged, then renamed).
 
+    An existing ``out``, or one inside the GGUF file's folder, is refused (OutputError).
+
     Raises:
         TaskError: If the file is missing or transformers cannot read it.
     """
@@ -42,6 +44,7 @@ def gguf_to_folder(gguf_file: Path, out: Path, *, dtype: torch.dtype = torch.bfl
 
     if not gguf_file.is_file():
         raise TaskError(f"{gguf_file}: no such GGUF file")
+    check_output_location(out, [gguf_file.parent], overwrite=False)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -52,13 +55,5 @@ def gguf_to_folder(gguf_file: Path, out: Path, *, dtype: torch.dtype = torch.bfl
     config = AutoConfig.for_model(**settings)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.to(dtype).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_model(model.to(dtype), tokenizer, out)
     return out

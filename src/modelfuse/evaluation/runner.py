@@ -65,6 +65,18 @@ def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer
 
 
+def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """Save a model (or PEFT adapter) and its tokenizer into a staging folder renamed to ``out`` when complete
+    (replacing an existing ``out``; callers check the location first), so no half-written ``out`` is left."""
+    from modelfuse.writer import StagingFolder
+
+    with StagingFolder(out) as staging:
+        model.save_pretrained(staging.path, safe_serialization=True)
+        tokenizer.save_pretrained(staging.path)
+        staging.commit()
+    return out
+
+
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The prompt as the model expects it: through its chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
