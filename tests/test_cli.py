@@ -8,26 +8,31 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 
 import modelfuse
-from conftest import Cli, Result
+from conftest import (
+    DENSITY,
+    Builder,
+    Cli,
+    Result,
+    assert_clean_failure,
+    error_lines,
+    listing,
+    ties_recipe,
+    write_recipe,
+)
 from modelfuse.methods.ties import ties
 from modelfuse.params import interpolate
 from modelfuse.units import format_bytes
 
 pytestmark = pytest.mark.integration
 
-Family = dict[str, Path]
-Builder = Callable[..., Family]
-DENSITY = [0.1, 0.9]
 
 
 def run_module(*args: str | Path, cwd: Path) -> Result:
@@ -37,30 +42,6 @@ def run_module(*args: str | Path, cwd: Path) -> Result:
     done = subprocess.run([sys.executable, "-m", "modelfuse.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
     return Result(done.returncode, done.stdout, done.stderr)
-
-
-def hash_tree(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root``, keyed by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def listing(root: Path) -> list[str]:
-    """Every path under ``root`` (files and folders, hidden ones too), relative and sorted."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def write_recipe(folder: Path, recipe: dict[str, Any], name: str = "recipe.yml") -> Path:
-    """Dump ``recipe`` as YAML into ``folder``."""
-    path = folder / name
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def ties_recipe(family: Family, **extra: Any) -> dict[str, Any]:
-    """A TIES recipe over the family's two experts, with a depth gradient on the density."""
-    return {"base": str(family["base"]), "models": [{"path": str(family["e1"])}, {"path": str(family["e2"])}],
-            "method": "ties", "parameters": {"density": DENSITY}, **extra}
 
 
 def read_output(folder: Path) -> dict[str, torch.Tensor]:
@@ -74,38 +55,6 @@ def read_output(folder: Path) -> dict[str, torch.Tensor]:
             for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 tensors[name] = handle.get_tensor(name)
     return tensors
-
-
-def error_lines(result: Result) -> list[str]:
-    """The ``error:`` lines a failed command printed."""
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_clean_failure(result: Result, *needles: str) -> str:
-    """Exit code 1, no traceback, one ``error:`` line that contains every needle; returns that line."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, result.stderr)
-    return lines[0]
-
-
-@pytest.fixture
-def guarded(make_family: Builder) -> Iterator[Builder]:
-    """``make_family`` that checks, after the test, that no input file was modified."""
-    made: list[tuple[Path, dict[str, str]]] = []
-
-    def build(*args: Any, **kwargs: Any) -> Family:
-        family = make_family(*args, **kwargs)
-        root = family["base"].parent
-        made.append((root, hash_tree(root)))
-        return family
-
-    yield build
-    for root, before in made:
-        assert hash_tree(root) == before, f"input files under {root} changed"
 
 
 

@@ -141,11 +141,11 @@ def test_failed_merge_leaves_nothing(
     real = modelfuse.engine.compute_tensor
     calls: list[str] = []
 
-    def failing(job: TensorJob, plan: MergePlan, *block: Any) -> torch.Tensor:
+    def failing(job: TensorJob, plan: MergePlan, *block: Any, **options: Any) -> torch.Tensor:
         if len(calls) == 4:
             raise error("simulated failure")
         calls.append(job.name)
-        return real(job, plan, *block)
+        return real(job, plan, *block, **options)
 
     monkeypatch.setattr(modelfuse.engine, "compute_tensor", failing)
     cancelled: list[bool] = []

@@ -15,17 +15,18 @@ from modelfuse.recipe import Recipe, load_recipe
 __version__ = "0.1.0"
 
 
-def plan(recipe: Recipe | dict[str, Any] | str | Path) -> MergePlan:
+def plan(recipe: Recipe | dict[str, Any] | str | Path, *, allow_pickle: bool = False) -> MergePlan:
     """Validate a recipe and its inputs and return what a merge would do, without computing anything.
 
     Args:
         recipe: A Recipe, a recipe mapping, or the path of a YAML recipe (native or mergekit dialect).
+        allow_pickle: Read models stored only as pickle (``.bin``) files, with ``torch.load(weights_only=True)``.
 
     Returns:
         The merge plan (one job per output tensor, output config, byte counts).
     """
     base_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) else None
-    return build_plan(load_recipe(recipe), base_dir=base_dir)
+    return build_plan(load_recipe(recipe), base_dir=base_dir, allow_pickle=allow_pickle)
 
 
 def merge(
@@ -53,7 +54,7 @@ def merge(
     options = options or MergeOptions()
     if overwrite:
         options = options.model_copy(update={"overwrite": True})
-    return run_plan(plan(recipe), Path(out), options=options, on_tensor=on_tensor)
+    return run_plan(plan(recipe, allow_pickle=options.allow_pickle), Path(out), options=options, on_tensor=on_tensor)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import struct
 import threading
@@ -25,6 +26,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -82,37 +84,82 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
+def _index_files(index: Path, folder: Path) -> list[Path]:
+    """The shard files an index names, each checked to be a file inside ``folder``."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: corrupt index (expected a 'weight_map' of tensor -> file)",
+                              path=str(index)) from None
+    files = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index}: corrupt index (shard name {name!r} is not a file name)", path=str(index))
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: corrupt index (expected a 'weight_map' of tensor -> file)",
-                                  path=str(index)) from None
-        files = []
-        for name in names:
             file = (folder / name).resolve()
-            if not isinstance(name, str) or folder.resolve() not in file.parents:
-                raise CheckpointError(f"{index}: shard {name!r} lies outside the model folder", path=str(index))
-            if not file.is_file():
-                raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {folder}",
-                                      path=str(index))
-            files.append(file)
-        return files
+        except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte
+            raise CheckpointError(f"{index}: cannot resolve shard {name!r} ({error})", path=str(index)) from None
+        if folder.resolve() not in file.parents:
+            raise CheckpointError(f"{index}: shard {name!r} lies outside the model folder", path=str(index))
+        if not file.is_file():
+            raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {folder}", path=str(index))
+        files.append(file)
+    return files
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """The weight files of a model folder and whether they are pickle files (read only if ``allow_pickle``)."""
+    if (folder / INDEX_FILE).is_file():
+        return _index_files(folder / INDEX_FILE, folder), False
     if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    others = sorted(folder.glob("*.safetensors"))
-    if others:
-        return others
+        return [folder / SINGLE_FILE], False
     if (folder / "adapter_config.json").is_file():
-        raise CheckpointError(f"{folder}: this folder is a PEFT adapter, not a full model", path=str(folder))
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise CheckpointError(f"{folder}: holds only pickle (.bin/.pt) weights; modelfuse reads safetensors "
-                              "(convert with transformers: load, then save_pretrained)", path=str(folder))
-    raise CheckpointError(f"{folder}: no safetensors weights found (expected {SINGLE_FILE} or {INDEX_FILE})",
-                          path=str(folder))
+        raise CheckpointError(f"{folder}: this folder is a PEFT adapter (adapter_config.json), not a full model; "
+                              "give the model it was trained on, with the adapter applied "
+                              "(PEFT: merge_and_unload, then save_pretrained)", path=str(folder))
+    others = sorted(file for file in folder.glob("*.safetensors") if file.is_file())
+    if others:
+        return others, False
+    pickles = [file for file in (*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")) if file.is_file()]
+    if pickles and not allow_pickle:
+        raise CheckpointError(f"{folder}: holds only pickle (.bin/.pt) weights, which can run code when loaded; pass "
+                              "--allow-pickle to read them with torch.load(weights_only=True), or convert them to "
+                              "safetensors", path=str(folder))
+    if (folder / PICKLE_INDEX_FILE).is_file():
+        return _index_files(folder / PICKLE_INDEX_FILE, folder), True
+    if pickles:
+        return sorted(pickles), True
+    what = "is empty" if not any(folder.iterdir()) else "holds no weights"
+    raise CheckpointError(f"{folder}: {what} (expected {SINGLE_FILE} or {INDEX_FILE}); give a model folder as "
+                          "saved by transformers' save_pretrained", path=str(folder))
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict, loaded with ``weights_only=True`` (no code runs), memory-mapped where possible."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{file}: refused: the pickle holds more than tensors, and loading it could run code "
+                              f"({str(error).splitlines()[0][:200]}); convert it to safetensors where you trust it",
+                              path=str(file)) from None
+    except Exception as error:  # torch raises many types for a damaged archive
+        raise CheckpointError(f"{file}: cannot read the pickle checkpoint ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200] if str(error) else ''}); the file is damaged or "
+                              "not a torch state dict", path=str(file)) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors (name -> tensor); save the model's state_dict "
+                              "or convert it to safetensors", path=str(file))
+    for name, tensor in state.items():
+        if tensor.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}", path=str(file),
+                                  tensor=name)
+    return state
 
 
 class Checkpoint(Mapping[str, TensorInfo]):
@@ -123,13 +170,21 @@ class Checkpoint(Mapping[str, TensorInfo]):
         label: How the recipe names this model (path or hub id), used in messages.
     """
 
-    def __init__(self, folder: Path, label: str | None = None) -> None:
+    def __init__(self, folder: Path, label: str | None = None, *, allow_pickle: bool = False) -> None:
         self.folder = folder
         self.label = label or str(folder)
-        self.files = _weight_files(folder)
+        self.files, pickled = _weight_files(folder, allow_pickle)
         self._tensors: dict[str, TensorInfo] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # tensors of pickle files, memory-mapped where possible
         for file in self.files:
-            for name, info in read_safetensors_header(file).items():
+            if pickled:
+                state = _load_pickle(file)
+                infos = {name: TensorInfo(name, tuple(t.shape), t.dtype, file, t.numel() * t.dtype.itemsize)
+                         for name, t in state.items()}
+                self._loaded.update(state)
+            else:
+                infos = read_safetensors_header(file)
+            for name, info in infos.items():
                 if name in self._tensors:
                     raise CheckpointError(f"{file}: tensor {name!r} is also in {self._tensors[name].file.name}",
                                           path=str(file), tensor=name)
@@ -222,6 +277,9 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """``nbytes`` bytes of tensor ``name``'s data from ``offset`` into a new buffer (or ``out``)."""
         info = self._tensors[name]
         buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+        if name in self._loaded:
+            data = self._loaded[name].contiguous().reshape(-1).view(torch.uint8)  # flat bytes, row-major
+            return buffer.copy_(data[offset:offset + nbytes])
         view = memoryview(buffer.numpy())
         descriptor = self._descriptor(info.file)
         done = 0
@@ -267,8 +325,13 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def open_checkpoint(reference: str, *, base_dir: Path | None = None) -> Checkpoint:
+def open_checkpoint(reference: str, *, base_dir: Path | None = None, allow_pickle: bool = False) -> Checkpoint:
     """Open a model by local folder path (relative to ``base_dir`` if given) or hub id.
+
+    Args:
+        reference: A model folder or a hub id, as the recipe names it.
+        base_dir: Folder against which a relative path is also tried (the recipe's folder).
+        allow_pickle: Read pickle (``.bin``/``.pt``) weights when the folder has no safetensors.
 
     Raises:
         CheckpointError: If the folder does not exist or is not a readable model, or the hub fails.
@@ -277,9 +340,12 @@ def open_checkpoint(reference: str, *, base_dir: Path | None = None) -> Checkpoi
     if not path.exists() and not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
         path = base_dir / path
     if path.is_dir():
-        return Checkpoint(path, reference)
+        return Checkpoint(path, reference, allow_pickle=allow_pickle)
     if path.exists():
         raise CheckpointError(f"{reference}: expected a model folder, found a file", path=str(path))
+    if path.is_symlink():
+        raise CheckpointError(f"{reference}: a broken symbolic link or a symlink loop; point it at a model folder",
+                              path=str(path))
     if _HUB_ID.match(reference) and not reference.startswith((".", "/")):
-        return Checkpoint(_download(reference), reference)
+        return Checkpoint(_download(reference), reference, allow_pickle=allow_pickle)
     raise CheckpointError(f"{reference}: no such model folder", path=str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,18 @@ _state = {"debug": False}
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     _state["debug"] = debug
+    logger = logging.getLogger("modelfuse")
+    if not any(isinstance(handler, _WarningHandler) for handler in logger.handlers):
+        logger.addHandler(_WarningHandler(logging.WARNING))
+
+
+class _WarningHandler(logging.Handler):
+    """Prints the library's warnings as ``warning:`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (modelfuse or mergekit dialect).")]
@@ -42,6 +55,10 @@ def merge(
         int | None, typer.Option(min=1, help="Worker threads (default: the usable cores, max 8).")
     ] = None,
     max_memory: Annotated[str, typer.Option(help="RAM budget for tensor data: 2GiB (binary) or 2GB.")] = "2GiB",
+    allow_nonfinite: Annotated[bool, typer.Option(
+        help="Merge inputs holding NaN or Inf (a result holding them is still refused).")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        help="Read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); pickles can hide code.")] = False,
 ) -> None:
     """Merge the models named in RECIPE and write a Hugging Face model folder."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -50,14 +67,16 @@ def merge(
     from modelfuse.engine import run_plan
     from modelfuse.writer import check_output_location
 
-    settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory}
+    settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory,
+                                   "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle}
     if threads is not None:
         settings["threads"] = threads
     options = modelfuse.MergeOptions(**settings)
     options.memory_bytes()  # a bad budget fails before any work
-    merge_plan = modelfuse.plan(recipe)
+    merge_plan = modelfuse.plan(recipe, allow_pickle=allow_pickle)
     inputs = [checkpoint.folder for checkpoint in merge_plan.checkpoints.values()]
     check_output_location(out, inputs, overwrite=overwrite)  # refuse before any progress is shown
+    _print_warnings(merge_plan.warnings)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[done]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -78,14 +97,23 @@ def plan(
     show: Annotated[int, typer.Option(help="How many example tensors to show with resolved parameters.")] = 6,
     threads: Annotated[int | None, typer.Option(min=1, help="Worker threads the merge would use.")] = None,
     max_memory: Annotated[str, typer.Option(help="RAM budget the merge would use.")] = "2GiB",
+    allow_pickle: Annotated[bool, typer.Option(help="Read .bin/.pt pickle checkpoints (weights only).")] = False,
 ) -> None:
     """Show what a merge would do (tensors, parameters, bytes, predicted memory and time) without writing."""
     import modelfuse
     from modelfuse.render import plan_table
 
     options = modelfuse.MergeOptions(max_memory=max_memory, **({"threads": threads} if threads is not None else {}))
-    merge_plan = modelfuse.plan(recipe)
+    merge_plan = modelfuse.plan(recipe, allow_pickle=allow_pickle)
     out_console.print(plan_table(merge_plan, show, options))
+    _print_warnings(merge_plan.warnings)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    from rich.markup import escape
+
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Example: modelfuse validate recipe.yml")
@@ -158,8 +186,7 @@ def inspect_command(
     out_console.print(summary_table(report))
     if by_type:
         out_console.print(summary_table(report, by="type"))
-    for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    _print_warnings(report.warnings)
     if out is None:
         out_console.print("pass -o DIR to write inspect.json and the plots")
         return

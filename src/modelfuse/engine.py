@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from modelfuse import compat
 from modelfuse.card import PROVENANCE_FILE, model_card, provenance
-from modelfuse.errors import ModelfuseError
+from modelfuse.errors import CheckpointError, ModelfuseError
 from modelfuse.hashing import BackgroundHashes
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
@@ -27,7 +28,7 @@ from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.methods.lines import apply_lines
 from modelfuse.options import MergeOptions
-from modelfuse.plan import MergePlan, TensorJob
+from modelfuse.plan import MergePlan, Source, TensorJob
 from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def compute_tensor(
     thresholds: Sequence[Sequence[TopkThreshold]] | None = None,
     equal_before: list[list[int]] | None = None,
     out: torch.Tensor | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype.
 
@@ -95,7 +98,8 @@ def compute_tensor(
     ``out`` (a uint8 buffer of at least its size, which the result then shares) when given.
 
     Raises:
-        ModelfuseError: If the method returns a wrong shape or non-finite values from finite inputs.
+        CheckpointError: If an input holds NaN or Inf and ``allow_nonfinite`` is False (model, tensor, counts).
+        ModelfuseError: If the method returns a wrong shape, or the result holds NaN or Inf.
     """
     first = job.sources[0] if job.sources else job.base
     assert first is not None  # every job has at least one input
@@ -113,16 +117,18 @@ def compute_tensor(
         raw = [plan.checkpoints[source.model].read(source.name, rows, buffer[offset:])
                for source, offset in zip(inputs, offsets, strict=True)]
     raw_base = raw.pop() if job.base else None
+    finite = _FiniteCheck(job, plan, allow_nonfinite)
     if rows is None:
-        return _compute_piece(job, plan, raw, raw_base, None, None, None).to(job.dtype)
+        return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite).to(job.dtype))
     count = rows[1] - rows[0]
     row_elements = int(torch.Size(job.shape[1:]).numel())
     shape = (count, *job.shape[1:])
     kernel = job.method.bf16_kernel
     if kernel is not None and thresholds is None and job.dtype == torch.bfloat16 and _plain_float32(plan):
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
-        if kernel(raw, raw_base, job.params, result):
-            return result
+        # A fused sum is non-finite only where an input is (then recomputed below, after the check) or overflows.
+        if kernel(raw, raw_base, job.params, result) and (_all_finite(result) or _all_finite_inputs(raw, raw_base)):
+            return finite.output(result)
     step = max(1, PIECE_ELEMENTS // max(1, row_elements))
     before = equal_before
     if thresholds is not None and before is None:
@@ -133,8 +139,8 @@ def compute_tensor(
         piece = [tensor[start:stop] for tensor in raw]
         piece_base = raw_base[start:stop] if raw_base is not None else None
         piece_rows = (rows[0] + start, rows[0] + stop)
-        result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before))
-    return result
+        result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite))
+    return finite.output(result)
 
 
 def _view_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -155,6 +161,7 @@ def _compute_piece(
     rows: tuple[int, int] | None,
     thresholds: Sequence[Sequence[TopkThreshold]] | None,
     equal_before: list[list[int]] | None,
+    finite: _FiniteCheck,
 ) -> torch.Tensor:
     """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
 
@@ -164,6 +171,7 @@ def _compute_piece(
     compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
     tensors = [tensor.to(compute_dtype) for tensor in raw]
     base = raw_base.to(compute_dtype) if raw_base is not None else None
+    tensors, base = finite.inputs(tensors, base)
     kwargs = dict(job.params)
     if job.method.random:
         noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
@@ -183,13 +191,86 @@ def _compute_piece(
     lines_post = plan.recipe.post.lines if plan.recipe.post is not None else None
     if lines_post is not None and base is not None:  # the recipe check guarantees a base for post.lines
         result = apply_lines(result, base, depth=job.depth, alpha=lines_post.alpha, beta=lines_post.beta)
-    # A sum is finite exactly when no entry is NaN or Inf, unless finite entries overflow it: check those exactly.
-    if not bool(torch.isfinite(result.sum())) and not bool(torch.isfinite(result).all()):
-        inputs_finite = all(bool(torch.isfinite(t).all()) for t in [*tensors, *([base] if base is not None else [])])
-        if inputs_finite:
-            raise ModelfuseError(f"method {job.method.name!r} produced NaN or Inf in tensor {job.name!r}; "
-                                 "check its parameters (e.g. weights summing to zero)", tensor=job.name)
     return result
+
+
+def _all_finite_inputs(raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None) -> bool:
+    return all(_all_finite(tensor) for tensor in [*raw, *([raw_base] if raw_base is not None else [])])
+
+
+_warned: set[tuple[int, str, str]] = set()  # (plan, model, tensor) already reported
+_warned_lock = threading.Lock()
+
+
+def _warn_replaced(plan: MergePlan, source: Source, counts: Callable[[Source], tuple[int, int]], by: str) -> None:
+    """Log once per merge, model and tensor that the tensor's non-finite entries are replaced ``by`` something."""
+    with _warned_lock:
+        if (id(plan), source.model, source.name) in _warned:
+            return
+        _warned.add((id(plan), source.model, source.name))
+    nan, inf = counts(source)
+    log.warning("%s: tensor %r holds %d NaN and %d Inf value(s); replaced by %s (--allow-nonfinite)",
+                source.model, source.name, nan, inf, by)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or Inf."""
+    # A sum is finite exactly when no entry is NaN or Inf, unless finite entries overflow it: check those exactly.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+class _FiniteCheck:
+    """Refuses NaN and Inf in a job's inputs (or, when allowed, replaces them) and always in its result."""
+
+    def __init__(self, job: TensorJob, plan: MergePlan, allow_inputs: bool) -> None:
+        self.job = job
+        self.plan = plan
+        self.allow_inputs = allow_inputs
+        self.inputs_seen = False  # some input piece held NaN or Inf (allowed)
+
+    def inputs(
+        self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Check one piece of each input; returns them, non-finite entries replaced when allowed.
+
+        Raises:
+            CheckpointError: Naming the first model whose tensor holds NaN or Inf, with the whole tensor's counts.
+        """
+        pieces = [*tensors, *([base] if base is not None else [])]
+        sources = [*self.job.sources, *([self.job.base] if self.job.base else [])]
+        bad = [source for piece, source in zip(pieces, sources, strict=True) if not _all_finite(piece)]
+        if not bad:
+            return list(tensors), base
+        if not self.allow_inputs:
+            nan, inf = self._counts(bad[0])
+            raise CheckpointError(f"{bad[0].model}: tensor {bad[0].name!r} holds {nan} NaN and {inf} Inf value(s); "
+                                  "repair or replace the model, or pass --allow-nonfinite to merge it with those "
+                                  "entries replaced by the base's", model=bad[0].model, tensor=bad[0].name)
+        self.inputs_seen = True
+        for source in bad:
+            by = "the base's values" if self.job.base is not None and source != self.job.base else "zeros"
+            _warn_replaced(self.plan, source, self._counts, by)
+        return compat.replace_nonfinite(tensors, base)
+
+    def _counts(self, source: Source) -> tuple[int, int]:
+        return compat.nonfinite_counts(self.plan.checkpoints[source.model].read(source.name))
+
+    def output(self, result: torch.Tensor) -> torch.Tensor:
+        """Check the result, in its output dtype (where float32 values may overflow a float16 output); returns it.
+
+        Raises:
+            ModelfuseError: If it holds NaN or Inf, saying whether the inputs did.
+        """
+        if not result.dtype.is_floating_point or _all_finite(result):
+            return result
+        nan, inf = compat.nonfinite_counts(result)
+        if self.inputs_seen:
+            why = "after replacing the inputs' non-finite entries (--allow-nonfinite)"
+        else:
+            why = ("from finite inputs; check the method's parameters (e.g. weights summing to zero) and that the "
+                   "output dtype can hold the result")
+        raise ModelfuseError(f"method {self.job.method.name!r} produced {nan} NaN and {inf} Inf value(s) in tensor "
+                             f"{self.job.name!r} {why}; no output was written", tensor=self.job.name)
 
 
 def _piece_masks(
@@ -273,8 +354,12 @@ def work_units(
             yield WorkUnit(job, (start, stop), stop == job.shape[0], per_element * row_elements * (stop - start))
 
 
-def topk_thresholds(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[list[TopkThreshold]]:
+def topk_thresholds(
+    job: TensorJob, plan: MergePlan, chunk_elements: int, replace_nonfinite: bool = False
+) -> list[list[TopkThreshold]]:
     """Per model and top-k count of the job's method: the exact threshold of |expert - base|.
+
+    With ``replace_nonfinite``, non-finite entries are replaced as the merge replaces them (--allow-nonfinite).
 
     Found by streaming passes in chunks of ``chunk_elements`` (a sample, then usually one counting pass)
     that read every model's task vector together, the base once per chunk, in this thread's buffers.
@@ -298,8 +383,12 @@ def topk_thresholds(job: TensorJob, plan: MergePlan, chunk_elements: int) -> lis
         for row, (source, size) in enumerate(zip(inputs, sizes, strict=True)):
             values[row].copy_(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
             offset += size
-        magnitudes = values[:-1].sub_(values[-1]).abs_()
-        return magnitudes
+        if replace_nonfinite:  # as compat.replace_nonfinite: the base's by 0, then each model's by the base's
+            bad = ~torch.isfinite(values)
+            if bool(bad.any()):
+                values[-1][bad[-1]] = 0.0
+                values[:-1][bad[:-1]] = values[-1].expand_as(values[:-1])[bad[:-1]]
+        return values[:-1].sub_(values[-1]).abs_()
 
     found = topk_kernel_thresholds(read, numel, [k for _, k in streams], chunk_elements=chunk_elements,
                                    sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
@@ -392,7 +481,7 @@ def _execute(
             for unit in units:
                 while pending and (len(pending) >= 2 * options.threads or in_flight + unit.scratch_bytes > budget):
                     in_flight -= finish_oldest()
-                pending.append((unit, pool.submit(run_unit, unit, plan, writer)))
+                pending.append((unit, pool.submit(run_unit, unit, plan, writer, options.allow_nonfinite)))
                 in_flight += unit.scratch_bytes
             while pending:
                 in_flight -= finish_oldest()
@@ -404,7 +493,7 @@ def _execute(
             torch.set_num_threads(torch_threads)
 
 
-def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter) -> None:
+def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfinite: bool = False) -> None:
     """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers).
 
     A streamed top-k unit first finds its tensor's thresholds, then computes its blocks in order, carrying
@@ -414,16 +503,18 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter) -> None:
     row_bytes = int(torch.Size(job.shape[1:]).numel()) * job.dtype.itemsize
     if unit.blocks is not None:
         chunk = max(stop - start for start, stop in unit.blocks) * (row_bytes // job.dtype.itemsize)
-        thresholds = topk_thresholds(job, plan, chunk)
+        thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite)
         equal_before = [[0] * len(model) for model in thresholds]
         for rows in unit.blocks:
             out = _RESULT_BUFFER.get((rows[1] - rows[0]) * row_bytes)
-            writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out))
+            writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out,
+                                                                   allow_nonfinite=allow_nonfinite))
     elif unit.rows is None:
-        writer.write_rows(job.name, 0, compute_tensor(job, plan))
+        writer.write_rows(job.name, 0, compute_tensor(job, plan, allow_nonfinite=allow_nonfinite))
     else:
         out = _RESULT_BUFFER.get((unit.rows[1] - unit.rows[0]) * row_bytes)
-        writer.write_rows(job.name, unit.rows[0], compute_tensor(job, plan, unit.rows, out=out))
+        writer.write_rows(job.name, unit.rows[0], compute_tensor(job, plan, unit.rows, out=out,
+                                                                allow_nonfinite=allow_nonfinite))
 
 
 def _write_staged(

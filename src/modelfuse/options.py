@@ -1,4 +1,4 @@
-"""How a merge runs (not what it computes): threads, memory budget, block size, overwrite."""
+"""How a merge runs (not what it computes): threads, memory budget, block size, overwrite, input policies."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ class MergeOptions(BaseModel):
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="Worker threads.")
     max_memory: str = Field(default="2GiB", description="RAM budget for tensor data, e.g. 2GiB or 4GB.")
     chunk_elements: int = Field(default=1 << 20, ge=1, description="Elements per row block of block-wise methods.")
+    allow_nonfinite: bool = Field(default=False, description="Merge inputs holding NaN or Inf (a non-finite result "
+                                  "is still refused).")
+    allow_pickle: bool = Field(default=False, description="Read pickle (.bin/.pt) checkpoints, with "
+                               "torch.load(weights_only=True).")
 
     def __init__(self, **data: Any) -> None:
         """Validate the options.

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from modelfuse import compat
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import ShapeMismatchError
 from modelfuse.methods import MethodSpec
@@ -56,6 +57,7 @@ class MergePlan:
     jobs: list[TensorJob]
     config: dict[str, Any]
     layer_map: list[tuple[str, int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def read_bytes(self) -> int:
@@ -136,7 +138,7 @@ def _layer_depth(offset: int, length: int) -> float:
     return offset / (length - 1) if length > 1 else 1.0
 
 
-def build_plan(recipe: Recipe, *, base_dir: Path | None = None) -> MergePlan:
+def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bool = False) -> MergePlan:
     """Open every input and plan each output tensor.
 
     Non-layer tensors before the stack (embeddings) take depth 0 and the first group's models; tensors
@@ -146,6 +148,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None) -> MergePlan:
     Args:
         recipe: A validated recipe.
         base_dir: Folder against which relative model paths are also tried (the recipe's folder).
+        allow_pickle: Read models stored only as pickle (``.bin``) files (with ``weights_only=True``).
 
     Returns:
         The plan.
@@ -154,14 +157,19 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None) -> MergePlan:
         CheckpointError: If an input cannot be opened.
         ShapeMismatchError: Listing every missing tensor and shape mismatch between the inputs.
     """
-    checkpoints = {path: open_checkpoint(path, base_dir=base_dir) for path in recipe.input_paths()}
+    checkpoints = {path: open_checkpoint(path, base_dir=base_dir, allow_pickle=allow_pickle)
+                   for path in recipe.input_paths()}
     spec = recipe.method_spec
     groups_probe = recipe.models if recipe.models is not None else (recipe.slices or [])[0].sources
     reference = recipe.tokenizer_source or recipe.base or groups_probe[0].path
     if reference not in checkpoints:
-        checkpoints[reference] = open_checkpoint(reference, base_dir=base_dir)
+        checkpoints[reference] = open_checkpoint(reference, base_dir=base_dir, allow_pickle=allow_pickle)
     ref = checkpoints[reference]
     arch = ref.architecture
+    mismatches = compat.architecture_problems(checkpoints) or [
+        *compat.vocabulary_problems(checkpoints, reference), *compat.extra_tensor_problems(checkpoints, reference)]
+    if mismatches:
+        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(mismatches))
     groups = _groups(recipe, checkpoints, reference)
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     jobs: list[TensorJob] = []
@@ -195,7 +203,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None) -> MergePlan:
         ))
 
     everyone = lambda group: [*group.entries, *([group.base] if group.base else [])]  # noqa: E731
-    outside = [name for name in ref if arch.position(name) != "layer"]
+    heads = compat.untied_heads(checkpoints, reference)
+    outside = [name for name in ref if arch.position(name) != "layer"] + heads
     for name in outside:
         if arch.position(name) == "pre":
             group, depth = groups[0], 0.0
@@ -231,7 +240,15 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None) -> MergePlan:
         raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(shown))
     jobs.sort(key=lambda job: _order_key(arch, job.name))
     config = _output_config(ref, recipe, layer_map, out_layer)
-    return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map)
+    if heads:
+        config["tie_word_embeddings"] = False
+    warnings = [f"{label}: stores its own {name!r} (untied), {reference} ties it to the embedding; the output "
+                "stores the merged head and is saved untied" for name in heads
+                for label, ckpt in checkpoints.items() if name in ckpt]
+    if recipe.base and spec.base != "unused":
+        experts = [path for path in dict.fromkeys(e.path for g in groups for e in g.entries) if path != recipe.base]
+        warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
+    return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings)
 
 
 def _order_key(arch: Any, name: str) -> tuple[int, int, str]:
