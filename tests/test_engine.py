@@ -135,8 +135,8 @@ def _llama_recipe(family: Family, **extra: Any) -> dict[str, Any]:
 def test_failed_merge_leaves_nothing(
     error: type[BaseException], overwrite: bool, make_family: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A merge that fails mid-way leaves no output, no hidden partial folder, an old output intact, and stops
-    hashing the inputs."""
+    """A merge that fails mid-way leaves no output, an old output intact, and stops hashing the inputs; an error
+    leaves no hidden partial folder, an interruption keeps one for --resume (without config: never complete-looking)."""
     family = make_family("llama")
     real = modelfuse.engine.compute_tensor
     calls: list[str] = []
@@ -166,11 +166,17 @@ def test_failed_merge_leaves_nothing(
         modelfuse.merge(_llama_recipe(family), out, overwrite=overwrite)
     assert len(calls) == 4
     assert cancelled == [True]  # the input hashing stopped with the merge
-    assert not list(work.glob(".*modelfuse-partial*")) and not list(work.glob(".*modelfuse-old*"))
+    partial = list(work.glob(".*modelfuse-partial*"))
+    assert not list(work.glob(".*modelfuse-old*"))
+    if error is KeyboardInterrupt:
+        assert [p.name for p in partial] == [".merged.modelfuse-partial"]
+        assert not (partial[0] / "config.json").exists() and (partial[0] / ".modelfuse-journal.jsonl").is_file()
+    else:
+        assert not partial
     if overwrite:
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
-        assert list(work.iterdir()) == []
+        assert [p.name for p in work.iterdir()] == [p.name for p in partial]
 
 
 def test_depth_of_tensors(make_family: Builder) -> None:

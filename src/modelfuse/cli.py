@@ -59,15 +59,17 @@ def merge(
         help="Merge inputs holding NaN or Inf (a result holding them is still refused).")] = False,
     allow_pickle: Annotated[bool, typer.Option(
         help="Read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); pickles can hide code.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the merge an interruption or kill stopped (same recipe and inputs).")] = False,
 ) -> None:
     """Merge the models named in RECIPE and write a Hugging Face model folder."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     import modelfuse
     from modelfuse.engine import run_plan
-    from modelfuse.writer import check_output_location
+    from modelfuse.writer import check_output_location, partial_folder
 
-    settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory,
+    settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory, "resume": resume,
                                    "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle}
     if threads is not None:
         settings["threads"] = threads
@@ -87,7 +89,15 @@ def merge(
             progress.update(tensors, advance=1, done=job.name)
             progress.update(bytes_task, advance=job.nbytes)
 
-        run_plan(merge_plan, out, options=options, on_tensor=advance)
+        try:
+            run_plan(merge_plan, out, options=options, on_tensor=advance)
+        except KeyboardInterrupt:
+            if not partial_folder(out).is_dir():
+                raise
+            progress.stop()
+            console.print(f"[red]interrupted[/]; the finished tensors are kept in {partial_folder(out)}: run the "
+                          "same command with --resume to continue", highlight=False, soft_wrap=True)
+            sys.exit(130)
     out_console.print(f"[green]merged[/] {len(merge_plan.jobs)} tensors with {merge_plan.recipe.method} -> {out}")
 
 

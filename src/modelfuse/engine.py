@@ -9,8 +9,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,18 +19,28 @@ from pathlib import Path
 
 import torch
 
-from modelfuse import compat
 from modelfuse.card import PROVENANCE_FILE, model_card, provenance
-from modelfuse.errors import CheckpointError, ModelfuseError
+from modelfuse.errors import ModelfuseError, OutputError
+from modelfuse.finite import FiniteCheck, all_finite, all_finite_inputs
 from modelfuse.hashing import BackgroundHashes
+from modelfuse.journal import Journal, file_identity, merge_digest
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.methods.lines import apply_lines
 from modelfuse.options import MergeOptions
-from modelfuse.plan import MergePlan, Source, TensorJob
-from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
+from modelfuse.plan import MergePlan, TensorJob
+from modelfuse.units import format_bytes
+from modelfuse.writer import (
+    ShardWriter,
+    StagingFolder,
+    TensorSlot,
+    check_output_location,
+    partial_folder,
+    refuse_if_busy,
+    verify_written,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +128,7 @@ def compute_tensor(
         raw = [plan.checkpoints[source.model].read(source.name, rows, buffer[offset:])
                for source, offset in zip(inputs, offsets, strict=True)]
     raw_base = raw.pop() if job.base else None
-    finite = _FiniteCheck(job, plan, allow_nonfinite)
+    finite = FiniteCheck(job, plan, allow_nonfinite)
     if rows is None:
         return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite).to(job.dtype))
     count = rows[1] - rows[0]
@@ -127,7 +138,7 @@ def compute_tensor(
     if kernel is not None and thresholds is None and job.dtype == torch.bfloat16 and _plain_float32(plan):
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
         # A fused sum is non-finite only where an input is (then recomputed below, after the check) or overflows.
-        if kernel(raw, raw_base, job.params, result) and (_all_finite(result) or _all_finite_inputs(raw, raw_base)):
+        if kernel(raw, raw_base, job.params, result) and (all_finite(result) or all_finite_inputs(raw, raw_base)):
             return finite.output(result)
     step = max(1, PIECE_ELEMENTS // max(1, row_elements))
     before = equal_before
@@ -161,7 +172,7 @@ def _compute_piece(
     rows: tuple[int, int] | None,
     thresholds: Sequence[Sequence[TopkThreshold]] | None,
     equal_before: list[list[int]] | None,
-    finite: _FiniteCheck,
+    finite: FiniteCheck,
 ) -> torch.Tensor:
     """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
 
@@ -192,85 +203,6 @@ def _compute_piece(
     if lines_post is not None and base is not None:  # the recipe check guarantees a base for post.lines
         result = apply_lines(result, base, depth=job.depth, alpha=lines_post.alpha, beta=lines_post.beta)
     return result
-
-
-def _all_finite_inputs(raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None) -> bool:
-    return all(_all_finite(tensor) for tensor in [*raw, *([raw_base] if raw_base is not None else [])])
-
-
-_warned: set[tuple[int, str, str]] = set()  # (plan, model, tensor) already reported
-_warned_lock = threading.Lock()
-
-
-def _warn_replaced(plan: MergePlan, source: Source, counts: Callable[[Source], tuple[int, int]], by: str) -> None:
-    """Log once per merge, model and tensor that the tensor's non-finite entries are replaced ``by`` something."""
-    with _warned_lock:
-        if (id(plan), source.model, source.name) in _warned:
-            return
-        _warned.add((id(plan), source.model, source.name))
-    nan, inf = counts(source)
-    log.warning("%s: tensor %r holds %d NaN and %d Inf value(s); replaced by %s (--allow-nonfinite)",
-                source.model, source.name, nan, inf, by)
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no entry is NaN or Inf."""
-    # A sum is finite exactly when no entry is NaN or Inf, unless finite entries overflow it: check those exactly.
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-class _FiniteCheck:
-    """Refuses NaN and Inf in a job's inputs (or, when allowed, replaces them) and always in its result."""
-
-    def __init__(self, job: TensorJob, plan: MergePlan, allow_inputs: bool) -> None:
-        self.job = job
-        self.plan = plan
-        self.allow_inputs = allow_inputs
-        self.inputs_seen = False  # some input piece held NaN or Inf (allowed)
-
-    def inputs(
-        self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Check one piece of each input; returns them, non-finite entries replaced when allowed.
-
-        Raises:
-            CheckpointError: Naming the first model whose tensor holds NaN or Inf, with the whole tensor's counts.
-        """
-        pieces = [*tensors, *([base] if base is not None else [])]
-        sources = [*self.job.sources, *([self.job.base] if self.job.base else [])]
-        bad = [source for piece, source in zip(pieces, sources, strict=True) if not _all_finite(piece)]
-        if not bad:
-            return list(tensors), base
-        if not self.allow_inputs:
-            nan, inf = self._counts(bad[0])
-            raise CheckpointError(f"{bad[0].model}: tensor {bad[0].name!r} holds {nan} NaN and {inf} Inf value(s); "
-                                  "repair or replace the model, or pass --allow-nonfinite to merge it with those "
-                                  "entries replaced by the base's", model=bad[0].model, tensor=bad[0].name)
-        self.inputs_seen = True
-        for source in bad:
-            by = "the base's values" if self.job.base is not None and source != self.job.base else "zeros"
-            _warn_replaced(self.plan, source, self._counts, by)
-        return compat.replace_nonfinite(tensors, base)
-
-    def _counts(self, source: Source) -> tuple[int, int]:
-        return compat.nonfinite_counts(self.plan.checkpoints[source.model].read(source.name))
-
-    def output(self, result: torch.Tensor) -> torch.Tensor:
-        """Check the result, in its output dtype (where float32 values may overflow a float16 output); returns it.
-
-        Raises:
-            ModelfuseError: If it holds NaN or Inf, saying whether the inputs did.
-        """
-        if not result.dtype.is_floating_point or _all_finite(result):
-            return result
-        nan, inf = compat.nonfinite_counts(result)
-        if self.inputs_seen:
-            why = "after replacing the inputs' non-finite entries (--allow-nonfinite)"
-        else:
-            why = ("from finite inputs; check the method's parameters (e.g. weights summing to zero) and that the "
-                   "output dtype can hold the result")
-        raise ModelfuseError(f"method {self.job.method.name!r} produced {nan} NaN and {inf} Inf value(s) in tensor "
-                             f"{self.job.name!r} {why}; no output was written", tensor=self.job.name)
 
 
 def _piece_masks(
@@ -449,33 +381,51 @@ def _tensor_budget(max_memory_bytes: int, threads: int) -> int:
 
 
 def _execute(
-    plan: MergePlan, writer: ShardWriter, options: MergeOptions, on_tensor: Callable[[TensorJob], None] | None
+    plan: MergePlan,
+    writer: ShardWriter,
+    options: MergeOptions,
+    on_tensor: Callable[[TensorJob], None] | None,
+    journal: Journal,
 ) -> None:
     """Compute work units on a thread pool, each written in place by its thread, within the memory budget.
 
     Reading, computing and writing overlap across the pool's threads. At most ``2 * threads`` units are
     in flight, and a unit is only started when the scratch memory of those in flight stays under what
     ``max_memory`` leaves after the process's current resident memory (a single unit larger than that
-    runs alone).
+    runs alone). Tensors the journal lists as done (a resumed run) are skipped; every finished tensor is
+    recorded in it, and on an interruption the units that did finish are recorded before it propagates.
     """
     _pin_allocator()
     fused.warm_up(len(job.sources) for job in plan.jobs)
     budget = _tensor_budget(options.memory_bytes(), options.threads)
+    for job in plan.jobs:
+        if job.name in journal.done:
+            writer.mark_written(job.name)
+            if on_tensor is not None:
+                on_tensor(job)
+    units = [unit for unit in work_units(plan, options.chunk_elements, budget, options.threads)
+             if unit.job.name not in journal.done]
+    units_left = Counter(unit.job.name for unit in units)  # per tensor: units not yet finished
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the pool's threads are the parallelism; torch's own would oversubscribe the cores
     pending: deque[tuple[WorkUnit, Future[None]]] = deque()
     in_flight = 0
 
+    def finished(unit: WorkUnit) -> None:
+        units_left[unit.job.name] -= 1
+        if units_left[unit.job.name] == 0:
+            journal.record(unit.job.name, writer.sync)
+            if on_tensor is not None:
+                on_tensor(unit.job)
+
     def finish_oldest() -> int:
         unit, future = pending.popleft()
         future.result()
-        if unit.last and on_tensor is not None:
-            on_tensor(unit.job)
+        finished(unit)
         return unit.scratch_bytes
 
     with ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="modelfuse") as pool:
         try:
-            units = list(work_units(plan, options.chunk_elements, budget, options.threads))
             # Writes are positional, so any order will do: the largest first keeps every thread busy to the end.
             units.sort(key=lambda unit: unit.elements, reverse=True)
             for unit in units:
@@ -485,9 +435,16 @@ def _execute(
                 in_flight += unit.scratch_bytes
             while pending:
                 in_flight -= finish_oldest()
-        except BaseException:
+            journal.flush(writer.sync)
+        except BaseException as error:
             for _, future in pending:
                 future.cancel()
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):  # keep what is done for --resume
+                pool.shutdown(wait=True)
+                for unit, future in pending:
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        finished(unit)
+                journal.flush(writer.sync)
             raise
         finally:
             torch.set_num_threads(torch_threads)
@@ -517,29 +474,81 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfini
                                                                 allow_nonfinite=allow_nonfinite))
 
 
+def _merge_identity(plan: MergePlan, slots: list[TensorSlot], options: MergeOptions) -> str:
+    """The digest a resumed merge must match: recipe, planned tensors and shards, input files, result options."""
+    from modelfuse import __version__
+
+    return merge_digest({
+        "modelfuse": __version__,
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "tensors": [(slot.name, list(slot.shape), str(slot.dtype)) for slot in slots],
+        "shard_bytes": plan.recipe.shard_bytes(),
+        "inputs": {label: file_identity(ckpt.files) for label, ckpt in sorted(plan.checkpoints.items())},
+        "allow_nonfinite": options.allow_nonfinite,
+    })
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Refuse early when the file system of ``folder`` has less than ``needed_bytes`` free.
+
+    Raises:
+        OutputError: Saying how much is needed and free.
+    """
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OutputError(f"{folder}: the output needs {format_bytes(needed_bytes)} of disk space and only "
+                          f"{format_bytes(free)} is free there; free some space or write the output elsewhere",
+                          path=str(folder))
+
+
 def _write_staged(
     plan: MergePlan,
     slots: list[TensorSlot],
     staging: StagingFolder,
+    journal: Journal,
     options: MergeOptions,
     on_tensor: Callable[[TensorJob], None] | None,
 ) -> None:
-    """Merge into the staging folder and add config, tokenizer files and model card (not the provenance)."""
+    """Merge into the staging folder (skipping what the journal lists as done when resuming) and add config,
+    tokenizer files and model card (not the provenance)."""
     from modelfuse import __version__
 
-    writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes())
+    if not staging.resume:
+        journal.start()
+    reference = plan.checkpoints[plan.reference].folder
+    copied = [name for name in COPIED_FILES if (reference / name).is_file()]
+    remaining = sum(slot.nbytes for slot in slots if slot.name not in journal.done)
+    check_free_space(staging.path, remaining + sum((reference / name).stat().st_size for name in copied) + (1 << 20))
+    writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes(), resume=staging.resume)
     try:
-        _execute(plan, writer, options, on_tensor)
+        _execute(plan, writer, options, on_tensor, journal)
         writer.close()
     finally:
         writer.abort()
     verify_written(staging.path, slots, writer.files)
-    reference = plan.checkpoints[plan.reference].folder
-    for name in COPIED_FILES:
-        if (reference / name).is_file():
-            shutil.copyfile(reference / name, staging.path / name)
+    journal.path.unlink()
+    for name in copied:
+        shutil.copyfile(reference / name, staging.path / name)
     (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
     (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt as SIGINT does (main thread only), so that a
+    terminated merge keeps its partial output for --resume; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_plan(
@@ -551,17 +560,22 @@ def run_plan(
 ) -> Path:
     """Execute ``plan`` and write the model to ``out`` atomically.
 
+    The output is staged in ``.<out>.modelfuse-partial`` beside it with a journal of the finished tensors.
+    An interruption (Ctrl-C, SIGTERM) keeps that folder, and so does a kill; ``options.resume`` continues
+    it, and the result is byte-identical to an uninterrupted merge. Any other error removes it.
+
     Args:
         plan: The merge plan.
         out: The output folder (must not exist unless ``overwrite``; never inside an input).
-        options: Threads, memory budget, block size, overwrite (defaults: MergeOptions()).
-        on_tensor: Called after each tensor is written (progress reporting).
+        options: Threads, memory budget, block size, overwrite, resume (defaults: MergeOptions()).
+        on_tensor: Called after each tensor is written (progress reporting); on resume, first for each
+            tensor the interrupted run finished.
 
     Returns:
         The output folder.
 
     Raises:
-        OutputError: If the output location is refused or writing fails.
+        OutputError: If the output location is refused, there is not enough disk space, or writing fails.
         ModelfuseError: For any other problem, with the tensor named.
     """
     from modelfuse import __version__
@@ -570,10 +584,15 @@ def run_plan(
     options = options or MergeOptions()
     check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
-    with StagingFolder(out) as staging:
+    journal = Journal(partial_folder(out), _merge_identity(plan, slots, options), options.sync_interval_s)
+    if options.resume and partial_folder(out).is_dir():
+        refuse_if_busy(out, partial_folder(out))
+        journal.load()  # refuses another merge's partial output before anything is touched
+    with _sigterm_interrupts(), StagingFolder(out, resumable=True, resume=options.resume,
+                                              overwrite=options.overwrite) as staging:
         hashes = BackgroundHashes(inputs)  # the provenance record's input digests, computed beside the merge
         try:
-            _write_staged(plan, slots, staging, options, on_tensor)
+            _write_staged(plan, slots, staging, journal, options, on_tensor)
             record = provenance(plan.recipe, __version__, hashes.result(), len(slots), plan.write_bytes)
         except BaseException:
             hashes.cancel()  # nothing keeps reading the inputs once the merge has failed

@@ -30,6 +30,9 @@ class MergeOptions(BaseModel):
     chunk_elements: int = Field(default=1 << 20, ge=1, description="Elements per row block of block-wise methods.")
     allow_nonfinite: bool = Field(default=False, description="Merge inputs holding NaN or Inf (a non-finite result "
                                   "is still refused).")
+    resume: bool = Field(default=False, description="Continue the partial output an interrupted merge left.")
+    sync_interval_s: float = Field(default=10.0, ge=0.0, description="Least seconds between two syncs of the "
+                                   "written tensors to disk and the resume journal (0: after every tensor).")
     allow_pickle: bool = Field(default=False, description="Read pickle (.bin/.pt) checkpoints, with "
                                "torch.load(weights_only=True).")
 

@@ -6,6 +6,7 @@ so an interrupted merge never leaves an output that looks finished.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -81,10 +82,13 @@ class ShardWriter:
         folder: Where the shard files go (created by the caller; files are opened on first use).
         slots: Every output tensor, in file order.
         max_shard_bytes: Maximum bytes of tensor data per shard.
+        resume: Keep the bytes of shard files already there (tensors an earlier run finished, see ``mark_written``).
     """
 
-    def __init__(self, folder: Path, slots: Sequence[TensorSlot], max_shard_bytes: int) -> None:
+    def __init__(self, folder: Path, slots: Sequence[TensorSlot], max_shard_bytes: int, *, resume: bool = False
+                 ) -> None:
         self.folder = folder
+        self.resume = resume
         self.shards = plan_shards(slots, max_shard_bytes)
         self.files = shard_file_names(len(self.shards))
         self._queue = [(shard_index, slot) for shard_index, shard in enumerate(self.shards) for slot in shard]
@@ -148,6 +152,36 @@ class ShardWriter:
         row_bytes = slot.nbytes // slot.shape[0] if slot.shape[0] else 0
         self._put(slot, start_row * row_bytes, block, rows=(start_row, start_row + block.shape[0]))
 
+    def mark_written(self, name: str) -> None:
+        """Count tensor ``name`` as written in full (by an earlier, interrupted run being resumed).
+
+        Raises:
+            OutputError: If the tensor was not planned, or the writer does not resume.
+        """
+        place = self._places.get(name)
+        if place is None or not self.resume:
+            raise OutputError(f"tensor {name!r} cannot be taken from an earlier run", tensor=name)
+        slot = place[2]
+        with self._lock:
+            self._written[name] = slot.nbytes
+            self._rows[name] = [(0, slot.shape[0] if slot.shape else 1)]
+            self._descriptor(place[0])  # its shard must exist, with its header
+
+    def sync(self) -> None:
+        """Flush the shard files written so far to disk (fsync).
+
+        Raises:
+            OutputError: If the disk refuses (full, failing).
+        """
+        with self._lock:
+            descriptors = list(self._descriptors.items())
+        for shard_index, descriptor in descriptors:
+            try:
+                os.fsync(descriptor)
+            except OSError as error:
+                raise OutputError(f"{self.folder / self.files[shard_index]}: cannot sync the shard ({error.strerror})",
+                                  path=str(self.folder)) from None
+
     def _check_block(self, slot: TensorSlot, block: torch.Tensor) -> None:
         if block.dtype != slot.dtype or tuple(block.shape[1:]) != slot.shape[1:]:
             raise OutputError(f"tensor {slot.name!r}: block {list(block.shape)} {block.dtype} does not fit the "
@@ -183,7 +217,8 @@ class ShardWriter:
         if descriptor is None:
             path = self.folder / self.files[shard_index]
             try:
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                # A resumed shard keeps the bytes of the tensors written before the interruption.
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if self.resume else os.O_TRUNC), 0o644)
                 self._descriptors[shard_index] = descriptor
                 _pwrite_all(descriptor, memoryview(self._headers[shard_index]), 0)
             except OSError as error:
@@ -258,6 +293,14 @@ def verify_written(folder: Path, slots: Sequence[TensorSlot], files: Sequence[st
             raise OutputError(f"the written output lacks or garbles tensor {slot.name!r}", tensor=slot.name)
     if len(found) != len(slots):
         raise OutputError(f"the written output holds {len(found)} tensors, {len(slots)} planned")
+    if len(files) > 1:
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputError(f"the written index {INDEX_FILE} is missing or damaged") from None
+        expected = {name: info.file.name for name, info in found.items()}
+        if weight_map != expected:
+            raise OutputError(f"the written index {INDEX_FILE} does not match the shards' headers")
 
 
 def check_output_location(out: Path, inputs: Sequence[Path], *, overwrite: bool) -> None:
@@ -278,23 +321,50 @@ def check_output_location(out: Path, inputs: Sequence[Path], *, overwrite: bool)
         raise OutputError(f"{out}: exists and is not a folder", path=str(out))
 
 
+def partial_folder(out: Path) -> Path:
+    """Where a resumable write of ``out`` is staged (and kept when interrupted)."""
+    return out.parent / f".{out.name}{_PARTIAL_MARK}"
+
+
 class StagingFolder:
     """A temporary sibling folder that becomes ``out`` on ``commit`` and is removed on failure.
 
+    A resumable staging folder has a fixed name (``.<out>.modelfuse-partial``) and is kept when the work is
+    interrupted (KeyboardInterrupt, or SIGTERM turned into one), so that ``resume`` can continue it; any other
+    error removes it. A lock held while it is in use stops two processes from writing the same output.
+
     Args:
         out: The final output folder.
+        resumable: Keep the folder on interruption, under a fixed name.
+        resume: Continue the folder an interrupted run left (it must exist).
+        overwrite: Discard a folder an interrupted run left (otherwise it is refused, to not lose work).
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, *, resumable: bool = False, resume: bool = False, overwrite: bool = False) -> None:
         self.out = out
-        self.path = out.parent / f".{out.name}{_PARTIAL_MARK}-{os.getpid()}"
+        self.resumable = resumable or resume
+        self.resume = resume
+        self.overwrite = overwrite
+        self.path = partial_folder(out) if self.resumable else out.parent / f".{out.name}{_PARTIAL_MARK}-{os.getpid()}"
+        self._lock: int | None = None
+        self.kept = False  # the folder was kept for a later resume
 
     def __enter__(self) -> StagingFolder:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
+            if self.resume and not self.path.is_dir():
+                raise OutputError(f"{self.out}: nothing to resume (no partial output {self.path.name} beside it); "
+                                  "run without --resume", path=str(self.out))
+            if self.path.exists() and not self.resume:
+                refuse_if_busy(self.out, self.path)
+                if self.resumable and not self.overwrite:
+                    raise OutputError(f"{self.out}: an interrupted merge left a partial output ({self.path}); pass "
+                                      "--resume to continue it, or --overwrite to discard it", path=str(self.out))
                 shutil.rmtree(self.path)
-            self.path.mkdir()
+            self.path.mkdir(exist_ok=self.resume)
+            self._lock = _try_lock(self.path)
+            if self._lock is None:
+                refuse_if_busy(self.out, self.path)
         except OSError as error:
             raise OutputError(f"{self.out}: cannot create the output ({error.strerror})", path=str(self.out)) from None
         return self
@@ -302,14 +372,48 @@ class StagingFolder:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if self.path.exists():
+        interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))
+        self.kept = self.resumable and interrupted and self.path.exists()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        if self.path.exists() and not self.kept:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> None:
         """Atomically put the finished folder in place (replacing an old output, if any)."""
+        (self.path / _LOCK_FILE).unlink(missing_ok=True)
         old = self.out.parent / f".{self.out.name}.modelfuse-old-{os.getpid()}"
         if self.out.exists():
             self.out.rename(old)
         self.path.rename(self.out)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+_LOCK_FILE = ".modelfuse-lock"
+
+
+def refuse_if_busy(out: Path, staging: Path) -> None:
+    """Refuse when another process holds the staging folder's lock (it is writing ``out``).
+
+    Raises:
+        OutputError: Naming the output and the staging folder.
+    """
+    lock = _try_lock(staging) if staging.is_dir() else None
+    if lock is None and staging.is_dir():
+        raise OutputError(f"{out}: another modelfuse process is writing this output ({staging}); wait for it or "
+                          "stop it", path=str(out))
+    if lock is not None:
+        os.close(lock)
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An exclusive lock on the folder's lock file (its descriptor), or None when another process holds it."""
+    descriptor = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor

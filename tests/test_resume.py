@@ -1,0 +1,279 @@
+"""Output safety: interrupted merges (Ctrl-C, SIGTERM, kill -9) resume to a byte-identical output; disk space
+is checked up front and a full disk leaves nothing behind; a finished output is verified before the rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import modelfuse
+import modelfuse.engine
+from conftest import Builder, Cli, Family, assert_clean_failure, hash_tree, ties_recipe, write_recipe
+from modelfuse.journal import JOURNAL_FILE
+from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, partial_folder, verify_written
+
+pytestmark = pytest.mark.integration
+
+EAGER = modelfuse.MergeOptions(threads=1, sync_interval_s=0)  # one tensor at a time, journaled as it finishes
+REAL_COMPUTE = modelfuse.engine.compute_tensor
+
+
+def recipe_for(family: Family, method: str, **extra: Any) -> dict[str, Any]:
+    """A recipe of the family's two experts over its base, with the method's defaults."""
+    return {**ties_recipe(family), "method": method, "parameters": {}, **extra}
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: type[BaseException] = KeyboardInterrupt
+                    ) -> list[str]:
+    """Make the engine raise ``error`` instead of computing its ``calls + 1``-th tensor; returns the names computed."""
+    done: list[str] = []
+
+    def counting(job: modelfuse.TensorJob, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(done) == calls:
+            raise error("stopped")
+        done.append(job.name)
+        return REAL_COMPUTE(job, *args, **kwargs)
+
+    monkeypatch.setattr(modelfuse.engine, "compute_tensor", counting)
+    return done
+
+
+def count_computed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every tensor (or block) the engine computes from now on."""
+    return interrupt_after(monkeypatch, calls=-1)
+
+
+@pytest.mark.parametrize(("method", "shard_size"), [("ties", "5GB"), ("dare_ties", "20KB"), ("linear", "20KB")])
+def test_interrupted_merge_resumes_byte_identical(method: str, shard_size: str, make_family: Builder, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after 7 tensors keeps a partial folder; --resume computes only the rest, and every output file
+    equals an uninterrupted merge's, byte for byte (top-k, random and sharded outputs)."""
+    family = make_family("llama")
+    extra = {"base": None} if method == "linear" else {}
+    recipe = recipe_for(family, method, shard_size=shard_size, **extra)
+    reference = modelfuse.merge(recipe, tmp_path / "reference")
+    total = len(modelfuse.plan(recipe).jobs)
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, calls=7)
+    with pytest.raises(KeyboardInterrupt):
+        modelfuse.merge(recipe, out, options=EAGER)
+    assert not out.exists() and partial_folder(out).is_dir()
+    journal = [json.loads(line) for line in (partial_folder(out) / JOURNAL_FILE).read_text().splitlines()]
+    assert sum(len(record.get("done", [])) for record in journal) == 7
+    computed = count_computed(monkeypatch)
+    modelfuse.merge(recipe, out, options=EAGER.model_copy(update={"resume": True}))
+    assert len(computed) == total - 7
+    assert hash_tree(out) == hash_tree(reference)
+    assert not partial_folder(out).exists()
+
+
+def test_partial_output_needs_resume_or_overwrite(run_cli: Cli, make_family: Builder, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second run without --resume is refused (the finished work is not silently thrown away); --overwrite
+    discards it and starts again; --resume with nothing to resume is refused."""
+    family = make_family("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family))
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, calls=3)
+    with pytest.raises(KeyboardInterrupt):
+        modelfuse.merge(recipe, out, options=EAGER)
+    monkeypatch.undo()
+    assert_clean_failure(run_cli("merge", recipe, "-o", out), str(partial_folder(out)), "--resume", "--overwrite")
+    result = run_cli("merge", recipe, "-o", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not partial_folder(out).exists()
+    assert_clean_failure(run_cli("merge", recipe, "-o", tmp_path / "other", "--resume"), "nothing to resume")
+
+
+def test_resume_refuses_changed_inputs_or_recipe(make_family: Builder, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial output made from other inputs or another recipe is never continued."""
+    family = make_family("llama")
+    out = tmp_path / "out"
+    interrupt_after(monkeypatch, calls=3)
+    with pytest.raises(KeyboardInterrupt):
+        modelfuse.merge(ties_recipe(family), out, options=EAGER)
+    monkeypatch.undo()
+    resume = EAGER.model_copy(update={"resume": True})
+    with pytest.raises(modelfuse.OutputError, match="different recipe, different input files"):
+        modelfuse.merge({**ties_recipe(family), "parameters": {"density": 0.5}}, out, options=resume)
+    weights = family["e2"] / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten since
+    with pytest.raises(modelfuse.OutputError, match="different recipe, different input files"):
+        modelfuse.merge(ties_recipe(family), out, options=resume)
+    assert partial_folder(out).is_dir() and not out.exists()  # still there, untouched by the refusals
+
+
+def test_second_writer_is_refused(make_family: Builder, tmp_path: Path) -> None:
+    """While one process stages an output, another merge to the same output is refused."""
+    family = make_family("llama")
+    out = tmp_path / "out"
+    script = (f"from modelfuse.writer import StagingFolder\nfrom pathlib import Path\nimport sys, time\n"
+              f"with StagingFolder(Path({str(out)!r}), resumable=True):\n"
+              "    print('locked', flush=True)\n    sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for options in (EAGER, EAGER.model_copy(update={"resume": True})):
+            with pytest.raises(modelfuse.OutputError, match="another modelfuse process is writing"):
+                modelfuse.merge(ties_recipe(family), out, options=options)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert not out.exists()
+
+
+KILLER = """
+import os, signal, sys
+import modelfuse, modelfuse.engine
+real = modelfuse.engine.compute_tensor
+calls = []
+def stopping(job, *args, **kwargs):
+    calls.append(job.name)
+    if len(calls) == {stop_at}:
+        os.kill(os.getpid(), signal.{signal_name})
+    return real(job, *args, **kwargs)
+modelfuse.engine.compute_tensor = stopping
+{run}
+"""
+LIBRARY_RUN = ("modelfuse.merge({recipe!r}, {out!r}, options=modelfuse.MergeOptions(threads=1, sync_interval_s=0))")
+CLI_RUN = "from modelfuse.cli import main\nsys.argv = ['modelfuse', 'merge', {recipe!r}, '-o', {out!r}]\nmain()"
+
+
+def run_killed(tmp_path: Path, signal_name: str, run: str, recipe: Path, out: Path, stop_at: int = 6
+               ) -> subprocess.CompletedProcess[str]:
+    """Run a merge in a fresh process that sends itself ``signal_name`` while computing tensor ``stop_at``."""
+    code = KILLER.format(stop_at=stop_at, signal_name=signal_name, run=run.format(recipe=str(recipe), out=str(out)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_killed_process_resumes_byte_identical(signal_name: str, run_cli: Cli, make_family: Builder,
+                                               tmp_path: Path) -> None:
+    """kill -9 (nothing runs after it) and SIGTERM (turned into an interruption) both leave a partial output
+    whose journal lists only finished tensors; `merge --resume` completes it byte-identical to a clean run."""
+    family = make_family("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family, shard_size="20KB"))
+    reference = modelfuse.merge(recipe, tmp_path / "reference")
+    out = tmp_path / "out"
+    done = run_killed(tmp_path, signal_name, LIBRARY_RUN, recipe, out)
+    assert done.returncode == (-9 if signal_name == "SIGKILL" else -2), done.stderr  # -2: an uncaught KeyboardInterrupt
+    assert not out.exists()
+    journal = (partial_folder(out) / JOURNAL_FILE).read_text().splitlines()
+    finished = sum(len(json.loads(line).get("done", [])) for line in journal)
+    assert 0 < finished <= 6  # the tensor being computed at the signal may finish (SIGTERM) or not (kill -9)
+    result = run_cli("merge", recipe, "-o", out, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert hash_tree(out) == hash_tree(reference)
+
+
+def test_cli_interrupt_says_how_to_resume(make_family: Builder, tmp_path: Path) -> None:
+    """Ctrl-C in the CLI: exit code 130, the partial folder named, and the --resume hint; no traceback."""
+    family = make_family("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family))
+    out = tmp_path / "out"
+    done = run_killed(tmp_path, "SIGINT", CLI_RUN, recipe, out)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert str(partial_folder(out)) in done.stderr.replace("\n", "") and "--resume" in done.stderr
+    assert not out.exists()
+
+
+# ---- disk space ----
+
+
+def test_not_enough_free_space_is_refused_up_front(run_cli: Cli, make_family: Builder, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With less free space than the output needs, the merge fails before computing anything."""
+    family = make_family("llama")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(modelfuse.engine.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    computed = count_computed(monkeypatch)
+    result = run_cli("merge", write_recipe(tmp_path, ties_recipe(family)), "-o", tmp_path / "out")
+    assert_clean_failure(result, "of disk space", "1000 B is free", "write the output elsewhere")
+    assert computed == []
+    assert not (tmp_path / "out").exists() and not partial_folder(tmp_path / "out").exists()
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+from modelfuse.cli import main
+sys.argv = ['modelfuse', 'merge', {recipe!r}, '-o', {out!r}]
+main()
+"""
+
+
+def test_write_failure_mid_merge_leaves_nothing(make_family: Builder, tmp_path: Path) -> None:
+    """A real write error from the kernel (files limited to 40 kB, the output is larger): one clean error line,
+    no output, no staging folder."""
+    family = make_family("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT.format(recipe=str(recipe), out=str(out))],
+                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "cannot write" in done.stderr and "check free space" in done.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_disk_full_while_writing(make_family: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from a write: a clean OutputError naming the shard and the cause, and nothing left behind."""
+    import errno
+
+    family = make_family("llama")
+    real_pwrite = os.pwrite
+    written = [0]
+
+    def filling(descriptor: int, data: Any, offset: int) -> int:
+        written[0] += len(data)
+        if written[0] > 50_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(descriptor, data, offset)
+
+    monkeypatch.setattr(modelfuse.writer.os, "pwrite", filling)
+    with pytest.raises(modelfuse.OutputError, match="No space left on device"):
+        modelfuse.merge(ties_recipe(family), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+
+
+# ---- verification before the rename ----
+
+
+def test_verification_catches_a_damaged_index(tmp_path: Path) -> None:
+    """verify_written refuses an index that does not match the shards' headers, and a missing tensor."""
+    slots = [TensorSlot(f"t{index}", (64, 64), torch.float32) for index in range(3)]
+    with StagingFolder(tmp_path / "out") as staging:
+        writer = ShardWriter(staging.path, slots, 20_000)
+        for slot in slots:
+            writer.write(slot.name, torch.ones(slot.shape))
+        writer.close()
+        verify_written(staging.path, slots, writer.files)
+        index = staging.path / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        data["weight_map"]["t0"] = writer.files[1]
+        index.write_text(json.dumps(data))
+        with pytest.raises(modelfuse.OutputError, match="does not match the shards' headers"):
+            verify_written(staging.path, slots, writer.files)
+        with pytest.raises(modelfuse.OutputError, match=r"lacks or garbles tensor .extra."):
+            verify_written(staging.path, [*slots, TensorSlot("extra", (1,), torch.float32)], writer.files)
+
+
+def test_interrupted_non_merge_writes_leave_nothing(tmp_path: Path) -> None:
+    """Only merges keep a partial folder on interruption: other writers' staging folders always go."""
+    with pytest.raises(KeyboardInterrupt), StagingFolder(tmp_path / "out") as staging:
+        (staging.path / "x").write_text("x")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
