@@ -105,12 +105,12 @@ def test_missing_tensor_is_named(run_cli: Cli, guarded: Builder, tmp_path: Path)
     assert f"{short}: tensor 'model.layers.1.mlp.up_proj.weight' is missing" in result.stderr
 
 
-def test_mixed_tied_and_untied_heads(run_cli: Cli, make_family: Builder, tmp_path: Path) -> None:
+def test_mixed_tied_and_untied_heads(run_cli: Cli, guarded: Builder, tmp_path: Path) -> None:
     """A tied base and an expert with its own head: the output stores the merged head, is saved untied, and the
     head equals the average of the expert's head and the tied models' embeddings."""
     import transformers as tf
 
-    family = make_family("qwen2")
+    family = guarded("qwen2")
     untied = tmp_path / "e2-untied"
     model = tf.AutoModelForCausalLM.from_pretrained(family["e2"])
     model.config.tie_word_embeddings = False
@@ -130,11 +130,11 @@ def test_mixed_tied_and_untied_heads(run_cli: Cli, make_family: Builder, tmp_pat
     torch.testing.assert_close(reloaded.lm_head.weight.detach(), merged["lm_head.weight"])
 
 
-def test_unrelated_base_warns(run_cli: Cli, make_family: Builder, tmp_path: Path) -> None:
+def test_unrelated_base_warns(run_cli: Cli, guarded: Builder, tmp_path: Path) -> None:
     """Experts whose task vectors are larger than the base itself: the merge works but warns per expert."""
     import transformers as tf
 
-    family = make_family("llama")
+    family = guarded("llama")
     stranger = tmp_path / "stranger"
     torch.manual_seed(123)  # a different initialisation: not the experts' ancestor
     tf.LlamaForCausalLM(tf.AutoConfig.from_pretrained(family["base"])).save_pretrained(stranger)
@@ -288,10 +288,10 @@ def test_allow_nonfinite_without_base_uses_zeros(run_cli: Cli, guarded: Builder,
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
-def test_allow_nonfinite_with_base_equals_base_values(method: str, make_family: Builder, tmp_path: Path) -> None:
+def test_allow_nonfinite_with_base_equals_base_values(method: str, guarded: Builder, tmp_path: Path) -> None:
     """--allow-nonfinite with a base: the merge is bit for bit the merge of the expert with the non-finite
     entries set to the base's values (task vector 0 there), top-k selection included."""
-    family = make_family("llama")
+    family = guarded("llama")
     bad = _poisoned(family["e2"], tmp_path / "poisoned", POISONED, nan=3, inf=2)
     repaired = copy_model(bad, tmp_path / "repaired")
     tensors = load_file(repaired / "model.safetensors")
@@ -351,6 +351,29 @@ def test_pickle_refused_without_flag_and_read_with_it(run_cli: Cli, guarded: Bui
     assert hash_tree(pickled) == before
 
 
+def test_sharded_pickle_with_index(guarded: Builder, tmp_path: Path) -> None:
+    """pytorch_model.bin.index.json with two .bin shards reads like the safetensors model."""
+    import transformers as tf
+
+    family = guarded("llama")
+    state = tf.AutoModelForCausalLM.from_pretrained(family["e2"]).state_dict()
+    folder = tmp_path / "sharded-pickle"
+    folder.mkdir()
+    shutil.copy(family["e2"] / "config.json", folder / "config.json")
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, part in halves.items():
+        torch.save({name: state[name].clone() for name in part}, folder / file)
+    weight_map = {name: file for file, part in halves.items() for name in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    options = modelfuse.MergeOptions(allow_pickle=True)
+    merged = load_file(modelfuse.merge(ties_recipe({**family, "e2": folder}), tmp_path / "a", options=options)
+                       / "model.safetensors")
+    expected = load_file(modelfuse.merge(ties_recipe(family), tmp_path / "b") / "model.safetensors")
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[n], expected[n]) for n in expected)
+
+
 class _Payload:
     """An object whose unpickling would run code (it creates a marker file)."""
 
@@ -397,3 +420,49 @@ def test_input_folders_are_never_written(guarded: Builder, tmp_path: Path) -> No
     before = {name: sorted(os.listdir(path)) for name, path in family.items()}
     modelfuse.merge(ties_recipe(family), tmp_path / "out")
     assert {name: sorted(os.listdir(path)) for name, path in family.items()} == before
+
+
+# ---- recipes ----
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "needles"),
+    [
+        ("method: ties\nmodels: [\n", ("invalid YAML at line",)),
+        ("method: ties\nbase: B\nmodels: 5\n", ("models:", "valid list")),
+        ("method: ties\nbase: B\nmodels: [{path: A}]\nparameter: {density: 0.5}\n", ("parameter:", "unknown key")),
+        ("method: ties\nbase: B\nmodels: [{path: A}]\nparameters: {density: 1.5}\n",
+         ("parameters.density:", "expected a number in [0, 1], got 1.5")),
+        ("method: ties\nbase: B\nmodels: [{path: A}, {path: A}]\n", ("models:", "listed twice")),
+        ("method: tiez\nbase: B\nmodels: [{path: A}]\n", ("unknown method 'tiez'", "Did you mean 'ties'")),
+    ],
+    ids=["invalid-yaml", "wrong-type", "unknown-key", "out-of-range", "duplicate-model", "unknown-method"],
+)
+def test_recipe_errors(recipe_text: str, needles: tuple[str, ...], run_cli: Cli, tmp_path: Path) -> None:
+    """Each recipe mistake: exit code 1, the file and field named with what is allowed, no traceback."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(recipe_text, encoding="utf-8")
+    for command in (["merge", recipe, "-o", tmp_path / "out"], ["validate", recipe]):
+        result = run_cli(*command)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert str(recipe) in result.stderr and all(needle in result.stderr for needle in needles), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_summing_to_zero(run_cli: Cli, guarded: Builder, tmp_path: Path) -> None:
+    """Weights summing to 0 with normalization would divide by zero: refused, naming the field and the fix."""
+    family = guarded("llama")
+    recipe = {"models": [{"path": str(family["e1"]), "weight": 1.0}, {"path": str(family["e2"]), "weight": -1.0}],
+              "method": "linear"}
+    merge_fails(run_cli, tmp_path, recipe, "weight:", "sum to 0", "normalize: false")
+    recipe["parameters"] = {"normalize": False}  # a difference of models, asked for explicitly
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "difference")
+    assert result.returncode == 0, result.stderr
+
+
+def test_debug_shows_the_traceback(run_cli: Cli, tmp_path: Path) -> None:
+    """--debug re-raises the error with its traceback instead of the one-line message."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("method: tiez\nmodels: [{path: A}]\n", encoding="utf-8")
+    with pytest.raises(modelfuse.RecipeError, match="unknown method"):
+        run_cli("--debug", "validate", recipe)

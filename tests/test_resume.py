@@ -52,11 +52,11 @@ def count_computed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.mark.parametrize(("method", "shard_size"), [("ties", "5GB"), ("dare_ties", "20KB"), ("linear", "20KB")])
-def test_interrupted_merge_resumes_byte_identical(method: str, shard_size: str, make_family: Builder, tmp_path: Path,
+def test_interrupted_merge_resumes_byte_identical(method: str, shard_size: str, guarded: Builder, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C after 7 tensors keeps a partial folder; --resume computes only the rest, and every output file
     equals an uninterrupted merge's, byte for byte (top-k, random and sharded outputs)."""
-    family = make_family("llama")
+    family = guarded("llama")
     extra = {"base": None} if method == "linear" else {}
     recipe = recipe_for(family, method, shard_size=shard_size, **extra)
     reference = modelfuse.merge(recipe, tmp_path / "reference")
@@ -75,11 +75,11 @@ def test_interrupted_merge_resumes_byte_identical(method: str, shard_size: str, 
     assert not partial_folder(out).exists()
 
 
-def test_partial_output_needs_resume_or_overwrite(run_cli: Cli, make_family: Builder, tmp_path: Path,
+def test_partial_output_needs_resume_or_overwrite(run_cli: Cli, guarded: Builder, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A second run without --resume is refused (the finished work is not silently thrown away); --overwrite
     discards it and starts again; --resume with nothing to resume is refused."""
-    family = make_family("llama")
+    family = guarded("llama")
     recipe = write_recipe(tmp_path, ties_recipe(family))
     out = tmp_path / "out"
     interrupt_after(monkeypatch, calls=3)
@@ -93,10 +93,10 @@ def test_partial_output_needs_resume_or_overwrite(run_cli: Cli, make_family: Bui
     assert_clean_failure(run_cli("merge", recipe, "-o", tmp_path / "other", "--resume"), "nothing to resume")
 
 
-def test_resume_refuses_changed_inputs_or_recipe(make_family: Builder, tmp_path: Path,
+def test_resume_refuses_changed_inputs_or_recipe(guarded: Builder, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A partial output made from other inputs or another recipe is never continued."""
-    family = make_family("llama")
+    family = guarded("llama")
     out = tmp_path / "out"
     interrupt_after(monkeypatch, calls=3)
     with pytest.raises(KeyboardInterrupt):
@@ -112,9 +112,9 @@ def test_resume_refuses_changed_inputs_or_recipe(make_family: Builder, tmp_path:
     assert partial_folder(out).is_dir() and not out.exists()  # still there, untouched by the refusals
 
 
-def test_second_writer_is_refused(make_family: Builder, tmp_path: Path) -> None:
+def test_second_writer_is_refused(guarded: Builder, tmp_path: Path) -> None:
     """While one process stages an output, another merge to the same output is refused."""
-    family = make_family("llama")
+    family = guarded("llama")
     out = tmp_path / "out"
     script = (f"from modelfuse.writer import StagingFolder\nfrom pathlib import Path\nimport sys, time\n"
               f"with StagingFolder(Path({str(out)!r}), resumable=True):\n"
@@ -157,11 +157,11 @@ def run_killed(tmp_path: Path, signal_name: str, run: str, recipe: Path, out: Pa
 
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
-def test_killed_process_resumes_byte_identical(signal_name: str, run_cli: Cli, make_family: Builder,
+def test_killed_process_resumes_byte_identical(signal_name: str, run_cli: Cli, guarded: Builder,
                                                tmp_path: Path) -> None:
     """kill -9 (nothing runs after it) and SIGTERM (turned into an interruption) both leave a partial output
     whose journal lists only finished tensors; `merge --resume` completes it byte-identical to a clean run."""
-    family = make_family("llama")
+    family = guarded("llama")
     recipe = write_recipe(tmp_path, ties_recipe(family, shard_size="20KB"))
     reference = modelfuse.merge(recipe, tmp_path / "reference")
     out = tmp_path / "out"
@@ -176,9 +176,9 @@ def test_killed_process_resumes_byte_identical(signal_name: str, run_cli: Cli, m
     assert hash_tree(out) == hash_tree(reference)
 
 
-def test_cli_interrupt_says_how_to_resume(make_family: Builder, tmp_path: Path) -> None:
+def test_cli_interrupt_says_how_to_resume(guarded: Builder, tmp_path: Path) -> None:
     """Ctrl-C in the CLI: exit code 130, the partial folder named, and the --resume hint; no traceback."""
-    family = make_family("llama")
+    family = guarded("llama")
     recipe = write_recipe(tmp_path, ties_recipe(family))
     out = tmp_path / "out"
     done = run_killed(tmp_path, "SIGINT", CLI_RUN, recipe, out)
@@ -191,10 +191,10 @@ def test_cli_interrupt_says_how_to_resume(make_family: Builder, tmp_path: Path) 
 # ---- disk space ----
 
 
-def test_not_enough_free_space_is_refused_up_front(run_cli: Cli, make_family: Builder, tmp_path: Path,
+def test_not_enough_free_space_is_refused_up_front(run_cli: Cli, guarded: Builder, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """With less free space than the output needs, the merge fails before computing anything."""
-    family = make_family("llama")
+    family = guarded("llama")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(modelfuse.engine.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     computed = count_computed(monkeypatch)
@@ -214,10 +214,10 @@ main()
 """
 
 
-def test_write_failure_mid_merge_leaves_nothing(make_family: Builder, tmp_path: Path) -> None:
+def test_write_failure_mid_merge_leaves_nothing(guarded: Builder, tmp_path: Path) -> None:
     """A real write error from the kernel (files limited to 40 kB, the output is larger): one clean error line,
     no output, no staging folder."""
-    family = make_family("llama")
+    family = guarded("llama")
     recipe = write_recipe(tmp_path, ties_recipe(family))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT.format(recipe=str(recipe), out=str(out))],
@@ -229,11 +229,11 @@ def test_write_failure_mid_merge_leaves_nothing(make_family: Builder, tmp_path: 
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_disk_full_while_writing(make_family: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_writing(guarded: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC from a write: a clean OutputError naming the shard and the cause, and nothing left behind."""
     import errno
 
-    family = make_family("llama")
+    family = guarded("llama")
     real_pwrite = os.pwrite
     written = [0]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -73,10 +74,12 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(n) for n in entry["shape"])
             begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            if any(not 0 <= n < 2**63 for n in shape):  # torch sizes are int64
+                raise ValueError("dimension out of range")
+            expected = dtype.itemsize * math.prod(shape)
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise CheckpointError(f"{file}: corrupt header entry for tensor {name!r}", path=str(file),
                                   tensor=name) from None
-        expected = dtype.itemsize * int(torch.Size(shape).numel())
         if not 0 <= begin <= end <= data_bytes or end - begin != expected:
             raise CheckpointError(f"{file}: tensor {name!r} lies outside the file or has the wrong size "
                                   "(truncated or corrupt file)", path=str(file), tensor=name)

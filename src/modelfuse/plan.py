@@ -12,7 +12,7 @@ import torch
 
 from modelfuse import compat
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
-from modelfuse.errors import ShapeMismatchError
+from modelfuse.errors import RecipeError, ShapeMismatchError
 from modelfuse.methods import MethodSpec
 from modelfuse.params import ParamValue, resolve_value
 from modelfuse.recipe import ModelEntry, Recipe
@@ -238,6 +238,9 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(shown))
+    zero_sums = _zero_weight_sums(jobs)
+    if zero_sums:
+        raise RecipeError(zero_sums)
     jobs.sort(key=lambda job: _order_key(arch, job.name))
     config = _output_config(ref, recipe, layer_map, out_layer)
     if heads:
@@ -249,6 +252,17 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         experts = [path for path in dict.fromkeys(e.path for g in groups for e in g.entries) if path != recipe.base]
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings)
+
+
+def _zero_weight_sums(jobs: list[TensorJob]) -> str | None:
+    """The problem when a method divides by the models' weights (normalize) and they sum to 0 for some tensors."""
+    zero = [job.name for job in jobs if job.params.get("normalize") is True
+            and isinstance(job.params.get("weight"), tuple) and abs(sum(job.params["weight"])) < 1e-8]
+    if not zero:
+        return None
+    return (f"weight: the models' weights sum to 0 for {len(zero)} tensor(s) (e.g. {zero[0]!r}), and method "
+            f"{jobs[0].method.name!r} divides by that sum (normalize: true); give weights with a non-zero sum, or "
+            "set normalize: false")
 
 
 def _order_key(arch: Any, name: str) -> tuple[int, int, str]:

@@ -137,3 +137,20 @@ def test_too_short_perplexity_text_names_the_task(lm_folder: Path, tmp_path: Pat
     text.write_text("a", encoding="utf-8")
     with pytest.raises(TaskError, match="task tiny: perplexity needs a text of at least two tokens"):
         evaluate(lm_folder, [str(text)])
+
+
+def test_remote_code_is_never_run_by_eval(tmp_path: Path) -> None:
+    """A model folder asking for custom code (auto_map) is refused by load_model; its code never runs."""
+    from modelfuse.evaluation import TaskError
+
+    folder = save_tiny_lm(tmp_path / "custom")
+    marker = tmp_path / "pwned"
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil_custom", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                      "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    for module in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(TaskError, match="cannot load a causal LM"):
+        load_model(folder)
+    assert not marker.exists()
