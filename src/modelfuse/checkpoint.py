@@ -198,6 +198,11 @@ class Checkpoint(Mapping[str, TensorInfo]):
     def __getitem__(self, name: str) -> TensorInfo:
         return self._tensors[name]
 
+    @property
+    def folders(self) -> list[Path]:
+        """Every folder this model is read from (an output must not be, contain or lie inside any of them)."""
+        return [self.folder]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 
@@ -328,20 +333,36 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
+def _local(reference: str, base_dir: Path | None) -> Path:
+    """A local path as written, or relative to ``base_dir`` where only that exists."""
+    path = Path(reference).expanduser()
+    if not path.exists() and not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    return path
+
+
 def open_checkpoint(reference: str, *, base_dir: Path | None = None, allow_pickle: bool = False) -> Checkpoint:
     """Open a model by local folder path (relative to ``base_dir`` if given) or hub id.
 
     Args:
-        reference: A model folder or a hub id, as the recipe names it.
+        reference: A model folder, ``BASE+ADAPTER`` (a model folder with a PEFT LoRA adapter applied), or a hub id.
         base_dir: Folder against which a relative path is also tried (the recipe's folder).
         allow_pickle: Read pickle (``.bin``/``.pt``) weights when the folder has no safetensors.
 
     Raises:
         CheckpointError: If the folder does not exist or is not a readable model, or the hub fails.
     """
-    path = Path(reference).expanduser()
-    if not path.exists() and not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
+    path = _local(reference, base_dir)
+    if not path.exists() and "+" in reference:  # BASE+ADAPTER: the base with a LoRA adapter applied
+        from modelfuse.lora.apply import AdaptedCheckpoint
+
+        base_ref, _, adapter_ref = reference.rpartition("+")
+        base_path, adapter_path = _local(base_ref, base_dir), _local(adapter_ref, base_dir)
+        for part, part_path in ((base_ref, base_path), (adapter_ref, adapter_path)):
+            if not part_path.is_dir():
+                raise CheckpointError(f"{reference}: no such folder {part!r} (BASE+ADAPTER names a base model folder "
+                                      "and a PEFT adapter folder)", path=str(part_path))
+        return AdaptedCheckpoint(base_path, adapter_path, reference, allow_pickle=allow_pickle)
     if path.is_dir():
         return Checkpoint(path, reference, allow_pickle=allow_pickle)
     if path.exists():

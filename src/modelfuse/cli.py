@@ -76,7 +76,7 @@ def merge(
     options = modelfuse.MergeOptions(**settings)
     options.memory_bytes()  # a bad budget fails before any work
     merge_plan = modelfuse.plan(recipe, allow_pickle=allow_pickle)
-    inputs = [checkpoint.folder for checkpoint in merge_plan.checkpoints.values()]
+    inputs = [folder for checkpoint in merge_plan.checkpoints.values() for folder in checkpoint.folders]
     check_output_location(out, inputs, overwrite=overwrite)  # refuse before any progress is shown
     _print_warnings(merge_plan.warnings)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -316,6 +316,26 @@ def finetune_command(
                     overwrite=overwrite)
     out_console.print(f"[green]fine-tuned[/] {done.steps} steps in {done.seconds:.0f} s: loss {done.first_loss:.3f} "
                       f"-> {done.last_loss:.3f}; saved {done.out}")
+
+
+lora_app = typer.Typer(help="LoRA adapters: apply one to its base model.", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command(name="apply", epilog="Example: modelfuse lora apply ./base ./adapter -o ./merged")
+def lora_apply_command(
+    base: Annotated[Path, typer.Argument(help="The base model folder the adapter was trained on.")],
+    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter folder (adapter_config.json + safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
+) -> None:
+    """Write BASE with ADAPTER merged in (as PEFT merge_and_unload), streamed tensor by tensor."""
+    import modelfuse
+    from modelfuse.lora import apply_adapter
+
+    done = apply_adapter(base, adapter, out, options=modelfuse.MergeOptions(overwrite=overwrite, resume=resume))
+    out_console.print(f"[green]applied[/] {adapter} to {base} -> {done}")
 
 
 def main() -> None:

@@ -582,7 +582,8 @@ def run_plan(
 
     inputs = {label: ckpt.folder for label, ckpt in plan.checkpoints.items()}
     options = options or MergeOptions()
-    check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
+    folders = [folder for ckpt in plan.checkpoints.values() for folder in ckpt.folders]
+    check_output_location(out, folders, overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
     journal = Journal(partial_folder(out), _merge_identity(plan, slots, options), options.sync_interval_s)
     if options.resume and partial_folder(out).is_dir():

@@ -1,0 +1,109 @@
+"""LoRA adapters applied to their base: equal to PEFT's merge_and_unload, through the CLI and in recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import modelfuse
+from conftest import Builder, Cli, assert_clean_failure, tiny_model
+
+pytestmark = pytest.mark.integration
+peft = pytest.importorskip("peft")
+
+
+def make_adapter(base: Path, out: Path, kind: str = "llama", seed: int = 1, **config: Any) -> Path:
+    """A PEFT LoRA adapter for the model in ``base``, with random (non-zero) A and B, saved to ``out``."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(base)
+    defaults: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**{**defaults, **config}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_merged(base: Path, adapter: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """PEFT's merge_and_unload of the adapter: the state dict, and the unmerged PEFT model (for logits)."""
+    import transformers as tf
+
+    model = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    merged = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}, model
+
+
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
+    "rslora-patterns": ("llama", {"use_rslora": True, "rank_pattern": {"down_proj": 2},
+                                  "alpha_pattern": {"v_proj": 3}}),
+    "embedding": ("llama", {"target_modules": ["embed_tokens", "o_proj"]}),
+    "gpt2-conv1d": ("gpt2", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lora_apply_equals_peft_merge_and_unload(case: str, run_cli: Cli, tmp_path: Path) -> None:
+    """`modelfuse lora apply`: every tensor equals PEFT's merge_and_unload, and the logits of the saved model
+    equal those of the PEFT model with the adapter (rank and alpha patterns, rsLoRA, embeddings, Conv1D)."""
+    import transformers as tf
+
+    kind, config = CASES[case]
+    base = tmp_path / "base"
+    tiny_model(kind).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", **config)
+    expected, peft_model = peft_merged(base, adapter)
+    out = tmp_path / "merged"
+    result = run_cli("lora", "apply", base, adapter, "-o", out)
+    assert result.returncode == 0, result.stderr
+    written = load_file(out / "model.safetensors")
+    adapted = [name for name in written if not torch.equal(written[name], load_file(base / "model.safetensors")
+                                                                [name])]
+    assert adapted, "the adapter changed nothing"
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=2e-6, msg=name)
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        ours = tf.AutoModelForCausalLM.from_pretrained(out).eval()(tokens).logits
+        theirs = peft_model(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_recipe_path_base_plus_adapter(make_family: Builder, tmp_path: Path) -> None:
+    """`path: BASE+ADAPTER` in a recipe merges the adapted model as if it had been applied and saved first."""
+    family = make_family("llama")
+    adapter = make_adapter(family["base"], tmp_path / "adapter")
+    applied = modelfuse.lora.apply_adapter(family["base"], adapter, tmp_path / "applied")
+
+    def ties(expert: str) -> dict[str, Any]:
+        return {"base": str(family["base"]), "method": "ties", "parameters": {"density": 0.5},
+                "models": [{"path": str(family["e1"])}, {"path": expert}]}
+
+    streamed = load_file(modelfuse.merge(ties(f"{family['base']}+{adapter}"), tmp_path / "a") / "model.safetensors")
+    saved = load_file(modelfuse.merge(ties(str(applied)), tmp_path / "b") / "model.safetensors")
+    assert streamed.keys() == saved.keys()
+    for name in saved:
+        torch.testing.assert_close(streamed[name], saved[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_unsupported_adapters_are_refused(run_cli: Cli, tmp_path: Path) -> None:
+    """DoRA, a missing adapter folder and an adapter for another base fail with one clear line each."""
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    dora = make_adapter(base, tmp_path / "dora", use_dora=True)
+    assert_clean_failure(run_cli("lora", "apply", base, dora, "-o", tmp_path / "o1"), "DoRA", "not support")
+    assert_clean_failure(run_cli("lora", "apply", base, tmp_path / "nope", "-o", tmp_path / "o2"), "no such folder")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    wrong = tmp_path / "wrong-base"
+    tiny_model("gpt2").save_pretrained(wrong)
+    assert_clean_failure(run_cli("lora", "apply", wrong, adapter, "-o", tmp_path / "o3"), "is it the adapter's base")
+    assert_clean_failure(run_cli("lora", "apply", base, adapter, "-o", adapter / "inside"), "inside an input")
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3")) and not (adapter / "inside").exists()
