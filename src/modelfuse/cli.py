@@ -318,7 +318,8 @@ def finetune_command(
                       f"-> {done.last_loss:.3f}; saved {done.out}")
 
 
-lora_app = typer.Typer(help="LoRA adapters: apply one to its base model.", no_args_is_help=True)
+lora_app = typer.Typer(help="LoRA adapters: apply one to its base model, extract one from a fine-tune.",
+                       no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 
 
@@ -336,6 +337,37 @@ def lora_apply_command(
 
     done = apply_adapter(base, adapter, out, options=modelfuse.MergeOptions(overwrite=overwrite, resume=resume))
     out_console.print(f"[green]applied[/] {adapter} to {base} -> {done}")
+
+
+@lora_app.command(name="extract",
+                  epilog="Example: modelfuse lora extract ./finetuned --base ./base --rank 16 -o ./adapter")
+def lora_extract_command(
+    finetuned: Annotated[Path, typer.Argument(help="The fine-tuned model folder.")],
+    base: Annotated[Path, typer.Option(help="The model it was fine-tuned from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (PEFT format).")],
+    rank: Annotated[int | None, typer.Option(min=1, help="Rank per module.")] = None,
+    energy: Annotated[float | None, typer.Option(help="Per module, the least rank keeping this energy, in (0, 1].")]
+    = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Truncated SVD of FINETUNED - BASE per linear module into a PEFT LoRA adapter; reports the energy kept."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from modelfuse.lora.extract import extract_adapter
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("extracting", total=None)
+        reports = extract_adapter(finetuned, base, out, rank=rank, energy=energy, overwrite=overwrite,
+                                  on_module=lambda _: progress.advance(task))
+    table = Table("module", "shape", "rank", "energy kept", "relative error", title=f"{out}")
+    for report in reports:
+        table.add_row(report.module, "x".join(map(str, report.shape)), str(report.rank), f"{report.energy:.4f}",
+                      f"{report.relative_error:.4f}")
+    out_console.print(table)
+    kept = sum(report.energy for report in reports) / len(reports)
+    out_console.print(f"[green]extracted[/] {len(reports)} modules -> {out}; mean energy kept {kept:.4f}, "
+                      f"lowest {min(report.energy for report in reports):.4f}")
 
 
 def main() -> None:
