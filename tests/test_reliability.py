@@ -466,3 +466,55 @@ def test_debug_shows_the_traceback(run_cli: Cli, tmp_path: Path) -> None:
     recipe.write_text("method: tiez\nmodels: [{path: A}]\n", encoding="utf-8")
     with pytest.raises(modelfuse.RecipeError, match="unknown method"):
         run_cli("--debug", "validate", recipe)
+
+
+def test_nonfinite_in_a_streamed_topk_tensor(guarded: Builder, tmp_path: Path) -> None:
+    """A top-k method streams large tensors block by block and finds thresholds first: NaN there is refused with
+    the same CheckpointError (model, tensor, counts), and --allow-nonfinite gives the unstreamed result."""
+    family = guarded("llama")
+    bad = _poisoned(family["e2"], tmp_path / "poisoned", POISONED, nan=3, inf=1)
+    recipe = ties_recipe({**family, "e2": bad})
+    streamed = modelfuse.MergeOptions(chunk_elements=256)
+    with pytest.raises(modelfuse.CheckpointError, match="3 NaN and 1 Inf"):
+        modelfuse.merge(recipe, tmp_path / "refused", options=streamed)
+    allowed = {"allow_nonfinite": True}
+    whole = load_file(modelfuse.merge(recipe, tmp_path / "whole", options=modelfuse.MergeOptions(**allowed))
+                      / "model.safetensors")
+    blocks = load_file(modelfuse.merge(recipe, tmp_path / "blocks", options=streamed.model_copy(update=allowed))
+                       / "model.safetensors")
+    assert all(torch.equal(whole[name], blocks[name]) for name in whole)
+
+
+def test_buffers_and_architecture_names_do_not_block_a_merge(guarded: Builder, tmp_path: Path) -> None:
+    """An expert that also stores rotary inv_freq buffers, or names its architecture differently with the same
+    tensors, still merges: buffers are left out of the output, the name difference is only a warning."""
+    family = guarded("llama")
+    buffered = copy_model(family["e2"], tmp_path / "buffered")
+    tensors = load_file(buffered / "model.safetensors")
+    for layer in range(3):
+        tensors[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, buffered / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((buffered / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (buffered / "config.json").write_text(json.dumps(config))
+    plan = modelfuse.plan(ties_recipe({**family, "e2": buffered}))
+    assert any("different architectures" in warning for warning in plan.warnings)
+    merged = load_file(modelfuse.merge(ties_recipe({**family, "e2": buffered}), tmp_path / "out") / "model.safetensors")
+    assert not any("inv_freq" in name for name in merged)
+
+
+def test_vocabulary_only_matters_for_the_models_giving_embeddings(guarded: Builder, tmp_path: Path) -> None:
+    """A frankenmerge that takes only middle layers from a model with more tokens merges; taking its embedding
+    (a slice at the start) is refused."""
+    family = guarded("llama")
+    bigger = _resized(family["e2"], tmp_path / "more-tokens", 72)
+
+    def slices(middle: Path, first: Path) -> dict[str, Any]:
+        return {"method": "passthrough", "slices": [
+            {"sources": [{"path": str(first), "layer_range": [0, 1]}]},
+            {"sources": [{"path": str(middle), "layer_range": [1, 2]}]},
+            {"sources": [{"path": str(family["e1"]), "layer_range": [2, 3]}]}]}
+
+    modelfuse.merge(slices(bigger, family["e1"]), tmp_path / "ok")
+    with pytest.raises(modelfuse.ShapeMismatchError, match="vocabulary sizes"):
+        modelfuse.plan(slices(family["e1"], bigger))

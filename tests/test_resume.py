@@ -277,3 +277,75 @@ def test_interrupted_non_merge_writes_leave_nothing(tmp_path: Path) -> None:
         (staging.path / "x").write_text("x")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+RESUME = EAGER.model_copy(update={"resume": True})
+
+
+def _interrupted(recipe: dict[str, Any], out: Path, monkeypatch: pytest.MonkeyPatch, calls: int = 5,
+                 options: modelfuse.MergeOptions = EAGER) -> None:
+    """Run ``recipe`` into ``out`` and stop it with Ctrl-C after ``calls`` tensors."""
+    interrupt_after(monkeypatch, calls=calls)
+    with pytest.raises(KeyboardInterrupt):
+        modelfuse.merge(recipe, out, options=options)
+    monkeypatch.undo()
+
+
+def test_torn_journal_line_and_lost_shard(guarded: Builder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal line torn by a kill is dropped (and cut off, so later records stay readable), and a tensor whose
+    shard file vanished is recomputed: the resumed output is still byte-identical."""
+    family = guarded("llama")
+    recipe = ties_recipe(family, shard_size="20KB")
+    reference = modelfuse.merge(recipe, tmp_path / "reference")
+    out = tmp_path / "out"
+    _interrupted(recipe, out, monkeypatch, calls=8)
+    journal = partial_folder(out) / JOURNAL_FILE
+    with journal.open("a") as handle:
+        handle.write('{"done": ["model.layers.2.mlp.up')  # torn
+    first_shard = sorted(partial_folder(out).glob("model-*.safetensors"))[0]
+    first_shard.unlink()
+    _interrupted(recipe, out, monkeypatch, calls=2, options=RESUME)  # the torn line must not swallow these
+    lines = journal.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    modelfuse.merge(recipe, out, options=RESUME)
+    assert hash_tree(out) == hash_tree(reference)
+
+
+def test_interruption_after_the_tensors_still_resumes(guarded: Builder, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the input hashes are awaited (every tensor written): --resume computes nothing and finishes."""
+    family = guarded("llama")
+    recipe = ties_recipe(family)
+    reference = modelfuse.merge(recipe, tmp_path / "reference")
+    out = tmp_path / "out"
+
+    def interrupted(self: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modelfuse.engine.BackgroundHashes, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        modelfuse.merge(recipe, out, options=EAGER)
+    monkeypatch.undo()
+    computed = count_computed(monkeypatch)
+    modelfuse.merge(recipe, out, options=RESUME)
+    assert computed == []
+    assert hash_tree(out) == hash_tree(reference)
+
+
+def test_failed_resume_keeps_the_earlier_work(guarded: Builder, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error during a resumed run keeps the partial output (and its journal) for another --resume."""
+    family = guarded("llama")
+    recipe = ties_recipe(family)
+    out = tmp_path / "out"
+    _interrupted(recipe, out, monkeypatch, calls=5)
+    interrupt_after(monkeypatch, calls=2, error=RuntimeError)
+    with pytest.raises(RuntimeError):
+        modelfuse.merge(recipe, out, options=RESUME)
+    monkeypatch.undo()
+    journal = (partial_folder(out) / JOURNAL_FILE).read_text().splitlines()
+    assert sum(len(json.loads(line).get("done", [])) for line in journal) == 7
+    computed = count_computed(monkeypatch)
+    modelfuse.merge(recipe, out, options=RESUME)
+    assert len(computed) == len(modelfuse.plan(recipe).jobs) - 7
+    assert not list(tmp_path.glob(".out*"))  # no partial folder, no lock file

@@ -47,6 +47,11 @@ class Architecture:
     per_layer_config_keys: tuple[str, ...]
     post_layer_patterns: tuple[str, ...]
     tied_head: dict[str, tuple[str, ...]]
+    buffer_patterns: tuple[str, ...] = ()
+
+    def is_buffer(self, name: str) -> bool:
+        """Whether ``name`` is a non-trained buffer (rotary frequencies, attention masks): never merged."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.buffer_patterns)
 
     def split(self, name: str) -> LayerName | None:
         """The layer parts of ``name``, or None for a tensor outside the layer stack."""
@@ -96,4 +101,5 @@ def detect_architecture(config: dict[str, Any], names: Iterable[str]) -> Archite
         per_layer_config_keys=tuple(default["per_layer_config_keys"]),
         post_layer_patterns=tuple(default["post_layer_patterns"]),
         tied_head={head: tuple(embeds) for head, embeds in default["tied_head"].items()},
+        buffer_patterns=tuple(default["buffer_patterns"]),
     )

@@ -20,15 +20,19 @@ _ANCESTRY_SAMPLES = 4  # weight matrices sampled per model
 _ANCESTRY_ROWS = 64  # rows read from each
 
 
-def architecture_problems(checkpoints: dict[str, Checkpoint]) -> list[str]:
-    """One line when the models' configs name different architectures (``architectures`` or ``model_type``)."""
+def architecture_difference(checkpoints: dict[str, Checkpoint]) -> str | None:
+    """One line when the models' configs name different architectures (``architectures`` or ``model_type``).
+
+    Only a hint: models of different names but identical tensors (a "llamafied" Mistral) merge fine, so the
+    tensor checks decide; this line explains their refusal, or is a warning when they pass.
+    """
     for key in ("architectures", "model_type"):
         seen = {label: _as_text(ckpt.config[key]) for label, ckpt in checkpoints.items() if ckpt.config.get(key)}
         if len(set(seen.values())) > 1:
             listing = ", ".join(f"{label} is {value}" for label, value in seen.items())
-            return [f"the models have different architectures ({key}): {listing}; merge models of one architecture "
-                    "(fine-tunes of the same base)"]
-    return []
+            return (f"the models have different architectures ({key}): {listing}; merge models of one architecture "
+                    "(fine-tunes of the same base)")
+    return None
 
 
 def _as_text(value: object) -> str:
@@ -84,6 +88,8 @@ def _tensor_kinds(ckpt: Checkpoint) -> set[str]:
     """Tensor names, with layer tensors reduced to ``layers.*.<rest>``."""
     kinds = set()
     for name in ckpt:
+        if ckpt.architecture.is_buffer(name):
+            continue
         parts = ckpt.architecture.split(name)
         kinds.add(name if parts is None else f"layers.*.{parts.rest}")
     return kinds
@@ -100,7 +106,8 @@ def untied_heads(checkpoints: dict[str, Checkpoint], reference: str) -> list[str
     for head in ref.architecture.tied_head:
         if head in ref or ref.resolve(head) is None:
             continue
-        if any(head in ckpt and ckpt.config.get("tie_word_embeddings") is not True for ckpt in checkpoints.values()):
+        # Untied only when the config says so: some architectures tie by default when the key is absent.
+        if any(head in ckpt and ckpt.config.get("tie_word_embeddings") is False for ckpt in checkpoints.values()):
             heads.append(head)
     return heads
 

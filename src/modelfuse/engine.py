@@ -315,11 +315,12 @@ def topk_thresholds(
         for row, (source, size) in enumerate(zip(inputs, sizes, strict=True)):
             values[row].copy_(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
             offset += size
-        if replace_nonfinite:  # as compat.replace_nonfinite: the base's by 0, then each model's by the base's
-            bad = ~torch.isfinite(values)
-            if bool(bad.any()):
-                values[-1][bad[-1]] = 0.0
-                values[:-1][bad[:-1]] = values[-1].expand_as(values[:-1])[bad[:-1]]
+        if not all_finite(values):
+            if not replace_nonfinite:  # refused with the model, tensor and counts, as in the merge itself
+                FiniteCheck(job, plan, False).inputs(list(values[:-1]), values[-1])
+            bad = ~torch.isfinite(values)  # as compat.replace_nonfinite: the base's by 0, each model's by the base's
+            values[-1][bad[-1]] = 0.0
+            values[:-1][bad[:-1]] = values[-1].expand_as(values[:-1])[bad[:-1]]
         return values[:-1].sub_(values[-1]).abs_()
 
     found = topk_kernel_thresholds(read, numel, [k for _, k in streams], chunk_elements=chunk_elements,
@@ -398,6 +399,7 @@ def _execute(
     _pin_allocator()
     fused.warm_up(len(job.sources) for job in plan.jobs)
     budget = _tensor_budget(options.memory_bytes(), options.threads)
+    journal.done &= {job.name for job in plan.jobs if writer.shard_exists(job.name)}  # a lost shard is redone
     for job in plan.jobs:
         if job.name in journal.done:
             writer.mark_written(job.name)
@@ -419,8 +421,9 @@ def _execute(
                 on_tensor(unit.job)
 
     def finish_oldest() -> int:
-        unit, future = pending.popleft()
-        future.result()
+        unit, future = pending[0]
+        future.result()  # an interruption here leaves the unit in pending, to be recorded if it finishes
+        pending.popleft()
         finished(unit)
         return unit.scratch_bytes
 
@@ -513,7 +516,7 @@ def _write_staged(
     tokenizer files and model card (not the provenance)."""
     from modelfuse import __version__
 
-    if not staging.resume:
+    if not journal.loaded:  # a new run, or a resumed one interrupted before its journal was started
         journal.start()
     reference = plan.checkpoints[plan.reference].folder
     copied = [name for name in COPIED_FILES if (reference / name).is_file()]
@@ -526,7 +529,6 @@ def _write_staged(
     finally:
         writer.abort()
     verify_written(staging.path, slots, writer.files)
-    journal.path.unlink()
     for name in copied:
         shutil.copyfile(reference / name, staging.path / name)
     (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
@@ -587,7 +589,7 @@ def run_plan(
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
     journal = Journal(partial_folder(out), _merge_identity(plan, slots, options), options.sync_interval_s)
     if options.resume and partial_folder(out).is_dir():
-        refuse_if_busy(out, partial_folder(out))
+        refuse_if_busy(out)
         journal.load()  # refuses another merge's partial output before anything is touched
     with _sigterm_interrupts(), StagingFolder(out, resumable=True, resume=options.resume,
                                               overwrite=options.overwrite) as staging:
@@ -599,6 +601,7 @@ def run_plan(
             hashes.cancel()  # nothing keeps reading the inputs once the merge has failed
             raise
         (staging.path / PROVENANCE_FILE).write_text(record, encoding="utf-8")
+        journal.path.unlink()  # kept to here: an interruption while hashing still resumes (with nothing left to do)
         staging.commit()
     for checkpoint in plan.checkpoints.values():
         checkpoint.close()

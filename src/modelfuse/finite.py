@@ -19,16 +19,15 @@ def all_finite_inputs(raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None
     return all(all_finite(tensor) for tensor in [*raw, *([raw_base] if raw_base is not None else [])])
 
 
-_warned: set[tuple[int, str, str]] = set()  # (plan, model, tensor) already reported
 _warned_lock = threading.Lock()
 
 
 def _warn_replaced(plan: MergePlan, source: Source, counts: Callable[[Source], tuple[int, int]], by: str) -> None:
     """Log once per merge, model and tensor that the tensor's non-finite entries are replaced ``by`` something."""
     with _warned_lock:
-        if (id(plan), source.model, source.name) in _warned:
+        if (source.model, source.name) in plan.nonfinite_reported:
             return
-        _warned.add((id(plan), source.model, source.name))
+        plan.nonfinite_reported.add((source.model, source.name))
     nan, inf = counts(source)
     log.warning("%s: tensor %r holds %d NaN and %d Inf value(s); replaced by %s (--allow-nonfinite)",
                 source.model, source.name, nan, inf, by)

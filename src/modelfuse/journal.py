@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfuse.errors import OutputError
+from modelfuse.writer import sync_folder
 
 JOURNAL_FILE = ".modelfuse-journal.jsonl"
 
@@ -50,6 +51,7 @@ class Journal:
         self.digest = digest
         self.sync_interval_s = sync_interval_s
         self.done: set[str] = set()
+        self.loaded = False  # an earlier run's journal was read (load)
         self._pending: list[str] = []
         self._last_sync = time.monotonic()
 
@@ -58,29 +60,43 @@ class Journal:
         self._append({"merge": self.digest})
 
     def load(self) -> None:
-        """Read the tensors an interrupted run of this merge finished (before resuming it).
+        """Read the tensors an interrupted run of this merge finished (before resuming it); a staging folder
+        without a journal (interrupted before it started) has nothing finished.
 
         Raises:
-            OutputError: If the journal is missing or belongs to another merge.
+            OutputError: If the journal belongs to another merge.
         """
-        self.done = self._read()
+        if not self.path.exists():
+            return
+        done = self._read()
+        if done is None:  # killed while the first line was written: nothing was recorded
+            self.path.unlink()
+            return
+        self.done = done
+        self.loaded = True
 
-    def _read(self) -> set[str]:
+    def _read(self) -> set[str] | None:
         staging = self.path.parent
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            raise OutputError(f"{staging}: no resume journal in the partial output; pass --overwrite to start "
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise OutputError(f"{self.path}: cannot read the resume journal ({error}); pass --overwrite to start "
                               "again", path=str(staging)) from None
+        complete = text[: text.rfind("\n") + 1]  # a line torn by a kill while it was appended is dropped
+        if not complete:
+            return None
         records = []
-        for line in lines:
+        for line in complete.splitlines():
             try:
                 records.append(json.loads(line))
-            except ValueError:  # a line torn by a kill while it was appended: nothing after it was written
+            except ValueError:
                 break
         if not records or not isinstance(records[0], dict) or records[0].get("merge") != self.digest:
             raise OutputError(f"{staging}: the partial output comes from a different recipe, different input files "
                               "or other options; pass --overwrite to discard it and start again", path=str(staging))
+        if complete != text:  # cut the torn tail off, so that records appended on resume start on a new line
+            with self.path.open("r+", encoding="utf-8") as handle:
+                handle.truncate(len(complete.encode("utf-8")))
         done: set[str] = set()
         for record in records[1:]:
             if isinstance(record, dict) and isinstance(record.get("done"), list):
@@ -105,10 +121,13 @@ class Journal:
 
     def _append(self, record: dict[str, Any]) -> None:
         try:
+            created = not self.path.exists()
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+            if created:
+                sync_folder(self.path.parent)  # the journal's own folder entry
         except OSError as error:
             raise OutputError(f"{self.path}: cannot write the resume journal ({error.strerror}); check free space",
                               path=str(self.path)) from None

@@ -58,6 +58,7 @@ class MergePlan:
     config: dict[str, Any]
     layer_map: list[tuple[str, int]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    nonfinite_reported: set[tuple[str, str]] = field(default_factory=set)  # (model, tensor) warned of, this run
 
     @property
     def read_bytes(self) -> int:
@@ -166,11 +167,16 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         checkpoints[reference] = open_checkpoint(reference, base_dir=base_dir, allow_pickle=allow_pickle)
     ref = checkpoints[reference]
     arch = ref.architecture
-    mismatches = compat.architecture_problems(checkpoints) or [
-        *compat.vocabulary_problems(checkpoints, reference), *compat.extra_tensor_problems(checkpoints, reference)]
-    if mismatches:
-        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(mismatches))
     groups = _groups(recipe, checkpoints, reference)
+    # The embedding and head come from the first and last groups' models: only theirs must share a vocabulary.
+    ends = {entry.path for group in (groups[0], groups[-1]) for entry in [*group.entries, *filter(None, [group.base])]}
+    architectures = compat.architecture_difference(checkpoints)
+    mismatches = [*compat.vocabulary_problems({label: checkpoints[label] for label in checkpoints
+                                               if label in ends or label == reference}, reference),
+                  *compat.extra_tensor_problems(checkpoints, reference)]
+    if mismatches:
+        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(
+            [*filter(None, [architectures]), *mismatches]))
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     jobs: list[TensorJob] = []
     problems: list[str] = []
@@ -204,7 +210,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
 
     everyone = lambda group: [*group.entries, *([group.base] if group.base else [])]  # noqa: E731
     heads = compat.untied_heads(checkpoints, reference)
-    outside = [name for name in ref if arch.position(name) != "layer"] + heads
+    outside = [name for name in ref if arch.position(name) != "layer" and not arch.is_buffer(name)] + heads
     for name in outside:
         if arch.position(name) == "pre":
             group, depth = groups[0], 0.0
@@ -227,7 +233,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
             layer_map.append((first.path, source_layer))
             for name in template_model:
                 parts = template_model.architecture.split(name)
-                if parts is None or parts.index != source_layer:
+                if parts is None or parts.index != source_layer or template_model.architecture.is_buffer(name):
                     continue
                 names = {}
                 for entry in everyone(group):
@@ -237,7 +243,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
             out_layer += 1
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(shown))
+        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(
+            [*filter(None, [architectures]), *shown]))
     zero_sums = _zero_weight_sums(jobs)
     if zero_sums:
         raise RecipeError(zero_sums)
@@ -245,7 +252,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     config = _output_config(ref, recipe, layer_map, out_layer)
     if heads:
         config["tie_word_embeddings"] = False
-    warnings = [f"{label}: stores its own {name!r} (untied), {reference} ties it to the embedding; the output "
+    warnings = [*filter(None, [architectures])]
+    warnings += [f"{label}: stores its own {name!r} (untied), {reference} ties it to the embedding; the output "
                 "stores the merged head and is saved untied" for name in heads
                 for label, ckpt in checkpoints.items() if name in ckpt]
     if recipe.base and spec.base != "unused":

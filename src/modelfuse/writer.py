@@ -6,6 +6,7 @@ so an interrupted merge never leaves an output that looks finished.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -181,6 +182,15 @@ class ShardWriter:
             except OSError as error:
                 raise OutputError(f"{self.folder / self.files[shard_index]}: cannot sync the shard ({error.strerror})",
                                   path=str(self.folder)) from None
+        try:
+            sync_folder(self.folder)  # the shard files' entries in the folder
+        except OSError as error:
+            raise OutputError(f"{self.folder}: cannot sync the folder ({error.strerror})",
+                              path=str(self.folder)) from None
+
+    def shard_exists(self, name: str) -> bool:
+        """Whether the shard file that holds tensor ``name`` is on disk (a resumed run checks its journal)."""
+        return (self.folder / self.files[self._places[name][0]]).is_file()
 
     def _check_block(self, slot: TensorSlot, block: torch.Tensor) -> None:
         if block.dtype != slot.dtype or tuple(block.shape[1:]) != slot.shape[1:]:
@@ -268,6 +278,21 @@ class ShardWriter:
             self._descriptors.clear()
 
 
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the files created in it survive a power loss (Linux; a no-op where unsupported)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EBADF):  # file systems that cannot sync folders
+            raise
+    finally:
+        os.close(descriptor)
+
+
 def _pwrite_all(descriptor: int, data: memoryview, offset: int) -> None:
     """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
     done = 0
@@ -330,8 +355,9 @@ class StagingFolder:
     """A temporary sibling folder that becomes ``out`` on ``commit`` and is removed on failure.
 
     A resumable staging folder has a fixed name (``.<out>.modelfuse-partial``) and is kept when the work is
-    interrupted (KeyboardInterrupt, or SIGTERM turned into one), so that ``resume`` can continue it; any other
-    error removes it. A lock held while it is in use stops two processes from writing the same output.
+    interrupted (KeyboardInterrupt, or SIGTERM turned into one), and on any error of a resumed run, so that
+    ``resume`` can continue it; other errors remove it. While it is in use, a lock on a file beside it
+    (``.<out>.modelfuse-lock``, removed after) stops two processes from writing the same output.
 
     Args:
         out: The final output folder.
@@ -352,37 +378,42 @@ class StagingFolder:
     def __enter__(self) -> StagingFolder:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            if self.resumable:
+                self._lock = _take_lock(self.out)
             if self.resume and not self.path.is_dir():
                 raise OutputError(f"{self.out}: nothing to resume (no partial output {self.path.name} beside it); "
                                   "run without --resume", path=str(self.out))
             if self.path.exists() and not self.resume:
-                refuse_if_busy(self.out, self.path)
                 if self.resumable and not self.overwrite:
                     raise OutputError(f"{self.out}: an interrupted merge left a partial output ({self.path}); pass "
                                       "--resume to continue it, or --overwrite to discard it", path=str(self.out))
                 shutil.rmtree(self.path)
             self.path.mkdir(exist_ok=self.resume)
-            self._lock = _try_lock(self.path)
-            if self._lock is None:
-                refuse_if_busy(self.out, self.path)
-        except OSError as error:
-            raise OutputError(f"{self.out}: cannot create the output ({error.strerror})", path=str(self.out)) from None
+        except BaseException as error:
+            self._release()
+            if isinstance(error, OSError):
+                raise OutputError(f"{self.out}: cannot create the output ({error.strerror})",
+                                  path=str(self.out)) from None
+            raise
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))
-        self.kept = self.resumable and interrupted and self.path.exists()
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        self.kept = self.resumable and kind is not None and (interrupted or self.resume) and self.path.exists()
         if self.path.exists() and not self.kept:
             shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            lock_file(self.out).unlink(missing_ok=True)  # before closing: a newcomer then locks a new file
+            os.close(self._lock)
+            self._lock = None
 
     def commit(self) -> None:
         """Atomically put the finished folder in place (replacing an old output, if any)."""
-        (self.path / _LOCK_FILE).unlink(missing_ok=True)
         old = self.out.parent / f".{self.out.name}.modelfuse-old-{os.getpid()}"
         if self.out.exists():
             self.out.rename(old)
@@ -391,29 +422,33 @@ class StagingFolder:
             shutil.rmtree(old, ignore_errors=True)
 
 
-_LOCK_FILE = ".modelfuse-lock"
+def lock_file(out: Path) -> Path:
+    """The lock file of a resumable write of ``out``."""
+    return out.parent / f".{out.name}.modelfuse-lock"
 
 
-def refuse_if_busy(out: Path, staging: Path) -> None:
-    """Refuse when another process holds the staging folder's lock (it is writing ``out``).
+def refuse_if_busy(out: Path) -> None:
+    """Refuse when another process is writing ``out`` (holds its lock).
 
     Raises:
-        OutputError: Naming the output and the staging folder.
+        OutputError: Naming the output.
     """
-    lock = _try_lock(staging) if staging.is_dir() else None
-    if lock is None and staging.is_dir():
-        raise OutputError(f"{out}: another modelfuse process is writing this output ({staging}); wait for it or "
-                          "stop it", path=str(out))
-    if lock is not None:
-        os.close(lock)
+    descriptor = _take_lock(out)
+    lock_file(out).unlink(missing_ok=True)
+    os.close(descriptor)
 
 
-def _try_lock(folder: Path) -> int | None:
-    """An exclusive lock on the folder's lock file (its descriptor), or None when another process holds it."""
-    descriptor = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _take_lock(out: Path) -> int:
+    """An exclusive lock on ``out``'s lock file (its descriptor).
+
+    Raises:
+        OutputError: If another process holds it.
+    """
+    descriptor = os.open(lock_file(out), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        return None
+        raise OutputError(f"{out}: another modelfuse process is writing this output ({partial_folder(out)}); wait "
+                          "for it or stop it", path=str(out)) from None
     return descriptor

@@ -9,7 +9,7 @@ import torch
 
 from modelfuse.checkpoint import Checkpoint
 from modelfuse.errors import CheckpointError
-from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.lora.adapter import ADAPTER_CONFIG, LoraAdapter
 from modelfuse.options import MergeOptions
 
 
@@ -31,7 +31,7 @@ class AdaptedCheckpoint(Checkpoint):
     def __init__(self, base: Path, adapter: Path, label: str | None = None, *, allow_pickle: bool = False) -> None:
         super().__init__(base, label or f"{base}+{adapter}", allow_pickle=allow_pickle)
         self.adapter = LoraAdapter(adapter)
-        self.files = [*self.files, self.adapter.file]
+        self.files = [*self.files, self.adapter.file, self.adapter.folder / ADAPTER_CONFIG]  # a resume's identity
         for name, stored in self.adapter.replaced.items():
             if name not in self or self[name].shape != self.adapter.infos[stored].shape:
                 raise CheckpointError(f"{adapter}: stores its own {name!r} of shape "

@@ -1,0 +1,157 @@
+"""Merge LoRA adapters of one base into one adapter.
+
+Per module, adapter ``i`` contributes ``delta_i = s_i * B_i @ A_i`` (``[out, in]``) with weight ``w_i``:
+
+- ``cat`` (also ``linear``): LoRA Soups CAT (Prabhakar et al. 2024, https://arxiv.org/abs/2410.13025):
+  ``A = [A_1; ...; A_n]`` and ``B = [w_1 s_1 B_1, ..., w_n s_n B_n]``, of rank ``sum r_i``, so ``B @ A`` is
+  exactly ``sum_i w_i delta_i``.
+- ``svd``: ``sum_i w_i delta_i``, truncated to ``rank`` by SVD (the energy kept is reported).
+- ``ties`` / ``dare``: TIES-Merging (https://arxiv.org/abs/2306.01708) or DARE (https://arxiv.org/abs/2311.03099)
+  of the full deltas as task vectors (base 0), then truncated to ``rank`` by SVD.
+Adapters lacking a module contribute nothing to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.kernels.random import RandomField
+from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.lora.extract import save_adapter, truncated_factors
+from modelfuse.methods.dare import dare_linear
+from modelfuse.methods.ties import ties
+from modelfuse.writer import StagingFolder, check_output_location
+
+LORA_MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare")
+
+
+@dataclass(frozen=True)
+class MergedModule:
+    """What the merge kept of one module."""
+
+    module: str
+    rank: int
+    energy: float  # share of the combined delta's energy kept by the rank truncation (1 for cat)
+
+
+def _factors(adapter: LoraAdapter, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s B, A)`` of one module in the ``[out, in]`` orientation of ``B @ A``, float32."""
+    a, b = (factor.to(torch.float32) for factor in adapter.factors(weight))
+    return b * adapter.modules[weight].scale, a
+
+
+def merge_module(
+    method: str,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+    weights: Sequence[float],
+    *,
+    rank: int | None = None,
+    density: float = 0.5,
+    noise: RandomField | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, energy kept)`` of one module merged from each adapter's ``(s B, A)`` (None where it lacks it).
+
+    ``rank`` bounds the result of ``svd``/``ties``/``dare`` (default: the largest input rank); ``density``
+    is the fraction of entries TIES and DARE keep; ``noise`` gives DARE's drops.
+    """
+    present = [(pair, w) for pair, w in zip(factors, weights, strict=True) if pair is not None]
+    if method in ("cat", "linear"):
+        b = torch.cat([w * pair[0] for pair, w in present], dim=1)
+        a = torch.cat([pair[1] for pair, _ in present], dim=0)
+        return b, a, 1.0
+    target = rank or max(pair[1].shape[0] for pair, _ in present)
+    deltas = [pair[0] @ pair[1] for pair, _ in present]
+    used = [w for _, w in present]
+    zero = torch.zeros_like(deltas[0])
+    if method == "svd":
+        combined = sum((w * d for d, w in zip(deltas[1:], used[1:], strict=True)), used[0] * deltas[0])
+    elif method == "ties":
+        combined = ties(deltas, zero, weight=used, density=[density] * len(deltas))
+    elif method == "dare":
+        assert noise is not None
+        combined = dare_linear(deltas, zero, weight=used, density=[density] * len(deltas), noise=noise)
+    else:
+        raise RecipeError(f"unknown LoRA merge method {method!r}; use one of {', '.join(LORA_MERGE_METHODS)}")
+    return truncated_factors(combined, rank=target)
+
+
+def merge_adapters(
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str = "cat",
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+    overwrite: bool = False,
+    on_module: Callable[[str], None] | None = None,
+) -> list[MergedModule]:
+    """Merge PEFT LoRA adapters of one base model into one adapter folder.
+
+    Args:
+        adapters: Adapter folders.
+        out: The adapter folder to write.
+        method: ``cat``/``linear``, ``svd``, ``ties`` or ``dare``.
+        weights: Per adapter (default 1 each).
+        rank: Rank of ``svd``/``ties``/``dare`` results (default: the largest input rank of each module).
+        density: Fraction of entries kept by ``ties``/``dare``, in (0, 1].
+        seed: DARE's random seed.
+        overwrite: Replace an existing ``out``.
+        on_module: Called with each module once merged (progress).
+
+    Returns:
+        Per module: its rank and the energy kept.
+
+    Raises:
+        RecipeError: For a bad method, weights or parameter.
+        ShapeMismatchError: If the adapters adapt one module with different shapes or layouts.
+    """
+    from modelfuse.engine import tensor_seed
+
+    if method not in LORA_MERGE_METHODS:
+        raise RecipeError(f"--method {method!r}: use one of {', '.join(LORA_MERGE_METHODS)}")
+    if len(adapters) < 2:
+        raise RecipeError("give at least two adapters to merge")
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise RecipeError(f"--weight: give one per adapter ({len(adapters)}), got {len(weights)}")
+    if rank is not None and rank < 1:
+        raise RecipeError(f"--rank: expected a positive integer, got {rank}")
+    if not 0.0 < density <= 1.0:
+        raise RecipeError(f"--density: expected a fraction in (0, 1], got {density}")
+    loaded = [LoraAdapter(Path(folder)) for folder in adapters]
+    out = Path(out)
+    check_output_location(out, [adapter.folder for adapter in loaded], overwrite=overwrite)
+    layouts = {bool(adapter.config.get("fan_in_fan_out")) for adapter in loaded}
+    if len(layouts) > 1:
+        raise ShapeMismatchError("the adapters disagree on fan_in_fan_out (different base architectures)")
+    modules = sorted({name for adapter in loaded for name in adapter.modules})
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    embeddings = set()
+    reports = []
+    for name in modules:
+        pairs = [_factors(adapter, name) if name in adapter.modules else None for adapter in loaded]
+        shapes = {(pair[0].shape[0], pair[1].shape[1]) for pair in pairs if pair is not None}
+        if len(shapes) > 1:
+            raise ShapeMismatchError(f"module {name!r} has different shapes in the adapters: {sorted(shapes)}")
+        noise = RandomField(tensor_seed(seed, name)) if method == "dare" else None
+        b, a, energy = merge_module(method, pairs, weights, rank=rank, density=density, noise=noise)
+        module = name.removesuffix(".weight")
+        factors[module] = (b, a)
+        if any(adapter.modules[name].transposed and not adapter.config.get("fan_in_fan_out")
+               for adapter in loaded if name in adapter.modules):
+            embeddings.add(module)
+        reports.append(MergedModule(module, a.shape[0], energy))
+        if on_module is not None:
+            on_module(module)
+    base = str(loaded[0].config.get("base_model_name_or_path") or "")
+    with StagingFolder(out) as staging:
+        save_adapter(staging.path, factors, base=base, fan_in_fan_out=layouts.pop(), embeddings=embeddings)
+        staging.commit()
+    return reports
