@@ -318,7 +318,7 @@ def finetune_command(
                       f"-> {done.last_loss:.3f}; saved {done.out}")
 
 
-lora_app = typer.Typer(help="LoRA adapters: apply one to its base model, extract one from a fine-tune.",
+lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 
@@ -368,6 +368,29 @@ def lora_extract_command(
     kept = sum(report.energy for report in reports) / len(reports)
     out_console.print(f"[green]extracted[/] {len(reports)} modules -> {out}; mean energy kept {kept:.4f}, "
                       f"lowest {min(report.energy for report in reports):.4f}")
+
+
+@lora_app.command(name="merge", epilog="Example: modelfuse lora merge ./math ./code -o ./both --method svd --rank 16")
+def lora_merge_command(
+    adapters: Annotated[list[Path], typer.Argument(help="Two or more PEFT LoRA adapter folders of one base.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
+    method: Annotated[str, typer.Option(help="cat (= linear: exact sum), svd, ties or dare.")] = "cat",
+    weight: Annotated[list[float] | None, typer.Option(help="Per adapter, repeated in order (default 1).")] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="Rank of svd/ties/dare results (default: largest input).")]
+    = None,
+    density: Annotated[float, typer.Option(help="Fraction of entries ties/dare keep.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of dare's drops.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Merge LoRA adapters into one: CAT concatenation (exact), or SVD / TIES / DARE of the deltas back to a rank."""
+    from modelfuse.lora.merge import merge_adapters
+
+    reports = merge_adapters(adapters, out, method=method, weights=weight, rank=rank, density=density, seed=seed,
+                             overwrite=overwrite)
+    energy = min(report.energy for report in reports)
+    out_console.print(f"[green]merged[/] {len(adapters)} adapters with {method}: {len(reports)} modules, ranks "
+                      f"{min(r.rank for r in reports)}-{max(r.rank for r in reports)}, lowest energy kept "
+                      f"{energy:.4f} -> {out}")
 
 
 def main() -> None:

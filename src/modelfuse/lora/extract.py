@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,14 @@ def linear_weights(model: Checkpoint) -> list[str]:
 
 
 def save_adapter(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, base: str,
-                 fan_in_fan_out: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 fan_in_fan_out: bool = False, embeddings: Collection[str] = (),
+                 dtype: torch.dtype = torch.float32) -> None:
     """Write a PEFT LoRA adapter folder: ``factors`` maps a module name to ``(B [out, r], A [r, in])``, applied
-    with scale 1 (``lora_alpha`` equals each module's rank, per-module ranks in ``rank_pattern``/``alpha_pattern``)."""
+    with scale 1 (``lora_alpha`` equals each module's rank, per-module ranks in ``rank_pattern``/``alpha_pattern``).
+
+    Modules in ``embeddings`` are embedding layers: their factors are PEFT's ``lora_embedding_B`` ``[dim, r]``
+    and ``lora_embedding_A`` ``[r, vocab]``.
+    """
     ranks = {module: a.shape[0] for module, (_, a) in factors.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     patterns = {re.escape(module): rank for module, rank in ranks.items() if rank != common}
@@ -82,8 +87,10 @@ def save_adapter(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]
     }
     tensors = {}
     for module, (b, a) in factors.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if module in embeddings else ("lora_A.weight",
+                                                                                             "lora_B.weight")
+        tensors[f"base_model.model.{module}.{a_key}"] = a.to(dtype).contiguous()
+        tensors[f"base_model.model.{module}.{b_key}"] = b.to(dtype).contiguous()
     save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

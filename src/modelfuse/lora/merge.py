@@ -144,8 +144,7 @@ def merge_adapters(
         b, a, energy = merge_module(method, pairs, weights, rank=rank, density=density, noise=noise)
         module = name.removesuffix(".weight")
         factors[module] = (b, a)
-        if any(adapter.modules[name].transposed and not adapter.config.get("fan_in_fan_out")
-               for adapter in loaded if name in adapter.modules):
+        if any("lora_embedding_A" in adapter.modules[name].a_name for adapter in loaded if name in adapter.modules):
             embeddings.add(module)
         reports.append(MergedModule(module, a.shape[0], energy))
         if on_module is not None:
