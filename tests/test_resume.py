@@ -131,14 +131,14 @@ def test_second_writer_is_refused(guarded: Builder, tmp_path: Path) -> None:
 
 
 KILLER = """
-import os, signal, sys
+import os, signal, sys, threading
 import modelfuse, modelfuse.engine
 real = modelfuse.engine.compute_tensor
 calls = []
 def stopping(job, *args, **kwargs):
     calls.append(job.name)
-    if len(calls) == {stop_at}:
-        os.kill(os.getpid(), signal.{signal_name})
+    if len(calls) == {stop_at}:  # to the main thread, as a terminal's Ctrl-C reaches a process
+        signal.pthread_kill(threading.main_thread().ident, signal.{signal_name})
     return real(job, *args, **kwargs)
 modelfuse.engine.compute_tensor = stopping
 {run}
