@@ -582,10 +582,11 @@ def run_plan(
     """
     from modelfuse import __version__
 
-    inputs = {label: ckpt.folder for label, ckpt in plan.checkpoints.items()}
+    # Every folder read, hashed for the provenance record: a BASE+ADAPTER model's adapter folder too.
+    inputs = {label if index == 0 else f"{label} (adapter)": folder
+              for label, ckpt in plan.checkpoints.items() for index, folder in enumerate(ckpt.folders)}
     options = options or MergeOptions()
-    folders = [folder for ckpt in plan.checkpoints.values() for folder in ckpt.folders]
-    check_output_location(out, folders, overwrite=options.overwrite)
+    check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
     journal = Journal(partial_folder(out), _merge_identity(plan, slots, options), options.sync_interval_s)
     if options.resume and partial_folder(out).is_dir():

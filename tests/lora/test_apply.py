@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ def test_recipe_path_base_plus_adapter(make_family: Builder, tmp_path: Path) -> 
                 "models": [{"path": str(family["e1"])}, {"path": expert}]}
 
     streamed = load_file(modelfuse.merge(ties(f"{family['base']}+{adapter}"), tmp_path / "a") / "model.safetensors")
+    record = json.loads((tmp_path / "a" / "modelfuse_provenance.json").read_text())
+    assert "adapter_model.safetensors" in record["inputs"][f"{family['base']}+{adapter} (adapter)"]
     saved = load_file(modelfuse.merge(ties(str(applied)), tmp_path / "b") / "model.safetensors")
     assert streamed.keys() == saved.keys()
     for name in saved:
