@@ -40,9 +40,18 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
+    lora: str | None = Field(default=None, min_length=1, description="PEFT LoRA adapter folder applied to the "
+                             "model (the same as path: MODEL+ADAPTER)")
     weight: ParamValue | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     layer_range: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _fold_lora(self) -> ModelEntry:
+        """``lora: ADAPTER`` is stored as ``path: MODEL+ADAPTER``, the one form the planner reads."""
+        if self.lora is not None:
+            self.path, self.lora = f"{self.path}+{self.lora}", None
+        return self
 
     def parameter_values(self) -> dict[str, ParamValue]:
         """This model's parameters, with ``weight`` folded in."""

@@ -95,3 +95,16 @@ def test_unsupported_adapters_are_refused(run_cli: Cli, tmp_path: Path) -> None:
     assert_clean_failure(run_cli("lora", "apply", wrong, adapter, "-o", tmp_path / "o3"), "is it the adapter's base")
     assert_clean_failure(run_cli("lora", "apply", base, adapter, "-o", adapter / "inside"), "inside an input")
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3")) and not (adapter / "inside").exists()
+
+
+def test_recipe_lora_field(make_family: Builder, tmp_path: Path) -> None:
+    """`lora: ADAPTER` on a model entry is the same model as `path: MODEL+ADAPTER`."""
+    family = make_family("llama")
+    adapter = make_adapter(family["base"], tmp_path / "adapter")
+    recipe = modelfuse.load_recipe({"base": str(family["base"]), "method": "task_arithmetic", "models": [
+        {"path": str(family["e1"])}, {"path": str(family["base"]), "lora": str(adapter), "weight": 0.5}]})
+    assert recipe.models is not None and recipe.models[1].path == f"{family['base']}+{adapter}"
+    plan = modelfuse.plan(recipe)
+    assert f"{family['base']}+{adapter}" in plan.checkpoints
+    with pytest.raises(modelfuse.RecipeError, match="lora"):
+        modelfuse.load_recipe({"method": "linear", "models": [{"path": "a", "lora": ""}, {"path": "b"}]})
