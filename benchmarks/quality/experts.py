@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from modelfuse.evaluation.finetune import finetune
 
@@ -34,19 +35,24 @@ def make_experts(base: Path, specs: dict[str, str], folder: Path) -> dict[str, P
     """The expert folders, fine-tuning those not cached yet (a settings file next to each marks it done)."""
     experts = {}
     for name, spec in specs.items():
-        out = folder / name
-        settings = expert_settings(base, spec)
-        marker = folder / f"{name}.json"
-        if not (out.is_dir() and marker.is_file() and json.loads(marker.read_text())["settings"] == settings):
-            log.info("fine-tuning the %s expert (%d steps)", name, STEPS)
-            result = finetune(base, spec, out, steps=STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE, seed=SEED,
-                              overwrite=True,
-                              on_step=lambda step, loss: log.info("  step %d loss %.3f", step, loss)
-                              if step % 20 == 0 else None)
-            marker.write_text(json.dumps({"settings": settings, "first_loss": result.first_loss,
-                                          "last_loss": result.last_loss, "seconds": result.seconds}, indent=1))
-        experts[name] = out
+        experts[name] = train_once(base, spec, folder / name, expert_settings(base, spec), lr=LEARNING_RATE)
     return experts
+
+
+def train_once(base: Path, spec: str, out: Path, settings: dict[str, object], **options: Any) -> Path:
+    """Fine-tune ``base`` on ``spec`` into ``out`` unless a marker beside it records the same ``settings``.
+
+    ``options`` go to ``finetune`` (learning rate, LoRA rank and alpha); steps, batch size and seed are shared.
+    """
+    marker = out.with_name(f"{out.name}.json")
+    if not (out.is_dir() and marker.is_file() and json.loads(marker.read_text())["settings"] == settings):
+        log.info("fine-tuning %s (%d steps)", out.name, STEPS)
+        result = finetune(base, spec, out, steps=STEPS, batch_size=BATCH_SIZE, seed=SEED, overwrite=True,
+                          on_step=lambda step, loss: log.info("  step %d loss %.3f", step, loss)
+                          if step % 20 == 0 else None, **options)
+        marker.write_text(json.dumps({"settings": settings, "first_loss": result.first_loss,
+                                      "last_loss": result.last_loss, "seconds": result.seconds}, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from base_model import DEFAULT_CACHE, smollm2_base
-from experts import BATCH_SIZE, SEED, STEPS, expert_specs
+from experts import BATCH_SIZE, SEED, STEPS, expert_specs, train_once
 from run import RESULTS, Limits, Scorer
 from tasks import write_task_files
 
 import modelfuse
-from modelfuse.evaluation.finetune import finetune
 from modelfuse.evaluation.tasks import load_task
 from modelfuse.lora import apply_adapter
 from modelfuse.lora.merge import merge_adapters
@@ -54,16 +53,8 @@ def lora_experts(base: Path, specs: dict[str, str], folder: Path) -> dict[str, P
     for name in TASKS:
         settings = {"base": str(base), "task": specs[name], "steps": STEPS, "batch_size": BATCH_SIZE,
                     "lr": LEARNING_RATE, "rank": RANK, "alpha": ALPHA, "seed": SEED}
-        out, marker = folder / name, folder / f"{name}.json"
-        if not (out.is_dir() and marker.is_file() and json.loads(marker.read_text())["settings"] == settings):
-            log.info("training the %s LoRA expert (%d steps, rank %d)", name, STEPS, RANK)
-            result = finetune(base, specs[name], out, steps=STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
-                              seed=SEED, lora_rank=RANK, lora_alpha=ALPHA, overwrite=True,
-                              on_step=lambda step, loss: log.info("  step %d loss %.3f", step, loss)
-                              if step % 20 == 0 else None)
-            marker.write_text(json.dumps({"settings": settings, "first_loss": result.first_loss,
-                                          "last_loss": result.last_loss, "seconds": result.seconds}, indent=1))
-        adapters[name] = out
+        adapters[name] = train_once(base, specs[name], folder / name, settings, lr=LEARNING_RATE, lora_rank=RANK,
+                                    lora_alpha=ALPHA)
     return adapters
 
 
@@ -97,13 +88,14 @@ def main() -> None:
     for label, settings in METHODS.items():
         score_key = f"lora-{_digest(settings)}-{key}"
         merged, model = work / "merged-adapter", work / "merged-model"
-        seconds = None
-        if not scorer.cached(score_key, "test"):
+        timing = scorer.cache / f"{score_key}.seconds"  # kept with the scores, so a rerun reports it too
+        if not (scorer.cached(score_key, "test") and timing.is_file()):
             began = time.perf_counter()
             merge_adapters(list(adapters.values()), merged, overwrite=True, **settings)
-            seconds = time.perf_counter() - began
+            timing.write_text(f"{time.perf_counter() - began:.3f}")
             apply_adapter(base, merged, model, options=REPLACE)
-        results["methods"][label] = {"scores": scorer.score(score_key, model, "test"), "merge_seconds": seconds}
+        results["methods"][label] = {"scores": scorer.score(score_key, model, "test"),
+                                     "merge_seconds": float(timing.read_text())}
     (RESULTS / "quality-lora.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "quality-lora.md").write_text(report(results))
 
@@ -127,6 +119,8 @@ def report(results: dict[str, Any]) -> str:
     lines.append(row("base", results["base"]))
     lines += [row(f"LoRA expert: {name}", scores) for name, scores in results["experts"].items()]
     lines += [row(f"merge: {label}", entry["scores"]) for label, entry in results["methods"].items()]
+    lines += ["", "Adapter merge wall time (2 CPU cores): " + ", ".join(
+        f"{label} {entry['merge_seconds']:.1f} s" for label, entry in results["methods"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
