@@ -79,8 +79,7 @@ def extra_tensor_problems(checkpoints: dict[str, Checkpoint], reference: str) ->
             more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
             shown = ", ".join(repr(name) for name in extra[:5]) + more
             problems.append(f"{label}: has {len(extra)} tensor(s) that {reference} lacks ({shown}); the models differ "
-                            "in architecture. Merge models of one architecture, or set tokenizer_source to the model "
-                            "whose tensors the output should have")
+                            "in architecture: merge fine-tunes of one base model")
     return problems
 
 

@@ -373,7 +373,6 @@ class StagingFolder:
         self.overwrite = overwrite
         self.path = partial_folder(out) if self.resumable else out.parent / f".{out.name}{_PARTIAL_MARK}-{os.getpid()}"
         self._lock: int | None = None
-        self.kept = False  # the folder was kept for a later resume
 
     def __enter__(self) -> StagingFolder:
         try:
@@ -401,8 +400,8 @@ class StagingFolder:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))
-        self.kept = self.resumable and kind is not None and (interrupted or self.resume) and self.path.exists()
-        if self.path.exists() and not self.kept:
+        kept = self.resumable and kind is not None and (interrupted or self.resume)  # for a later resume
+        if self.path.exists() and not kept:
             shutil.rmtree(self.path, ignore_errors=True)
         self._release()
 

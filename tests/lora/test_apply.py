@@ -108,3 +108,46 @@ def test_recipe_lora_field(make_family: Builder, tmp_path: Path) -> None:
     assert f"{family['base']}+{adapter}" in plan.checkpoints
     with pytest.raises(modelfuse.RecipeError, match="lora"):
         modelfuse.load_recipe({"method": "linear", "models": [{"path": "a", "lora": ""}, {"path": "b"}]})
+
+
+def _damage_weights(adapter: Path, edit: Any) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("damage", "needles"),
+    [
+        (lambda a: (a / "adapter_config.json").unlink(), ("not a PEFT adapter", "adapter_config.json")),
+        (lambda a: (a / "adapter_config.json").write_text("{not json"), ("adapter_config.json", "invalid adapter")),
+        (lambda a: (a / "adapter_config.json").write_text('{"peft_type": "IA3", "r": 4, "lora_alpha": 8}'),
+         ("IA3 adapter", "LoRA adapters only")),
+        (lambda a: (a / "adapter_model.safetensors").unlink(), ("no adapter_model.safetensors",)),
+        (lambda a: _damage_weights(a, lambda t: t.update(
+            {"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(32)})),
+         ("'base_model.model.model.layers.0.self_attn.q_proj.bias'", "is not a LoRA factor")),
+        (lambda a: _damage_weights(a, lambda t: t.pop(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")),
+         ("'model.layers.0.self_attn.q_proj'", "only one of its two LoRA factors")),
+        (lambda a: _damage_weights(a, lambda t: t.update(
+            {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 3)})),
+         ("'model.layers.0.self_attn.q_proj'", "not a rank-r pair")),
+    ],
+    ids=["no-config", "bad-json", "not-lora", "no-weights", "extra-tensor", "one-factor", "rank-mismatch"],
+)
+def test_damaged_adapters(damage: Any, needles: tuple[str, ...], run_cli: Cli, tmp_path: Path) -> None:
+    """Each damaged adapter fails with one line naming the file or module, writes nothing, and the base's files
+    stay unchanged."""
+    from conftest import hash_tree
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    damage(adapter)
+    before = hash_tree(base), hash_tree(adapter)
+    assert_clean_failure(run_cli("lora", "apply", base, adapter, "-o", tmp_path / "out"), *needles)
+    assert not (tmp_path / "out").exists()
+    assert (hash_tree(base), hash_tree(adapter)) == before

@@ -91,3 +91,16 @@ def test_extract_errors(run_cli: Cli, make_family: Builder, tmp_path: Path) -> N
     assert_clean_failure(run_cli(*args, "--rank", "4", "--energy", "0.5"), "exactly one of --rank")
     assert_clean_failure(run_cli(*args, "--energy", "1.5"), "--energy", "(0, 1]")
     assert not out.exists()
+
+
+def test_extract_from_another_architecture_is_refused(run_cli: Cli, make_family: Builder, tmp_path: Path) -> None:
+    """A fine-tune whose linear weights differ in shape from the base's: refused, naming the tensors."""
+    from conftest import tiny_model
+
+    family = make_family("llama")
+    other = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(other)
+    result = run_cli("lora", "extract", other, "--base", family["base"], "--rank", "4", "-o", tmp_path / "adapter")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "do not fit together" in result.stderr and "'model.layers.0.self_attn.q_proj.weight'" in result.stderr
+    assert not (tmp_path / "adapter").exists()

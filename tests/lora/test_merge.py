@@ -146,3 +146,19 @@ def test_lora_merge_errors(run_cli: Cli, two_adapters: tuple[Path, Path, Path], 
                          "cat")
     assert_clean_failure(run_cli("lora", "merge", first, second, "-o", out, "--weight", "1"), "one per adapter")
     assert not out.exists()
+
+
+def test_adapters_of_different_bases_are_refused(run_cli: Cli, two_adapters: tuple[Path, Path, Path],
+                                                 tmp_path: Path) -> None:
+    """Adapters whose common module has different shapes (other bases) fail, naming the module."""
+    import transformers as tf
+
+    _, first, _ = two_adapters
+    wider = tmp_path / "wider"
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    tf.LlamaForCausalLM(config).save_pretrained(wider)
+    other = make_adapter(wider, tmp_path / "other", target_modules=["q_proj"])
+    result = run_cli("lora", "merge", first, other, "-o", tmp_path / "out", "--method", "svd")
+    assert_clean_failure(result, "module 'model.layers.0.self_attn.q_proj.weight' has different shapes")
+    assert not (tmp_path / "out").exists()

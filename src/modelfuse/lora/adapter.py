@@ -29,13 +29,9 @@ _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lor
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted weight: where its factors are stored and how they combine.
-
-    ``weight`` is the base tensor name the delta is added to (``<module>.weight``).
-    """
+    """One adapted weight (the base tensor ``<module>.weight``): where its factors are stored and how they combine."""
 
     module: str
-    weight: str
     a_name: str
     b_name: str
     rank: int
@@ -105,8 +101,7 @@ class LoraAdapter:
             alpha = float(pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"]))
             scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
             transposed = embedding or bool(self.config.get("fan_in_fan_out"))
-            modules[f"{module}.weight"] = LoraModule(module, f"{module}.weight", a_name, b_name, rank, scale,
-                                                     transposed)
+            modules[f"{module}.weight"] = LoraModule(module, a_name, b_name, rank, scale, transposed)
         if not modules:
             raise CheckpointError(f"{self.file}: holds no LoRA factors", path=str(self.file))
         return modules
