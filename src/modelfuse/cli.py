@@ -318,7 +318,7 @@ def finetune_command(
                       f"-> {done.last_loss:.3f}; saved {done.out}")
 
 
-lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune.",
+lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 
@@ -373,16 +373,22 @@ def lora_extract_command(
 @lora_app.command(name="merge", epilog="Example: modelfuse lora merge ./math ./code -o ./both --method svd --rank 16")
 def lora_merge_command(
     adapters: Annotated[list[Path], typer.Argument(help="Two or more PEFT LoRA adapter folders of one base.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
-    method: Annotated[str, typer.Option(help="cat (= linear: exact sum), svd, ties or dare.")] = "cat",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (an RMM bundle with rmm).")],
+    method: Annotated[str, typer.Option(help="cat (= linear: exact sum), svd, ties, dare, or rmm (reversible "
+                                              "bundle; recover each with `lora extract-task`).")] = "cat",
     weight: Annotated[list[float] | None, typer.Option(help="Per adapter, repeated in order (default 1).")] = None,
     rank: Annotated[int | None, typer.Option(min=1, help="Rank of svd/ties/dare results (default: largest input).")]
     = None,
     density: Annotated[float, typer.Option(help="Fraction of entries ties/dare keep.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of dare's drops.")] = 0,
+    basis: Annotated[int, typer.Option(min=1, help="rmm: directions kept per position (n - 1 is exact).")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Merge LoRA adapters into one: CAT concatenation (exact), or SVD / TIES / DARE of the deltas back to a rank."""
+    """Merge LoRA adapters into one: CAT concatenation (exact), SVD / TIES / DARE of the deltas back to a rank, or
+    a reversible RMM bundle."""
+    if method == "rmm":
+        _lora_rmm(adapters, out, basis=basis, overwrite=overwrite)
+        return
     from modelfuse.lora.merge import merge_adapters
 
     reports = merge_adapters(adapters, out, method=method, weights=weight, rank=rank, density=density, seed=seed,
@@ -391,6 +397,39 @@ def lora_merge_command(
     out_console.print(f"[green]merged[/] {len(adapters)} adapters with {method}: {len(reports)} modules, ranks "
                       f"{min(r.rank for r in reports)}-{max(r.rank for r in reports)}, lowest energy kept "
                       f"{energy:.4f} -> {out}")
+
+
+def _lora_rmm(adapters: list[Path], out: Path, *, basis: int, overwrite: bool) -> None:
+    """``lora merge --method rmm``: write the bundle, report each adapter's reconstruction error and the storage."""
+    from modelfuse.lora.reversible import merge_reversible, read_bundle
+
+    reports = merge_reversible(adapters, out, basis=basis, overwrite=overwrite)
+    config = read_bundle(out)
+    for index, entry in enumerate(config["adapters"]):
+        worst = max(report.errors[index] for report in reports)
+        out_console.print(f"  {index + 1}. {entry['name']}: worst module relative error {worst:.2e}")
+    numbers = config["numbers"]
+    out_console.print(f"[green]bundled[/] {len(adapters)} adapters with rmm (basis {basis}) -> {out}: "
+                      f"{numbers['bundle']:,} numbers, {numbers['bundle'] / numbers['adapters']:.2f}x the inputs' "
+                      f"{numbers['adapters']:,}; recover one with `modelfuse lora extract-task {out} --task NAME`")
+
+
+@lora_app.command(name="extract-task",
+                  epilog="Example: modelfuse lora extract-task ./bundle --task math -o ./math-adapter")
+def lora_extract_task_command(
+    bundle: Annotated[Path, typer.Argument(help="RMM bundle folder (from `lora merge --method rmm`).")],
+    task: Annotated[str, typer.Option(help="The adapter's name in the bundle (its folder name) or number from 1.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (PEFT format).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Recover one input adapter from an RMM bundle; reports its reconstruction error per module."""
+    from modelfuse.lora.reversible import extract_task
+
+    recovered = extract_task(bundle, task, out, overwrite=overwrite)
+    for module, error in sorted(recovered.errors.items(), key=lambda item: -item[1])[:5]:
+        out_console.print(f"  {module}: relative error {error:.2e}")
+    out_console.print(f"[green]recovered[/] {recovered.name} ({len(recovered.errors)} modules, worst relative error "
+                      f"{recovered.worst:.2e}) -> {out}")
 
 
 def main() -> None:

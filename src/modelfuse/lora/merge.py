@@ -13,7 +13,7 @@ Adapters lacking a module contribute nothing to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,42 @@ def _factors(adapter: LoraAdapter, weight: str) -> tuple[torch.Tensor, torch.Ten
     """``(s B, A)`` of one module in the ``[out, in]`` orientation of ``B @ A``, float32."""
     a, b = (factor.to(torch.float32) for factor in adapter.factors(weight))
     return b * adapter.modules[weight].scale, a
+
+
+def open_adapters(folders: Sequence[str | Path], out: str | Path, *, overwrite: bool
+                  ) -> tuple[list[LoraAdapter], bool]:
+    """The adapters to merge and their ``fan_in_fan_out``, once ``out`` is checked as a place to write.
+
+    Raises:
+        RecipeError: For fewer than two adapters, or an unusable ``out``.
+        ShapeMismatchError: If the adapters disagree on ``fan_in_fan_out``.
+    """
+    if len(folders) < 2:
+        raise RecipeError("give at least two adapters to merge")
+    loaded = [LoraAdapter(Path(folder)) for folder in folders]
+    check_output_location(Path(out), [adapter.folder for adapter in loaded], overwrite=overwrite)
+    layouts = {bool(adapter.config.get("fan_in_fan_out")) for adapter in loaded}
+    if len(layouts) > 1:
+        raise ShapeMismatchError("the adapters disagree on fan_in_fan_out (different base architectures)")
+    return loaded, layouts.pop()
+
+
+def module_factors(adapters: Sequence[LoraAdapter]
+                   ) -> Iterator[tuple[str, list[tuple[torch.Tensor, torch.Tensor] | None], bool]]:
+    """Per adapted weight of any of ``adapters`` (sorted): its name, each adapter's ``(s B, A)`` (None where it
+    lacks it) and whether it is an embedding.
+
+    Raises:
+        ShapeMismatchError: If the adapters adapt the weight with different shapes.
+    """
+    for name in sorted({name for adapter in adapters for name in adapter.modules}):
+        pairs = [_factors(adapter, name) if name in adapter.modules else None for adapter in adapters]
+        shapes = {(pair[0].shape[0], pair[1].shape[1]) for pair in pairs if pair is not None}
+        if len(shapes) > 1:
+            raise ShapeMismatchError(f"module {name!r} has different shapes in the adapters: {sorted(shapes)}")
+        embedding = any("lora_embedding_A" in adapter.modules[name].a_name for adapter in adapters
+                        if name in adapter.modules)
+        yield name, pairs, embedding
 
 
 def merge_module(
@@ -116,8 +152,6 @@ def merge_adapters(
 
     if method not in LORA_MERGE_METHODS:
         raise RecipeError(f"--method {method!r}: use one of {', '.join(LORA_MERGE_METHODS)}")
-    if len(adapters) < 2:
-        raise RecipeError("give at least two adapters to merge")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise RecipeError(f"--weight: give one per adapter ({len(adapters)}), got {len(weights)}")
@@ -125,32 +159,22 @@ def merge_adapters(
         raise RecipeError(f"--rank: expected a positive integer, got {rank}")
     if not 0.0 < density <= 1.0:
         raise RecipeError(f"--density: expected a fraction in (0, 1], got {density}")
-    loaded = [LoraAdapter(Path(folder)) for folder in adapters]
-    out = Path(out)
-    check_output_location(out, [adapter.folder for adapter in loaded], overwrite=overwrite)
-    layouts = {bool(adapter.config.get("fan_in_fan_out")) for adapter in loaded}
-    if len(layouts) > 1:
-        raise ShapeMismatchError("the adapters disagree on fan_in_fan_out (different base architectures)")
-    modules = sorted({name for adapter in loaded for name in adapter.modules})
+    loaded, fan_in_fan_out = open_adapters(adapters, out, overwrite=overwrite)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     embeddings = set()
     reports = []
-    for name in modules:
-        pairs = [_factors(adapter, name) if name in adapter.modules else None for adapter in loaded]
-        shapes = {(pair[0].shape[0], pair[1].shape[1]) for pair in pairs if pair is not None}
-        if len(shapes) > 1:
-            raise ShapeMismatchError(f"module {name!r} has different shapes in the adapters: {sorted(shapes)}")
+    for name, pairs, embedding in module_factors(loaded):
         noise = RandomField(tensor_seed(seed, name)) if method == "dare" else None
         b, a, energy = merge_module(method, pairs, weights, rank=rank, density=density, noise=noise)
         module = name.removesuffix(".weight")
         factors[module] = (b, a)
-        if any("lora_embedding_A" in adapter.modules[name].a_name for adapter in loaded if name in adapter.modules):
+        if embedding:
             embeddings.add(module)
         reports.append(MergedModule(module, a.shape[0], energy))
         if on_module is not None:
             on_module(module)
     base = str(loaded[0].config.get("base_model_name_or_path") or "")
-    with StagingFolder(out) as staging:
-        save_adapter(staging.path, factors, base=base, fan_in_fan_out=layouts.pop(), embeddings=embeddings)
+    with StagingFolder(Path(out)) as staging:
+        save_adapter(staging.path, factors, base=base, fan_in_fan_out=fan_in_fan_out, embeddings=embeddings)
         staging.commit()
     return reports
