@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -374,13 +375,14 @@ def lora_extract_command(
 def lora_merge_command(
     adapters: Annotated[list[Path], typer.Argument(help="Two or more PEFT LoRA adapter folders of one base.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (an RMM bundle with rmm).")],
-    method: Annotated[str, typer.Option(help="cat (= linear: exact sum), svd, ties, dare, or rmm (reversible "
-                                              "bundle; recover each with `lora extract-task`).")] = "cat",
+    method: Annotated[str, typer.Option(help="cat (= linear: exact sum), svd, ties, dare, lego (LoRA-LEGO "
+                                              "clustering), or rmm (reversible bundle; recover each with `lora "
+                                              "extract-task`).")] = "cat",
     weight: Annotated[list[float] | None, typer.Option(help="Per adapter, repeated in order (default 1).")] = None,
-    rank: Annotated[int | None, typer.Option(min=1, help="Rank of svd/ties/dare results (default: largest input).")]
-    = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="Rank of svd/ties/dare/lego results (default: largest "
+                                                             "input).")] = None,
     density: Annotated[float, typer.Option(help="Fraction of entries ties/dare keep.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed of dare's drops.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of dare's drops and lego's k-means.")] = 0,
     basis: Annotated[int, typer.Option(min=1, help="rmm: directions kept per position (n - 1 is exact).")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -394,9 +396,9 @@ def lora_merge_command(
     reports = merge_adapters(adapters, out, method=method, weights=weight, rank=rank, density=density, seed=seed,
                              overwrite=overwrite)
     energy = min(report.energy for report in reports)
+    kept = "" if math.isnan(energy) else f", lowest energy kept {energy:.4f}"
     out_console.print(f"[green]merged[/] {len(adapters)} adapters with {method}: {len(reports)} modules, ranks "
-                      f"{min(r.rank for r in reports)}-{max(r.rank for r in reports)}, lowest energy kept "
-                      f"{energy:.4f} -> {out}")
+                      f"{min(r.rank for r in reports)}-{max(r.rank for r in reports)}{kept} -> {out}")
 
 
 def _lora_rmm(adapters: list[Path], out: Path, *, basis: int, overwrite: bool) -> None:

@@ -8,11 +8,13 @@ Per module, adapter ``i`` contributes ``delta_i = s_i * B_i @ A_i`` (``[out, in]
 - ``svd``: ``sum_i w_i delta_i``, truncated to ``rank`` by SVD (the energy kept is reported).
 - ``ties`` / ``dare``: TIES-Merging (https://arxiv.org/abs/2306.01708) or DARE (https://arxiv.org/abs/2311.03099)
   of the full deltas as task vectors (base 0), then truncated to ``rank`` by SVD.
+- ``lego``: LoRA-LEGO rank-wise clustering of the units into ``rank`` clusters (see ``modelfuse.lora.lego``).
 Adapters lacking a module contribute nothing to it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +25,12 @@ from modelfuse.errors import RecipeError, ShapeMismatchError
 from modelfuse.kernels.random import RandomField
 from modelfuse.lora.adapter import LoraAdapter
 from modelfuse.lora.extract import save_adapter, truncated_factors
+from modelfuse.lora.lego import lego_module
 from modelfuse.methods.dare import dare_linear
 from modelfuse.methods.ties import ties
 from modelfuse.writer import StagingFolder, check_output_location
 
-LORA_MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare")
+LORA_MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare", "lego")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class MergedModule:
 
     module: str
     rank: int
-    energy: float  # share of the combined delta's energy kept by the rank truncation (1 for cat)
+    energy: float  # share of the combined delta's energy kept by the rank truncation (1 for cat, NaN for lego)
 
 
 def _factors(adapter: LoraAdapter, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,17 +92,21 @@ def merge_module(
     rank: int | None = None,
     density: float = 0.5,
     noise: RandomField | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(B, A, energy kept)`` of one module merged from each adapter's ``(s B, A)`` (None where it lacks it).
 
     ``rank`` bounds the result of ``svd``/``ties``/``dare`` (default: the largest input rank); ``density``
-    is the fraction of entries TIES and DARE keep; ``noise`` gives DARE's drops.
+    is the fraction of entries TIES and DARE keep; ``noise`` gives DARE's drops; ``seed`` LoRA-LEGO's k-means.
     """
     present = [(pair, w) for pair, w in zip(factors, weights, strict=True) if pair is not None]
     if method in ("cat", "linear"):
         b = torch.cat([w * pair[0] for pair, w in present], dim=1)
         a = torch.cat([pair[1] for pair, _ in present], dim=0)
         return b, a, 1.0
+    if method == "lego":
+        b, a = lego_module(factors, rank=rank, seed=seed)
+        return b, a, math.nan
     target = rank or max(pair[1].shape[0] for pair, _ in present)
     deltas = [pair[0] @ pair[1] for pair, _ in present]
     used = [w for _, w in present]
@@ -133,11 +140,11 @@ def merge_adapters(
     Args:
         adapters: Adapter folders.
         out: The adapter folder to write.
-        method: ``cat``/``linear``, ``svd``, ``ties`` or ``dare``.
+        method: ``cat``/``linear``, ``svd``, ``ties``, ``dare`` or ``lego``.
         weights: Per adapter (default 1 each).
-        rank: Rank of ``svd``/``ties``/``dare`` results (default: the largest input rank of each module).
+        rank: Rank of ``svd``/``ties``/``dare``/``lego`` results (default: each module's largest input rank).
         density: Fraction of entries kept by ``ties``/``dare``, in (0, 1].
-        seed: DARE's random seed.
+        seed: Seed of DARE's drops and LoRA-LEGO's k-means.
         overwrite: Replace an existing ``out``.
         on_module: Called with each module once merged (progress).
 
@@ -152,6 +159,8 @@ def merge_adapters(
 
     if method not in LORA_MERGE_METHODS:
         raise RecipeError(f"--method {method!r}: use one of {', '.join(LORA_MERGE_METHODS)}")
+    if method == "lego" and weights is not None:
+        raise RecipeError("--weight: lego clusters the adapters' rank units and takes no weights; leave it out")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise RecipeError(f"--weight: give one per adapter ({len(adapters)}), got {len(weights)}")
@@ -165,7 +174,8 @@ def merge_adapters(
     reports = []
     for name, pairs, embedding in module_factors(loaded):
         noise = RandomField(tensor_seed(seed, name)) if method == "dare" else None
-        b, a, energy = merge_module(method, pairs, weights, rank=rank, density=density, noise=noise)
+        b, a, energy = merge_module(method, pairs, weights, rank=rank, density=density, noise=noise,
+                                    seed=tensor_seed(seed, name))
         module = name.removesuffix(".weight")
         factors[module] = (b, a)
         if embedding:
