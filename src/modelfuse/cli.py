@@ -376,7 +376,8 @@ def lora_merge_command(
     adapters: Annotated[list[Path], typer.Argument(help="Two or more PEFT LoRA adapter folders of one base.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write (an RMM bundle with rmm).")],
     method: Annotated[str, typer.Option(help="cat (= linear: exact sum), svd, ties, dare, lego (LoRA-LEGO "
-                                              "clustering), or rmm (reversible bundle; recover each with `lora "
+                                              "clustering), mwa (metrics-weighted average of one run's "
+                                              "checkpoints), or rmm (reversible bundle; recover each with `lora "
                                               "extract-task`).")] = "cat",
     weight: Annotated[list[float] | None, typer.Option(help="Per adapter, repeated in order (default 1).")] = None,
     rank: Annotated[int | None, typer.Option(min=1, help="Rank of svd/ties/dare/lego results (default: largest "
@@ -384,6 +385,9 @@ def lora_merge_command(
     density: Annotated[float, typer.Option(help="Fraction of entries ties/dare keep.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of dare's drops and lego's k-means.")] = 0,
     basis: Annotated[int, typer.Option(min=1, help="rmm: directions kept per position (n - 1 is exact).")] = 1,
+    loss: Annotated[list[float] | None, typer.Option(help="mwa: each checkpoint's training loss, in order.")] = None,
+    step: Annotated[list[float] | None, typer.Option(help="mwa: each checkpoint's training step, in order.")] = None,
+    penalty: Annotated[float, typer.Option(help="mwa: penalty factor (0 = uniform average).")] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Merge LoRA adapters into one: CAT concatenation (exact), SVD / TIES / DARE of the deltas back to a rank, or
@@ -394,7 +398,14 @@ def lora_merge_command(
     from modelfuse.lora.merge import merge_adapters
 
     reports = merge_adapters(adapters, out, method=method, weights=weight, rank=rank, density=density, seed=seed,
-                             overwrite=overwrite)
+                             losses=loss, steps=step, penalty=penalty, overwrite=overwrite)
+    if method == "mwa":
+        from modelfuse.lora.mwa import mwa_weights
+
+        metric, values = ("loss", loss) if loss is not None else ("step", step)
+        shares = mwa_weights(values or [], metric, penalty)
+        out_console.print("  weights: " + ", ".join(f"{folder.name} {share:.3f}" for folder, share in
+                                                     zip(adapters, shares, strict=True)))
     energy = min(report.energy for report in reports)
     kept = "" if math.isnan(energy) else f", lowest energy kept {energy:.4f}"
     out_console.print(f"[green]merged[/] {len(adapters)} adapters with {method}: {len(reports)} modules, ranks "

@@ -9,6 +9,8 @@ Per module, adapter ``i`` contributes ``delta_i = s_i * B_i @ A_i`` (``[out, in]
 - ``ties`` / ``dare``: TIES-Merging (https://arxiv.org/abs/2306.01708) or DARE (https://arxiv.org/abs/2311.03099)
   of the full deltas as task vectors (base 0), then truncated to ``rank`` by SVD.
 - ``lego``: LoRA-LEGO rank-wise clustering of the units into ``rank`` clusters (see ``modelfuse.lora.lego``).
+- ``mwa``: checkpoints of one run averaged factor by factor, ``B = sum_i w_i s_i B_i``, ``A = sum_i w_i A_i``,
+  with metrics-derived weights (see ``modelfuse.lora.mwa``); every checkpoint must adapt every module at one rank.
 Adapters lacking a module contribute nothing to it.
 """
 
@@ -26,11 +28,12 @@ from modelfuse.kernels.random import RandomField
 from modelfuse.lora.adapter import LoraAdapter
 from modelfuse.lora.extract import save_adapter, truncated_factors
 from modelfuse.lora.lego import lego_module
+from modelfuse.lora.mwa import mwa_weights
 from modelfuse.methods.dare import dare_linear
 from modelfuse.methods.ties import ties
 from modelfuse.writer import StagingFolder, check_output_location
 
-LORA_MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare", "lego")
+LORA_MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare", "lego", "mwa")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,10 @@ def merge_module(
     if method == "lego":
         b, a = lego_module(factors, rank=rank, seed=seed)
         return b, a, math.nan
+    if method == "mwa":
+        b = torch.stack([w * pair[0] for pair, w in present]).sum(0)
+        a = torch.stack([w * pair[1] for pair, w in present]).sum(0)
+        return b, a, 1.0
     target = rank or max(pair[1].shape[0] for pair, _ in present)
     deltas = [pair[0] @ pair[1] for pair, _ in present]
     used = [w for _, w in present]
@@ -132,6 +139,9 @@ def merge_adapters(
     rank: int | None = None,
     density: float = 0.5,
     seed: int = 0,
+    losses: Sequence[float] | None = None,
+    steps: Sequence[float] | None = None,
+    penalty: float = 1.0,
     overwrite: bool = False,
     on_module: Callable[[str], None] | None = None,
 ) -> list[MergedModule]:
@@ -145,6 +155,9 @@ def merge_adapters(
         rank: Rank of ``svd``/``ties``/``dare``/``lego`` results (default: each module's largest input rank).
         density: Fraction of entries kept by ``ties``/``dare``, in (0, 1].
         seed: Seed of DARE's drops and LoRA-LEGO's k-means.
+        losses: ``mwa``: each checkpoint's training loss (give this or ``steps``).
+        steps: ``mwa``: each checkpoint's training step.
+        penalty: ``mwa``: the penalty factor ``p`` (0 is the uniform average).
         overwrite: Replace an existing ``out``.
         on_module: Called with each module once merged (progress).
 
@@ -159,8 +172,16 @@ def merge_adapters(
 
     if method not in LORA_MERGE_METHODS:
         raise RecipeError(f"--method {method!r}: use one of {', '.join(LORA_MERGE_METHODS)}")
-    if method == "lego" and weights is not None:
-        raise RecipeError("--weight: lego clusters the adapters' rank units and takes no weights; leave it out")
+    if method in ("lego", "mwa") and weights is not None:
+        raise RecipeError(f"--weight: {method} sets its own weights; leave --weight out")
+    if method == "mwa":
+        if (losses is None) == (steps is None):
+            raise RecipeError("mwa: give each checkpoint's --loss or each one's --step (one of the two)")
+        metric, values = ("loss", losses) if losses is not None else ("step", steps)
+        assert values is not None
+        if len(values) != len(adapters):
+            raise RecipeError(f"--{metric}: give one per checkpoint ({len(adapters)}), got {len(values)}")
+        weights = mwa_weights(values, metric, penalty)
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise RecipeError(f"--weight: give one per adapter ({len(adapters)}), got {len(weights)}")
@@ -173,6 +194,10 @@ def merge_adapters(
     embeddings = set()
     reports = []
     for name, pairs, embedding in module_factors(loaded):
+        ranks = sorted({pair[1].shape[0] if pair is not None else 0 for pair in pairs})
+        if method == "mwa" and len(ranks) > 1:
+            raise ShapeMismatchError(f"mwa averages checkpoints of one run, but module {name!r} has ranks {ranks} "
+                                     "in them (0: missing)")
         noise = RandomField(tensor_seed(seed, name)) if method == "dare" else None
         b, a, energy = merge_module(method, pairs, weights, rank=rank, density=density, noise=noise,
                                     seed=tensor_seed(seed, name))
