@@ -308,13 +308,16 @@ def finetune_command(
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 5e-5,
     seed: Annotated[int, typer.Option(help="Seed of the task's examples, the batches and the LoRA init.")] = 0,
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank (peft).")] = None,
+    save_every: Annotated[int | None, typer.Option(min=1, help="Also save every N steps, as OUT-stepN.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Fine-tune BASE on a task's train split and save the expert (deterministic from --seed)."""
     from modelfuse.evaluation.finetune import finetune
 
     done = finetune(base, task, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=lora_rank,
-                    overwrite=overwrite)
+                    overwrite=overwrite, save_every=save_every)
+    for checkpoint in done.checkpoints:
+        out_console.print(f"  step {checkpoint.step}: loss {checkpoint.loss:.4f} -> {checkpoint.path}")
     out_console.print(f"[green]fine-tuned[/] {done.steps} steps in {done.seconds:.0f} s: loss {done.first_loss:.3f} "
                       f"-> {done.last_loss:.3f}; saved {done.out}")
 

@@ -14,6 +14,7 @@ from _tiny_lm import char_tokenizer, save_tiny_lm
 from safetensors.torch import load_file
 
 import modelfuse
+from conftest import Cli
 from modelfuse.errors import OutputError
 from modelfuse.evaluation.finetune import finetune, training_batch
 from modelfuse.evaluation.runner import evaluate
@@ -72,6 +73,25 @@ def test_lora_finetune_saves_an_adapter_peft_loads(base: Path, tmp_path: Path) -
     assert (done.out / "adapter_model.safetensors").is_file() and not (done.out / "model.safetensors").exists()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), done.out)
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_save_every_keeps_the_run_checkpoints_for_mwa(base: Path, run_cli: Cli, tmp_path: Path) -> None:
+    """--save-every 2 over 5 steps saves steps 2 and 4 beside OUT (step 2 equals a 2-step run), each with its
+    recent loss; the checkpoints then merge with `lora merge --method mwa`."""
+    task = str(_task(tmp_path / "double.jsonl", "double"))
+    done = finetune(base, task, tmp_path / "run", steps=5, batch_size=4, lr=1e-3, lora_rank=4, save_every=2)
+    assert [(c.step, c.path.name) for c in done.checkpoints] == [(2, "run-step2"), (4, "run-step4")]
+    short = finetune(base, task, tmp_path / "short", steps=2, batch_size=4, lr=1e-3, lora_rank=4)
+    saved, direct = (load_file(folder / "adapter_model.safetensors")
+                     for folder in (done.checkpoints[0].path, short.out))
+    assert saved.keys() == direct.keys() and all(torch.equal(saved[k], direct[k]) for k in saved)
+    assert done.checkpoints[0].loss == pytest.approx(short.last_loss)
+    folders = [c.path for c in done.checkpoints] + [done.out]
+    losses = [str(c.loss) for c in done.checkpoints] + [str(done.last_loss)]
+    result = run_cli("lora", "merge", *folders, "-o", tmp_path / "mwa", "--method", "mwa",
+                     *[arg for loss in losses for arg in ("--loss", loss)])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mwa" / "adapter_model.safetensors").is_file()
 
 
 def test_finetune_refuses_bad_outputs_and_tasks(base: Path, tmp_path: Path) -> None:

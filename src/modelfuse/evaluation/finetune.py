@@ -20,6 +20,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class SavedCheckpoint:
+    """An intermediate save of a run (``save_every``)."""
+
+    step: int
+    path: Path
+    loss: float  # mean training loss of the 10 steps up to it
+
+
+@dataclass(frozen=True)
 class FinetuneResult:
     """Where the expert went and how training went."""
 
@@ -28,6 +37,7 @@ class FinetuneResult:
     first_loss: float
     last_loss: float  # mean of the last 10 steps
     seconds: float
+    checkpoints: tuple[SavedCheckpoint, ...] = ()
 
 
 def training_batch(
@@ -66,6 +76,7 @@ def finetune(
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
     overwrite: bool = False,
+    save_every: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the train split of ``task_spec`` for ``steps`` AdamW steps and save the result.
@@ -73,13 +84,17 @@ def finetune(
     Deterministic from ``seed`` (batches are drawn with their own generator; the model runs on the CPU).
     With ``lora_rank``, trains a LoRA adapter on every linear layer through peft and saves the adapter
     (``adapter_config.json`` + ``adapter_model.safetensors``); otherwise saves the full model and tokenizer.
+    With ``save_every``, the state after every that many steps (but the last) is also saved, beside ``out`` as
+    ``<out>-step<N>``, with its recent training loss (for ``modelfuse lora merge --method mwa``).
 
     Raises:
         TaskError: If the task has no train examples or generation tasks only are accepted.
         OutputError: If ``out`` exists (without ``overwrite``) or lies inside the base folder.
     """
     out = Path(out)
-    check_output_location(out, [Path(base)], overwrite=overwrite)
+    saves = range(save_every, steps, save_every) if save_every else range(0)
+    for place in [out, *(_checkpoint_path(out, step) for step in saves)]:
+        check_output_location(place, [Path(base)], overwrite=overwrite)
     task = load_task(task_spec, seed=seed)
     train = task.examples("train")
     if task.kind != "generate" or not train:
@@ -92,6 +107,7 @@ def finetune(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     draw = random.Random(seed)
     losses: list[float] = []
+    checkpoints: list[SavedCheckpoint] = []
     began = time.perf_counter()
     for step in range(steps):
         batch = training_batch(tokenizer, [train[draw.randrange(len(train))] for _ in range(batch_size)])
@@ -102,11 +118,24 @@ def finetune(
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
+        if step + 1 in saves:
+            path = _checkpoint_path(out, step + 1)
+            save_model(model, tokenizer, path)
+            checkpoints.append(SavedCheckpoint(step + 1, path, _recent(losses)))
     model.eval()
     save_model(model, tokenizer, out)  # check_output_location above refused an existing out without overwrite
+    return FinetuneResult(out, steps, losses[0] if losses else float("nan"), _recent(losses),
+                          time.perf_counter() - began, tuple(checkpoints))
+
+
+def _checkpoint_path(out: Path, step: int) -> Path:
+    return out.with_name(f"{out.name}-step{step}")
+
+
+def _recent(losses: list[float]) -> float:
+    """The mean of the last 10 losses (NaN before any)."""
     tail = losses[-10:] or [float("nan")]
-    return FinetuneResult(out, steps, losses[0] if losses else float("nan"), sum(tail) / len(tail),
-                          time.perf_counter() - began)
+    return sum(tail) / len(tail)
 
 
 def _with_lora(model: Any, rank: int, alpha: float) -> Any:
