@@ -27,9 +27,12 @@ from run import RESULTS, Limits, Scorer
 from tasks import write_task_files
 
 import modelfuse
+from modelfuse.evaluation.finetune import finetune
 from modelfuse.evaluation.tasks import load_task
 from modelfuse.lora import apply_adapter
 from modelfuse.lora.merge import merge_adapters
+from modelfuse.lora.mwa import mwa_weights
+from modelfuse.lora.reversible import extract_task, merge_reversible, read_bundle
 
 log = logging.getLogger("quality")
 REPLACE = modelfuse.MergeOptions(overwrite=True)
@@ -40,6 +43,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "svd (rank 16)": {"method": "svd", "rank": 16},
     "ties (density 0.5, rank 16)": {"method": "ties", "density": 0.5, "rank": 16},
     "dare (density 0.5, rank 16)": {"method": "dare", "density": 0.5, "rank": 16},
+    "lego (rank 16)": {"method": "lego", "rank": 16},
+}
+MWA_TASK, SAVE_EVERY = "reversal", 30  # MWA: checkpoints of one run, every 30 of its 120 steps
+MWA_VARIANTS: dict[str, dict[str, Any]] = {
+    "uniform (penalty 0)": {"metric": "loss", "penalty": 0.0},
+    "loss, penalty 1": {"metric": "loss", "penalty": 1.0},
+    "loss, penalty 3": {"metric": "loss", "penalty": 3.0},
+    "step, penalty 1": {"metric": "step", "penalty": 1.0},
 }
 
 
@@ -96,8 +107,62 @@ def main() -> None:
             apply_adapter(base, merged, model, options=REPLACE)
         results["methods"][label] = {"scores": scorer.score(score_key, model, "test"),
                                      "merge_seconds": float(timing.read_text())}
+    results["rmm"] = reversible(scorer, base, adapters, work, key)
+    results["mwa"] = checkpoint_averages(scorer, base, specs[MWA_TASK], cache / "lora-run", work)
     (RESULTS / "quality-lora.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / "quality-lora.md").write_text(report(results))
+
+
+def reversible(scorer: Scorer, base: Path, adapters: dict[str, Path], work: Path, key: str) -> dict[str, Any]:
+    """RMM: bundle the experts (basis 1), recover each, apply and score it; the bundle's size and errors."""
+    bundle = work / "rmm-bundle"
+    began = time.perf_counter()
+    reports = merge_reversible(list(adapters.values()), bundle, basis=1, overwrite=True)
+    seconds = time.perf_counter() - began
+    numbers = read_bundle(bundle)["numbers"]
+    recovered = {}
+    for index, name in enumerate(adapters):
+        task = extract_task(bundle, str(index + 1), work / "rmm-adapter", overwrite=True)
+        score_key = f"lora-rmm1-{name}-{key}"
+        if not scorer.cached(score_key, "test"):
+            apply_adapter(base, work / "rmm-adapter", work / "rmm-model", options=REPLACE)
+        recovered[name] = {"scores": scorer.score(score_key, work / "rmm-model", "test"), "worst_error": task.worst}
+    return {"basis": 1, "seconds": seconds, "bundle_numbers": numbers["bundle"], "adapter_numbers":
+            numbers["adapters"], "worst_error": max(max(r.errors) for r in reports), "recovered": recovered}
+
+
+def checkpoint_averages(scorer: Scorer, base: Path, spec: str, run: Path, work: Path) -> dict[str, Any]:
+    """MWA: a LoRA run on one task saving every SAVE_EVERY steps; its checkpoints averaged with each weighting."""
+    settings = {"base": str(base), "task": spec, "steps": STEPS, "batch_size": BATCH_SIZE, "lr": LEARNING_RATE,
+                "rank": RANK, "alpha": ALPHA, "seed": SEED, "save_every": SAVE_EVERY}
+    marker = run.with_name(f"{run.name}.json")
+    if not (marker.is_file() and json.loads(marker.read_text())["settings"] == settings):
+        log.info("LoRA run on %s with checkpoints every %d steps", MWA_TASK, SAVE_EVERY)
+        done = finetune(base, spec, run, steps=STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE, seed=SEED,
+                        lora_rank=RANK, lora_alpha=ALPHA, save_every=SAVE_EVERY, overwrite=True)
+        saved = [{"step": c.step, "path": str(c.path), "loss": c.loss} for c in done.checkpoints]
+        saved.append({"step": STEPS, "path": str(run), "loss": done.last_loss})
+        marker.write_text(json.dumps({"settings": settings, "checkpoints": saved}, indent=1))
+    checkpoints = json.loads(marker.read_text())["checkpoints"]
+    key = _digest(settings)
+    results: dict[str, Any] = {"checkpoints": [{"step": c["step"], "loss": c["loss"]} for c in checkpoints],
+                               "variants": {}}
+    last = f"lora-run-last-{key}"
+    if not scorer.cached(last, "test"):
+        apply_adapter(base, run, work / "mwa-model", options=REPLACE)
+    results["variants"]["last checkpoint"] = {"scores": scorer.score(last, work / "mwa-model", "test"),
+                                              "weights": [0.0] * (len(checkpoints) - 1) + [1.0]}
+    folders = [Path(c["path"]) for c in checkpoints]
+    for label, variant in MWA_VARIANTS.items():
+        values = [c[variant["metric"]] for c in checkpoints]
+        score_key = f"lora-mwa-{_digest(variant)}-{key}"
+        if not scorer.cached(score_key, "test"):
+            merge_adapters(folders, work / "mwa-adapter", method="mwa", penalty=variant["penalty"], overwrite=True,
+                           **{"losses" if variant["metric"] == "loss" else "steps": values})
+            apply_adapter(base, work / "mwa-adapter", work / "mwa-model", options=REPLACE)
+        results["variants"][label] = {"scores": scorer.score(score_key, work / "mwa-model", "test"),
+                                      "weights": mwa_weights(values, variant["metric"], variant["penalty"])}
+    return results
 
 
 def report(results: dict[str, Any]) -> str:
@@ -121,6 +186,24 @@ def report(results: dict[str, Any]) -> str:
     lines += [row(f"merge: {label}", entry["scores"]) for label, entry in results["methods"].items()]
     lines += ["", "Adapter merge wall time (2 CPU cores): " + ", ".join(
         f"{label} {entry['merge_seconds']:.1f} s" for label, entry in results["methods"].items()) + "."]
+    rmm = results["rmm"]
+    lines += ["", f"## Reversible merging (RMM, basis {rmm['basis']})", "",
+              f"One bundle of both adapters ({rmm['bundle_numbers']:,} numbers, "
+              f"{rmm['bundle_numbers'] / rmm['adapter_numbers']:.2f}x the two adapters' {rmm['adapter_numbers']:,}; "
+              f"{rmm['seconds']:.1f} s); each recovered with `lora extract-task` (worst module relative error "
+              f"{rmm['worst_error']:.1e}), applied and scored:", "",
+              "| model | " + " | ".join(columns) + " | normalized |", "|---" * (len(columns) + 2) + "|"]
+    lines += [row(f"recovered: {name}", entry["scores"]) for name, entry in rmm["recovered"].items()]
+    mwa = results["mwa"]
+    steps = ", ".join(f"step {c['step']} (loss {c['loss']:.3f})" for c in mwa["checkpoints"])
+    lines += ["", f"## Metrics-weighted averaging of one run's checkpoints ({MWA_TASK})", "",
+              f"One LoRA run on {MWA_TASK} (the expert's settings) saving {steps}; the checkpoints averaged "
+              "factor by factor with each weighting, applied and scored:", "",
+              "| weighting | weights | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for label, entry in mwa["variants"].items():
+        cells = [f"{entry['scores'][c]:.3f}" if c != "perplexity" else f"{entry['scores'][c]:.2f}" for c in columns]
+        weights = " / ".join(f"{w:.2f}" for w in entry["weights"])
+        lines.append(f"| {label} | {weights} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
