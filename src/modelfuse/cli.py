@@ -322,6 +322,43 @@ def finetune_command(
                       f"-> {done.last_loss:.3f}; saved {done.out}")
 
 
+@app.command(name="calibrate", epilog="Example: modelfuse calibrate ./math --data rg:basic_arithmetic -o ./math-stats")
+def calibrate_command(
+    model: Annotated[Path, typer.Argument(help="Causal LM folder (with its tokenizer).")],
+    data: Annotated[str, typer.Option(help="rg:NAME or a task .jsonl (prompts), a .jsonl of {\"text\"} lines, or "
+                                           "a .txt file (paragraphs).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Statistics folder to write.")],
+    stats: Annotated[str, typer.Option(help="Comma-separated: gram, act_rms, fisher, routing_counts.")]
+    = "gram,act_rms,routing_counts",
+    samples: Annotated[int, typer.Option(min=1, help="Calibration examples (the first ones of the data).")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 4,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens kept per example.")] = 256,
+    labels: Annotated[str, typer.Option(help="Fisher labels: sampled (from the model) or given (the data's).")]
+    = "sampled",
+    split: Annotated[str, typer.Option(help="Split of a task's examples to read.")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed of generated tasks and sampled labels.")] = 0,
+    max_memory: Annotated[str, typer.Option(help="Budget of one pass's statistics; more passes when exceeded.")]
+    = "2GiB",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Gather a model's statistics on calibration text (Gram matrices, Fisher, activations, MoE routing)."""
+    from rich.progress import Progress
+
+    from modelfuse.calibrate import CalibrationSettings, calibrate
+    from modelfuse.units import parse_bytes
+
+    settings = CalibrationSettings(data, tuple(part.strip() for part in stats.split(",") if part.strip()), samples,
+                                   batch_size, max_tokens, labels, split, seed)  # type: ignore[arg-type]
+    budget = parse_bytes(max_memory, field="max_memory")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("calibrating", total=None)
+        report = calibrate(model, out, settings, max_memory_bytes=budget, resume=resume, overwrite=overwrite,
+                           on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+    out_console.print(f"[green]calibrated[/] {model} on {report.examples} examples ({report.tokens:,} tokens, "
+                      f"{report.passes} passes): {len(report.keys)} statistics -> {report.out}")
+
+
 lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")

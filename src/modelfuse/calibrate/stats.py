@@ -1,0 +1,375 @@
+"""Gather statistics of a causal LM on calibration text, for data-aware merging, and cache them on disk.
+
+Per linear layer (``nn.Linear``; the key is its weight's name in the checkpoint, ``<weight>.<stat>``):
+
+- ``gram``: the mean input Gram matrix ``X^T X / N`` over the ``N`` non-padding tokens (``[in, in]``), as
+  RegMean uses it;
+- ``act_rms``: the root mean square of each input feature (``[in]``), ``sqrt(diag(gram))``;
+
+per parameter (all of them, same shape):
+
+- ``fisher``: the diagonal Fisher information, the mean over examples of the squared gradient of the
+  example's log-likelihood (summed over its labelled tokens), with labels sampled from the model's own
+  next-token distribution (``labels="sampled"``, the Fisher of Fisher merging) or the data's tokens
+  (``"given"``, the empirical Fisher);
+
+and for MoE routers (modules named ``...gate`` or ``...router`` with one weight row per expert; their inputs
+also get ``gram`` and ``act_rms``): ``routing_counts``, how many tokens chose each expert among their top
+``num_experts_per_tok``. Fused expert tensors (3-D, one slice per expert) get no Gram matrices yet.
+
+Statistics are accumulated in float64 and written in float32. Memory stays bounded: the layers are split
+into groups whose accumulators fit ``max_memory_bytes``, and each group makes its own pass over the data
+(a forward pass stops once the group's layers have run; Fisher passes only ask gradients of their group).
+Each finished group is written at once, so an interrupted run resumes from the next group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
+from modelfuse.errors import ModelfuseError, RecipeError
+from modelfuse.evaluation.runner import load_model
+from modelfuse.writer import StagingFolder, check_output_location
+
+log = logging.getLogger(__name__)
+STATISTICS = ("gram", "act_rms", "fisher", "routing_counts")
+CONFIG = "calibration.json"
+_PROGRESS = "progress.json"
+_FORMAT = "modelfuse-calibration"
+Labels = Literal["sampled", "given"]
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What to gather and from what; recorded in the output and checked on resume."""
+
+    data: str
+    statistics: tuple[str, ...] = ("gram", "act_rms", "routing_counts")
+    samples: int = 64
+    batch_size: int = 4
+    max_tokens: int = 256
+    labels: Labels = "sampled"
+    split: str = "train"
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises RecipeError for a value out of range."""
+        unknown = sorted(set(self.statistics) - set(STATISTICS))
+        if unknown or not self.statistics:
+            raise RecipeError(f"--stats: unknown {', '.join(unknown) or 'none given'}; use some of "
+                              f"{', '.join(STATISTICS)}")
+        for name in ("samples", "batch_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")
+        if self.labels not in ("sampled", "given"):
+            raise RecipeError(f"--labels: expected sampled or given, got {self.labels!r}")
+
+
+@dataclass
+class CalibrationReport:
+    """What was gathered."""
+
+    out: Path
+    examples: int
+    tokens: int
+    passes: int
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Layers (activation statistics) or parameters (Fisher) gathered in one pass."""
+
+    kind: Literal["activations", "fisher"]
+    names: tuple[str, ...]  # module names (activations) or parameter names (fisher)
+
+
+def calibrate(
+    model_path: str | Path,
+    out: str | Path,
+    settings: CalibrationSettings,
+    *,
+    max_memory_bytes: int = 2 << 30,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> CalibrationReport:
+    """Run ``model_path`` over the calibration data and write its statistics to ``out`` (see the module).
+
+    Args:
+        model_path: A causal LM folder with its tokenizer.
+        out: The statistics folder to write.
+        settings: Data, statistics and sizes.
+        max_memory_bytes: Budget of the statistics accumulators of one pass.
+        resume: Continue an interrupted run into ``out`` (same model, data and settings).
+        overwrite: Replace an existing ``out`` (or an interrupted run's partial output).
+        on_batch: Called with (batches done, total batches) over all passes (progress).
+
+    Returns:
+        The examples, tokens, passes and statistic keys written.
+
+    Raises:
+        RecipeError: For bad settings, or a model without the layers a statistic needs.
+        TaskError: For unusable calibration data or model.
+        OutputError: For an unusable ``out``.
+    """
+    settings.check()
+    model_path, out = Path(model_path), Path(out)
+    check_output_location(out, [model_path], overwrite=overwrite or resume)
+    model, tokenizer = load_model(model_path)
+    texts = read_texts(settings.data, tokenizer, split=settings.split, limit=settings.samples, seed=settings.seed)
+    identity = {"format": _FORMAT, "version": 1, "model": str(model_path.resolve()),
+                "settings": {**settings.__dict__, "statistics": list(settings.statistics)},
+                "data_digest": _digest(texts)}
+    groups = _groups(model, settings.statistics, max_memory_bytes)
+    batches = [texts[start:start + settings.batch_size] for start in range(0, len(texts), settings.batch_size)]
+    per_pass = {"activations": len(batches), "fisher": len(texts)}
+    total = sum(per_pass[group.kind] for group in groups)
+    tokens = sum(int(tokenize(tokenizer, batch, settings.max_tokens)["attention_mask"].sum()) for batch in batches)
+    done_batches = 0
+    with StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) as staging:
+        progress = _read_progress(staging.path, identity) if resume else {"identity": identity, "groups": {}}
+        _write_json(staging.path / _PROGRESS, progress)
+        for index, group in enumerate(groups):
+            file = f"stats-{index:05d}.safetensors"
+            if file in progress["groups"]:
+                done_batches += per_pass[group.kind]
+                continue
+
+            def advance(_: int) -> None:
+                nonlocal done_batches
+                done_batches += 1
+                if on_batch is not None:
+                    on_batch(done_batches, total)
+
+            if group.kind == "activations":
+                stats = _activation_pass(model, tokenizer, batches, group.names, settings, advance)
+            else:
+                stats = _fisher_pass(model, tokenizer, texts, group.names, settings, advance)
+            save_file({key: value.to(torch.float32).contiguous() for key, value in stats.items()},
+                      staging.path / file, metadata={"format": "pt"})
+            progress["groups"][file] = sorted(stats)
+            _write_json(staging.path / _PROGRESS, progress)
+        index_map = {key: file for file, keys in progress["groups"].items() for key in keys}
+        config = {**identity, "examples": len(texts), "tokens": tokens, "passes": len(groups), "index": index_map}
+        _write_json(staging.path / CONFIG, config)
+        (staging.path / _PROGRESS).unlink()
+        staging.commit()
+    return CalibrationReport(out, len(texts), tokens, len(groups), sorted(index_map))
+
+
+def _digest(texts: Sequence[CalibrationText]) -> str:
+    return hashlib.sha256(json.dumps([[t.context, t.continuation] for t in texts]).encode()).hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _read_progress(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The interrupted run's progress, if it gathered the same statistics of the same model and data."""
+    try:
+        progress = json.loads((folder / _PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        progress = None
+    if not isinstance(progress, dict) or progress.get("identity") != identity:
+        raise RecipeError(f"{folder}: the interrupted calibration used another model, data or settings; "
+                          "run with --overwrite to start over")
+    return progress
+
+
+def _routers(model: torch.nn.Module) -> dict[str, int]:
+    """MoE routers (name -> experts each token chooses): modules named ``gate``/``router`` whose 2-D weight has
+    one row per expert (``nn.Linear`` ones, or transformers' router modules that return the logits first)."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    chosen = getattr(config, "num_experts_per_tok", None)
+    if not experts or not chosen:
+        return {}
+    found = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (name.rsplit(".", 1)[-1] in ("gate", "router") and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and weight.shape[0] == experts):
+            found[name] = int(chosen)
+    return found
+
+
+def _layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The linear maps whose inputs are gathered: ``nn.Linear`` layers and MoE routers, in model order."""
+    routers = _routers(model)
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) or name in routers}
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[1])
+
+
+def _real_rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The ``[rows, features]`` of ``tensor`` at non-padding tokens (all rows when they are not one per token)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows[mask.reshape(-1)] if rows.shape[0] == mask.numel() else rows
+
+
+def _groups(model: torch.nn.Module, statistics: Sequence[str], budget: int) -> list[_Group]:
+    """The passes: layers (or parameters) in model order, packed so each pass's float64 accumulators fit."""
+    groups: list[_Group] = []
+    wanted = set(statistics)
+    if wanted & {"gram", "act_rms", "routing_counts"}:
+        layers = _layers(model)
+        if "routing_counts" in wanted and not (wanted & {"gram", "act_rms"}):
+            layers = {name: layers[name] for name in _routers(model)}
+        sizes = {name: 8 * (_in_features(module) ** 2 if "gram" in wanted else _in_features(module))
+                 for name, module in layers.items()}
+        groups += [_Group("activations", names) for names in _pack(sizes, budget)]
+    if "fisher" in wanted:
+        sizes = {name: 8 * parameter.numel() for name, parameter in model.named_parameters()}
+        groups += [_Group("fisher", names) for names in _pack(sizes, budget)]
+    if not groups:
+        raise RecipeError("the model has no layers to gather these statistics of (routing_counts needs an MoE)")
+    return groups
+
+
+def _pack(sizes: dict[str, int], budget: int) -> Iterator[tuple[str, ...]]:
+    """Consecutive names whose sizes sum to at most ``budget`` (a larger single one goes alone)."""
+    group: list[str] = []
+    used = 0
+    for name, size in sizes.items():
+        if group and used + size > budget:
+            yield tuple(group)
+            group, used = [], 0
+        group.append(name)
+        used += size
+    if group:
+        yield tuple(group)
+
+
+class _GroupDone(Exception):
+    """Raised from a hook once every layer of the pass's group has seen the batch: the rest is not needed."""
+
+
+@torch.no_grad()
+def _activation_pass(model: torch.nn.Module, tokenizer: Any, batches: Sequence[Sequence[CalibrationText]],
+                     names: Sequence[str], settings: CalibrationSettings, advance: Callable[[int], None]
+                     ) -> dict[str, torch.Tensor]:
+    """Gram matrices, input RMS and routing counts of the layers ``names``, over all batches."""
+    layers = _layers(model)
+    routers = _routers(model)
+    wanted = set(settings.statistics)
+    sums: dict[str, torch.Tensor] = {}
+    counts = {name: 0 for name in names}
+    seen: set[str] = set()
+    mask: torch.Tensor | None = None
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            assert mask is not None
+            rows = _real_rows(inputs[0], mask).to(torch.float64)
+            counts[name] += rows.shape[0]
+            if "gram" in wanted or "act_rms" in wanted:
+                key = "gram" if "gram" in wanted else "squares"
+                value = rows.t() @ rows if key == "gram" else rows.square().sum(0)
+                sums[f"{name}.{key}"] = sums[f"{name}.{key}"] + value if f"{name}.{key}" in sums else value
+            if "routing_counts" in wanted and name in routers:
+                logits = _real_rows(output[0] if isinstance(output, tuple) else output, mask)
+                chosen = logits.topk(routers[name], dim=-1).indices.reshape(-1)
+                tally = torch.bincount(chosen, minlength=logits.shape[-1]).to(torch.float64)
+                key = f"{name}.routing"
+                sums[key] = sums[key] + tally if key in sums else tally
+            seen.add(name)
+            if seen.issuperset(names):
+                raise _GroupDone
+
+        return record
+
+    handles = [layers[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        for batch in batches:
+            encoded = tokenize(tokenizer, list(batch), settings.max_tokens)
+            mask = encoded["attention_mask"].bool()
+            seen.clear()
+            with contextlib.suppress(_GroupDone):
+                model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+            advance(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats: dict[str, torch.Tensor] = {}
+    for name in names:
+        weight = f"{name}.weight"
+        if counts[name] == 0:  # an MoE expert no token chose: no statistics rather than made-up ones
+            log.warning("layer %s never ran on the calibration data; it gets no statistics", name)
+            continue
+        if "gram" in wanted:
+            gram = sums[f"{name}.gram"] / counts[name]
+            stats[f"{weight}.gram"] = gram
+            if "act_rms" in wanted:
+                stats[f"{weight}.act_rms"] = gram.diagonal().sqrt()
+        elif "act_rms" in wanted:
+            stats[f"{weight}.act_rms"] = (sums[f"{name}.squares"] / counts[name]).sqrt()
+        if f"{name}.routing" in sums:
+            stats[f"{weight}.routing_counts"] = sums[f"{name}.routing"]
+    return stats
+
+
+def _fisher_pass(model: torch.nn.Module, tokenizer: Any, texts: Sequence[CalibrationText], names: Sequence[str],
+                 settings: CalibrationSettings, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of the parameters ``names``: per example, the squared gradient of its log-likelihood."""
+    parameters = dict(model.named_parameters())
+    chosen = set(names)
+    previous = {name: parameter.requires_grad for name, parameter in parameters.items()}
+    for name, parameter in parameters.items():
+        parameter.requires_grad_(name in chosen)
+    sums = {name: torch.zeros(parameters[name].shape, dtype=torch.float64) for name in names}
+    generator = torch.Generator().manual_seed(settings.seed)
+    counted = 0
+    try:
+        for text in texts:
+            encoded = tokenize(tokenizer, [text], settings.max_tokens)
+            logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
+            log_probs = torch.log_softmax(logits[0, :-1].to(torch.float32), dim=-1)
+            positions = encoded["labels"][0, 1:] != -100
+            if not bool(positions.any()):
+                advance(1)
+                continue
+            if settings.labels == "given":
+                targets = encoded["labels"][0, 1:][positions]
+            else:
+                targets = torch.multinomial(log_probs[positions].detach().exp(), 1, generator=generator)[:, 0]
+            log_likelihood = log_probs[positions].gather(1, targets[:, None]).sum()
+            model.zero_grad(set_to_none=True)
+            log_likelihood.backward()
+            for name in names:
+                grad = parameters[name].grad
+                if grad is not None:
+                    sums[name] += grad.to(torch.float64).square()
+            counted += 1
+            advance(1)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for name, parameter in parameters.items():
+            parameter.requires_grad_(previous[name])
+    if counted == 0:
+        raise ModelfuseError("no calibration example has tokens to take the Fisher of (all cut by --max-tokens?)")
+    return {f"{name}.fisher": total / counted for name, total in sums.items()}
