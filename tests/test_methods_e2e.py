@@ -6,6 +6,7 @@ needs a sample value in SAMPLE_REQUIRED.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from conftest import Cli, tiny_model
 from modelfuse.engine import compute_tensor
 from modelfuse.methods import all_methods, get_method
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "evaluation"))
+from _tiny_lm import char_tokenizer
+
 pytestmark = pytest.mark.integration
 
 SAMPLE_REQUIRED = {"t": 0.5}
@@ -26,13 +30,27 @@ PROBE = "model.layers.1.self_attn.q_proj.weight"
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny llama base and three perturbed experts, built once for the module."""
+    """A tiny llama base and three perturbed experts (with a character tokenizer), built once for the module;
+    each expert's calibration statistics (``<expert>-stats``) are gathered when a method first needs them."""
     root = tmp_path_factory.mktemp("family")
     paths = {}
     for index, name in enumerate(["base", "e1", "e2", "e3"]):
         paths[name] = root / name
         tiny_model("llama", layers=3, seed=index, noise=0.02 if index else 0.0).save_pretrained(paths[name])
+        char_tokenizer().save_pretrained(paths[name])
     return paths
+
+
+def calibration(family: dict[str, Path], expert: str) -> Path:
+    """The expert's Gram, activation and Fisher statistics on a few sentences (gathered once)."""
+    from modelfuse.calibrate import CalibrationSettings, calibrate
+
+    stats = family[expert].with_name(f"{expert}-stats")
+    if not stats.exists():
+        text = family[expert].with_name("calibration.txt")
+        text.write_text("the cat sat on the mat.\n\nadd 2 3: 5\n\na bird, a dog.\n", encoding="utf-8")
+        calibrate(family[expert], stats, CalibrationSettings(str(text), ("gram", "act_rms", "fisher"), samples=3))
+    return stats
 
 
 def recipe_for(name: str, family: dict[str, Path]) -> dict:
@@ -40,6 +58,9 @@ def recipe_for(name: str, family: dict[str, Path]) -> dict:
     spec = get_method(name)
     count = min(3, spec.max_models or 3)
     recipe: dict = {"method": name, "models": [{"path": str(family[f"e{i + 1}"])} for i in range(count)]}
+    if spec.statistics:
+        for index, entry in enumerate(recipe["models"]):
+            entry["calibration"] = str(calibration(family, f"e{index + 1}"))
     if spec.base != "unused":
         recipe["base"] = str(family["base"])
     required = [p for p, param in spec.params.items() if param.required and not param.per_model]

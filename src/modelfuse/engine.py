@@ -188,7 +188,8 @@ def _compute_piece(
         noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
         row_elements = int(torch.Size(job.shape[1:]).numel())
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
-    context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None}
+    context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
+                                   "statistics": _statistics(job, plan, compute_dtype)}
     if thresholds is not None and equal_before is not None and base is not None:
         context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before)
                                  for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,
@@ -203,6 +204,18 @@ def _compute_piece(
     if lines_post is not None and base is not None:  # the recipe check guarantees a base for post.lines
         result = apply_lines(result, base, depth=job.depth, alpha=lines_post.alpha, beta=lines_post.beta)
     return result
+
+
+def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype) -> list[dict[str, torch.Tensor | None]] | None:
+    """Per fine-tuned model, the calibration statistics the job's method reads, of this tensor (None if it has none)."""
+    if not job.method.statistics:
+        return None
+    found: list[dict[str, torch.Tensor | None]] = []
+    for source in job.sources:
+        folder = plan.statistics[source.model]
+        values = {name: folder.read(source.name, name) for name in job.method.statistics}
+        found.append({name: value.to(dtype) if value is not None else None for name, value in values.items()})
+    return found
 
 
 def _piece_masks(

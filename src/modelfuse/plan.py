@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from modelfuse import compat
+from modelfuse.calibrate.folder import CalibrationStats
 from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import RecipeError, ShapeMismatchError
 from modelfuse.methods import MethodSpec
@@ -59,6 +60,7 @@ class MergePlan:
     layer_map: list[tuple[str, int]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     nonfinite_reported: set[tuple[str, str]] = field(default_factory=set)  # (model, tensor) warned of, this run
+    statistics: dict[str, CalibrationStats] = field(default_factory=dict)  # model path -> its calibration
 
     @property
     def read_bytes(self) -> int:
@@ -139,6 +141,37 @@ def _layer_depth(offset: int, length: int) -> float:
     return offset / (length - 1) if length > 1 else 1.0
 
 
+def _open_statistics(recipe: Recipe, base_dir: Path | None) -> dict[str, CalibrationStats]:
+    """Each model's calibration folder (by model path), checked to hold the statistics the method reads.
+
+    Raises:
+        RecipeError: If the method reads statistics a model has no calibration for.
+        CheckpointError: If a calibration folder is not one.
+    """
+    spec = recipe.method_spec
+    entries = recipe.models if recipe.models is not None else [e for s in recipe.slices or [] for e in s.sources]
+    opened = {}
+    for entry in entries:
+        if entry.calibration is None:
+            if spec.statistics:
+                needed = ",".join(spec.statistics)
+                raise RecipeError(f"models: {entry.path!r} has no calibration, and method {spec.name!r} reads its "
+                                  f"{needed} statistics: run `modelfuse calibrate {entry.path} --data DATA --stats "
+                                  f"{needed} -o STATS` and give it `calibration: STATS`")
+            continue
+        folder = Path(entry.calibration).expanduser()
+        if not folder.exists() and base_dir is not None and (base_dir / folder).exists():
+            folder = base_dir / folder
+        stats = CalibrationStats(folder)
+        missing = [name for name in spec.statistics if name not in stats.statistics]
+        if missing:
+            raise RecipeError(f"models: calibration {entry.calibration!r} of {entry.path!r} lacks the "
+                              f"{','.join(missing)} statistics method {spec.name!r} reads; calibrate again with "
+                              f"--stats {','.join(spec.statistics)}")
+        opened[entry.path] = stats
+    return opened
+
+
 def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bool = False) -> MergePlan:
     """Open every input and plan each output tensor.
 
@@ -161,6 +194,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     checkpoints = {path: open_checkpoint(path, base_dir=base_dir, allow_pickle=allow_pickle)
                    for path in recipe.input_paths()}
     spec = recipe.method_spec
+    statistics = _open_statistics(recipe, base_dir)
     groups_probe = recipe.models if recipe.models is not None else (recipe.slices or [])[0].sources
     reference = recipe.tokenizer_source or recipe.base or groups_probe[0].path
     if reference not in checkpoints:
@@ -259,7 +293,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     if recipe.base and spec.base != "unused":
         experts = [path for path in dict.fromkeys(e.path for g in groups for e in g.entries) if path != recipe.base]
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
-    return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings)
+    return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics)
 
 
 def _zero_weight_sums(jobs: list[TensorJob]) -> str | None:

@@ -42,6 +42,8 @@ class ModelEntry(BaseModel):
     path: str = Field(min_length=1)
     lora: str | None = Field(default=None, min_length=1, description="PEFT LoRA adapter folder applied to the "
                              "model (the same as path: MODEL+ADAPTER)")
+    calibration: str | None = Field(default=None, min_length=1, description="statistics folder of this model "
+                                    "(`modelfuse calibrate`), for methods that read data statistics")
     weight: ParamValue | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     layer_range: tuple[int, int] | None = None

@@ -183,3 +183,35 @@ def test_calibrate_cli_and_bad_input(run_cli: Cli, model: Path, tmp_path: Path) 
     assert_clean_failure(run_cli("calibrate", model, "--data", tmp_path / "missing.txt", "-o", out), "missing.txt")
     assert_clean_failure(run_cli("calibrate", model, "--data", text, "-o", tmp_path / "stats"), "exists")
     assert not out.exists() and sorted(path.name for path in model.iterdir()) == before
+
+
+def test_recipes_with_statistics_methods(run_cli: Cli, model: Path, tmp_path: Path) -> None:
+    """A fisher recipe whose model has no calibration, or one without Fisher, fails naming the model and the
+    command to run; with Fisher statistics it merges (and equals the merge of identical models)."""
+    import shutil
+
+    import yaml
+
+    twin = shutil.copytree(model, tmp_path / "twin")
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat.\n\nthe dog ran far.\n", encoding="utf-8")
+    calibrate(model, tmp_path / "acts", CalibrationSettings(str(text), ("act_rms",)))
+    calibrate(model, tmp_path / "fisher", CalibrationSettings(str(text), ("fisher",)))
+    recipe = tmp_path / "recipe.yml"
+    out = tmp_path / "merged"
+
+    def merge(models: list[dict[str, str]]) -> object:
+        recipe.write_text(yaml.safe_dump({"method": "fisher", "models": models}), encoding="utf-8")
+        return run_cli("merge", recipe, "-o", out)
+
+    assert_clean_failure(merge([{"path": str(model)}, {"path": str(twin)}]), "has no calibration",
+                         "modelfuse calibrate", "--stats fisher")
+    assert_clean_failure(merge([{"path": str(folder), "calibration": str(tmp_path / "acts")}
+                                for folder in (model, twin)]), "lacks the fisher statistics")
+    assert_clean_failure(merge([{"path": str(folder), "calibration": str(tmp_path / "nothing")}
+                                for folder in (model, twin)]), "not a calibration folder")
+    assert not out.exists()
+    result = merge([{"path": str(folder), "calibration": str(tmp_path / "fisher")} for folder in (model, twin)])
+    assert result.returncode == 0, result.stderr
+    merged, original = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
+    assert all(torch.allclose(merged[key], original[key], atol=1e-6) for key in original)

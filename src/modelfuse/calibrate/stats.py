@@ -39,15 +39,14 @@ import torch
 from safetensors.torch import save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
+from modelfuse.calibrate.folder import CONFIG, FORMAT
 from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.evaluation.runner import load_model
 from modelfuse.writer import StagingFolder, check_output_location
 
 log = logging.getLogger(__name__)
 STATISTICS = ("gram", "act_rms", "fisher", "routing_counts")
-CONFIG = "calibration.json"
 _PROGRESS = "progress.json"
-_FORMAT = "modelfuse-calibration"
 Labels = Literal["sampled", "given"]
 
 
@@ -130,7 +129,7 @@ def calibrate(
     check_output_location(out, [model_path], overwrite=overwrite or resume)
     model, tokenizer = load_model(model_path)
     texts = read_texts(settings.data, tokenizer, split=settings.split, limit=settings.samples, seed=settings.seed)
-    identity = {"format": _FORMAT, "version": 1, "model": str(model_path.resolve()),
+    identity = {"format": FORMAT, "version": 1, "model": str(model_path.resolve()),
                 "settings": {**settings.__dict__, "statistics": list(settings.statistics)},
                 "data_digest": _digest(texts)}
     groups = _groups(model, settings.statistics, max_memory_bytes)
@@ -373,3 +372,4 @@ def _fisher_pass(model: torch.nn.Module, tokenizer: Any, texts: Sequence[Calibra
     if counted == 0:
         raise ModelfuseError("no calibration example has tokens to take the Fisher of (all cut by --max-tokens?)")
     return {f"{name}.fisher": total / counted for name, total in sums.items()}
+

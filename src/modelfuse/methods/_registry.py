@@ -125,6 +125,7 @@ class MethodSpec:
     rowwise: bool = False
     topk: TopkCounts | None = None
     bf16_kernel: Bf16Kernel | None = None
+    statistics: tuple[str, ...] = ()
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -136,8 +137,9 @@ _METHODS: dict[str, MethodSpec] = {}
 # depth (0 at the embeddings / first layer, 1 at the last layer / head), tensor_name, and topk_masks
 # (per model, the exact top-k masks of |theta_i - theta_base| as float32 ones and zeros, one per count the
 # method's `topk` gives, for the rows the call covers; None when the method is called on a whole tensor and
-# selects by itself).
-CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks")
+# selects by itself), and statistics (per model, a dict of the calibration statistics the method declares,
+# each the model's statistic of this tensor or None where it has none; see modelfuse.calibrate).
+CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks", "statistics")
 
 
 def _scalar_kind(hint: Any, name: str, method: str) -> tuple[type, bool]:
@@ -214,6 +216,7 @@ def register(
     rowwise: bool = False,
     topk: TopkCounts | None = None,
     bf16_kernel: Bf16Kernel | None = None,
+    statistics: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -235,6 +238,8 @@ def register(
         bf16_kernel: For rowwise methods, a fused computation of the method from bfloat16 inputs straight into a
             bfloat16 output (the engine's fast path for blocks); it returns False when it cannot, and must
             otherwise give the same values as ``fn`` in float32 rounded to bfloat16.
+        statistics: Calibration statistics (``modelfuse calibrate``) the method reads per model and tensor; it
+            then takes ``statistics`` and is computed on whole tensors. Every model needs a ``calibration``.
 
     Returns:
         A decorator registering the function.
@@ -250,9 +255,12 @@ def register(
             raise MethodError(f"method {name!r} is already registered")
         params = _wire_params(fn, name, random)
         context = tuple(p for p in inspect.signature(fn).parameters if p in CONTEXT_PARAMS)
+        if bool(statistics) != ("statistics" in context) or (statistics and rowwise):
+            raise MethodError(f"method {name!r}: a method declaring statistics takes them (``statistics``) and is "
+                              "not rowwise")
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
-            bf16_kernel,
+            bf16_kernel, statistics,
         )
         return fn
 

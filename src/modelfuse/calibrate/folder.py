@@ -1,0 +1,52 @@
+"""A statistics folder written by ``modelfuse calibrate``: ``calibration.json`` (settings, the data's digest, an
+index of statistic keys ``<tensor>.<statistic>`` to files) and safetensors files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from modelfuse.errors import CheckpointError
+
+CONFIG = "calibration.json"
+FORMAT = "modelfuse-calibration"
+
+
+class CalibrationStats:
+    """A statistics folder written by ``calibrate``, read lazily.
+
+    Raises:
+        CheckpointError: If ``folder`` is not a complete statistics folder.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        config_file = folder / CONFIG
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{folder}: not a calibration folder (no readable {CONFIG}); make one with "
+                                  "`modelfuse calibrate MODEL --data ... -o FOLDER`", path=str(folder)) from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("index"),
+                                                                                            dict):
+            raise CheckpointError(f"{config_file}: not a version-1 {FORMAT} file", path=str(config_file))
+        self.config = config
+        self.index: dict[str, str] = config["index"]
+        self.statistics = tuple(config["settings"]["statistics"])
+
+    def read(self, tensor: str, statistic: str) -> torch.Tensor | None:
+        """The statistic of one tensor (``None`` when the folder has none for it)."""
+        key = f"{tensor}.{statistic}"
+        file = self.index.get(key)
+        if file is None:
+            return None
+        try:
+            with safe_open(str(self.folder / file), framework="pt") as stored:
+                return stored.get_tensor(key)
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{self.folder / file}: cannot read {key!r} ({error})",
+                                  path=str(self.folder / file)) from None
+
