@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from modelfuse.evaluation.runner import format_prompt
-from modelfuse.evaluation.tasks import TaskError, load_task
+from modelfuse.evaluation.tasks import TaskError, load_task, read_jsonl
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,15 +72,9 @@ def _has_text_lines(path: Path) -> bool:
 
 def _text_lines(path: Path) -> list[CalibrationText]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TaskError(f"{path}:{number}: not JSON ({error.msg})") from error
+    for where, item in read_jsonl(path):
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise TaskError(f"{path}:{number}: each line needs a string 'text'")
+            raise TaskError(f"{where}: each line needs a string 'text'")
         texts.append(CalibrationText(item["text"]))
     return texts
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -154,6 +155,22 @@ def _literal(value: str) -> Any:
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """Each non-empty line of a JSONL file, parsed, with where it is (``file:line``).
+
+    Raises:
+        TaskError: Naming the file and line of one that is not JSON.
+    """
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TaskError(f"{where}: not JSON ({error.msg})") from error
+
+
 def jsonl_task(path: Path) -> Task:
     """A generation or multiple-choice task from a JSONL file (see the module).
 
@@ -165,14 +182,7 @@ def jsonl_task(path: Path) -> Task:
     splits: dict[Split, list[Example]] = {split: [] for split in SPLITS}
     kinds: set[Kind] = set()
     match: Literal["normalized", "exact"] = "normalized"
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TaskError(f"{where}: not JSON ({error.msg})") from error
+    for where, item in read_jsonl(path):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise TaskError(f"{where}: each line needs a string 'prompt'")
         split = item.get("split", "test")
