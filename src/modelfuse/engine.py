@@ -500,6 +500,7 @@ def _merge_identity(plan: MergePlan, slots: list[TensorSlot], options: MergeOpti
         "tensors": [(slot.name, list(slot.shape), str(slot.dtype)) for slot in slots],
         "shard_bytes": plan.recipe.shard_bytes(),
         "inputs": {label: file_identity(ckpt.files) for label, ckpt in sorted(plan.checkpoints.items())},
+        "statistics": {label: file_identity(stats.files) for label, stats in sorted(plan.statistics.items())},
         "allow_nonfinite": options.allow_nonfinite,
     })
 
@@ -595,9 +596,11 @@ def run_plan(
     """
     from modelfuse import __version__
 
-    # Every folder read, hashed for the provenance record: a BASE+ADAPTER model's adapter folder too.
+    # Every folder read, hashed for the provenance record: a BASE+ADAPTER model's adapter folder and a model's
+    # calibration statistics too.
     inputs = {label if index == 0 else f"{label} (adapter)": folder
               for label, ckpt in plan.checkpoints.items() for index, folder in enumerate(ckpt.folders)}
+    inputs.update({f"{label} (calibration)": stats.folder for label, stats in plan.statistics.items()})
     options = options or MergeOptions()
     check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]

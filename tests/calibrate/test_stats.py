@@ -211,7 +211,11 @@ def test_recipes_with_statistics_methods(run_cli: Cli, model: Path, tmp_path: Pa
     assert_clean_failure(merge([{"path": str(folder), "calibration": str(tmp_path / "nothing")}
                                 for folder in (model, twin)]), "not a calibration folder")
     assert not out.exists()
+    listing = sorted(path.name for path in (tmp_path / "fisher").iterdir())
     result = merge([{"path": str(folder), "calibration": str(tmp_path / "fisher")} for folder in (model, twin)])
     assert result.returncode == 0, result.stderr
     merged, original = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
     assert all(torch.allclose(merged[key], original[key], atol=1e-6) for key in original)
+    provenance = json.loads((out / "modelfuse_provenance.json").read_text())
+    assert f"{model} (calibration)" in json.dumps(provenance)
+    assert sorted(path.name for path in (tmp_path / "fisher").iterdir()) == listing  # statistics untouched

@@ -37,6 +37,11 @@ class CalibrationStats:
         self.index: dict[str, str] = config["index"]
         self.statistics = tuple(config["settings"]["statistics"])
 
+    @property
+    def files(self) -> list[Path]:
+        """The folder's files (its settings and statistics)."""
+        return [self.folder / CONFIG, *(self.folder / name for name in sorted(set(self.index.values())))]
+
     def read(self, tensor: str, statistic: str) -> torch.Tensor | None:
         """The statistic of one tensor (``None`` when the folder has none for it)."""
         key = f"{tensor}.{statistic}"
