@@ -90,7 +90,9 @@ class _Group:
 
 def _groups(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) -> list[_Group]:
     spec = recipe.method_spec
-    uses_base = recipe.base is not None and spec.base != "unused"
+    fallback = recipe.fallback.method_spec if recipe.fallback is not None else None
+    uses_base = recipe.base is not None and (spec.base != "unused" or (fallback is not None and
+                                                                      fallback.base != "unused"))
     if recipe.models is not None:
         entries = [e for e in recipe.models if not (uses_base and e.path == recipe.base)]
         base = ModelEntry(path=recipe.base) if uses_base else None
@@ -110,12 +112,14 @@ def _groups(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) 
 
 
 def _resolve_params(
-    spec: MethodSpec, recipe: Recipe, group: _Group, names: dict[str, str], out_name: str, depth: float
+    spec: MethodSpec, parameters: dict[str, ParamValue], group: _Group, names: dict[str, str], out_name: str,
+    depth: float
 ) -> dict[str, Any]:
-    """Resolved parameter values for one tensor: per-model values > slice > recipe > method default."""
+    """Resolved parameter values for one tensor: per-model values > slice > ``parameters`` (the recipe's, or its
+    fallback's) > method default."""
     params: dict[str, Any] = {}
     for pname, pspec in spec.params.items():
-        scopes = [group.parameters, recipe.parameters]
+        scopes = [group.parameters, parameters]
         if pspec.per_model:
             values = []
             for entry in group.entries:
@@ -139,6 +143,12 @@ def _first_value(scopes: Sequence[dict[str, ParamValue]], name: str, tensor: str
 def _layer_depth(offset: int, length: int) -> float:
     # Within a run of `length` layers, depth goes 0 -> 1 (as mergekit; a single layer gets 1).
     return offset / (length - 1) if length > 1 else 1.0
+
+
+def _has_statistics(statistics: dict[str, CalibrationStats], sources: Sequence[Source], spec: MethodSpec) -> bool:
+    """Whether any of the models has any statistic the method reads of this tensor."""
+    return any(f"{source.name}.{name}" in statistics[source.model].index for source in sources
+               for name in spec.statistics)
 
 
 def _open_statistics(recipe: Recipe, base_dir: Path | None) -> dict[str, CalibrationStats]:
@@ -231,14 +241,17 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         if len(sources) != len(group.entries) + (1 if group.base else 0):
             return
         first = checkpoints[sources[0].model][sources[0].name]
+        method, parameters = spec, recipe.parameters
+        if recipe.fallback is not None and not _has_statistics(statistics, sources[: len(group.entries)], spec):
+            method, parameters = recipe.fallback.method_spec, recipe.fallback.parameters
         jobs.append(TensorJob(
             name=out_name,
             shape=first.shape,
             dtype=out_dtype or first.dtype,
-            method=spec,
+            method=method,
             sources=sources[: len(group.entries)],
             base=sources[-1] if group.base else None,
-            params=_resolve_params(spec, recipe, group, names, out_name, depth),
+            params=_resolve_params(method, parameters, group, names, out_name, depth),
             depth=depth,
         ))
 

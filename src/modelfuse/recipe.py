@@ -86,6 +86,19 @@ class PostSteps(BaseModel):
     lines: LinesPost | None = None
 
 
+class Fallback(BaseModel):
+    """The data-free method (and its parameters) for tensors a statistics method has no statistics of."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        """The registered method."""
+        return get_method(self.method)
+
+
 class Recipe(BaseModel):
     """A validated merge recipe."""
 
@@ -102,6 +115,8 @@ class Recipe(BaseModel):
     seed: int = 0
     name: str | None = None
     post: PostSteps | None = Field(default=None, description="steps applied after the method (LiNeS scaling)")
+    fallback: Fallback | None = Field(default=None, description="data-free method for the tensors a statistics "
+                                      "method (fisher, regmean) has no statistics of")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -163,10 +178,33 @@ def _problems(recipe: Recipe) -> list[str]:
         if len(lengths) > 1:
             problems.append(f"{where}.sources: every source of a slice needs the same number of layers")
     problems += _check_required(spec, recipe)
+    problems += _check_fallback(spec, recipe)
     if recipe.post is not None and recipe.post.lines is not None and (spec.base == "unused" or not recipe.base):
         why = f"method {spec.name!r} ignores the base" if spec.base == "unused" else "the recipe has no base"
         problems.append(f"post.lines: LiNeS scales the merged task vector (merged - base), but {why}; "
                         "use a method with a base and set 'base: <path>'")
+    return problems
+
+
+def _check_fallback(spec: MethodSpec, recipe: Recipe) -> list[str]:
+    """Problems of the recipe's ``fallback``: only for statistics methods, to a data-free method it can run."""
+    if recipe.fallback is None:
+        return []
+    if not spec.statistics:
+        return [f"fallback: method {spec.name!r} reads no calibration statistics, so it has no tensors to fall back "
+                "on; remove 'fallback'"]
+    try:
+        fallback = recipe.fallback.method_spec
+    except RecipeError as error:
+        return [f"fallback.{error}"]
+    if fallback.statistics:
+        return [f"fallback.method: {fallback.name!r} reads calibration statistics too; choose a data-free method"]
+    problems = _check_params(fallback, recipe.fallback.parameters, "fallback.parameters", allow_per_model=True)
+    if fallback.base == "required" and not recipe.base:
+        problems.append(f"fallback.method: {fallback.name!r} needs a base model; add 'base: <path>'")
+    missing = [name for name, param in fallback.params.items() if param.required and not param.per_model
+               and name not in recipe.fallback.parameters]
+    problems += [f"fallback.parameters: method {fallback.name!r} needs '{name}'" for name in missing]
     return problems
 
 
