@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from modelfuse.errors import ModelfuseError
+from modelfuse.errors import ModelfuseError, RecipeError
 
 app = typer.Typer(
     name="modelfuse",
@@ -432,6 +432,15 @@ def lora_merge_command(
 ) -> None:
     """Merge LoRA adapters into one: CAT concatenation (exact), SVD / TIES / DARE of the deltas back to a rank, or
     a reversible RMM bundle."""
+    given = {"--weight": weight is not None, "--rank": rank is not None, "--density": density != 0.5,
+             "--loss": loss is not None, "--step": step is not None, "--penalty": penalty != 1.0, "--basis": basis != 1}
+    takes = {"cat": {"--weight"}, "linear": {"--weight"}, "svd": {"--weight", "--rank"},
+             "ties": {"--weight", "--rank", "--density"}, "dare": {"--weight", "--rank", "--density"},
+             "lego": {"--rank"}, "mwa": {"--loss", "--step", "--penalty"}, "rmm": {"--basis"}}
+    unused = [option for option, present in given.items() if present and option not in takes.get(method, given)]
+    if unused:
+        raise RecipeError(f"{', '.join(unused)}: not used by --method {method}; leave "
+                          f"{'it' if len(unused) == 1 else 'them'} out")
     if method == "rmm":
         _lora_rmm(adapters, out, basis=basis, overwrite=overwrite)
         return

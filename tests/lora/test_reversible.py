@@ -156,6 +156,11 @@ def test_rmm_errors(run_cli: Cli, three_adapters: tuple[Path, list[Path]], tmp_p
     assert result.returncode == 2 and "'--basis'" in result.stderr  # a usage error, from the option's bound
     with pytest.raises(RecipeError, match="--basis"):
         merge_reversible(adapters, bundle, basis=0)
+    assert_clean_failure(run_cli("lora", "merge", *adapters, "-o", bundle, "--method", "rmm", "--weight", "1",
+                                 "--weight", "1", "--weight", "1", "--density", "0.3"),
+                         "--weight, --density: not used by --method rmm")
+    assert_clean_failure(run_cli("lora", "merge", *adapters, "-o", bundle, "--method", "cat", "--basis", "2"),
+                         "--basis: not used by --method cat")
     assert not bundle.exists()
     assert run_cli("lora", "merge", *adapters[:2], "-o", bundle, "--method", "rmm").returncode == 0
     out = tmp_path / "out"
