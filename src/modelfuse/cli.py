@@ -359,6 +359,40 @@ def calibrate_command(
                       f"{report.passes} passes): {len(report.keys)} statistics -> {report.out}")
 
 
+@app.command(name="adamerge", epilog="Example: modelfuse adamerge ./base --model ./math --data rg:basic_arithmetic "
+             "--model ./code --data code.jsonl -o ./merged")
+def adamerge_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Unlabeled prompts of each expert's task, in --model order: "
+                                                 "rg:NAME, a task .jsonl, a .jsonl of texts or a .txt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    granularity: Annotated[str, typer.Option(help="task (one coefficient per expert) or layer (per tensor).")]
+    = "layer",
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    init: Annotated[float, typer.Option(help="Initial coefficient.")] = 0.3,
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """AdaMerging: learn task-arithmetic coefficients minimising the merged model's prediction entropy on each
+    task's unlabeled prompts, then merge; the learned recipe is saved as OUT/adamerging.yml."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.adamerging import adamerge
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning coefficients", total=steps)
+        done, result = adamerge(base, model, data, out, granularity=granularity, steps=steps,  # type: ignore[arg-type]
+                                lr=lr, init=init, samples=samples, batch_size=batch_size,
+                                options=modelfuse.MergeOptions(overwrite=overwrite),
+                                on_step=lambda step, _: progress.update(task, completed=step))
+    out_console.print(f"[green]adamerged[/] {len(model)} experts: entropy {result.first_entropy:.4f} -> "
+                      f"{result.last_entropy:.4f} over {steps} steps -> {done} (recipe in adamerging.yml)")
+
+
 lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")

@@ -1,0 +1,1 @@
+"""Merging coefficients learned from unlabeled data (AdaMerging)."""

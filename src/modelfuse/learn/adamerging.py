@@ -1,0 +1,213 @@
+"""AdaMerging (Yang et al., ICLR 2024, https://arxiv.org/abs/2310.02575) for causal LMs.
+
+The merged model is task arithmetic with learned coefficients, ``theta = theta_0 + sum_k lambda_k tau_k`` with
+``tau_k = theta_k - theta_0``: one ``lambda_k`` per task (task-wise) or one per task and parameter tensor
+(layer-wise, the paper's "layer": each weight and bias). The coefficients minimise the mean Shannon entropy of
+the merged model's next-token distributions over the non-padding tokens of unlabeled prompts (a batch from
+every task each step), by Adam, clamped to ``[low, high]`` after each step. The model runs through
+``torch.func.functional_call`` on the merged tensors, so no model copy is made per step.
+
+The learned coefficients become a ``task_arithmetic`` recipe (per-model ``weight``: a number, or one rule per
+tensor), which the merge engine then writes like any other merge; the recipe is saved beside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.options import MergeOptions
+from modelfuse.writer import check_output_location
+
+Granularity = Literal["task", "layer"]
+
+
+@dataclass
+class Coefficients:
+    """Learnable merging coefficients: ``values[k, g]`` for task ``k`` and group ``g`` (one group, or one per
+    parameter tensor in ``names`` order)."""
+
+    names: list[str]  # the merged parameter tensors
+    granularity: Granularity
+    values: torch.Tensor  # [tasks, groups], requires grad
+
+    @classmethod
+    def initial(cls, names: Sequence[str], tasks: int, granularity: Granularity, init: float) -> Coefficients:
+        groups = 1 if granularity == "task" else len(names)
+        values = torch.full((tasks, groups), float(init), dtype=torch.float64, requires_grad=True)
+        return cls(list(names), granularity, values)
+
+    def of(self, index: int) -> torch.Tensor:
+        """The ``[tasks]`` coefficients of parameter ``names[index]``."""
+        return self.values[:, 0 if self.granularity == "task" else index]
+
+
+def merged_parameters(base: Mapping[str, torch.Tensor], task_vectors: Sequence[Mapping[str, torch.Tensor]],
+                      coefficients: Coefficients) -> dict[str, torch.Tensor]:
+    """``theta_0 + sum_k lambda_k tau_k`` for every merged tensor, differentiable in the coefficients."""
+    merged = {}
+    for index, name in enumerate(coefficients.names):
+        lam = coefficients.of(index)
+        total = base[name]
+        for k, vectors in enumerate(task_vectors):
+            total = total + lam[k].to(base[name].dtype) * vectors[name]
+        merged[name] = total
+    return merged
+
+
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean Shannon entropy (nats) of the next-token distributions at the positions where ``mask`` is 1."""
+    log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    weights = mask.to(entropy.dtype)
+    return (entropy * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def entropy_objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
+                      task_vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Coefficients,
+                      batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """The sum over ``batches`` (one per task) of the merged model's mean next-token entropy."""
+    from torch.func import functional_call
+
+    parameters = merged_parameters(base, task_vectors, coefficients)
+    total = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        output = functional_call(model, parameters, args=(), kwargs={
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False)
+        total = total + mean_entropy(output.logits, batch["attention_mask"])
+    return total
+
+
+@dataclass(frozen=True)
+class AdaMergingResult:
+    """The learned coefficients and how the entropy went."""
+
+    coefficients: Coefficients
+    first_entropy: float
+    last_entropy: float
+
+
+def learn_coefficients(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
+                       task_vectors: Sequence[Mapping[str, torch.Tensor]],
+                       batches: Callable[[int], Sequence[Mapping[str, torch.Tensor]]], *,
+                       granularity: Granularity = "layer", steps: int = 100, lr: float = 1e-3, init: float = 0.3,
+                       low: float = 0.0, high: float = 1.0, on_step: Callable[[int, float], None] | None = None,
+                       ) -> AdaMergingResult:
+    """Adam on the coefficients, minimising ``entropy_objective`` on ``batches(step)``, clamped after each step."""
+    coefficients = Coefficients.initial(list(base), len(task_vectors), granularity, init)
+    optimizer = torch.optim.Adam([coefficients.values], lr=lr)
+    entropies = []
+    for step in range(steps):
+        loss = entropy_objective(model, base, task_vectors, coefficients, batches(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            coefficients.values.clamp_(low, high)
+        entropies.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, entropies[-1])
+    return AdaMergingResult(coefficients, entropies[0] if entropies else float("nan"),
+                            entropies[-1] if entropies else float("nan"))
+
+
+def task_arithmetic_recipe(coefficients: Coefficients, base: str, experts: Sequence[str],
+                           names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A ``task_arithmetic`` recipe with the coefficients as per-model weights (per tensor when layer-wise;
+    ``names`` maps a parameter name to its checkpoint tensor name where they differ)."""
+    values = coefficients.values.detach()
+    models = []
+    for k, path in enumerate(experts):
+        if coefficients.granularity == "task":
+            weight: Any = round(float(values[k, 0]), 8)
+        else:
+            weight = [{"match": (names or {}).get(name, name), "value": round(float(values[k, g]), 8)}
+                      for g, name in enumerate(coefficients.names)]
+            # any tensor that was not learned (none in a plain checkpoint) takes the task's mean coefficient
+            weight.append({"match": "*", "value": round(float(values[k].mean()), 8)})
+        models.append({"path": path, "weight": weight})
+    return {"method": "task_arithmetic", "base": base, "models": models}
+
+
+
+def adamerge(
+    base: str | Path,
+    experts: Sequence[str | Path],
+    data: Sequence[str],
+    out: str | Path,
+    *,
+    granularity: Granularity = "layer",
+    steps: int = 100,
+    lr: float = 1e-3,
+    init: float = 0.3,
+    samples: int = 64,
+    batch_size: int = 4,
+    max_tokens: int = 128,
+    split: str = "train",
+    seed: int = 0,
+    options: MergeOptions | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[Path, AdaMergingResult]:
+    """Learn AdaMerging coefficients of ``experts`` over ``base`` on each expert's unlabeled prompts (``data``,
+    one calibration data spec per expert, see ``modelfuse.calibrate.data``), then merge with them into ``out``
+    and save the recipe there as ``adamerging.yml``.
+
+    Holds the base and one float32 task vector per expert in memory.
+
+    Raises:
+        RecipeError: For mismatched experts and data, or bad settings.
+        TaskError: For unusable data or models.
+        ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
+    """
+    import modelfuse
+    from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
+    from modelfuse.checkpoint import open_checkpoint
+    from modelfuse.evaluation.runner import load_model
+
+    if len(experts) < 1 or len(experts) != len(data):
+        raise RecipeError(f"give one --data per expert ({len(experts)} experts, {len(data)} data)")
+    if granularity not in ("task", "layer"):
+        raise RecipeError(f"--granularity: task or layer, got {granularity!r}")
+    if steps < 1 or lr <= 0 or not 0.0 <= init <= 1.0:
+        raise RecipeError("--steps must be >= 1, --lr > 0 and --init in [0, 1]")
+    out = Path(out)
+    check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
+    model, tokenizer = load_model(base)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    theta = {name: parameter.detach() for name, parameter in model.named_parameters()
+             if parameter.dtype.is_floating_point}
+    vectors = []
+    for expert in experts:
+        checkpoint = open_checkpoint(str(expert))
+        problems = [name for name in theta if name not in checkpoint or checkpoint[name].shape != theta[name].shape]
+        if problems:
+            raise ShapeMismatchError(f"{expert}: lacks {problems[0]!r} of the base or has another shape"
+                                     + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        vectors.append({name: checkpoint.read(name).to(torch.float32) - value for name, value in theta.items()})
+    prompts = [[CalibrationText(text.context) for text in read_texts(spec, tokenizer, split=split, limit=samples,
+                                                                     seed=seed)] for spec in data]
+
+    def batches(step: int) -> list[dict[str, torch.Tensor]]:
+        chosen = []
+        for texts in prompts:
+            start = (step * batch_size) % len(texts)
+            window = (texts + texts)[start:start + min(batch_size, len(texts))]
+            chosen.append(tokenize(tokenizer, window, max_tokens))
+        return chosen
+
+    result = learn_coefficients(model, theta, vectors, batches, granularity=granularity, steps=steps, lr=lr,
+                                init=init, on_step=on_step)
+    recipe = task_arithmetic_recipe(result.coefficients, str(base), [str(expert) for expert in experts])
+    done = modelfuse.merge(recipe, out, options=options)
+    (done / "adamerging.yml").write_text(yaml.safe_dump({
+        **recipe, "adamerging": {"granularity": granularity, "steps": steps, "lr": lr, "init": init,
+                                 "data": list(data), "first_entropy": result.first_entropy,
+                                 "last_entropy": result.last_entropy}}, sort_keys=False), encoding="utf-8")
+    return done, result
