@@ -266,6 +266,16 @@ def _blockable(job: TensorJob, plan: MergePlan) -> bool:
     return job.method.rowwise
 
 
+def _statistics_bytes(job: TensorJob) -> int:
+    """Memory a statistics method's whole-tensor unit holds beyond its inputs: per model, its statistic as read
+    and in float32 (a Fisher like the tensor; a Gram ``[in, in]``, plus RegMean's float64 sums and factor)."""
+    numel = int(torch.Size(job.shape).numel())
+    inputs = job.shape[1] if len(job.shape) == 2 else 0
+    per_model = {"fisher": 8 * numel, "gram": 8 * inputs * inputs}
+    extra = 24 * inputs * inputs if "gram" in job.method.statistics else 0  # float64 sum, its factor, a copy
+    return len(job.sources) * sum(per_model.get(name, 8 * numel) for name in job.method.statistics) + extra
+
+
 def work_units(
     plan: MergePlan, chunk_elements: int, budget_bytes: int | None = None, workers: int = 1
 ) -> Iterator[WorkUnit]:
@@ -286,7 +296,7 @@ def work_units(
         if budget_bytes is not None:  # 2 * workers blocks in flight, and one block's worth to spare
             block_elements = max(1, min(chunk_elements, budget_bytes // (per_element * (2 * workers + 1))))
         if not _blockable(job, plan) or numel <= block_elements:
-            yield WorkUnit(job, None, True, per_element * numel)
+            yield WorkUnit(job, None, True, per_element * numel + _statistics_bytes(job))
             continue
         row_elements = numel // job.shape[0]
         rows_per_block = max(1, block_elements // max(1, row_elements))

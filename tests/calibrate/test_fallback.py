@@ -82,3 +82,19 @@ def test_tensors_without_statistics_take_the_fallback(family: dict[str, Path]) -
 def test_bad_fallbacks(family: dict[str, Path], extra: dict[str, Any], needle: str) -> None:
     with pytest.raises(RecipeError, match=needle):
         modelfuse.load_recipe(recipe(family, **extra))
+
+
+def test_statistics_count_in_the_memory_budget(family: dict[str, Path]) -> None:
+    """A RegMean unit reserves its models' Grams and the float64 solve; a fallback unit reserves none."""
+    from modelfuse.engine import work_units
+
+    plan = modelfuse.plan(recipe(family, base=str(family["base"]), fallback={"method": "task_arithmetic"}))
+    units = {unit.job.name: unit for unit in work_units(plan, 1 << 20)}
+    q = units["model.layers.0.self_attn.q_proj.weight"]
+    norm = units["model.norm.weight"]
+    inputs = q.job.shape[1]
+    tensors = len(q.job.sources) + 1  # two experts and the base (the fallback uses it)
+    plain = 4 * (2 * tensors + 4) * q.job.shape[0] * inputs  # what any whole-tensor unit reserves
+    assert q.job.method.name == "regmean"
+    assert q.scratch_bytes - plain == 2 * 8 * inputs**2 + 24 * inputs**2
+    assert norm.job.method.name == "task_arithmetic" and norm.scratch_bytes < q.scratch_bytes

@@ -181,6 +181,8 @@ def test_calibrate_cli_and_bad_input(run_cli: Cli, model: Path, tmp_path: Path) 
     assert_clean_failure(run_cli("calibrate", model, "--data", text, "-o", out, "--stats", "hessian"), "--stats",
                          "hessian")
     assert_clean_failure(run_cli("calibrate", model, "--data", tmp_path / "missing.txt", "-o", out), "missing.txt")
+    assert_clean_failure(run_cli("calibrate", model, "--data", text, "-o", out, "--stats", "fisher", "--labels",
+                                 "guessed"), "--labels", "sampled or given")
     assert_clean_failure(run_cli("calibrate", model, "--data", text, "-o", tmp_path / "stats"), "exists")
     assert not out.exists() and sorted(path.name for path in model.iterdir()) == before
 
@@ -210,6 +212,10 @@ def test_recipes_with_statistics_methods(run_cli: Cli, model: Path, tmp_path: Pa
                                 for folder in (model, twin)]), "lacks the fisher statistics")
     assert_clean_failure(merge([{"path": str(folder), "calibration": str(tmp_path / "nothing")}
                                 for folder in (model, twin)]), "not a calibration folder")
+    broken = shutil.copytree(tmp_path / "fisher", tmp_path / "broken")
+    next(broken.glob("stats-*.safetensors")).unlink()
+    assert_clean_failure(merge([{"path": str(folder), "calibration": str(broken)} for folder in (model, twin)]),
+                         "calibration.json", "stats-00000.safetensors", "not a file of the folder")
     assert not out.exists()
     listing = sorted(path.name for path in (tmp_path / "fisher").iterdir())
     result = merge([{"path": str(folder), "calibration": str(tmp_path / "fisher")} for folder in (model, twin)])

@@ -86,6 +86,8 @@ def test_save_every_keeps_the_run_checkpoints_for_mwa(base: Path, run_cli: Cli, 
                      for folder in (done.checkpoints[0].path, short.out))
     assert saved.keys() == direct.keys() and all(torch.equal(saved[k], direct[k]) for k in saved)
     assert done.checkpoints[0].loss == pytest.approx(short.last_loss)
+    with pytest.raises(TaskError, match="--save-every 5"):
+        finetune(base, task, tmp_path / "none", steps=5, lora_rank=4, save_every=5)
     folders = [c.path for c in done.checkpoints] + [done.out]
     losses = [str(c.loss) for c in done.checkpoints] + [str(done.last_loss)]
     result = run_cli("lora", "merge", *folders, "-o", tmp_path / "mwa", "--method", "mwa",

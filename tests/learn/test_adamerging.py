@@ -134,3 +134,11 @@ def test_adamerging_cli(run_cli: Cli, tmp_path: Path) -> None:
     assert tf.AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     assert_clean_failure(run_cli("adamerge", base, "--model", experts[0], "--data", data[0], "--model", experts[1],
                                  "-o", tmp_path / "bad"), "one --data per expert")
+    assert_clean_failure(run_cli("adamerge", base, "--model", experts[0], "--data", data[0], "-o", tmp_path / "bad",
+                                 "--granularity", "block"), "--granularity", "task or layer")
+    other = tmp_path / "other"
+    tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=49, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    assert_clean_failure(run_cli("adamerge", base, "--model", other, "--data", data[0], "-o", tmp_path / "bad"),
+                         str(other), "another shape")
+    assert not (tmp_path / "bad").exists()

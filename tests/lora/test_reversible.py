@@ -10,6 +10,7 @@ import pytest
 import torch
 from _adapters import make_adapter
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import Cli, assert_clean_failure, tiny_model
 from modelfuse.errors import RecipeError
@@ -168,8 +169,17 @@ def test_rmm_errors(run_cli: Cli, three_adapters: tuple[Path, list[Path]], tmp_p
                          "math, code")
     assert_clean_failure(run_cli("lora", "extract-task", adapters[0], "--task", "1", "-o", out), "not an RMM bundle")
     config = json.loads((bundle / "rmm.json").read_text())
+    (tmp_path / "good.json").write_text(json.dumps(config))
     config["format"] = "something-else"
     (bundle / "rmm.json").write_text(json.dumps(config))
     assert_clean_failure(run_cli("lora", "extract-task", bundle, "--task", "1", "-o", out), "rmm.json",
                          "modelfuse-rmm")
+    config["format"] = "modelfuse-rmm"
+    del config["modules"]
+    (bundle / "rmm.json").write_text(json.dumps(config))
+    assert_clean_failure(run_cli("lora", "extract-task", bundle, "--task", "1", "-o", out), "rmm.json", "damaged")
+    config = json.loads((tmp_path / "good.json").read_text())
+    (bundle / "rmm.json").write_text(json.dumps(config))
+    save_file({"unrelated": torch.zeros(1)}, bundle / "rmm.safetensors")
+    assert_clean_failure(run_cli("lora", "extract-task", bundle, "--task", "1", "-o", out), "rmm.safetensors", "lacks")
     assert not out.exists()

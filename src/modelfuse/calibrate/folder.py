@@ -30,12 +30,18 @@ class CalibrationStats:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{folder}: not a calibration folder (no readable {CONFIG}); make one with "
                                   "`modelfuse calibrate MODEL --data ... -o FOLDER`", path=str(folder)) from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("index"),
-                                                                                            dict):
-            raise CheckpointError(f"{config_file}: not a version-1 {FORMAT} file", path=str(config_file))
-        self.config = config
+        settings = config.get("settings") if isinstance(config, dict) else None
+        if (not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != 1
+                or not isinstance(config.get("index"), dict) or not isinstance(settings, dict)
+                or not isinstance(settings.get("statistics"), list)):
+            raise CheckpointError(f"{config_file}: not a version-1 {FORMAT} file (calibrate again)",
+                                  path=str(config_file))
         self.index: dict[str, str] = config["index"]
-        self.statistics = tuple(config["settings"]["statistics"])
+        for file in sorted(set(self.index.values())):
+            if not isinstance(file, str) or Path(file).name != file or not (folder / file).is_file():
+                raise CheckpointError(f"{config_file}: its index names {file!r}, which is not a file of the folder "
+                                      "(calibrate again)", path=str(config_file))
+        self.statistics = tuple(settings["statistics"])
 
     @property
     def files(self) -> list[Path]:

@@ -133,10 +133,11 @@ def calibrate(
                 "settings": {**settings.__dict__, "statistics": list(settings.statistics)},
                 "data_digest": _digest(texts)}
     groups = _groups(model, settings.statistics, max_memory_bytes)
-    batches = [texts[start:start + settings.batch_size] for start in range(0, len(texts), settings.batch_size)]
+    batches = [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
+               for start in range(0, len(texts), settings.batch_size)]
     per_pass = {"activations": len(batches), "fisher": len(texts)}
     total = sum(per_pass[group.kind] for group in groups)
-    tokens = sum(int(tokenize(tokenizer, batch, settings.max_tokens)["attention_mask"].sum()) for batch in batches)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     done_batches = 0
     with StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) as staging:
         progress = _read_progress(staging.path, identity) if resume else {"identity": identity, "groups": {}}
@@ -154,7 +155,7 @@ def calibrate(
                     on_batch(done_batches, total)
 
             if group.kind == "activations":
-                stats = _activation_pass(model, tokenizer, batches, group.names, settings, advance)
+                stats = _activation_pass(model, batches, group.names, settings, advance)
             else:
                 stats = _fisher_pass(model, tokenizer, texts, group.names, settings, advance)
             save_file({key: value.to(torch.float32).contiguous() for key, value in stats.items()},
@@ -269,10 +270,9 @@ class _GroupDone(Exception):
 
 
 @torch.no_grad()
-def _activation_pass(model: torch.nn.Module, tokenizer: Any, batches: Sequence[Sequence[CalibrationText]],
-                     names: Sequence[str], settings: CalibrationSettings, advance: Callable[[int], None]
-                     ) -> dict[str, torch.Tensor]:
-    """Gram matrices, input RMS and routing counts of the layers ``names``, over all batches."""
+def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str],
+                     settings: CalibrationSettings, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    """Gram matrices, input RMS and routing counts of the layers ``names``, over all (tokenized) batches."""
     layers = _layers(model)
     routers = _routers(model)
     wanted = set(settings.statistics)
@@ -305,11 +305,10 @@ def _activation_pass(model: torch.nn.Module, tokenizer: Any, batches: Sequence[S
     handles = [layers[name].register_forward_hook(hook(name)) for name in names]
     try:
         for batch in batches:
-            encoded = tokenize(tokenizer, list(batch), settings.max_tokens)
-            mask = encoded["attention_mask"].bool()
+            mask = batch["attention_mask"].bool()
             seen.clear()
             with contextlib.suppress(_GroupDone):
-                model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             advance(1)
     finally:
         for handle in handles:

@@ -92,6 +92,9 @@ def finetune(
         OutputError: If ``out`` exists (without ``overwrite``) or lies inside the base folder.
     """
     out = Path(out)
+    if save_every is not None and not 1 <= save_every < steps:
+        raise TaskError(f"--save-every {save_every}: give a number of steps from 1 to {steps - 1}, so that "
+                        "checkpoints are saved before the last step")
     saves = range(save_every, steps, save_every) if save_every else range(0)
     for place in [out, *(_checkpoint_path(out, step) for step in saves)]:
         check_output_location(place, [Path(base)], overwrite=overwrite)

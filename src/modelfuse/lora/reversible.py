@@ -202,6 +202,14 @@ def read_bundle(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_file}: unreadable ({error})", path=str(config_file)) from None
     if not isinstance(config, dict) or config.get("format") != _FORMAT or config.get("version") != 1:
         raise CheckpointError(f"{config_file}: not a version-1 {_FORMAT} file", path=str(config_file))
+    adapters, modules = config.get("adapters"), config.get("modules")
+    if (not isinstance(adapters, list) or not all(isinstance(a, dict) and isinstance(a.get("name"), str)
+                                                  for a in adapters)
+            or not isinstance(modules, dict) or not all(isinstance(m, dict) and isinstance(m.get("errors"), list)
+                                                        and len(m["errors"]) == len(adapters)
+                                                        for m in modules.values())):
+        raise CheckpointError(f"{config_file}: damaged (its adapters or modules are not as `lora merge --method rmm` "
+                              "writes them); make the bundle again", path=str(config_file))
     return config
 
 
