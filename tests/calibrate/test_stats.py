@@ -110,32 +110,101 @@ def test_fisher_is_the_mean_squared_example_gradient(model: Path, tmp_path: Path
     assert not torch.allclose(one[f"{names[0]}.fisher"], stats[f"{names[0]}.fisher"])
 
 
-def test_routing_counts_of_a_mixtral(tmp_path: Path) -> None:
-    """MoE routers: per expert, the tokens that chose it among their top-k, as the model's router logits say."""
+def tiny_mixtral(folder: Path, *, fused: bool = False, seed: int = 0) -> Path:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(vocab_size=len(char_tokenizer()), hidden_size=32, intermediate_size=48,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                            num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0)
-    torch.manual_seed(0)
-    folder = tmp_path / "moe"
-    MixtralForCausalLM(config).save_pretrained(folder)
+    torch.manual_seed(seed)
+    MixtralForCausalLM(config).save_pretrained(folder, save_original_format=not fused)
     char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def moe_inputs(folder: Path, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the MoE block's input hidden states at real tokens and the router logits there."""
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(folder).eval()
+    hidden: list[torch.Tensor] = []
+    handles = [layer.mlp.register_forward_hook(lambda _m, args, _o: hidden.append(args[0].detach()))
+               for layer in model.model.layers]
+    with torch.no_grad():
+        routers = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_router_logits=True).router_logits
+    for handle in handles:
+        handle.remove()
+    mask = batch["attention_mask"].bool().reshape(-1)
+    return [h.reshape(-1, h.shape[-1])[mask] for h in hidden], [logits[mask] for logits in routers]
+
+
+def test_routing_counts_of_a_mixtral(tmp_path: Path) -> None:
+    """MoE routers: per expert, the tokens that chose it among their top-k, as the model's router logits say;
+    keyed by the checkpoint's names (block_sparse_moe), not the loaded model's (mlp)."""
+    folder = tiny_mixtral(tmp_path / "moe")
     settings = CalibrationSettings(str(write_task(tmp_path / "task.jsonl")), ("routing_counts",), samples=6,
                                    batch_size=6)
     report = calibrate(folder, tmp_path / "stats", settings)
     stats = read_stats(tmp_path / "stats")
-    model = MixtralForCausalLM.from_pretrained(folder).eval()
     batch = tokenize(char_tokenizer(), read_texts(settings.data, char_tokenizer(), limit=6), 256)
-    with torch.no_grad():
-        routers = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_router_logits=True).router_logits
-    mask = batch["attention_mask"].bool().reshape(-1)
-    for layer, logits in enumerate(routers):
-        chosen = logits[mask].topk(2, dim=-1).indices.reshape(-1)
-        counts = stats[f"model.layers.{layer}.mlp.gate.weight.routing_counts"]
+    for layer, logits in enumerate(moe_inputs(folder, batch)[1]):
+        chosen = logits.topk(2, dim=-1).indices.reshape(-1)
+        counts = stats[f"model.layers.{layer}.block_sparse_moe.gate.weight.routing_counts"]
         assert counts.tolist() == torch.bincount(chosen, minlength=4).float().tolist()
         assert float(counts.sum()) == 2 * report.tokens
+
+
+def expected_expert_grams(folder: Path, batch: dict[str, torch.Tensor]) -> dict[tuple[int, int, str], torch.Tensor]:
+    """Independently: per layer and expert, the Gram of the hidden states of the tokens routed to it (input of
+    w1/w3) and of silu(x w1^T) * (x w3^T) (input of w2), from the per-expert checkpoint weights."""
+    weights = load_file(tiny_mixtral(folder.parent / "reference") / "model.safetensors")
+    hidden, routers = moe_inputs(folder, batch)
+    grams = {}
+    for layer, (x, logits) in enumerate(zip(hidden, routers, strict=True)):
+        chosen = logits.topk(2, dim=-1).indices
+        for expert in range(4):
+            rows = x[(chosen == expert).any(-1)].double()
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+            w1, w3 = weights[f"{prefix}.w1.weight"].double(), weights[f"{prefix}.w3.weight"].double()
+            middle = torch.nn.functional.silu(rows @ w1.t()) * (rows @ w3.t())
+            grams[layer, expert, "in"] = rows.t() @ rows / len(rows)
+            grams[layer, expert, "mid"] = middle.t() @ middle / len(rows)
+    return grams
+
+
+def test_fused_expert_grams_of_a_mixtral(tmp_path: Path) -> None:
+    """Fused experts: each stored expert tensor (w1/w3: the routed hidden states; w2: act(gate) * up) gets the
+    Gram of its own tokens; a checkpoint stored fused gets [experts, in, in] Grams under the fused names; the
+    Fisher of the fused parameter is cut into the stored tensors."""
+    data = str(write_task(tmp_path / "task.jsonl"))
+    settings = CalibrationSettings(data, ("gram", "act_rms", "fisher"), samples=6, batch_size=3, labels="given")
+    folder = tiny_mixtral(tmp_path / "moe")
+    calibrate(folder, tmp_path / "stats", settings)
+    stats = read_stats(tmp_path / "stats")
+    batch = tokenize(char_tokenizer(), read_texts(data, char_tokenizer(), limit=6), 256)
+    expected = expected_expert_grams(folder, batch)
+    for (layer, expert, which), gram in expected.items():
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        names = (f"{prefix}.w1.weight", f"{prefix}.w3.weight") if which == "in" else (f"{prefix}.w2.weight",)
+        for name in names:
+            torch.testing.assert_close(stats[f"{name}.gram"].double(), gram, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stats[f"{name}.act_rms"].double(), gram.diagonal().sqrt(), rtol=1e-4,
+                                       atol=1e-6)
+    stored = set(load_file(folder / "model.safetensors"))
+    assert {key.removesuffix(".fisher") for key in stats if key.endswith(".fisher")} == stored
+
+    fused = tiny_mixtral(tmp_path / "fused", fused=True)
+    calibrate(fused, tmp_path / "fused-stats", settings)
+    fused_stats = read_stats(tmp_path / "fused-stats")
+    gate_up = fused_stats["model.layers.1.mlp.experts.gate_up_proj.gram"]
+    assert gate_up.shape == (4, 32, 32)
+    for expert in range(4):
+        torch.testing.assert_close(gate_up[expert].double(), expected[1, expert, "in"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused_stats["model.layers.1.mlp.experts.down_proj.gram"][expert].double(),
+                                   expected[1, expert, "mid"], rtol=1e-4, atol=1e-6)
+    fisher = fused_stats["model.layers.0.mlp.experts.gate_up_proj.fisher"]
+    torch.testing.assert_close(stats["model.layers.0.block_sparse_moe.experts.2.w3.weight.fisher"], fisher[2, 48:])
 
 
 def test_interrupted_calibration_resumes(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +294,27 @@ def test_recipes_with_statistics_methods(run_cli: Cli, model: Path, tmp_path: Pa
     provenance = json.loads((out / "modelfuse_provenance.json").read_text())
     assert f"{model} (calibration)" in json.dumps(provenance)
     assert sorted(path.name for path in (tmp_path / "fisher").iterdir()) == listing  # statistics untouched
+
+
+def test_regmean_merges_fused_experts(tmp_path: Path) -> None:
+    """Two Mixtrals stored with fused experts, calibrated and merged by RegMean: each expert of the merged
+    gate_up_proj is the RegMean of that expert alone; transformers loads the result."""
+    from transformers import MixtralForCausalLM
+
+    import modelfuse
+    from modelfuse.methods.regmean import regmean_solve
+
+    data = str(write_task(tmp_path / "task.jsonl"))
+    folders = [tiny_mixtral(tmp_path / f"m{seed}", fused=True, seed=seed) for seed in (0, 1)]
+    for index, folder in enumerate(folders):
+        calibrate(folder, tmp_path / f"s{index}", CalibrationSettings(data, ("gram",), samples=6))
+    recipe = {"method": "regmean", "parameters": {"alpha": 0.9}, "dtype": "float32",
+              "models": [{"path": str(f), "calibration": str(tmp_path / f"s{i}")} for i, f in enumerate(folders)]}
+    out = modelfuse.merge(recipe, tmp_path / "merged")
+    merged = MixtralForCausalLM.from_pretrained(out)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    weights = [load_file(folder / "model.safetensors")[name] for folder in folders]
+    grams = [read_stats(tmp_path / f"s{i}")[f"{name}.gram"] for i in range(2)]
+    for expert in range(4):
+        expected = regmean_solve([w[expert] for w in weights], [g[expert] for g in grams], alpha=0.9)
+        torch.testing.assert_close(merged.model.layers[0].mlp.experts.gate_up_proj[expert].detach(), expected)

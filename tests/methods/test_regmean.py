@@ -64,3 +64,20 @@ def test_other_tensors_and_errors() -> None:
         regmean(weights, None, weight=[1.0, 1.0], statistics=[{"gram": torch.eye(3)}] * 2)
     with pytest.raises(MethodError, match="weight is 0"):
         regmean(weights, None, weight=[0.0, 0.0], statistics=[{"gram": gram}] * 2)
+
+
+def test_fused_experts_are_solved_per_expert() -> None:
+    """A fused [experts, out, in] weight with [experts, in, in] Grams: each expert's slice is the least-squares
+    solution over that expert's inputs only (numpy, alpha 1); a Gram without the experts axis is refused."""
+    stacks = [models(10 + expert, count=2) for expert in range(3)]
+    tensors = [torch.stack([stack[0][model] for stack in stacks]) for model in range(2)]
+    grams = [torch.stack([stack[1][model].t() @ stack[1][model] for stack in stacks]) for model in range(2)]
+    result = regmean(tensors, None, weight=[1.0, 1.0], alpha=1.0,
+                     statistics=[{"gram": gram} for gram in grams])
+    for expert, (weights, xs) in enumerate(stacks):
+        x = np.concatenate([v.numpy() for v in xs])
+        y = np.concatenate([(v @ w.t()).numpy() for v, w in zip(xs, weights, strict=True)])
+        solution = np.linalg.lstsq(x, y, rcond=None)[0].T
+        np.testing.assert_allclose(result[expert].numpy(), solution, rtol=1e-8, atol=1e-10)
+    with pytest.raises(MethodError, match="input size 6 and 3 experts"):
+        regmean(tensors, None, weight=[1.0, 1.0], statistics=[{"gram": gram[0]} for gram in grams])

@@ -15,7 +15,12 @@ per parameter (all of them, same shape):
 
 and for MoE routers (modules named ``...gate`` or ``...router`` with one weight row per expert; their inputs
 also get ``gram`` and ``act_rms``): ``routing_counts``, how many tokens chose each expert among their top
-``num_experts_per_tok``. Fused expert tensors (3-D, one slice per expert) get no Gram matrices yet.
+``num_experts_per_tok``. Fused MoE experts (transformers' ``gate_up_proj`` ``[experts, 2 * inter, hidden]`` and
+``down_proj`` ``[experts, hidden, inter]``, gate half first) get per-expert ``gram`` and ``act_rms`` over the
+tokens routed to each expert: the hidden states for ``gate_up_proj``, ``act(gate) * up`` for ``down_proj``.
+
+Statistics are keyed by checkpoint tensor name (see ``names``): a fused parameter stored per expert gets one
+statistic per stored tensor (Mixtral's ``experts.{e}.w1/w2/w3``).
 
 Statistics are accumulated in float64 and written in float32. Memory stays bounded: the layers are split
 into groups whose accumulators fit ``max_memory_bytes``, and each group makes its own pass over the data
@@ -40,6 +45,8 @@ from safetensors.torch import save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
 from modelfuse.calibrate.folder import CONFIG, FORMAT
+from modelfuse.calibrate.names import Target, checkpoint_targets, fisher_to_checkpoint, input_stat_to_checkpoint
+from modelfuse.checkpoint import open_checkpoint
 from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.evaluation.runner import load_model
 from modelfuse.writer import StagingFolder, check_output_location
@@ -133,6 +140,7 @@ def calibrate(
                 "settings": {**settings.__dict__, "statistics": list(settings.statistics)},
                 "data_digest": _digest(texts)}
     groups = _groups(model, settings.statistics, max_memory_bytes)
+    targets = checkpoint_targets(model, set(open_checkpoint(str(model_path))))
     batches = [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
                for start in range(0, len(texts), settings.batch_size)]
     per_pass = {"activations": len(batches), "fisher": len(texts)}
@@ -158,6 +166,7 @@ def calibrate(
                 stats = _activation_pass(model, batches, group.names, settings, advance)
             else:
                 stats = _fisher_pass(model, tokenizer, texts, group.names, settings, advance)
+            stats = _checkpoint_stats(model, stats, targets)
             save_file({key: value.to(torch.float32).contiguous() for key, value in stats.items()},
                       staging.path / file, metadata={"format": "pt"})
             progress["groups"][file] = sorted(stats)
@@ -168,6 +177,23 @@ def calibrate(
         (staging.path / _PROGRESS).unlink()
         staging.commit()
     return CalibrationReport(out, len(texts), tokens, len(groups), sorted(index_map))
+
+
+def _checkpoint_stats(model: torch.nn.Module, stats: dict[str, torch.Tensor],
+                      targets: dict[str, list[Target]]) -> dict[str, torch.Tensor]:
+    """A pass's statistics (keyed by loaded parameter) keyed ``<checkpoint tensor>.<stat>``."""
+    found: dict[str, torch.Tensor] = {}
+    for key, value in stats.items():
+        parameter, stat = key.rsplit(".", 1)
+        where = targets.get(parameter, [])
+        if stat == "fisher":
+            named = fisher_to_checkpoint(model, parameter, value, where) if where else {}
+        elif stat == "routing_counts":
+            named = {target.name: value for target in where if target.expert is None}
+        else:
+            named = input_stat_to_checkpoint(value, where, fused=value.dim() == (3 if stat == "gram" else 2))
+        found.update({f"{name}.{stat}": tensor for name, tensor in named.items()})
+    return found
 
 
 def _digest(texts: Sequence[CalibrationText]) -> str:
@@ -213,17 +239,30 @@ def _routers(model: torch.nn.Module) -> dict[str, int]:
     return found
 
 
+def _fused_experts(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds an MoE layer's experts fused as transformers does (see the module docstring)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
+            and down.dim() == 3 and gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
+            and gate_up.shape[2] == down.shape[1] and callable(getattr(module, "act_fn", None)))
+
+
 def _layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The linear maps whose inputs are gathered: ``nn.Linear`` layers and MoE routers, in model order."""
+    """The linear maps whose inputs are gathered: ``nn.Linear`` layers, MoE routers and fused experts, in model
+    order."""
     routers = _routers(model)
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) or name in routers}
+            if isinstance(module, torch.nn.Linear) or name in routers or _fused_experts(module)}
 
 
-def _in_features(module: torch.nn.Module) -> int:
+def _accumulator_bytes(module: torch.nn.Module, gram: bool) -> int:
+    """The float64 accumulators' size of one layer's input statistics."""
+    if _fused_experts(module):
+        experts, inter, hidden = module.down_proj.shape[0], module.down_proj.shape[2], module.down_proj.shape[1]
+        return 8 * experts * ((hidden ** 2 + inter ** 2) if gram else (hidden + inter))
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    return int(weight.shape[1])
+    return 8 * (int(weight.shape[1]) ** 2 if gram else int(weight.shape[1]))
 
 
 def _real_rows(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -240,8 +279,7 @@ def _groups(model: torch.nn.Module, statistics: Sequence[str], budget: int) -> l
         layers = _layers(model)
         if "routing_counts" in wanted and not (wanted & {"gram", "act_rms"}):
             layers = {name: layers[name] for name in _routers(model)}
-        sizes = {name: 8 * (_in_features(module) ** 2 if "gram" in wanted else _in_features(module))
-                 for name, module in layers.items()}
+        sizes = {name: _accumulator_bytes(module, "gram" in wanted) for name, module in layers.items()}
         groups += [_Group("activations", names) for names in _pack(sizes, budget)]
     if "fisher" in wanted:
         sizes = {name: 8 * parameter.numel() for name, parameter in model.named_parameters()}
@@ -272,37 +310,68 @@ class _GroupDone(Exception):
 @torch.no_grad()
 def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str],
                      settings: CalibrationSettings, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    """Gram matrices, input RMS and routing counts of the layers ``names``, over all (tokenized) batches."""
+    """Gram matrices, input RMS and routing counts of the layers ``names`` over all (tokenized) batches, keyed
+    ``<parameter>.<stat>`` by the loaded model's parameter names."""
     layers = _layers(model)
     routers = _routers(model)
     wanted = set(settings.statistics)
     sums: dict[str, torch.Tensor] = {}
-    counts = {name: 0 for name in names}
+    counts: dict[str, torch.Tensor] = {}  # per parameter: tokens seen ([experts] for fused experts)
     seen: set[str] = set()
     mask: torch.Tensor | None = None
 
-    def hook(name: str) -> Callable[..., None]:
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value if key in sums else value
+
+    def add_inputs(parameter: str, rows: torch.Tensor, expert: int | None = None, experts: int = 0) -> None:
+        """Adds ``rows`` ([tokens, in], float64) to the parameter's sums (expert ``expert``'s slice if given)."""
+        stat = "gram" if "gram" in wanted else "squares"
+        value = rows.t() @ rows if stat == "gram" else rows.square().sum(0)
+        tokens = torch.tensor(float(rows.shape[0]), dtype=torch.float64)
+        if expert is not None:
+            value = torch.zeros((experts, *value.shape), dtype=torch.float64).index_copy_(0, torch.tensor([expert]),
+                                                                                          value[None])
+            tokens = torch.zeros(experts, dtype=torch.float64).index_fill_(0, torch.tensor([expert]), tokens)
+        add(f"{parameter}.{stat}", value)
+        counts[parameter] = counts[parameter] + tokens if parameter in counts else tokens
+
+    def finished(name: str) -> None:
+        seen.add(name)
+        if seen.issuperset(names):
+            raise _GroupDone
+
+    def linear_hook(name: str) -> Callable[..., None]:
         def record(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             assert mask is not None
-            rows = _real_rows(inputs[0], mask).to(torch.float64)
-            counts[name] += rows.shape[0]
             if "gram" in wanted or "act_rms" in wanted:
-                key = "gram" if "gram" in wanted else "squares"
-                value = rows.t() @ rows if key == "gram" else rows.square().sum(0)
-                sums[f"{name}.{key}"] = sums[f"{name}.{key}"] + value if f"{name}.{key}" in sums else value
+                add_inputs(f"{name}.weight", _real_rows(inputs[0], mask).to(torch.float64))
             if "routing_counts" in wanted and name in routers:
                 logits = _real_rows(output[0] if isinstance(output, tuple) else output, mask)
                 chosen = logits.topk(routers[name], dim=-1).indices.reshape(-1)
-                tally = torch.bincount(chosen, minlength=logits.shape[-1]).to(torch.float64)
-                key = f"{name}.routing"
-                sums[key] = sums[key] + tally if key in sums else tally
-            seen.add(name)
-            if seen.issuperset(names):
-                raise _GroupDone
+                add(f"{name}.weight.routing", torch.bincount(chosen, minlength=logits.shape[-1]).to(torch.float64))
+            finished(name)
 
         return record
 
-    handles = [layers[name].register_forward_hook(hook(name)) for name in names]
+    def experts_hook(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            assert mask is not None
+            hidden, chosen, routing = _experts_inputs(args, kwargs)
+            if "gram" in wanted or "act_rms" in wanted:
+                real = mask.reshape(-1) if hidden.shape[0] == mask.numel() else torch.ones(hidden.shape[0], dtype=bool)
+                inputs, middles = _expert_inputs(module, hidden, chosen, routing, output, name)
+                experts = module.gate_up_proj.shape[0]
+                for expert, (rows, middle) in enumerate(zip(inputs, middles, strict=True)):
+                    tokens = real[rows]
+                    add_inputs(f"{name}.gate_up_proj", hidden[rows][tokens].to(torch.float64), expert, experts)
+                    add_inputs(f"{name}.down_proj", middle[tokens], expert, experts)
+            finished(name)
+
+        return record
+
+    handles = [layers[name].register_forward_hook(experts_hook(name), with_kwargs=True)
+               if _fused_experts(layers[name]) else layers[name].register_forward_hook(linear_hook(name))
+               for name in names]
     try:
         for batch in batches:
             mask = batch["attention_mask"].bool()
@@ -313,22 +382,72 @@ def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.T
     finally:
         for handle in handles:
             handle.remove()
+    return _finish_inputs(sums, counts, wanted)
+
+
+def _finish_inputs(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
+                   wanted: set[str]) -> dict[str, torch.Tensor]:
+    """Means from the pass's sums: ``gram`` and ``act_rms`` (NaN for a fused expert no token reached), and
+    ``routing_counts``; a layer no token reached gets none."""
     stats: dict[str, torch.Tensor] = {}
-    for name in names:
-        weight = f"{name}.weight"
-        if counts[name] == 0:  # an MoE expert no token chose: no statistics rather than made-up ones
-            log.warning("layer %s never ran on the calibration data; it gets no statistics", name)
+    for parameter, tokens in counts.items():
+        if not bool((tokens > 0).any()):  # an MoE expert no token chose: no statistics rather than made-up ones
+            log.warning("layer %s never ran on the calibration data; it gets no statistics", parameter)
             continue
+        empty = tokens == 0
         if "gram" in wanted:
-            gram = sums[f"{name}.gram"] / counts[name]
-            stats[f"{weight}.gram"] = gram
+            gram = sums[f"{parameter}.gram"] / tokens.clamp_min(1.0)[..., None, None]
+            gram[empty] = float("nan")
+            stats[f"{parameter}.gram"] = gram
             if "act_rms" in wanted:
-                stats[f"{weight}.act_rms"] = gram.diagonal().sqrt()
+                stats[f"{parameter}.act_rms"] = gram.diagonal(dim1=-2, dim2=-1).sqrt()
         elif "act_rms" in wanted:
-            stats[f"{weight}.act_rms"] = (sums[f"{name}.squares"] / counts[name]).sqrt()
-        if f"{name}.routing" in sums:
-            stats[f"{weight}.routing_counts"] = sums[f"{name}.routing"]
+            squares = sums[f"{parameter}.squares"] / tokens.clamp_min(1.0)[..., None]
+            squares[empty] = float("nan")
+            stats[f"{parameter}.act_rms"] = squares.sqrt()
+    for key, value in sums.items():
+        if key.endswith(".routing"):
+            stats[key.removesuffix(".routing") + ".routing_counts"] = value
     return stats
+
+
+def _experts_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused experts module's ``(hidden_states [tokens, hidden], top_k_index, top_k_weights)`` arguments."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = [*args, *(kwargs[name] for name in names[len(args):] if name in kwargs)]
+    if len(values) < 3:
+        raise ModelfuseError("fused MoE experts called without (hidden_states, top_k_index, top_k_weights); "
+                             "this architecture's experts cannot be calibrated yet")
+    hidden, chosen, routing = values[:3]
+    return hidden.reshape(-1, hidden.shape[-1]), chosen.reshape(hidden.numel() // hidden.shape[-1], -1), \
+        routing.reshape(hidden.numel() // hidden.shape[-1], -1)
+
+
+def _expert_inputs(module: torch.nn.Module, hidden: torch.Tensor, chosen: torch.Tensor, routing: torch.Tensor,
+                   output: Any, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per expert: which tokens it got (a bool mask) and the inputs of its ``down_proj`` (``act(gate) * up``,
+    float64), recomputed from the weights and checked against the module's output (so a layout this does not
+    know is refused rather than gathered wrong)."""
+    gate_up, down = module.gate_up_proj.detach().to(torch.float64), module.down_proj.detach().to(torch.float64)
+    rows = hidden.to(torch.float64)
+    result = torch.zeros_like(rows)
+    inputs, middles = [], []
+    for expert in range(gate_up.shape[0]):
+        picked = chosen == expert
+        tokens = picked.any(-1)
+        gate, up = (rows[tokens] @ gate_up[expert].t()).chunk(2, dim=-1)
+        middle = module.act_fn(gate) * up
+        weight = (routing.to(torch.float64) * picked).sum(-1)[tokens]
+        result[tokens] += (middle @ down[expert].t()) * weight[:, None]
+        inputs.append(tokens)
+        middles.append(middle)
+    produced = (output[0] if isinstance(output, tuple) else output).reshape(result.shape).to(torch.float64)
+    scale = float(produced.abs().max()) or 1.0
+    if float((produced - result).abs().max()) > 1e-3 * scale:
+        raise ModelfuseError(f"{name}: the fused experts of {type(module).__name__} do not compute "
+                             "down(act(gate) * up) with gate_up_proj's gate half first; their Gram matrices "
+                             "cannot be gathered (leave out gram/act_rms, or report this architecture)")
+    return inputs, middles
 
 
 def _fisher_pass(model: torch.nn.Module, tokenizer: Any, texts: Sequence[CalibrationText], names: Sequence[str],

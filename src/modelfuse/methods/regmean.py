@@ -60,7 +60,8 @@ def regmean(
     statistics: Sequence[dict[str, torch.Tensor | None]],
     tensor_name: str = "",
 ) -> torch.Tensor:
-    """RegMean for 2-D weights whose models all have an input Gram; the weighted average for other tensors.
+    """RegMean for 2-D weights whose models all have an input Gram (and fused 3-D expert weights, solved per
+    expert); the weighted average for other tensors.
 
     Paper: Dataless Knowledge Fusion by Merging Weights of Language Models, https://arxiv.org/abs/2212.09849
 
@@ -70,7 +71,8 @@ def regmean(
         weight: Per model, the scale ``l_i`` of its Gram (and its weight in the average); default 1.0 each.
         alpha: Off-diagonal scale of each Gram (the paper's alpha; 1 gives the least-squares solution, 0 a
             per-input-feature weighted average); default 0.9.
-        statistics: Per model, its ``gram`` of this tensor's layer input (``[in, in]``), or None.
+        statistics: Per model, its ``gram`` of this tensor's layer input (``[in, in]``; ``[experts, in, in]`` for
+            fused experts), or None.
         tensor_name: The tensor's name (for messages).
 
     Returns:
@@ -84,11 +86,18 @@ def regmean(
         raise MethodError("regmean: every model's weight is 0; give at least one a positive weight")
     grams = [entry["gram"] for entry in statistics]
     present = [gram is not None for gram in grams]
-    if not any(present) or tensors[0].dim() != 2:
+    if not any(present) or tensors[0].dim() not in (2, 3):
         return weighted_sum(tensors, weight, normalize=True)
     if not all(present):
         raise MethodError(f"regmean: {tensor_name!r} has an input Gram in the calibration of some models only "
                           f"(models {[i + 1 for i, p in enumerate(present) if not p]} lack it)")
-    if any(gram is not None and gram.shape != (tensors[0].shape[1],) * 2 for gram in grams):
-        raise MethodError(f"regmean: the Gram of {tensor_name!r} does not match its input size {tensors[0].shape[1]}")
-    return regmean_solve(tensors, [gram for gram in grams if gram is not None], alpha=alpha, scales=weight)
+    shape = tensors[0].shape
+    expected = (*shape[:-2], shape[-1], shape[-1])  # [in, in], or [experts, in, in] for fused experts
+    if any(gram is not None and tuple(gram.shape) != expected for gram in grams):
+        raise MethodError(f"regmean: the Gram of {tensor_name!r} does not match its input size {shape[-1]}"
+                          + (f" and {shape[0]} experts" if len(shape) == 3 else ""))
+    found = [gram for gram in grams if gram is not None]
+    if len(shape) == 2:
+        return regmean_solve(tensors, found, alpha=alpha, scales=weight)
+    return torch.stack([regmean_solve([tensor[expert] for tensor in tensors], [gram[expert] for gram in found],
+                                      alpha=alpha, scales=weight) for expert in range(shape[0])])
