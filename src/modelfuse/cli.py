@@ -393,6 +393,55 @@ def adamerge_command(
                       f"{result.last_entropy:.4f} over {steps} steps -> {done} (recipe in adamerging.yml)")
 
 
+@app.command(name="expert-merge", epilog="Example: modelfuse expert-merge ./base --model ./math --data math.jsonl "
+             "--model ./code --data code.jsonl -o ./merged --chunk-budget 200")
+def expert_merge_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Unlabeled prompts of each expert's task, in --model order: "
+                                                 "rg:NAME, a task .jsonl, a .jsonl of texts or a .txt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps (per stage).")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (on the pre-sigmoid coefficients).")] = 0.1,
+    init: Annotated[float, typer.Option(help="Initial coefficient, in (0, 1).")] = 0.3,
+    gamma: Annotated[float, typer.Option(help="Weight of the mean |coefficient - init| regularizer.")] = 0.8,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit alignment.")] = 1.0,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state alignment.")] = 1.0,
+    hidden_layer: Annotated[list[int] | None, typer.Option(
+        help="Hidden state aligned (0 = embeddings), repeatable; default the middle layer.")] = None,
+    task_weight: Annotated[list[float] | None, typer.Option(help="Loss weight of each expert's task, in "
+                                                                  "--model order; default 1 each.")] = None,
+    chunk_budget: Annotated[int | None, typer.Option(help="Expert Merging++: total chunk coefficients per expert, "
+                                                          "allocated by layer importance.")] = None,
+    kappa: Annotated[float, typer.Option(help="Expert Merging++: importance exponent of the allocation.")] = 1.0,
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    respond_tokens: Annotated[int, typer.Option(min=0, help="Tokens each expert generates after its prompts "
+                                                            "before alignment (0: prompts only).")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Expert Merging (++ with --chunk-budget): learn layer-wise task-arithmetic coefficients aligning the merged
+    model's logits and hidden states with each expert's on its unlabeled prompts, then merge."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.expert_merging import Settings, expert_merge
+
+    settings = Settings(steps=steps, lr=lr, init=init, gamma=gamma, temperature=temperature,
+                        hidden_weight=hidden_weight, hidden_layers=tuple(hidden_layer) if hidden_layer else None,
+                        task_weights=tuple(task_weight) if task_weight else None, chunk_budget=chunk_budget,
+                        kappa=kappa)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning coefficients", total=steps * (1 if chunk_budget is None else 2))
+        done, result = expert_merge(base, model, data, out, settings=settings, samples=samples,
+                                    batch_size=batch_size, respond_tokens=respond_tokens,
+                                    options=modelfuse.MergeOptions(overwrite=overwrite),
+                                    on_step=lambda step, _: progress.update(task, completed=step))
+    stages = ", ".join(f"{first:.4f} -> {last:.4f}" for first, last in result.losses)
+    out_console.print(f"[green]expert-merged[/] {len(model)} experts: loss {stages} -> {done} "
+                      "(settings in expert_merging.yml)")
+
+
 lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")

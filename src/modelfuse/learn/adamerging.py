@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.errors import RecipeError
+from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, window
 from modelfuse.options import MergeOptions
 from modelfuse.writer import check_output_location
 
@@ -166,41 +167,22 @@ def adamerge(
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
     import modelfuse
-    from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
-    from modelfuse.checkpoint import open_checkpoint
-    from modelfuse.evaluation.runner import load_model
+    from modelfuse.calibrate.data import CalibrationText, tokenize
 
-    if len(experts) < 1 or len(experts) != len(data):
-        raise RecipeError(f"give one --data per expert ({len(experts)} experts, {len(data)} data)")
+    check_experts_and_data(experts, data)
     if granularity not in ("task", "layer"):
         raise RecipeError(f"--granularity: task or layer, got {granularity!r}")
     if steps < 1 or lr <= 0 or not 0.0 <= init <= 1.0:
         raise RecipeError("--steps must be >= 1, --lr > 0 and --init in [0, 1]")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
-    model, tokenizer = load_model(base)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    theta = {name: parameter.detach() for name, parameter in model.named_parameters()
-             if parameter.dtype.is_floating_point}
-    vectors = []
-    for expert in experts:
-        checkpoint = open_checkpoint(str(expert))
-        problems = [name for name in theta if name not in checkpoint or checkpoint[name].shape != theta[name].shape]
-        if problems:
-            raise ShapeMismatchError(f"{expert}: lacks {problems[0]!r} of the base or has another shape"
-                                     + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        vectors.append({name: checkpoint.read(name).to(torch.float32) - value for name, value in theta.items()})
-    prompts = [[CalibrationText(text.context) for text in read_texts(spec, tokenizer, split=split, limit=samples,
-                                                                     seed=seed)] for spec in data]
+    loaded = load_task_vectors(base, experts)
+    model, tokenizer, theta, vectors = loaded.model, loaded.tokenizer, loaded.base, loaded.vectors
+    prompts = read_prompts(data, tokenizer, split=split, samples=samples, seed=seed)
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
-        chosen = []
-        for texts in prompts:
-            start = (step * batch_size) % len(texts)
-            window = (texts + texts)[start:start + min(batch_size, len(texts))]
-            chosen.append(tokenize(tokenizer, window, max_tokens))
-        return chosen
+        return [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, batch_size)], max_tokens)
+                for texts in prompts]
 
     result = learn_coefficients(model, theta, vectors, batches, granularity=granularity, steps=steps, lr=lr,
                                 init=init, on_step=on_step)

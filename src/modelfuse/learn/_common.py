@@ -1,0 +1,68 @@
+"""What the coefficient-learning merges share: the base and task vectors in memory, and each task's prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelfuse.errors import RecipeError, ShapeMismatchError
+
+
+@dataclass
+class TaskVectors:
+    """The base model (frozen, loaded once), its float parameters and each expert's ``theta_k - theta_0``."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    base: dict[str, torch.Tensor]
+    vectors: list[dict[str, torch.Tensor]]
+
+
+def check_experts_and_data(experts: Sequence[Any], data: Sequence[str]) -> None:
+    """Raises RecipeError unless there is one data spec per expert (and at least one expert)."""
+    if len(experts) < 1 or len(experts) != len(data):
+        raise RecipeError(f"give one --data per expert ({len(experts)} experts, {len(data)} data)")
+
+
+def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVectors:
+    """The base model (gradients off) and one float32 task vector per expert over its float parameters.
+
+    Raises:
+        ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
+        TaskError: For a model that cannot be loaded.
+    """
+    from modelfuse.checkpoint import open_checkpoint
+    from modelfuse.evaluation.runner import load_model
+
+    model, tokenizer = load_model(base)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    theta = {name: parameter.detach() for name, parameter in model.named_parameters()
+             if parameter.dtype.is_floating_point}
+    vectors = []
+    for expert in experts:
+        checkpoint = open_checkpoint(str(expert))
+        problems = [name for name in theta if name not in checkpoint or checkpoint[name].shape != theta[name].shape]
+        if problems:
+            raise ShapeMismatchError(f"{expert}: lacks {problems[0]!r} of the base or has another shape"
+                                     + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        vectors.append({name: checkpoint.read(name).to(torch.float32) - value for name, value in theta.items()})
+    return TaskVectors(model, tokenizer, theta, vectors)
+
+
+def read_prompts(data: Sequence[str], tokenizer: Any, *, split: str, samples: int, seed: int) -> list[list[str]]:
+    """Each task's unlabeled prompts (the contexts of its calibration texts, answers dropped)."""
+    from modelfuse.calibrate.data import read_texts
+
+    return [[text.context for text in read_texts(spec, tokenizer, split=split, limit=samples, seed=seed)]
+            for spec in data]
+
+
+def window(items: Sequence[Any], step: int, size: int) -> list[Any]:
+    """The ``step``-th consecutive window of ``size`` items, cycling through ``items``."""
+    start = (step * size) % len(items)
+    return list((list(items) + list(items))[start:start + min(size, len(items))])
