@@ -442,6 +442,46 @@ def expert_merge_command(
                       "(settings in expert_merging.yml)")
 
 
+@app.command(name="twin", epilog="Example: modelfuse twin ./base --model ./math --data math.jsonl --model ./code "
+             "--data code.jsonl -o ./twin --rank 64; then modelfuse evaluate ./twin ...")
+def twin_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Task-tagged prompts of each expert, in --model order, for the "
+                                                 "router: rg:NAME, a task .jsonl, a .jsonl of texts or a .txt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    rank: Annotated[str, typer.Option(help="Rank of each expert's exclusive knowledge per matrix, or 'full'.")]
+    = "64",
+    shared: Annotated[Path | None, typer.Option(help="A merged model to use as the shared knowledge (default: "
+                                                     "task arithmetic of the experts).")] = None,
+    shared_weight: Annotated[float, typer.Option(help="Task arithmetic scale of the default shared model.")] = 0.3,
+    router_samples: Annotated[int, typer.Option(min=1, help="Router training prompts per expert.")] = 32,
+    router_split: Annotated[str, typer.Option(help="Split of task files the router trains on.")] = "validation",
+    router_steps: Annotated[int, typer.Option(min=1, help="Router training steps (full batch).")] = 300,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Twin-Merging: a shared merged model, each expert's exclusive knowledge compressed by SVD, and a router
+    that weighs them per input; the bundle loads with modelfuse (evaluate, generate)."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.twin import build_twin
+
+    if rank != "full" and not rank.isdigit():
+        raise RecipeError(f"--rank: a positive integer or 'full', got {rank!r}")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("compressing exclusive knowledge", total=None)
+        report = build_twin(base, model, data, out, rank=None if rank == "full" else int(rank), shared=shared,
+                            shared_weight=shared_weight, router_samples=router_samples, router_split=router_split,
+                            router_steps=router_steps, options=modelfuse.MergeOptions(overwrite=overwrite),
+                            on_tensor=lambda done, total: progress.update(task, completed=done, total=total))
+    storage = report.storage
+    out_console.print(f"[green]twin bundle[/] {report.out}: router training accuracy {report.router_accuracy:.3f}; "
+                      f"storage {storage['total']:,} numbers (shared {storage['shared']:,} + exclusive "
+                      f"{storage['exclusive']:,} + router {storage['router']:,}) = {storage['ratio']:.3f} of the "
+                      f"{len(model)} experts' {storage['experts_full']:,}")
+
+
 lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")

@@ -47,13 +47,18 @@ class EvalResult:
 
 
 def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A Hugging Face causal LM folder and its tokenizer, in float32 on the CPU, in eval mode (no remote code).
+    """A Hugging Face causal LM folder and its tokenizer, in float32 on the CPU, in eval mode (no remote code);
+    a Twin-Merging bundle loads as its routed model (see ``modelfuse.learn.twin``).
 
     Raises:
         TaskError: If the folder cannot be loaded as a causal LM with a tokenizer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (Path(path) / "twin.json").is_file():  # a Twin-Merging bundle: its shared model, routed per input
+        from modelfuse.learn.twin import load_twin
+
+        return load_twin(path)  # type: ignore[no-any-return]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)

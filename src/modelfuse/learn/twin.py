@@ -1,0 +1,406 @@
+"""Twin-Merging (Lu et al., NeurIPS 2024, https://arxiv.org/abs/2406.15479): shared plus exclusive knowledge,
+combined per input.
+
+- Shared knowledge: a merged model ``theta_s`` (task arithmetic of the experts, or any merged model given).
+- Exclusive knowledge: ``v_k = theta_k - theta_s`` per tensor, each 2-D tensor compressed by truncated SVD to
+  rank ``r`` (stored as ``up = U_r S_r`` ``[out, r]`` and ``down = V_r^T`` ``[r, in]``); other tensors (norms,
+  biases) are kept whole.
+- A router, an MLP on the shared model's last hidden state averaged over the prompt's tokens, trained by
+  cross-entropy to tell the experts' tasks apart on a few task-tagged prompts.
+- At inference each input gets ``w = softmax(router(x))`` (or the top expert, ``routing="top1"``) and runs with
+  ``theta_s + sum_k w_k v_k``; the weights are applied per input inside the layers (``x down^T up^T`` for linear
+  maps, the embedding rows for embeddings, ``delta * n(x)`` for elementwise-affine norms), so a batch mixes
+  inputs of different tasks and no weights are rebuilt per input.
+
+The bundle is a folder: ``shared/`` (a model folder), ``exclusive-<k>.safetensors``, ``router.safetensors`` and
+``twin.json`` (experts, rank, router, storage report). :func:`load_twin` returns the shared model with the
+exclusive knowledge hooked in, which ``generate``, ``modelfuse evaluate`` and the evaluation runner use as any
+causal LM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
+from modelfuse.options import MergeOptions
+from modelfuse.writer import StagingFolder, check_output_location
+
+log = logging.getLogger(__name__)
+FORMAT = "modelfuse-twin"
+CONFIG = "twin.json"
+Routing = Literal["soft", "top1"]
+
+
+def compress(delta: torch.Tensor, rank: int | None) -> dict[str, torch.Tensor]:
+    """A 2-D ``delta`` as its best rank-``rank`` factors ``up [out, r] @ down [r, in]`` (all of it when ``rank``
+    is None or not smaller); anything else whole, as ``delta``."""
+    if delta.dim() != 2:
+        return {"delta": delta.contiguous()}
+    full = min(delta.shape)
+    kept = full if rank is None else min(rank, full)
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    return {"up": (u[:, :kept] * s[:kept]).to(delta.dtype).contiguous(), "down": vh[:kept].to(delta.dtype).contiguous()}
+
+
+class Router(torch.nn.Module):
+    """``features -> hidden -> hidden -> experts`` MLP (LeakyReLU, dropout) on standardized mean-pooled hidden
+    states."""
+
+    def __init__(self, features: int, hidden: int, experts: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(features, hidden), torch.nn.LeakyReLU(), torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, hidden), torch.nn.LeakyReLU(), torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, experts))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers((features - self.mean) / self.std)
+
+
+def train_router(features: torch.Tensor, labels: torch.Tensor, experts: int, *, hidden: int, steps: int = 300,
+                 lr: float = 5e-4, seed: int = 0) -> tuple[Router, float]:
+    """A router trained full-batch by Adam on cross-entropy; returns it (eval mode) and its training accuracy."""
+    torch.manual_seed(seed)
+    router = Router(features.shape[1], hidden, experts)
+    router.mean.copy_(features.mean(0))
+    router.std.copy_(features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones(features.shape[1]))
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+    router.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(router(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    router.eval()
+    with torch.no_grad():
+        accuracy = float((router(features).argmax(-1) == labels).float().mean())
+    return router, accuracy
+
+
+def mean_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last hidden state averaged over each input's non-padding tokens (the router's input), float32."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    hidden = output.hidden_states[-1].to(torch.float32)
+    mask = attention_mask.to(torch.float32)[..., None]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+@dataclass
+class TwinState:
+    """The routing of the current inputs: ``weights`` ``[batch, experts]``, or ``fixed`` ones a caller sets."""
+
+    router: Router
+    routing: Routing = "soft"
+    weights: torch.Tensor | None = None
+    fixed: torch.Tensor | None = None
+    routing_now: bool = False
+    handles: list[Any] = field(default_factory=list)
+
+    def route(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Sets ``weights`` for a new batch of inputs from the shared model's hidden states."""
+        if self.fixed is not None:
+            self.weights = self.fixed.expand(input_ids.shape[0], -1)
+            return
+        self.routing_now = True
+        try:
+            with torch.no_grad():
+                logits = self.router(mean_hidden(model, input_ids, attention_mask))
+        finally:
+            self.routing_now = False
+        if self.routing == "top1":
+            self.weights = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+        else:
+            self.weights = torch.softmax(logits, dim=-1)
+
+
+def _per_input(state: TwinState, batch: int) -> torch.Tensor:
+    weights = state.weights
+    if weights is None or weights.shape[0] != batch:
+        raise ModelfuseError(f"Twin-Merging: no routing weights for a batch of {batch} (call the model on input_ids)")
+    return weights
+
+
+def _linear_hook(state: TwinState, parts: list[dict[str, torch.Tensor]], transposed: bool = False,
+                 bias: list[torch.Tensor] | None = None) -> Callable[..., Any]:
+    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if state.routing_now:
+            return output
+        x = inputs[0]
+        weights = _per_input(state, x.shape[0]).to(x.dtype)
+        extra = torch.zeros_like(output)
+        for k, part in enumerate(parts):
+            scale = weights[:, k].reshape(-1, *([1] * (x.dim() - 1)))
+            if transposed:  # Conv1D: y = x W with W [in, out] = up [in, r] down [r, out]
+                extra = extra + scale * ((x @ part["up"]) @ part["down"])
+            else:
+                extra = extra + scale * ((x @ part["down"].t()) @ part["up"].t())
+            if bias is not None:
+                extra = extra + scale * bias[k]
+        return output + extra
+
+    return hook
+
+
+def _embedding_hook(state: TwinState, parts: list[dict[str, torch.Tensor]]) -> Callable[..., Any]:
+    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if state.routing_now:
+            return output
+        ids = inputs[0]
+        weights = _per_input(state, ids.shape[0]).to(output.dtype)
+        extra = torch.zeros_like(output)
+        for k, part in enumerate(parts):
+            scale = weights[:, k].reshape(-1, *([1] * (output.dim() - 1)))
+            extra = extra + scale * (part["up"][ids] @ part["down"])
+        return output + extra
+
+    return hook
+
+
+def _norm_hook(state: TwinState, deltas: dict[str, list[torch.Tensor]]) -> Callable[..., Any]:
+    """An elementwise-affine norm ``y = a(x) + n(x) * w (+ b)``: adds ``n(x) * dw + db`` per input, with
+    ``n(x) = f(w = 1) - f(w = 0)`` (biases at 0), exact for any such norm (Gemma's ``1 + w`` included)."""
+    from torch.func import functional_call
+
+    inside = [False]  # the hook's own calls of the module below run without it
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if state.routing_now or inside[0]:
+            return output
+        x = inputs[0]
+        weights = _per_input(state, x.shape[0]).to(output.dtype)
+        extra = torch.zeros_like(output)
+        if "weight" in deltas:
+            bias = {"bias": torch.zeros_like(module.bias)} if isinstance(getattr(module, "bias", None),
+                                                                         torch.Tensor) else {}
+            inside[0] = True
+            try:
+                ones = functional_call(module, {"weight": torch.ones_like(module.weight), **bias}, inputs)
+                zeros = functional_call(module, {"weight": torch.zeros_like(module.weight), **bias}, inputs)
+            finally:
+                inside[0] = False
+            normalized = ones - zeros
+            for k, delta in enumerate(deltas["weight"]):
+                extra = extra + weights[:, k].reshape(-1, *([1] * (x.dim() - 1))) * normalized * delta
+        for k, delta in enumerate(deltas.get("bias", [])):
+            extra = extra + weights[:, k].reshape(-1, *([1] * (x.dim() - 1))) * delta
+        return output + extra
+
+    return hook
+
+
+def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.Tensor]]], state: TwinState) -> None:
+    """Hooks every module whose own parameters have exclusive knowledge; refuses parameters it cannot apply."""
+    from transformers.pytorch_utils import Conv1D
+
+    canonical = {id(parameter): name for name, parameter in model.named_parameters()}
+    covered: set[str] = set()
+    for module_name, module in model.named_modules():
+        own = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)
+               if canonical.get(id(p)) in exclusive[0]}
+        if not own:
+            continue
+        parts = {local: [expert[name] for expert in exclusive] for local, name in own.items()}
+        if isinstance(module, torch.nn.Linear | Conv1D) and "weight" in parts:
+            bias = [p["delta"] for p in parts["bias"]] if "bias" in parts else None
+            hook = _linear_hook(state, parts["weight"], isinstance(module, Conv1D), bias)
+        elif isinstance(module, torch.nn.Embedding) and set(parts) == {"weight"}:
+            hook = _embedding_hook(state, parts["weight"])
+        elif set(parts) <= {"weight", "bias"} and all(p.dim() == 1 for p in module.parameters(recurse=False)):
+            hook = _norm_hook(state, {local: [p["delta"] for p in values] for local, values in parts.items()})
+        else:
+            raise ModelfuseError(f"Twin-Merging: cannot apply per-input weights to {module_name} "
+                                 f"({type(module).__name__}, parameters {sorted(parts)}); only linear, embedding "
+                                 "and elementwise-affine norm layers are supported")
+        state.handles.append(module.register_forward_hook(hook))
+        covered.update(own.values())
+    missing = sorted(set(exclusive[0]) - covered)
+    if missing:
+        raise ModelfuseError(f"Twin-Merging: exclusive knowledge of {missing[0]!r} matches no parameter of the "
+                             "shared model (a damaged bundle?)")
+
+    def route(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if state.routing_now:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ModelfuseError("Twin-Merging: the model routes on input_ids; call it with input_ids")
+        past = kwargs.get("past_key_values")
+        started = past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0
+        if not started or state.weights is None or state.weights.shape[0] != ids.shape[0]:
+            mask = kwargs.get("attention_mask")
+            state.route(model, ids, mask if mask is not None else torch.ones_like(ids))
+
+    state.handles.append(model.register_forward_pre_hook(route, with_kwargs=True))
+
+
+def load_twin(folder: str | Path, *, routing: Routing = "soft") -> tuple[Any, Any]:
+    """The bundle's shared model (float32, eval) with its experts' exclusive knowledge applied per input, and
+    its tokenizer. ``model.twin`` is the :class:`TwinState` (set ``fixed`` to force weights).
+
+    Raises:
+        ModelfuseError: For a folder that is not a Twin-Merging bundle, or a damaged one.
+    """
+    from modelfuse.evaluation.runner import load_model
+
+    folder = Path(folder)
+    config = read_config(folder)
+    if routing not in ("soft", "top1"):
+        raise RecipeError(f"routing: soft or top1, got {routing!r}")
+    model, tokenizer = load_model(folder / "shared")
+    exclusive: list[dict[str, dict[str, torch.Tensor]]] = []
+    for index in range(len(config["experts"])):
+        flat = load_file(folder / f"exclusive-{index}.safetensors")
+        nested: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            name, part = key.rsplit(".", 1)
+            nested.setdefault(name, {})[part] = value.to(torch.float32)
+        exclusive.append(nested)
+    if any(set(e) != set(exclusive[0]) for e in exclusive):
+        raise ModelfuseError(f"{folder}: the experts' exclusive files hold different tensors (a damaged bundle)")
+    router_config = config["router"]
+    router = Router(router_config["features"], router_config["hidden"], len(config["experts"]))
+    router.load_state_dict(load_file(folder / "router.safetensors"))
+    router.eval()
+    state = TwinState(router, routing)
+    _install(model, exclusive, state)
+    model.twin = state
+    return model, tokenizer
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A bundle's ``twin.json``, checked."""
+    path = folder / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelfuseError(f"{folder}: not a Twin-Merging bundle ({CONFIG} unreadable: {error}); build one with "
+                             "`modelfuse twin`") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("experts"), list):
+        raise ModelfuseError(f"{path}: not a Twin-Merging bundle description (format {FORMAT!r} with experts)")
+    missing = [name for name in ["router.safetensors", *(f"exclusive-{i}.safetensors"
+                                                         for i in range(len(config["experts"])))]
+               if not (folder / name).is_file()]
+    if missing or not (folder / "shared").is_dir():
+        raise ModelfuseError(f"{folder}: damaged Twin-Merging bundle (missing {(missing or ['shared/'])[0]})")
+    return config
+
+
+@dataclass(frozen=True)
+class TwinReport:
+    """What was built: the router's training accuracy and the storage in numbers (parameters)."""
+
+    out: Path
+    router_accuracy: float
+    storage: dict[str, int | float]
+
+
+def build_twin(
+    base: str | Path,
+    experts: Sequence[str | Path],
+    data: Sequence[str],
+    out: str | Path,
+    *,
+    rank: int | None = 64,
+    shared: str | Path | None = None,
+    shared_weight: float = 0.3,
+    router_samples: int = 32,
+    router_split: str = "validation",
+    router_steps: int = 300,
+    max_tokens: int = 128,
+    seed: int = 0,
+    options: MergeOptions | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> TwinReport:
+    """Build a Twin-Merging bundle in ``out`` (see the module): the shared model (``shared``, or the task
+    arithmetic merge of ``experts`` over ``base`` with ``shared_weight``), each expert's exclusive knowledge at
+    ``rank`` (None: full, exact) and a router trained on ``router_samples`` prompts per expert of ``data``.
+
+    Raises:
+        RecipeError: For mismatched experts and data, or bad settings.
+        ShapeMismatchError: If an expert lacks a tensor of the shared model or has another shape.
+        TaskError: For unusable data or models.
+    """
+    import modelfuse
+    from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
+    from modelfuse.checkpoint import open_checkpoint
+    from modelfuse.evaluation.runner import load_model
+    from modelfuse.learn._common import check_experts_and_data
+
+    check_experts_and_data(experts, data)
+    if len(experts) < 2:
+        raise RecipeError("Twin-Merging needs at least two experts")
+    if rank is not None and rank < 1:
+        raise RecipeError(f"--rank: a positive integer or 'full', got {rank}")
+    options = options or MergeOptions()
+    out = Path(out)
+    inputs = [Path(base), *map(Path, experts), *([Path(shared)] if shared else [])]
+    check_output_location(out, inputs, overwrite=options.overwrite)
+    with StagingFolder(out, overwrite=options.overwrite) as staging:
+        shared_folder = staging.path / "shared"
+        if shared is None:
+            modelfuse.merge({"method": "task_arithmetic", "base": str(base), "dtype": "float32",
+                             "parameters": {"lam": shared_weight},
+                             "models": [{"path": str(expert)} for expert in experts]}, shared_folder,
+                            options=MergeOptions(overwrite=True))
+        else:
+            import shutil
+
+            shutil.copytree(shared, shared_folder)
+        shared_checkpoint = open_checkpoint(str(shared_folder))
+        names = [name for name in shared_checkpoint if shared_checkpoint[name].dtype.is_floating_point]
+        counts = {"shared": sum(math.prod(shared_checkpoint[name].shape) for name in shared_checkpoint),
+                  "exclusive": 0}
+        for index, expert in enumerate(experts):
+            checkpoint = open_checkpoint(str(expert))
+            stored: dict[str, torch.Tensor] = {}
+            for done, name in enumerate(names):
+                if name not in checkpoint or checkpoint[name].shape != shared_checkpoint[name].shape:
+                    raise ShapeMismatchError(f"{expert}: lacks {name!r} of the shared model or has another shape")
+                delta = checkpoint.read(name).to(torch.float32) - shared_checkpoint.read(name).to(torch.float32)
+                for part, value in compress(delta, rank).items():
+                    stored[f"{name}.{part}"] = value
+                    counts["exclusive"] += value.numel()
+                if on_tensor is not None:
+                    on_tensor(index * len(names) + done + 1, len(experts) * len(names))
+            save_file(stored, staging.path / f"exclusive-{index}.safetensors", metadata={"format": "pt"})
+        model, tokenizer = load_model(shared_folder)
+        features, labels = [], []
+        with torch.no_grad():
+            for index, spec in enumerate(data):
+                texts = [CalibrationText(text.context) for text in read_texts(
+                    spec, tokenizer, split=router_split, limit=router_samples, seed=seed)]
+                for start in range(0, len(texts), 8):
+                    batch = tokenize(tokenizer, texts[start:start + 8], max_tokens)
+                    features.append(mean_hidden(model, batch["input_ids"], batch["attention_mask"]))
+                    labels += [index] * len(texts[start:start + 8])
+        hidden = 2 * features[0].shape[1]
+        router, accuracy = train_router(torch.cat(features), torch.tensor(labels), len(experts), hidden=hidden,
+                                        steps=router_steps, seed=seed)
+        save_file({key: value.contiguous() for key, value in router.state_dict().items()},
+                  staging.path / "router.safetensors")
+        counts["router"] = sum(p.numel() for p in router.parameters())
+        experts_full = len(experts) * counts["shared"]
+        storage: dict[str, int | float] = {**counts, "total": counts["shared"] + counts["exclusive"] + counts["router"],
+                                           "experts_full": experts_full}
+        storage["ratio"] = round(storage["total"] / experts_full, 4)
+        (staging.path / CONFIG).write_text(json.dumps({
+            "format": FORMAT, "version": 1, "experts": [str(expert) for expert in experts], "base": str(base),
+            "shared": str(shared) if shared else {"method": "task_arithmetic", "lam": shared_weight},
+            "rank": rank, "router": {"features": features[0].shape[1], "hidden": hidden, "data": list(data),
+                                     "split": router_split, "samples": router_samples, "steps": router_steps,
+                                     "accuracy": accuracy},
+            "storage": storage}, indent=2) + "\n", encoding="utf-8")
+        staging.commit()
+    return TwinReport(out, accuracy, storage)

@@ -1,0 +1,143 @@
+"""Twin-Merging: SVD compression against Eckart-Young, full rank reproducing each expert for its own inputs,
+per-input weights inside one batch against dense merged models, the router, the storage report, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _fixtures import experts_and_data
+
+from conftest import Cli, assert_clean_failure
+from modelfuse.learn.twin import build_twin, compress, load_twin
+
+pytestmark = pytest.mark.integration
+
+
+def test_compress_is_the_best_rank_r_approximation() -> None:
+    """Full rank gives the delta back; rank r leaves exactly the discarded singular values (numpy's SVD)."""
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    full = compress(delta, None)
+    torch.testing.assert_close(full["up"] @ full["down"], delta)
+    two = compress(delta, 2)
+    assert two["up"].shape == (7, 2) and two["down"].shape == (2, 5)
+    singular = np.linalg.svd(delta.numpy(), compute_uv=False)
+    error = float(torch.linalg.matrix_norm(delta - two["up"] @ two["down"]))
+    assert error == pytest.approx(float(np.sqrt((singular[2:] ** 2).sum())), rel=1e-10)
+    vector = torch.arange(3.0)
+    assert torch.equal(compress(vector, 1)["delta"], vector)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path], list[Path]]:
+    tmp_path = tmp_path_factory.mktemp("twin")
+    base, experts, data = experts_and_data(tmp_path)
+    report = build_twin(base, experts, [str(d) for d in data], tmp_path / "twin", rank=None, router_split="train",
+                        router_samples=6, router_steps=200)
+    assert report.router_accuracy == 1.0
+    return tmp_path / "twin", base, experts, data
+
+
+def dense(folder: Path, weights: list[float], experts: list[Path]) -> torch.nn.Module:
+    """The shared model with theta_s + sum_k w_k (theta_k - theta_s) loaded into every parameter."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder / "shared").eval()
+    shared = load_file(folder / "shared" / "model.safetensors")
+    tensors = [load_file(expert / "model.safetensors") for expert in experts]
+    state = {name: value + sum(w * (t[name] - value) for w, t in zip(weights, tensors, strict=True))
+             for name, value in shared.items()}
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def test_full_rank_reproduces_each_expert(bundle: tuple[Path, Path, list[Path], list[Path]]) -> None:
+    """Weights fixed to expert k: the twin model's logits are expert k's."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _, experts, _ = bundle
+    model, tokenizer = load_twin(folder)
+    batch = tokenizer(["add 1 2:", "reverse abc:"], return_tensors="pt", padding=True)
+    for k, expert in enumerate(experts):
+        model.twin.fixed = torch.nn.functional.one_hot(torch.tensor([k]), 2).float()
+        with torch.no_grad():
+            got = model(**batch).logits
+            expected = AutoModelForCausalLM.from_pretrained(expert).eval()(**batch).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_per_input_weights_in_one_batch(bundle: tuple[Path, Path, list[Path], list[Path]]) -> None:
+    """Each input of a batch runs with its own weights: row b equals a dense model merged with weights[b]
+    (embeddings, linear maps, norms and the tied head all carry their exclusive parts)."""
+    folder, _, experts, _ = bundle
+    model, tokenizer = load_twin(folder)
+    weights = torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.5, 0.5]])
+    model.twin.fixed = weights
+    batch = tokenizer(["add 1 2:", "reverse abc:", "add 7 9:"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = model(**batch).logits
+    for row, mix in enumerate(weights.tolist()):
+        with torch.no_grad():
+            expected = dense(folder, mix, experts)(**batch).logits[row]
+        torch.testing.assert_close(got[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_router_picks_each_experts_inputs_and_generate_matches(
+        bundle: tuple[Path, Path, list[Path], list[Path]]) -> None:
+    """With top-1 routing the trained router sends each task's prompts to its expert, so generate gives what
+    the expert itself generates; soft routing gives weights summing to 1 that favour the right expert."""
+    from transformers import AutoModelForCausalLM
+
+    from modelfuse.evaluation.runner import generate, load_model
+
+    folder, _, experts, _ = bundle
+    model, tokenizer = load_model(folder)  # a bundle loads through the evaluation runner's loader
+    model.twin.routing = "top1"
+    prompts = ["add 3 4:", "reverse 2:", "add 5 6:", "reverse 4:"]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
+    assert model.twin.weights.argmax(-1).tolist() == [0, 1, 0, 1]
+    for k, expert in enumerate(experts):
+        reference = AutoModelForCausalLM.from_pretrained(expert).eval()
+        own = [p for i, p in enumerate(prompts) if i % 2 == k]
+        assert [a for i, a in enumerate(answers) if i % 2 == k] == generate(reference, tokenizer, own,
+                                                                           max_new_tokens=5, batch_size=2)
+    soft, _ = load_twin(folder)
+    with torch.no_grad():
+        soft(**tokenizer(prompts, return_tensors="pt", padding=True))
+    torch.testing.assert_close(soft.twin.weights.sum(-1), torch.ones(4))
+    assert soft.twin.weights.argmax(-1).tolist() == [0, 1, 0, 1]
+
+
+def test_storage_report_and_cli(bundle: tuple[Path, Path, list[Path], list[Path]], run_cli: Cli,
+                                tmp_path: Path) -> None:
+    """The CLI at rank 4: the report counts shared + rank-4 factors (r (m + n) per matrix, whole vectors) +
+    router against two full experts; bad ranks and a damaged bundle are one clear line."""
+    from safetensors.torch import load_file
+
+    _, base, experts, data = bundle
+    out = tmp_path / "twin4"
+    result = run_cli("twin", base, "--model", experts[0], "--data", data[0], "--model", experts[1], "--data",
+                     data[1], "-o", out, "--rank", "4", "--router-split", "train", "--router-steps", "20")
+    assert result.returncode == 0, result.stderr
+    assert "twin bundle" in result.stdout and "storage" in result.stdout
+    storage = json.loads((out / "twin.json").read_text())["storage"]
+    shared = load_file(out / "shared" / "model.safetensors")
+    per_expert = sum(min(4, min(v.shape)) * sum(v.shape) if v.dim() == 2 else v.numel() for v in shared.values())
+    router = sum(v.numel() for k, v in load_file(out / "router.safetensors").items() if k.startswith("layers."))
+    assert storage["shared"] == sum(v.numel() for v in shared.values())
+    assert storage["exclusive"] == 2 * per_expert and storage["router"] == router
+    assert storage["total"] == storage["shared"] + 2 * per_expert + router
+    assert storage["experts_full"] == 2 * storage["shared"]
+    assert storage["ratio"] == round(storage["total"] / storage["experts_full"], 4)
+    for rank in ("0", "abc"):
+        assert_clean_failure(run_cli("twin", base, "--model", experts[0], "--data", data[0], "--model", experts[1],
+                                     "--data", data[1], "-o", tmp_path / "bad", "--rank", rank), "--rank")
+    assert not (tmp_path / "bad").exists()
+    (out / "router.safetensors").unlink()
+    assert_clean_failure(run_cli("eval", out, "--task", data[0], "--split", "train", "--limit", "1"),
+                         "damaged Twin-Merging bundle", "router.safetensors")
