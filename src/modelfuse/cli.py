@@ -482,6 +482,44 @@ def twin_command(
                       f"{len(model)} experts' {storage['experts_full']:,}")
 
 
+@app.command(name="localize", epilog="Example: modelfuse localize ./base --model ./math --data rg:basic_arithmetic "
+             "--model ./code --data code.jsonl -o ./merged --density 0.01")
+def localize_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Labeled examples of each expert's task, in --model order: "
+                                                 "rg:NAME or a task .jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    density: Annotated[float, typer.Option(help="Fraction of all parameters each expert's mask keeps.")] = 0.01,
+    init_density: Annotated[float, typer.Option(help="Fraction of largest |task vector| entries the scores start "
+                                                     "on.")] = 0.01,
+    shots: Annotated[int, typer.Option(min=1, help="Labeled examples per task.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps per expert.")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the mask scores.")] = 0.1,
+    l1: Annotated[float, typer.Option(help="Weight of the mask's mean (sparsity penalty).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 4,
+    save_masks: Annotated[bool, typer.Option(help="Also write the masks (masks.safetensors).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Localize-and-Stitch with data: learn each expert's sparse mask on a few labeled examples of its task,
+    then stitch the masked task vectors into the base (overlaps averaged)."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.localize import localize_and_stitch
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning masks", total=steps * len(model))
+        done, result = localize_and_stitch(base, model, data, out, density=density, init_density=init_density,
+                                           shots=shots, steps=steps, lr=lr, l1=l1, batch_size=batch_size,
+                                           save_masks=save_masks, options=modelfuse.MergeOptions(overwrite=overwrite),
+                                           on_step=lambda step, _: progress.update(task, completed=step))
+    losses = ", ".join(f"{first:.3f} -> {last:.3f}" for first, last in result.losses)
+    out_console.print(f"[green]localized and stitched[/] {len(model)} experts (loss {losses}; masks "
+                      f"{', '.join(f'{d:.2%}' for d in result.densities)} of the parameters, overlap "
+                      f"{result.overlap:.1%}) -> {done}")
+
+
 lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
 app.add_typer(lora_app, name="lora")

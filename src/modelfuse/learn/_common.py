@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,3 +66,21 @@ def window(items: Sequence[Any], step: int, size: int) -> list[Any]:
     """The ``step``-th consecutive window of ``size`` items, cycling through ``items``."""
     start = (step * size) % len(items)
     return list((list(items) + list(items))[start:start + min(size, len(items))])
+
+
+def save_merged(loaded: TaskVectors, merged: Mapping[str, torch.Tensor], out: Path,
+                extra: Callable[[Path], None]) -> Path:
+    """Put ``merged`` into the loaded base model (not used again after) and save it with its tokenizer into
+    ``out`` atomically; ``extra(folder)`` writes the method's own files into the folder first."""
+    from modelfuse.writer import StagingFolder
+
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if name in merged:
+                parameter.copy_(merged[name].to(parameter.dtype))
+    with StagingFolder(out) as staging:
+        loaded.model.save_pretrained(staging.path, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging.path)
+        extra(staging.path)
+        staging.commit()
+    return out

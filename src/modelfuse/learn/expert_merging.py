@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from modelfuse.errors import RecipeError
-from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts
+from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, save_merged
 from modelfuse.options import MergeOptions
 from modelfuse.writer import check_output_location
 
@@ -355,21 +355,14 @@ def _save_chunked(loaded: Any, result: ExpertMergingResult, record: dict[str, An
     """Expert Merging++'s model: the merged tensors in the base model, its coefficients and record beside."""
     from safetensors.torch import save_file
 
-    from modelfuse.writer import StagingFolder
-
-    with torch.no_grad():
-        merged = merged_parameters(loaded.base, loaded.vectors, result.coefficients)
-        for name, parameter in loaded.model.named_parameters():
-            if name in merged:  # the loaded base is not used again
-                parameter.copy_(merged[name].to(parameter.dtype))
-    with StagingFolder(out) as staging:
-        loaded.model.save_pretrained(staging.path, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(staging.path)
+    def extra(folder: Path) -> None:
         save_file({name: result.coefficients.alphas(i).detach().to(torch.float32).contiguous()
-                   for i, name in enumerate(result.coefficients.names)}, staging.path / "expert_merging.safetensors")
-        (staging.path / "expert_merging.yml").write_text(yaml.safe_dump({
+                   for i, name in enumerate(result.coefficients.names)}, folder / "expert_merging.safetensors")
+        (folder / "expert_merging.yml").write_text(yaml.safe_dump({
             "base": str(base), "models": [str(expert) for expert in experts],
             "chunks": dict(zip(result.coefficients.names, result.chunks or [], strict=True)),
             "expert_merging": record}, sort_keys=False), encoding="utf-8")
-        staging.commit()
-    return out
+
+    with torch.no_grad():
+        merged = merged_parameters(loaded.base, loaded.vectors, result.coefficients)
+    return save_merged(loaded, merged, out, extra)

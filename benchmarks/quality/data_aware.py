@@ -1,0 +1,192 @@
+"""Quality benchmark of the data-aware methods on the same four SmolLM2-135M-Instruct experts as ``run.py``.
+
+    python benchmarks/quality/data_aware.py     # after run.py (its experts, scores and quality.json are reused)
+
+Each preparation step (calibration per expert, coefficient learning, the Twin-Merging bundle) and each merge runs
+as its own ``modelfuse`` command under ``/usr/bin/time``, so its wall time and peak memory (max RSS) are measured
+as a user would see them; outputs, costs and scores are cached under ~/.cache/modelfuse-bench (a rerun resumes).
+Data: each expert's unlabeled training prompts (answers dropped; the Fisher's labels are sampled from the
+model); the Twin-Merging router trains on task-tagged validation prompts. No grid search: the methods run with
+the settings below. Every score is on the test split, like run.py's reported numbers. Writes
+benchmarks/results/quality-data-aware.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from base_model import DEFAULT_CACHE, smollm2_base
+from experts import expert_settings, expert_specs, make_experts
+from run import RESULTS, Limits, Scorer, _digest, normalized
+from tasks import write_task_files
+
+from modelfuse.evaluation.tasks import load_task
+
+log = logging.getLogger("data-aware")
+CALIBRATION_SAMPLES = 32
+LEARN_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class Step:
+    """A command producing ``out``; its cost is cached beside ``out``."""
+
+    name: str
+    args: list[str]
+    out: Path
+
+
+def run_step(step: Step) -> dict[str, float]:
+    """Run (unless done) and return {"seconds", "peak_mb"} of the step."""
+    cost = step.out.with_name(step.out.name + ".cost.json")
+    if cost.is_file() and step.out.exists():
+        return json.loads(cost.read_text())
+    with tempfile.NamedTemporaryFile(suffix=".time") as timing:
+        command = ["/usr/bin/time", "-f", "%e %M", "-o", timing.name, sys.executable, "-m", "modelfuse.cli",
+                   *step.args, "--overwrite"]
+        log.info("%s: %s", step.name, " ".join(command[6:]))
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{step.name} failed:\n{done.stderr[-3000:]}")
+        seconds, kilobytes = Path(timing.name).read_text().split()[-2:]
+    measured = {"seconds": float(seconds), "peak_mb": int(kilobytes) / 1024}
+    cost.write_text(json.dumps(measured))
+    log.info("  %s: %.0f s, %.0f MB", step.name, measured["seconds"], measured["peak_mb"])
+    return measured
+
+
+def merge_step(name: str, recipe: dict[str, Any], work: Path) -> Step:
+    path = work / f"{name}.yml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return Step(name, ["merge", str(path), "-o", str(work / name)], work / name)
+
+
+def plan(base: Path, experts: dict[str, Path], specs: dict[str, str], work: Path) -> dict[str, dict[str, Any]]:
+    """method -> {"prepare": [steps], "final": step, "settings": text}."""
+    calibrations = {name: Step(f"calibrate-{name}", [
+        "calibrate", str(path), "--data", specs[name], "--stats", "gram,fisher", "--samples",
+        str(CALIBRATION_SAMPLES), "--max-tokens", "256", "-o", str(work / f"stats-{name}")], work / f"stats-{name}")
+        for name, path in experts.items()}
+    models = [{"path": str(path), "calibration": str(work / f"stats-{name}")} for name, path in experts.items()]
+    pairs = [arg for name, path in experts.items() for arg in ("--model", str(path), "--data", specs[name])]
+    learn = ["--samples", str(LEARN_SAMPLES)]
+    return {
+        "regmean": {"prepare": list(calibrations.values()), "settings": f"alpha 0.9, Gram of {CALIBRATION_SAMPLES} "
+                    "prompts per expert", "final": merge_step("regmean", {
+                        "method": "regmean", "parameters": {"alpha": 0.9}, "dtype": "float32", "models": models},
+                        work)},
+        "fisher": {"prepare": list(calibrations.values()), "settings": f"sampled-label Fisher of "
+                   f"{CALIBRATION_SAMPLES} prompts per expert", "final": merge_step("fisher", {
+                       "method": "fisher", "dtype": "float32", "models": models}, work)},
+        "adamerging (task-wise)": {"prepare": [], "settings": "100 steps, lr 0.01, init 0.3", "final": Step(
+            "adamerge-task", ["adamerge", str(base), *pairs, "-o", str(work / "adamerge-task"), "--granularity",
+                              "task", "--steps", "100", "--lr", "0.01", *learn], work / "adamerge-task")},
+        "adamerging (layer-wise)": {"prepare": [], "settings": "100 steps, lr 0.01, init 0.3", "final": Step(
+            "adamerge-layer", ["adamerge", str(base), *pairs, "-o", str(work / "adamerge-layer"), "--granularity",
+                               "layer", "--steps", "100", "--lr", "0.01", *learn], work / "adamerge-layer")},
+        "expert merging": {"prepare": [], "settings": "50 steps, lr 0.1, gamma 0.8, middle layer, 16 response "
+                           "tokens", "final": Step("expert-merge", [
+                               "expert-merge", str(base), *pairs, "-o", str(work / "expert-merge"), *learn],
+                               work / "expert-merge")},
+        "expert merging++": {"prepare": [], "settings": "as above, chunk budget 272 (one per tensor), kappa 1",
+                             "final": Step("expert-merge-plus", [
+                                 "expert-merge", str(base), *pairs, "-o", str(work / "expert-merge-plus"), *learn,
+                                 "--chunk-budget", "272"], work / "expert-merge-plus")},
+        "twin-merging (rank 64)": {"prepare": [], "settings": "shared task arithmetic 0.3, rank 64, router on 32 "
+                                   "validation prompts per expert", "final": Step("twin-64", [
+                                       "twin", str(base), *pairs, "-o", str(work / "twin-64"), "--rank", "64"],
+                                       work / "twin-64")},
+        "twin-merging (full rank)": {"prepare": [], "settings": "as above, full rank", "final": Step("twin-full", [
+            "twin", str(base), *pairs, "-o", str(work / "twin-full"), "--rank", "full"], work / "twin-full")},
+    }
+
+
+def run(cache: Path, limits: Limits, only: list[str] | None) -> dict[str, Any]:
+    files = write_task_files(cache / "tasks")
+    specs = expert_specs(files)
+    base = smollm2_base(cache)
+    experts = make_experts(base, specs, cache / "experts")
+    scorer = Scorer({name: load_task(spec, seed=0) for name, spec in specs.items()},
+                    {name: load_task(str(files[name])) for name in ("capitals", "opposites")},
+                    load_task(str(files["text"])), limits, cache / f"scores-v{limits.validation}-t{limits.test}")
+    settings = {name: expert_settings(base, spec) for name, spec in specs.items()}
+    experts_key = _digest(settings)
+    work = cache / f"data-aware-{experts_key}"
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "limits": vars(limits), "base": scorer.score("base", base, "test"),
+        "experts": {name: scorer.score(f"expert-{name}-{_digest(settings[name])}", path, "test")
+                    for name, path in experts.items()}, "methods": {}}
+    for method, entry in plan(base, experts, specs, work).items():
+        if only and method not in only:
+            continue
+        prepare = [run_step(step) for step in entry["prepare"]]
+        final = run_step(entry["final"])
+        scores = scorer.score(f"data-aware-{entry['final'].name}-{experts_key}", entry["final"].out, "test")
+        results["methods"][method] = {
+            "settings": entry["settings"], "test": scores,
+            "prepare_seconds": sum(cost["seconds"] for cost in prepare), "seconds": final["seconds"],
+            "peak_mb": max([final["peak_mb"], *(cost["peak_mb"] for cost in prepare)])}
+    return results
+
+
+def report(results: dict[str, Any], data_free: dict[str, Any], out: Path) -> None:
+    """quality-data-aware.md/.json: data-aware methods beside run.py's data-free results."""
+    (out / "quality-data-aware.json").write_text(json.dumps(results, indent=1) + "\n")
+    experts, base = results["experts"], results["base"]
+    tasks = list(experts)
+    mean = lambda scores: sum(scores[t] for t in tasks) / len(tasks)  # noqa: E731
+    rows = [(name, "data-aware", entry) for name, entry in results["methods"].items()]
+    rows += [(name, "data-free", entry) for name, entry in data_free.get("methods", {}).items()]
+    rows.sort(key=lambda row: -normalized(row[2]["test"], experts))
+    lines = ["# Data-aware merging on SmolLM2-135M-Instruct experts", "",
+             "Written by `benchmarks/quality/data_aware.py`; data-free rows from `quality.json` (run.py, "
+             "hyperparameter chosen on validation). Test split, first "
+             f"{results['limits']['test']} examples per task; cost = preparation (calibration of all four experts, "
+             "or coefficient learning / bundle building) plus the merge, wall time on 2 CPU cores; peak = the "
+             "largest resident memory of any step.", "",
+             "| method | kind | " + " | ".join(tasks) + " | normalized | capitals Δ | opposites Δ | perplexity | "
+             "prepare s | merge s | peak MB |", "|---" * (len(tasks) + 9) + "|"]
+    for name, kind, entry in rows:
+        scores = entry["test"]
+        lines.append(f"| {name} | {kind} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks)
+                     + f" | {normalized(scores, experts):.3f} | {scores['capitals'] - base['capitals']:+.3f} | "
+                     f"{scores['opposites'] - base['opposites']:+.3f} | {scores['perplexity']:.2f} | "
+                     + (f"{entry['prepare_seconds']:.0f} | {entry['seconds']:.0f} | {entry['peak_mb']:.0f} |"
+                        if kind == "data-aware" else f" | {entry['seconds']:.1f} | |"))
+    lines += ["", "Settings: " + "; ".join(f"{name}: {entry['settings']}"
+                                           for name, entry in results["methods"].items()) + ".", "",
+              f"Base mean accuracy {mean(base):.3f}; experts on their own tasks "
+              f"{sum(experts[t][t] for t in tasks) / len(tasks):.3f}."]
+    (out / "quality-data-aware.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--only", nargs="*", help="Run only these methods (names as in the table).")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    for noisy in ("modelfuse", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    results = run(args.cache, Limits(), args.only)
+    data_free = json.loads((args.out / "quality.json").read_text()) if (args.out / "quality.json").is_file() else {}
+    report(results, data_free, args.out)
+    print((args.out / "quality-data-aware.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
