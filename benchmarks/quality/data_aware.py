@@ -104,6 +104,11 @@ def plan(base: Path, experts: dict[str, Path], specs: dict[str, str], work: Path
                              "final": Step("expert-merge-plus", [
                                  "expert-merge", str(base), *pairs, "-o", str(work / "expert-merge-plus"), *learn,
                                  "--chunk-budget", "272"], work / "expert-merge-plus")},
+        "localize-and-stitch (learned 1%)": {"prepare": [], "settings": "masks of 1% learned on 32 labeled "
+                                             "training examples per expert, 50 steps, lr 0.1, l1 1", "final": Step(
+                                                 "localize", ["localize", str(base), *pairs, "-o",
+                                                              str(work / "localize"), "--density", "0.01"],
+                                                 work / "localize")},
         "twin-merging (rank 64)": {"prepare": [], "settings": "shared task arithmetic 0.3, rank 64, router on 32 "
                                    "validation prompts per expert", "final": Step("twin-64", [
                                        "twin", str(base), *pairs, "-o", str(work / "twin-64"), "--rank", "64"],
