@@ -141,3 +141,19 @@ def test_storage_report_and_cli(bundle: tuple[Path, Path, list[Path], list[Path]
     (out / "router.safetensors").unlink()
     assert_clean_failure(run_cli("eval", out, "--task", data[0], "--split", "train", "--limit", "1"),
                          "damaged Twin-Merging bundle", "router.safetensors")
+
+
+def test_a_given_shared_model(bundle: tuple[Path, Path, list[Path], list[Path]], tmp_path: Path) -> None:
+    """--shared: the bundle's shared model is that model, and an expert that is the shared model has no
+    exclusive knowledge."""
+    from safetensors.torch import load_file
+
+    _, base, experts, data = bundle
+    report = build_twin(base, experts, [str(d) for d in data], tmp_path / "twin", rank=2, shared=experts[0],
+                        router_split="train", router_samples=4, router_steps=5)
+    shared = load_file(tmp_path / "twin" / "shared" / "model.safetensors")
+    assert all(torch.equal(value, load_file(experts[0] / "model.safetensors")[name]) for name, value in shared.items())
+    first = load_file(tmp_path / "twin" / "exclusive-0.safetensors")
+    assert all(float(value.abs().max()) == 0.0 for key, value in first.items() if not key.endswith(".down"))
+    assert json.loads((tmp_path / "twin" / "twin.json").read_text())["shared"] == str(experts[0])
+    assert report.storage["exclusive"] > 0

@@ -358,6 +358,10 @@ def build_twin(
             import shutil
 
             shutil.copytree(shared, shared_folder)
+            if not (shared_folder / "tokenizer_config.json").is_file():  # a merge written without one
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(str(base)).save_pretrained(shared_folder)
         shared_checkpoint = open_checkpoint(str(shared_folder))
         names = [name for name in shared_checkpoint if shared_checkpoint[name].dtype.is_floating_point]
         counts = {"shared": sum(math.prod(shared_checkpoint[name].shape) for name in shared_checkpoint),
