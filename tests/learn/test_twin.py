@@ -157,3 +157,29 @@ def test_a_given_shared_model(bundle: tuple[Path, Path, list[Path], list[Path]],
     assert all(float(value.abs().max()) == 0.0 for key, value in first.items() if not key.endswith(".down"))
     assert json.loads((tmp_path / "twin" / "twin.json").read_text())["shared"] == str(experts[0])
     assert report.storage["exclusive"] > 0
+
+
+def test_gpt2_layers_take_per_input_weights() -> None:
+    """GPT-2's Conv1D (y = x W + b), LayerNorm weights and biases, both embeddings and the tied head carry the
+    exclusive parts: per-input weights in one batch equal dense merges (float64, full rank)."""
+    import copy
+
+    from _fixtures import setup
+
+    from modelfuse.learn.twin import Router, TwinState, _install
+
+    model, base, vectors, batches = setup()
+    exclusive = [{name: compress(vector[name], None) for name in base} for vector in vectors]
+    state = TwinState(Router(4, 4, 2))
+    twin = copy.deepcopy(model)
+    _install(twin, exclusive, state)
+    weights = torch.tensor([[0.3, 0.7], [1.0, 0.0]], dtype=torch.float64)
+    state.fixed = weights
+    with torch.no_grad():
+        got = twin(**batches[0]).logits
+    for row, mix in enumerate(weights.tolist()):
+        dense = copy.deepcopy(model)
+        dense.load_state_dict({name: value + sum(w * v[name] for w, v in zip(mix, vectors, strict=True))
+                               for name, value in base.items()}, strict=False)
+        with torch.no_grad():
+            torch.testing.assert_close(got[row], dense(**batches[0]).logits[row], rtol=1e-9, atol=1e-9)

@@ -126,61 +126,58 @@ class TwinState:
 
 
 def _per_input(state: TwinState, batch: int) -> torch.Tensor:
-    weights = state.weights
-    if weights is None or weights.shape[0] != batch:
+    weights = state.weights  # a layer given one row for all inputs (GPT-2's positions) broadcasts it
+    if weights is None or (weights.shape[0] != batch and batch != 1):
         raise ModelfuseError(f"Twin-Merging: no routing weights for a batch of {batch} (call the model on input_ids)")
     return weights
 
 
-def _linear_hook(state: TwinState, parts: list[dict[str, torch.Tensor]], transposed: bool = False,
-                 bias: list[torch.Tensor] | None = None) -> Callable[..., Any]:
-    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+def _routed_hook(state: TwinState, parts: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]],
+                 ) -> Callable[..., Any]:
+    """A forward hook adding ``sum_k w_k parts(module, inputs)[k]`` to the output, ``w`` the input's weights."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         if state.routing_now:
             return output
+        weights = _per_input(state, inputs[0].shape[0]).to(output.dtype)
+        extra = torch.zeros_like(output)
+        for k, part in enumerate(parts(module, inputs)):
+            extra = extra + weights[:, k].reshape(-1, *([1] * (output.dim() - 1))) * part
+        return output + extra
+
+    return hook
+
+
+def _linear_parts(factors: list[dict[str, torch.Tensor]], transposed: bool, bias: list[torch.Tensor] | None
+                  ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    """Per expert ``x down^T up^T`` (+ its bias change); Conv1D (``y = x W``, ``W [in, out]``) ``x up down``."""
+
+    def parts(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         x = inputs[0]
-        weights = _per_input(state, x.shape[0]).to(x.dtype)
-        extra = torch.zeros_like(output)
-        for k, part in enumerate(parts):
-            scale = weights[:, k].reshape(-1, *([1] * (x.dim() - 1)))
-            if transposed:  # Conv1D: y = x W with W [in, out] = up [in, r] down [r, out]
-                extra = extra + scale * ((x @ part["up"]) @ part["down"])
-            else:
-                extra = extra + scale * ((x @ part["down"].t()) @ part["up"].t())
-            if bias is not None:
-                extra = extra + scale * bias[k]
-        return output + extra
+        found = [(x @ f["up"]) @ f["down"] if transposed else (x @ f["down"].t()) @ f["up"].t() for f in factors]
+        return found if bias is None else [value + change for value, change in zip(found, bias, strict=True)]
 
-    return hook
+    return parts
 
 
-def _embedding_hook(state: TwinState, parts: list[dict[str, torch.Tensor]]) -> Callable[..., Any]:
-    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        if state.routing_now:
-            return output
-        ids = inputs[0]
-        weights = _per_input(state, ids.shape[0]).to(output.dtype)
-        extra = torch.zeros_like(output)
-        for k, part in enumerate(parts):
-            scale = weights[:, k].reshape(-1, *([1] * (output.dim() - 1)))
-            extra = extra + scale * (part["up"][ids] @ part["down"])
-        return output + extra
-
-    return hook
+def _embedding_parts(factors: list[dict[str, torch.Tensor]],
+                     ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    """Per expert, the rows of ``up down`` at the input ids."""
+    return lambda _module, inputs: [f["up"][inputs[0]] @ f["down"] for f in factors]
 
 
-def _norm_hook(state: TwinState, deltas: dict[str, list[torch.Tensor]]) -> Callable[..., Any]:
-    """An elementwise-affine norm ``y = a(x) + n(x) * w (+ b)``: adds ``n(x) * dw + db`` per input, with
+def _norm_parts(deltas: dict[str, list[torch.Tensor]],
+                ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    """An elementwise-affine norm ``y = a(x) + n(x) * w (+ b)``: per expert ``n(x) * dw + db``, with
     ``n(x) = f(w = 1) - f(w = 0)`` (biases at 0), exact for any such norm (Gemma's ``1 + w`` included)."""
     from torch.func import functional_call
 
-    inside = [False]  # the hook's own calls of the module below run without it
+    inside = [False]  # the calls of the module below run without the hook
 
-    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        if state.routing_now or inside[0]:
-            return output
-        x = inputs[0]
-        weights = _per_input(state, x.shape[0]).to(output.dtype)
-        extra = torch.zeros_like(output)
+    def parts(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if inside[0]:
+            return []
+        found = [torch.zeros(()) for _ in range(len(next(iter(deltas.values()))))]
         if "weight" in deltas:
             bias = {"bias": torch.zeros_like(module.bias)} if isinstance(getattr(module, "bias", None),
                                                                          torch.Tensor) else {}
@@ -190,14 +187,11 @@ def _norm_hook(state: TwinState, deltas: dict[str, list[torch.Tensor]]) -> Calla
                 zeros = functional_call(module, {"weight": torch.zeros_like(module.weight), **bias}, inputs)
             finally:
                 inside[0] = False
-            normalized = ones - zeros
-            for k, delta in enumerate(deltas["weight"]):
-                extra = extra + weights[:, k].reshape(-1, *([1] * (x.dim() - 1))) * normalized * delta
-        for k, delta in enumerate(deltas.get("bias", [])):
-            extra = extra + weights[:, k].reshape(-1, *([1] * (x.dim() - 1))) * delta
-        return output + extra
+            found = [(ones - zeros) * delta for delta in deltas["weight"]]
+        return [value + delta for value, delta in zip(found, deltas["bias"], strict=True)] if "bias" in deltas \
+            else found
 
-    return hook
+    return parts
 
 
 def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.Tensor]]], state: TwinState) -> None:
@@ -214,16 +208,16 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
         parts = {local: [expert[name] for expert in exclusive] for local, name in own.items()}
         if isinstance(module, torch.nn.Linear | Conv1D) and "weight" in parts:
             bias = [p["delta"] for p in parts["bias"]] if "bias" in parts else None
-            hook = _linear_hook(state, parts["weight"], isinstance(module, Conv1D), bias)
+            contribution = _linear_parts(parts["weight"], isinstance(module, Conv1D), bias)
         elif isinstance(module, torch.nn.Embedding) and set(parts) == {"weight"}:
-            hook = _embedding_hook(state, parts["weight"])
+            contribution = _embedding_parts(parts["weight"])
         elif set(parts) <= {"weight", "bias"} and all(p.dim() == 1 for p in module.parameters(recurse=False)):
-            hook = _norm_hook(state, {local: [p["delta"] for p in values] for local, values in parts.items()})
+            contribution = _norm_parts({local: [p["delta"] for p in values] for local, values in parts.items()})
         else:
             raise ModelfuseError(f"Twin-Merging: cannot apply per-input weights to {module_name} "
                                  f"({type(module).__name__}, parameters {sorted(parts)}); only linear, embedding "
                                  "and elementwise-affine norm layers are supported")
-        state.handles.append(module.register_forward_hook(hook))
+        state.handles.append(module.register_forward_hook(_routed_hook(state, contribution)))
         covered.update(own.values())
     missing = sorted(set(exclusive[0]) - covered)
     if missing:
