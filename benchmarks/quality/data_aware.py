@@ -90,12 +90,14 @@ def plan(base: Path, experts: dict[str, Path], specs: dict[str, str], work: Path
         "fisher": {"prepare": list(calibrations.values()), "settings": f"sampled-label Fisher of "
                    f"{CALIBRATION_SAMPLES} prompts per expert", "final": merge_step("fisher", {
                        "method": "fisher", "dtype": "float32", "models": models}, work)},
-        "adamerging (task-wise)": {"prepare": [], "settings": "100 steps, lr 0.01, init 0.3", "final": Step(
-            "adamerge-task", ["adamerge", str(base), *pairs, "-o", str(work / "adamerge-task"), "--granularity",
-                              "task", "--steps", "100", "--lr", "0.01", *learn], work / "adamerge-task")},
-        "adamerging (layer-wise)": {"prepare": [], "settings": "100 steps, lr 0.01, init 0.3", "final": Step(
-            "adamerge-layer", ["adamerge", str(base), *pairs, "-o", str(work / "adamerge-layer"), "--granularity",
-                               "layer", "--steps", "100", "--lr", "0.01", *learn], work / "adamerge-layer")},
+        **{f"adamerging ({granularity}-wise{label})": {
+            "prepare": [], "settings": f"100 steps, lr 0.01, init 0.3, entropy at {where}",
+            "final": Step(name, ["adamerge", str(base), *pairs, "-o", str(work / name), "--granularity", granularity,
+                                 "--steps", "100", "--lr", "0.01", "--positions", positions, *learn], work / name)}
+           for granularity in ("task", "layer")
+           for label, where, positions in (("", "each prompt's last token", "last"),
+                                           (", all tokens", "every prompt token", "all"))
+           for name in [f"adamerge-{granularity}" + ("-last" if positions == "last" else "")]},
         "expert merging": {"prepare": [], "settings": "50 steps, lr 0.1, gamma 0.8, middle layer, 16 response "
                            "tokens", "final": Step("expert-merge", [
                                "expert-merge", str(base), *pairs, "-o", str(work / "expert-merge"), *learn],

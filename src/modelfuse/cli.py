@@ -374,6 +374,8 @@ def adamerge_command(
     init: Annotated[float, typer.Option(help="Initial coefficient.")] = 0.3,
     samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    positions: Annotated[str, typer.Option(help="Entropy at each prompt's last token (where the answer is "
+                                                "predicted) or at all its tokens.")] = "last",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """AdaMerging: learn task-arithmetic coefficients minimising the merged model's prediction entropy on each
@@ -387,6 +389,7 @@ def adamerge_command(
         task = progress.add_task("learning coefficients", total=steps)
         done, result = adamerge(base, model, data, out, granularity=granularity, steps=steps,  # type: ignore[arg-type]
                                 lr=lr, init=init, samples=samples, batch_size=batch_size,
+                                positions=positions,  # type: ignore[arg-type]
                                 options=modelfuse.MergeOptions(overwrite=overwrite),
                                 on_step=lambda step, _: progress.update(task, completed=step))
     out_console.print(f"[green]adamerged[/] {len(model)} experts: entropy {result.first_entropy:.4f} -> "

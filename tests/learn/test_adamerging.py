@@ -3,6 +3,7 @@ and the CLI end to end."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,8 @@ def test_adamerging_cli(run_cli: Cli, tmp_path: Path) -> None:
     assert_clean_failure(run_cli("adamerge", base, "--model", experts[0], "--data", data[0], "--model", experts[1],
                                  "-o", tmp_path / "bad"), "one --data per expert")
     assert_clean_failure(run_cli("adamerge", base, "--model", experts[0], "--data", data[0], "-o", tmp_path / "bad",
+                                 "--positions", "first"), "--positions", "last or all")
+    assert_clean_failure(run_cli("adamerge", base, "--model", experts[0], "--data", data[0], "-o", tmp_path / "bad",
                                  "--granularity", "block"), "--granularity", "task or layer")
     other = tmp_path / "other"
     tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=49, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -103,3 +106,27 @@ def test_adamerging_cli(run_cli: Cli, tmp_path: Path) -> None:
     assert_clean_failure(run_cli("adamerge", base, "--model", other, "--data", data[0], "-o", tmp_path / "bad"),
                          str(other), "another shape")
     assert not (tmp_path / "bad").exists()
+
+
+def test_entropy_at_the_last_prompt_token() -> None:
+    """positions=last: the objective is the entropy of the next-token distribution at each prompt's last real
+    token only (right padding), computed here from the model's own logits."""
+    from modelfuse.learn.adamerging import last_positions
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert last_positions(mask).tolist() == [[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    model, base, vectors, batches = setup()
+    coefficients = Coefficients.initial(list(base), 2, "task", 0.3)
+    marked = [{**batch, "entropy_mask": last_positions(batch["attention_mask"])} for batch in batches]
+    value = float(entropy_objective(model, base, vectors, coefficients, marked).detach())
+    merged = merged_parameters(base, vectors, coefficients)
+    expected = 0.0
+    for batch in batches:
+        clone = copy.deepcopy(model)
+        clone.load_state_dict({name: tensor.detach() for name, tensor in merged.items()}, strict=False)
+        with torch.no_grad():
+            logits = clone(**batch).logits
+        last = batch["attention_mask"].sum(1) - 1
+        probs = torch.softmax(logits[torch.arange(len(last)), last], -1)
+        expected += float(-(probs * probs.log()).sum(-1).mean())
+    assert value == pytest.approx(expected, rel=1e-9)

@@ -73,7 +73,8 @@ def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def entropy_objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
                       task_vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Coefficients,
                       batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """The sum over ``batches`` (one per task) of the merged model's mean next-token entropy."""
+    """The sum over ``batches`` (one per task) of the merged model's mean next-token entropy (at the positions
+    of a batch's ``entropy_mask`` when it has one, else at every non-padding token)."""
     from torch.func import functional_call
 
     parameters = merged_parameters(base, task_vectors, coefficients)
@@ -81,7 +82,7 @@ def entropy_objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
     for batch in batches:
         output = functional_call(model, parameters, args=(), kwargs={
             "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False)
-        total = total + mean_entropy(output.logits, batch["attention_mask"])
+        total = total + mean_entropy(output.logits, batch.get("entropy_mask", batch["attention_mask"]))
     return total
 
 
@@ -118,6 +119,13 @@ def learn_coefficients(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
                             entropies[-1] if entropies else float("nan"))
 
 
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A mask of each right-padded row's last real token: where the model predicts the answer's first token."""
+    mask = torch.zeros_like(attention_mask)
+    mask[torch.arange(mask.shape[0]), attention_mask.sum(1).clamp_min(1) - 1] = 1
+    return mask
+
+
 def task_arithmetic_recipe(coefficients: Coefficients, base: str, experts: Sequence[str],
                            names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A ``task_arithmetic`` recipe with the coefficients as per-model weights (per tensor when layer-wise;
@@ -152,6 +160,7 @@ def adamerge(
     max_tokens: int = 128,
     split: str = "train",
     seed: int = 0,
+    positions: Literal["last", "all"] = "last",
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Path, AdaMergingResult]:
@@ -174,6 +183,8 @@ def adamerge(
         raise RecipeError(f"--granularity: task or layer, got {granularity!r}")
     if steps < 1 or lr <= 0 or not 0.0 <= init <= 1.0:
         raise RecipeError("--steps must be >= 1, --lr > 0 and --init in [0, 1]")
+    if positions not in ("last", "all"):
+        raise RecipeError(f"--positions: last or all, got {positions!r}")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
     loaded = load_task_vectors(base, experts)
@@ -181,8 +192,11 @@ def adamerge(
     prompts = read_prompts(data, tokenizer, split=split, samples=samples, seed=seed)
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, batch_size)], max_tokens)
-                for texts in prompts]
+        found = [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, batch_size)], max_tokens)
+                 for texts in prompts]
+        if positions == "last":
+            found = [{**batch, "entropy_mask": last_positions(batch["attention_mask"])} for batch in found]
+        return found
 
     result = learn_coefficients(model, theta, vectors, batches, granularity=granularity, steps=steps, lr=lr,
                                 init=init, on_step=on_step)
@@ -190,6 +204,7 @@ def adamerge(
     done = modelfuse.merge(recipe, out, options=options)
     (done / "adamerging.yml").write_text(yaml.safe_dump({
         **recipe, "adamerging": {"granularity": granularity, "steps": steps, "lr": lr, "init": init,
+                                 "positions": positions,
                                  "data": list(data), "first_entropy": result.first_entropy,
                                  "last_entropy": result.last_entropy}}, sort_keys=False), encoding="utf-8")
     return done, result
