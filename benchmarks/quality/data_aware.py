@@ -136,7 +136,9 @@ def run(cache: Path, limits: Limits, only: list[str] | None, cached_only: bool =
         "limits": vars(limits), "base": scorer.score("base", base, "test"),
         "experts": {name: scorer.score(f"expert-{name}-{_digest(settings[name])}", path, "test")
                     for name, path in experts.items()}, "methods": {}}
-    for method, entry in plan(base, experts, specs, work).items():
+    steps = plan(base, experts, specs, work)
+    for method in sorted(steps, key=lambda name: "all tokens" in name):  # the ablation rows last
+        entry = steps[method]
         if only and method not in only:
             continue
         key = f"data-aware-{entry['final'].name}-{experts_key}"
