@@ -18,11 +18,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_compress_is_the_best_rank_r_approximation() -> None:
-    """Full rank gives the delta back; rank r leaves exactly the discarded singular values (numpy's SVD)."""
+    """Rank r leaves exactly the discarded singular values (numpy's SVD); full rank, and any rank whose factors
+    would not be smaller (r (m + n) >= m n), keep the delta whole."""
     generator = torch.Generator().manual_seed(0)
     delta = torch.randn(7, 5, generator=generator, dtype=torch.float64)
-    full = compress(delta, None)
-    torch.testing.assert_close(full["up"] @ full["down"], delta)
+    for rank in (None, 3, 5, 9):  # 3 * (7 + 5) = 36 >= 35
+        assert set(compress(delta, rank)) == {"delta"} and torch.equal(compress(delta, rank)["delta"], delta)
     two = compress(delta, 2)
     assert two["up"].shape == (7, 2) and two["down"].shape == (2, 5)
     singular = np.linalg.svd(delta.numpy(), compute_uv=False)
@@ -127,7 +128,8 @@ def test_storage_report_and_cli(bundle: tuple[Path, Path, list[Path], list[Path]
     assert "twin bundle" in result.stdout and "storage" in result.stdout
     storage = json.loads((out / "twin.json").read_text())["storage"]
     shared = load_file(out / "shared" / "model.safetensors")
-    per_expert = sum(min(4, min(v.shape)) * sum(v.shape) if v.dim() == 2 else v.numel() for v in shared.values())
+    per_expert = sum(min(4 * sum(v.shape), v.numel()) if v.dim() == 2 else v.numel() for v in shared.values())
+    assert per_expert < sum(v.numel() for v in shared.values())  # some matrices are factored
     router = sum(v.numel() for k, v in load_file(out / "router.safetensors").items() if k.startswith("layers."))
     assert storage["shared"] == sum(v.numel() for v in shared.values())
     assert storage["exclusive"] == 2 * per_expert and storage["router"] == router
@@ -159,9 +161,17 @@ def test_a_given_shared_model(bundle: tuple[Path, Path, list[Path], list[Path]],
     assert report.storage["exclusive"] > 0
 
 
-def test_gpt2_layers_take_per_input_weights() -> None:
+def exact_factors(delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``delta`` as factors ``up = delta``, ``down = I`` (exact, so the factored path is checked to 1e-9)."""
+    if delta.dim() != 2:
+        return {"delta": delta}
+    return {"up": delta, "down": torch.eye(delta.shape[1], dtype=delta.dtype)}
+
+
+@pytest.mark.parametrize("form", ["whole", "factored"])
+def test_gpt2_layers_take_per_input_weights(form: str) -> None:
     """GPT-2's Conv1D (y = x W + b), LayerNorm weights and biases, both embeddings and the tied head carry the
-    exclusive parts: per-input weights in one batch equal dense merges (float64, full rank)."""
+    exclusive parts, kept whole or as factors: per-input weights in one batch equal dense merges (float64)."""
     import copy
 
     from _fixtures import setup
@@ -169,7 +179,8 @@ def test_gpt2_layers_take_per_input_weights() -> None:
     from modelfuse.learn.twin import Router, TwinState, _install
 
     model, base, vectors, batches = setup()
-    exclusive = [{name: compress(vector[name], None) for name in base} for vector in vectors]
+    store = (lambda delta: compress(delta, None)) if form == "whole" else exact_factors
+    exclusive = [{name: store(vector[name]) for name in base} for vector in vectors]
     state = TwinState(Router(4, 4, 2))
     twin = copy.deepcopy(model)
     _install(twin, exclusive, state)

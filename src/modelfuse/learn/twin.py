@@ -3,8 +3,9 @@ combined per input.
 
 - Shared knowledge: a merged model ``theta_s`` (task arithmetic of the experts, or any merged model given).
 - Exclusive knowledge: ``v_k = theta_k - theta_s`` per tensor, each 2-D tensor compressed by truncated SVD to
-  rank ``r`` (stored as ``up = U_r S_r`` ``[out, r]`` and ``down = V_r^T`` ``[r, in]``); other tensors (norms,
-  biases) are kept whole.
+  rank ``r`` (stored as ``up = U_r S_r`` ``[out, r]`` and ``down = V_r^T`` ``[r, in]``), or whole where the
+  factors would not be smaller (``r (out + in) >= out in``, full rank included); other tensors (norms, biases)
+  are kept whole.
 - A router, an MLP on the shared model's last hidden state averaged over the prompt's tokens, trained by
   cross-entropy to tell the experts' tasks apart on a few task-tagged prompts.
 - At inference each input gets ``w = softmax(router(x))`` (or the top expert, ``routing="top1"``) and runs with
@@ -42,12 +43,11 @@ Routing = Literal["soft", "top1"]
 
 
 def compress(delta: torch.Tensor, rank: int | None) -> dict[str, torch.Tensor]:
-    """A 2-D ``delta`` as its best rank-``rank`` factors ``up [out, r] @ down [r, in]`` (all of it when ``rank``
-    is None or not smaller); anything else whole, as ``delta``."""
-    if delta.dim() != 2:
+    """A 2-D ``delta`` as its best rank-``rank`` factors ``up [out, r] @ down [r, in]``; whole, as ``delta``,
+    when ``rank`` is None or the factors would not be smaller, and for every other shape."""
+    if delta.dim() != 2 or rank is None or rank * sum(delta.shape) >= delta.numel():
         return {"delta": delta.contiguous()}
-    full = min(delta.shape)
-    kept = full if rank is None else min(rank, full)
+    kept = min(rank, *delta.shape)
     u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
     return {"up": (u[:, :kept] * s[:kept]).to(delta.dtype).contiguous(), "down": vh[:kept].to(delta.dtype).contiguous()}
 
@@ -150,11 +150,17 @@ def _routed_hook(state: TwinState, parts: Callable[[torch.nn.Module, tuple[torch
 
 def _linear_parts(factors: list[dict[str, torch.Tensor]], transposed: bool, bias: list[torch.Tensor] | None
                   ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]]:
-    """Per expert ``x down^T up^T`` (+ its bias change); Conv1D (``y = x W``, ``W [in, out]``) ``x up down``."""
+    """Per expert ``x down^T up^T`` (``x delta^T`` when kept whole) (+ its bias change); Conv1D (``y = x W``,
+    ``W [in, out]``) ``x up down`` (``x delta``)."""
+
+    def change(x: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "delta" in f:
+            return x @ f["delta"] if transposed else x @ f["delta"].t()
+        return (x @ f["up"]) @ f["down"] if transposed else (x @ f["down"].t()) @ f["up"].t()
 
     def parts(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         x = inputs[0]
-        found = [(x @ f["up"]) @ f["down"] if transposed else (x @ f["down"].t()) @ f["up"].t() for f in factors]
+        found = [change(x, f) for f in factors]
         return found if bias is None else [value + change for value, change in zip(found, bias, strict=True)]
 
     return parts
@@ -162,8 +168,9 @@ def _linear_parts(factors: list[dict[str, torch.Tensor]], transposed: bool, bias
 
 def _embedding_parts(factors: list[dict[str, torch.Tensor]],
                      ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]]:
-    """Per expert, the rows of ``up down`` at the input ids."""
-    return lambda _module, inputs: [f["up"][inputs[0]] @ f["down"] for f in factors]
+    """Per expert, the rows of ``up down`` (or of ``delta``) at the input ids."""
+    return lambda _module, inputs: [f["delta"][inputs[0]] if "delta" in f else f["up"][inputs[0]] @ f["down"]
+                                    for f in factors]
 
 
 def _norm_parts(deltas: dict[str, list[torch.Tensor]],
