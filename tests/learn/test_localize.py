@@ -84,6 +84,18 @@ def test_learning_lowers_the_loss_and_keeps_the_density() -> None:
     assert last < first
 
 
+def test_score_bias_sets_the_starting_scores() -> None:
+    """The first loss is the loss at scores +bias / -bias on the top init_density of |tau| (bias 5 here)."""
+    model, base, vectors, _ = setup(torch.float32)
+    batch = labeled_batch()
+    _, (first, _) = learn_mask(model, base, vectors[0], lambda step: batch, density=0.05, init_density=0.05,
+                               bias=5.0, steps=1, lr=0.2, l1=0.1)
+    start = initial_scores(vectors[0], 0.05, 5.0)
+    assert {float(value.abs().unique()) for value in start.values()} == {5.0}
+    expected = localized_loss(model, base, vectors[0], start, batch, 0.1)
+    assert first == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_localize_cli(run_cli: Cli, tmp_path: Path) -> None:
     """`modelfuse localize`: a model transformers loads that is exactly the stitch of the saved masks; answers
     are required; bad settings are one clear line and write nothing."""
@@ -94,11 +106,12 @@ def test_localize_cli(run_cli: Cli, tmp_path: Path) -> None:
     pairs = [base, "--model", experts[0], "--data", data[0], "--model", experts[1], "--data", data[1]]
     out = tmp_path / "merged"
     result = run_cli("localize", *pairs, "-o", out, "--steps", "3", "--shots", "4", "--density", "0.02",
-                     "--save-masks")
+                     "--score-bias", "5", "--save-masks")
     assert result.returncode == 0, result.stderr
     assert "localized and stitched 2 experts" in result.stdout
     record = yaml.safe_load((out / "localize.yml").read_text())
     assert all(abs(d - 0.02) < 1e-3 for d in record["densities"])
+    assert record["settings"]["score_bias"] == 5.0
     masks = load_file(out / "masks.safetensors")
     written = load_file(out / "model.safetensors")
     weights = [load_file(folder / "model.safetensors") for folder in (base, *experts)]
@@ -113,4 +126,5 @@ def test_localize_cli(run_cli: Cli, tmp_path: Path) -> None:
     assert_clean_failure(run_cli("localize", base, "--model", experts[0], "--data", unlabeled, "--model",
                                  experts[1], "--data", data[1], "-o", tmp_path / "bad"), "labeled examples")
     assert_clean_failure(run_cli("localize", *pairs, "-o", tmp_path / "bad", "--density", "0"), "--density")
+    assert_clean_failure(run_cli("localize", *pairs, "-o", tmp_path / "bad", "--score-bias", "0"), "--score-bias")
     assert not (tmp_path / "bad").exists()

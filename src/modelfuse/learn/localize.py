@@ -122,6 +122,7 @@ def localize_and_stitch(
     *,
     density: float = 0.01,
     init_density: float = 0.01,
+    score_bias: float = 3.0,
     shots: int = 32,
     steps: int = 50,
     lr: float = 0.1,
@@ -147,8 +148,9 @@ def localize_and_stitch(
     from modelfuse.calibrate.data import read_texts, tokenize
 
     check_experts_and_data(experts, data)
-    if not (0 < density <= 1 and 0 < init_density <= 1) or steps < 1 or lr <= 0 or l1 < 0:
-        raise RecipeError("--density and --init-density must be in (0, 1], --steps >= 1, --lr > 0, --l1 >= 0")
+    if not (0 < density <= 1 and 0 < init_density <= 1) or steps < 1 or lr <= 0 or l1 < 0 or score_bias <= 0:
+        raise RecipeError("--density and --init-density must be in (0, 1], --steps >= 1, --lr > 0, --l1 >= 0, "
+                          "--score-bias > 0")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
     loaded = load_task_vectors(base, experts)
@@ -163,7 +165,7 @@ def localize_and_stitch(
             return tokenize(loaded.tokenizer, window(examples, step, batch_size), max_tokens)
 
         mask, loss = learn_mask(loaded.model, loaded.base, vectors, batches, density=density,
-                                init_density=init_density, steps=steps, lr=lr, l1=l1,
+                                init_density=init_density, bias=score_bias, steps=steps, lr=lr, l1=l1,
                                 on_step=None if on_step is None else
                                 (lambda step, value, index=index: on_step(index * steps + step, value)))
         masks.append(mask)
@@ -173,8 +175,8 @@ def localize_and_stitch(
     localized = sum(int((count > 0).sum()) for count in covered.values())
     result = LocalizeResult(losses, [sum(int(m.sum()) for m in mask.values()) / total for mask in masks],
                             sum(int((count > 1).sum()) for count in covered.values()) / max(1, localized))
-    settings = {"density": density, "init_density": init_density, "shots": shots, "steps": steps, "lr": lr,
-                "l1": l1, "batch_size": batch_size}
+    settings = {"density": density, "init_density": init_density, "score_bias": score_bias, "shots": shots,
+                "steps": steps, "lr": lr, "l1": l1, "batch_size": batch_size}
 
     def extra(folder: Path) -> None:
         if save_masks:
