@@ -115,6 +115,11 @@ def plan(base: Path, experts: dict[str, Path], specs: dict[str, str], work: Path
             "prepare": [], "settings": "as the 1% row, masks of 10% started on the top 10% of |tau|",
             "final": Step("localize-10", ["localize", str(base), *pairs, "-o", str(work / "localize-10"),
                                           "--density", "0.1", "--init-density", "0.1"], work / "localize-10")},
+        "localize-and-stitch (learned 10%, score bias 5)": {
+            "prepare": [], "settings": "as the 10% row, scores started at +/-5 (0.7% leak instead of 4.7%)",
+            "final": Step("localize-10-bias5", [
+                "localize", str(base), *pairs, "-o", str(work / "localize-10-bias5"), "--density", "0.1",
+                "--init-density", "0.1", "--score-bias", "5"], work / "localize-10-bias5")},
         "localize-and-stitch (learned 1%)": {"prepare": [], "settings": "masks of 1% learned on 32 labeled "
                                              "training examples per expert, 50 steps, lr 0.1, l1 1", "final": Step(
                                                  "localize", ["localize", str(base), *pairs, "-o",
