@@ -187,10 +187,15 @@ Why the rows fall where they do (from the runs' logs; see docs/data-aware.md):
   with TIES; TSV (CVPR 2025) is newer. Whether TSV-M also beats layer-wise AdaMerging on the vision benchmark
   we could not check against the TSV paper here (a third-party table gives TSV-M 85.9 on ViT-B/32).
 - Expert Merging's loss is dominated by the un-normalised mean squared error of SmolLM2's middle-layer hidden
-  states (loss 122 -> 116 in 50 steps with hidden weight 1); the row with hidden weight 0.1 (the authors' code
-  default) isolates that.
-- Learned Localize-and-Stitch at the paper's 1% keeps too little of these full fine-tunes (the data-free
-  variant also needed 30% on validation); the 10% row shows how much density matters.
+  states: with hidden weight 1 the loss fell only 122 -> 116 in 50 steps. With 0.1 (the authors' code
+  default) it fell 15.6 -> 13.5 and the merge rose from 0.643 to 0.694; Expert Merging++ (0.707, hidden
+  weight 1) is about level with TIES. Neither reaches RegMean, which solves its layers in closed form.
+- Learned Localize-and-Stitch at the paper's 1% keeps too little of these full fine-tunes: every task is lost
+  (0.009) although each mask's training loss fell (e.g. 1.83 -> 0.31). At 10% it keeps most of topic and part
+  of the others (0.46); the data-free variant needed 30% on validation (0.670 on test). Starting the scores at
+  +/-5 instead of +/-3 (0.7% instead of 4.7% of every other entry leaking into training) changes little
+  (0.45), so the soft mask's leak is not what limits it; the density is. Stitching averages the masks where
+  they overlap (21% of localized entries at 10%), which dilutes each task there.
 - Twin-Merging is dynamic: the router sends each prompt to its own expert's exclusive knowledge, so it keeps
   almost all of every expert, at the price of storing the exclusive parts and routing at inference.
 """
