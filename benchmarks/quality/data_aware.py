@@ -181,8 +181,8 @@ Why the rows fall where they do (from the runs' logs; see docs/data-aware.md):
   token it rewards predicting the prompt text (chat template and task wording): the task-wise coefficients
   went to their bounds (0, 1, 0, 0.14) and the layer-wise merge fell to 0.39 (perplexity 38.6). At each
   prompt's last token (the analogue of the paper's classifier output, now the default) the task-wise
-  coefficients grew to 0.76/0.88/0.47/0.38: larger task vectors make the model
-  more confident, not more correct on next-token prediction. Layer-wise AdaMerging has enough freedom to beat
+  coefficients grew to 0.76/0.88/0.47/0.38: larger task vectors make the model more confident, not more
+  correct on next-token prediction. Layer-wise AdaMerging has enough freedom to beat
   task arithmetic, TIES and its own task-wise form (as in the paper, whose 8-task ViT-B/32 table has task
   arithmetic 69.1, TIES 72.4, layer-wise 80.1) but stays below TSV. The ordering the issue quotes compares
   with TIES; TSV (CVPR 2025) is newer. Whether TSV-M also beats layer-wise AdaMerging on the vision benchmark

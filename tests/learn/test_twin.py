@@ -117,7 +117,8 @@ def test_router_picks_each_experts_inputs_and_generate_matches(
 def test_storage_report_and_cli(bundle: tuple[Path, Path, list[Path], list[Path]], run_cli: Cli,
                                 tmp_path: Path) -> None:
     """The CLI at rank 4: the report counts shared + rank-4 factors (r (m + n) per matrix, whole vectors) +
-    router against two full experts; bad ranks and a damaged bundle are one clear line."""
+    router against two full experts; bad ranks and a damaged bundle (factors of the wrong shape, a missing
+    factor, no router) are one clear line naming the file and tensor."""
     from safetensors.torch import load_file
 
     _, base, experts, data = bundle
@@ -140,6 +141,16 @@ def test_storage_report_and_cli(bundle: tuple[Path, Path, list[Path], list[Path]
         assert_clean_failure(run_cli("twin", base, "--model", experts[0], "--data", data[0], "--model", experts[1],
                                      "--data", data[1], "-o", tmp_path / "bad", "--rank", rank), "--rank")
     assert not (tmp_path / "bad").exists()
+    from safetensors.torch import save_file
+
+    stored = load_file(out / "exclusive-1.safetensors")
+    factored = next(key[:-3] for key in stored if key.endswith(".up"))
+    save_file({**stored, f"{factored}.up": stored[f"{factored}.up"][:-1]}, out / "exclusive-1.safetensors")
+    assert_clean_failure(run_cli("eval", out, "--task", data[0], "--split", "train", "--limit", "1"),
+                         "exclusive-1.safetensors", factored, "shape", "damaged Twin-Merging bundle")
+    save_file({k: v for k, v in stored.items() if k != f"{factored}.down"}, out / "exclusive-1.safetensors")
+    assert_clean_failure(run_cli("eval", out, "--task", data[0], "--split", "train", "--limit", "1"),
+                         "exclusive-1.safetensors", factored, "['up']")
     (out / "router.safetensors").unlink()
     assert_clean_failure(run_cli("eval", out, "--task", data[0], "--split", "train", "--limit", "1"),
                          "damaged Twin-Merging bundle", "router.safetensors")

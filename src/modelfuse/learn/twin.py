@@ -153,14 +153,14 @@ def _linear_parts(factors: list[dict[str, torch.Tensor]], transposed: bool, bias
     """Per expert ``x down^T up^T`` (``x delta^T`` when kept whole) (+ its bias change); Conv1D (``y = x W``,
     ``W [in, out]``) ``x up down`` (``x delta``)."""
 
-    def change(x: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
+    def product(x: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
         if "delta" in f:
             return x @ f["delta"] if transposed else x @ f["delta"].t()
         return (x @ f["up"]) @ f["down"] if transposed else (x @ f["down"].t()) @ f["up"].t()
 
     def parts(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         x = inputs[0]
-        found = [change(x, f) for f in factors]
+        found = [product(x, f) for f in factors]
         return found if bias is None else [value + change for value, change in zip(found, bias, strict=True)]
 
     return parts
@@ -201,6 +201,21 @@ def _norm_parts(deltas: dict[str, list[torch.Tensor]],
     return parts
 
 
+def _check_part(expert: int, name: str, part: dict[str, torch.Tensor], shape: torch.Size) -> None:
+    """One stored exclusive tensor: whole (``delta``, the parameter's shape) or factors whose product has it."""
+    if set(part) == {"delta"}:
+        found = tuple(part["delta"].shape)
+    elif set(part) == {"up", "down"} and part["up"].dim() == part["down"].dim() == 2 \
+            and part["up"].shape[1] == part["down"].shape[0]:
+        found = (part["up"].shape[0], part["down"].shape[1])
+    else:
+        raise ModelfuseError(f"exclusive-{expert}.safetensors: {name} holds {sorted(part)} (expected delta, or up "
+                             "and down factors of matching rank): a damaged Twin-Merging bundle")
+    if found != tuple(shape):
+        raise ModelfuseError(f"exclusive-{expert}.safetensors: {name} has shape {list(found)}, the shared model's "
+                             f"parameter {list(shape)}: a damaged Twin-Merging bundle")
+
+
 def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.Tensor]]], state: TwinState) -> None:
     """Hooks every module whose own parameters have exclusive knowledge; refuses parameters it cannot apply."""
     from transformers.pytorch_utils import Conv1D
@@ -212,6 +227,9 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
                if canonical.get(id(p)) in exclusive[0]}
         if not own:
             continue
+        for local, name in own.items():
+            for index, expert in enumerate(exclusive):
+                _check_part(index, name, expert[name], getattr(module, local).shape)
         parts = {local: [expert[name] for expert in exclusive] for local, name in own.items()}
         if isinstance(module, torch.nn.Linear | Conv1D) and "weight" in parts:
             bias = [p["delta"] for p in parts["bias"]] if "bias" in parts else None
