@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from modelfuse.errors import ModelfuseError, RecipeError
+from modelfuse.errors import ModelfuseError, RecipeError, interrupt_exit_code
 
 app = typer.Typer(
     name="modelfuse",
@@ -92,13 +92,13 @@ def merge(
 
         try:
             run_plan(merge_plan, out, options=options, on_tensor=advance)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interruption:
             if not partial_folder(out).is_dir():
                 raise
             progress.stop()
             console.print(f"[red]interrupted[/]; the finished tensors are kept in {partial_folder(out)}: run the "
                           "same command with --resume to continue", highlight=False, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(interrupt_exit_code(interruption))
     out_console.print(f"[green]merged[/] {len(merge_plan.jobs)} tensors with {merge_plan.recipe.method} -> {out}")
 
 
@@ -673,9 +673,9 @@ def main() -> None:
 
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         console.print("[red]interrupted[/]; no output was written")
-        sys.exit(130)
+        sys.exit(interrupt_exit_code(interruption))
     except Exception as error:  # usage errors and the like
         # typer >= 0.2x vendors its own click (typer._click, not a subclass of click's classes), so test
         # typer's public Exit/Abort and duck-type usage errors (click's and typer's both have show()).

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modelfuse.card import PROVENANCE_FILE, model_card, provenance
-from modelfuse.errors import ModelfuseError, OutputError
+from modelfuse.errors import ModelfuseError, OutputError, Terminated
 from modelfuse.finite import FiniteCheck, all_finite, all_finite_inputs
 from modelfuse.hashing import BackgroundHashes
 from modelfuse.journal import Journal, file_identity, merge_digest
@@ -568,7 +568,7 @@ def _sigterm_interrupts() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

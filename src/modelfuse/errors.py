@@ -40,3 +40,17 @@ class OutputError(ModelfuseError):
 
 class MethodError(ModelfuseError):
     """A merge method was registered or called incorrectly."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill``, SLURM and Kubernetes send) turned into an interruption, so a stopped run keeps the
+    same resumable state as Ctrl-C; ``exit_code`` is the shell's ``128 + signal``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.exit_code = 128 + signum
+
+
+def interrupt_exit_code(error: KeyboardInterrupt) -> int:
+    """The exit code of a command stopped by ``error``: 130 for Ctrl-C, ``128 + signal`` for a termination."""
+    return error.exit_code if isinstance(error, Terminated) else 130

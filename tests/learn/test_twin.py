@@ -91,7 +91,8 @@ def test_per_input_weights_in_one_batch(bundle: tuple[Path, Path, list[Path], li
 def test_router_picks_each_experts_inputs_and_generate_matches(
         bundle: tuple[Path, Path, list[Path], list[Path]]) -> None:
     """With top-1 routing the trained router sends each task's prompts to its expert, so generate gives what
-    the expert itself generates; soft routing gives weights summing to 1 that favour the right expert."""
+    the expert itself generates, with the KV cache on and off (each sequence routed once, on its prompt); soft
+    routing gives weights summing to 1 that favour the right expert."""
     from transformers import AutoModelForCausalLM
 
     from modelfuse.evaluation.runner import generate, load_model
@@ -108,6 +109,23 @@ def test_router_picks_each_experts_inputs_and_generate_matches(
         assert [a for i, a in enumerate(answers) if i % 2 == k] == generate(reference, tokenizer, own,
                                                                            max_new_tokens=5, batch_size=2)
     soft, _ = load_twin(folder)
+    soft.twin.routing = "top1"
+    seen: list[torch.Tensor] = []  # the weights each forward call of generate runs with
+    soft.register_forward_hook(lambda *_: None if soft.twin.routing_now else seen.append(soft.twin.weights.clone()))
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    for use_cache in (True, False):  # routed once on the prompt, with or without a KV cache
+        seen.clear()
+        tokens = soft.generate(**encoded, max_new_tokens=5, do_sample=False, use_cache=use_cache,
+                               pad_token_id=tokenizer.pad_token_id)
+        assert len(seen) >= 5 and all(torch.equal(w, seen[0]) for w in seen)
+        assert seen[0].argmax(-1).tolist() == [0, 1, 0, 1]
+        for k, expert in enumerate(experts):
+            reference = AutoModelForCausalLM.from_pretrained(expert).eval()
+            rows = [i for i in range(len(prompts)) if i % 2 == k]
+            own = reference.generate(**{key: value[rows] for key, value in encoded.items()}, max_new_tokens=5,
+                                     do_sample=False, use_cache=use_cache, pad_token_id=tokenizer.pad_token_id)
+            assert torch.equal(tokens[rows], own)
+    soft.twin.routing = "soft"
     with torch.no_grad():
         soft(**tokenizer(prompts, return_tensors="pt", padding=True))
     torch.testing.assert_close(soft.twin.weights.sum(-1), torch.ones(4))

@@ -106,6 +106,7 @@ class TwinState:
     weights: torch.Tensor | None = None
     fixed: torch.Tensor | None = None
     routing_now: bool = False
+    generating: bool = False
     handles: list[Any] = field(default_factory=list)
 
     def route(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -250,18 +251,33 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
                              "shared model (a damaged bundle?)")
 
     def route(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if state.routing_now:
+        # Inside ``generate`` the prompt was routed once, before the first step: every later forward call (one
+        # new token with a KV cache, or the whole sequence without one) keeps those weights.
+        if state.routing_now or state.generating:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise ModelfuseError("Twin-Merging: the model routes on input_ids; call it with input_ids")
-        past = kwargs.get("past_key_values")
-        started = past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0
-        if not started or state.weights is None or state.weights.shape[0] != ids.shape[0]:
-            mask = kwargs.get("attention_mask")
-            state.route(model, ids, mask if mask is not None else torch.ones_like(ids))
+        mask = kwargs.get("attention_mask")
+        state.route(model, ids, mask if mask is not None else torch.ones_like(ids))
 
     state.handles.append(model.register_forward_pre_hook(route, with_kwargs=True))
+    plain_generate = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` routing each sequence once, on its prompt, whatever the cache mode."""
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if ids is None:
+            raise ModelfuseError("Twin-Merging: generate routes on the prompt's input_ids; pass input_ids")
+        mask = kwargs.get("attention_mask")
+        state.route(model, ids, mask if mask is not None else torch.ones_like(ids))
+        state.generating = True
+        try:
+            return plain_generate(*args, **kwargs)
+        finally:
+            state.generating = False
+
+    model.generate = generate
 
 
 def load_twin(folder: str | Path, *, routing: Routing = "soft") -> tuple[Any, Any]:
