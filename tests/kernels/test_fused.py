@@ -208,3 +208,12 @@ def test_drop_task_vector_equals_dropping_the_difference(density: float) -> None
     fast = drop_task_vector(tensor, base, density, noise, 1)
     reference = _with_torch_only(lambda: drop_and_rescale(tensor - base, density, noise, 1))
     assert torch.equal(fast, reference)
+
+
+def test_the_default_install_has_the_fast_kernels() -> None:
+    """numba is a core requirement (no extra), so a plain ``pip install modelfuse`` runs the fused kernels."""
+    from importlib.metadata import requires
+
+    core = [r for r in requires("modelfuse") or [] if "extra ==" not in r]
+    assert any(r.replace(" ", "").startswith("numba>=") for r in core)
+    assert fused.AVAILABLE

@@ -1,4 +1,4 @@
-"""Fused CPU loops for the hottest merge steps, compiled with numba when it is installed (``modelfuse[fast]``).
+"""Fused CPU loops for the hottest merge steps, compiled with numba (a core dependency).
 
 Each kernel performs, element by element, the same float32 operations in the same order as the torch
 definition it replaces, so the results are equal (up to the sign of zeros) and the merge does not depend on
