@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 import modelfuse
 import modelfuse.engine
-from modelfuse.checkpoint import INDEX_FILE, SINGLE_FILE, open_checkpoint
 from modelfuse.errors import CheckpointError, OutputError
+from modelfuse.io.checkpoint import INDEX_FILE, SINGLE_FILE
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, verify_written
 from modelfuse.plan import MergePlan, TensorJob
-from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, verify_written
 
 Family = dict[str, Path]
 Builder = Callable[..., Family]

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from modelfuse.checkpoint import Checkpoint, read_safetensors_header
 from modelfuse.errors import CheckpointError, RecipeError
+from modelfuse.io.checkpoint import Checkpoint, read_safetensors_header
 from modelfuse.recipe import load_recipe, parse_recipe
 
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])

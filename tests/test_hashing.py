@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import modelfuse.hashing as hashing
+import modelfuse.io.hashing as hashing
 from modelfuse.errors import CheckpointError
-from modelfuse.hashing import BackgroundHashes, HashingCancelled, cache_dir, input_hashes, sha256_file
+from modelfuse.io.hashing import BackgroundHashes, HashingCancelled, cache_dir, input_hashes, sha256_file
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,8 @@ import torch
 import modelfuse
 import modelfuse.engine
 from conftest import Builder, Cli, Family, assert_clean_failure, hash_tree, ties_recipe, write_recipe
-from modelfuse.journal import JOURNAL_FILE
-from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, partial_folder, verify_written
+from modelfuse.io.journal import JOURNAL_FILE
+from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, partial_folder, verify_written
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ def test_second_writer_is_refused(guarded: Builder, tmp_path: Path) -> None:
     """While one process stages an output, another merge to the same output is refused."""
     family = guarded("llama")
     out = tmp_path / "out"
-    script = (f"from modelfuse.writer import StagingFolder\nfrom pathlib import Path\nimport sys, time\n"
+    script = (f"from modelfuse.io.writer import StagingFolder\nfrom pathlib import Path\nimport sys, time\n"
               f"with StagingFolder(Path({str(out)!r}), resumable=True):\n"
               "    print('locked', flush=True)\n    sys.stdin.readline()\n")
     holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -254,7 +254,7 @@ def test_disk_full_while_writing(guarded: Builder, tmp_path: Path, monkeypatch: 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(descriptor, data, offset)
 
-    monkeypatch.setattr(modelfuse.writer.os, "pwrite", filling)
+    monkeypatch.setattr(modelfuse.io.writer.os, "pwrite", filling)
     with pytest.raises(modelfuse.OutputError, match="No space left on device"):
         modelfuse.merge(ties_recipe(family), tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tmp_path / "models"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelfuse.checkpoint import INDEX_FILE, SINGLE_FILE
 from modelfuse.errors import OutputError
-from modelfuse.writer import ShardWriter, TensorSlot, verify_written
+from modelfuse.io.checkpoint import INDEX_FILE, SINGLE_FILE
+from modelfuse.io.writer import ShardWriter, TensorSlot, verify_written
 
 # a: 140 bytes, b: 24, c: 48, d: 216 -> with max_shard_bytes=150 the shards are [a], [b, c], [d]
 SHAPES = {"a": ((7, 5), torch.float32), "b": ((12,), torch.bfloat16), "c": ((3, 4, 2), torch.float16),
@@ -186,7 +186,7 @@ def test_in_order_write_and_write_block_still_work(tmp_path: Path) -> None:
 
 def test_write_failure_names_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed write (disk full) raises OutputError naming the shard file and tensor, not a bare OSError."""
-    import modelfuse.writer as writer_module
+    import modelfuse.io.writer as writer_module
 
     tensors = {"a": torch.zeros(4, 2)}
     writer = ShardWriter(tmp_path, slots_of(tensors), 1 << 20)

@@ -68,7 +68,7 @@ def merge(
 
     import modelfuse
     from modelfuse.engine import run_plan
-    from modelfuse.writer import check_output_location, partial_folder
+    from modelfuse.io.writer import check_output_location, partial_folder
 
     settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory, "resume": resume,
                                    "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle}

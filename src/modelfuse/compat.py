@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modelfuse.checkpoint import Checkpoint
+from modelfuse.io.checkpoint import Checkpoint
 
 # Relative size |expert - base| / |base| of sampled weight matrices above which the base is probably not the
 # expert's ancestor: unrelated models of one architecture measure about sqrt(2) = 1.41, fine-tunes usually < 0.1.

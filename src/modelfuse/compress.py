@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelfuse.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint, open_checkpoint
 from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError
+from modelfuse.io.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 from modelfuse.methods._steps import tall_masks, task_vectors, weighted_sum
 from modelfuse.methods.consensus import DEFAULT_MASK_LAMBDA
 from modelfuse.units import parse_bytes
-from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 
 MANIFEST_FILE = "modelfuse_compressed.json"
 FORMAT = "modelfuse-tall-masks"

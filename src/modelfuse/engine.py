@@ -19,20 +19,12 @@ from pathlib import Path
 
 import torch
 
-from modelfuse.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.errors import ModelfuseError, OutputError, Terminated
 from modelfuse.finite import FiniteCheck, all_finite, all_finite_inputs
-from modelfuse.hashing import BackgroundHashes
-from modelfuse.journal import Journal, file_identity, merge_digest
-from modelfuse.kernels import fused
-from modelfuse.kernels.random import RandomField
-from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
-from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
-from modelfuse.methods.lines import apply_lines
-from modelfuse.options import MergeOptions
-from modelfuse.plan import MergePlan, TensorJob
-from modelfuse.units import format_bytes
-from modelfuse.writer import (
+from modelfuse.io.card import PROVENANCE_FILE, model_card, provenance
+from modelfuse.io.hashing import BackgroundHashes
+from modelfuse.io.journal import Journal, file_identity, merge_digest
+from modelfuse.io.writer import (
     ShardWriter,
     StagingFolder,
     TensorSlot,
@@ -41,6 +33,14 @@ from modelfuse.writer import (
     refuse_if_busy,
     verify_written,
 )
+from modelfuse.kernels import fused
+from modelfuse.kernels.random import RandomField
+from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
+from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
+from modelfuse.methods.lines import apply_lines
+from modelfuse.options import MergeOptions
+from modelfuse.plan import MergePlan, TensorJob
+from modelfuse.units import format_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from modelfuse.checkpoint import DTYPES, Checkpoint, open_checkpoint
 from modelfuse.compress import (
     CHECKSUM_RTOL,
     FORMAT,
@@ -28,8 +27,10 @@ from modelfuse.compress import (
     unpack_mask,
 )
 from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError
+from modelfuse.io.checkpoint import DTYPES, Checkpoint
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 from modelfuse.units import parse_bytes
-from modelfuse.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from modelfuse import compat
-from modelfuse.calibrate.folder import CalibrationStats
-from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.io.checkpoint import Checkpoint
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.statistics import CalibrationStats
 from modelfuse.methods import MethodSpec
 from modelfuse.params import ParamValue, resolve_value
 from modelfuse.recipe import ModelEntry, Recipe

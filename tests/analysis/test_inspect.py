@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from modelfuse.analysis import inspect_task_vectors
-from modelfuse.checkpoint import Checkpoint
+from modelfuse.io.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.integration
 

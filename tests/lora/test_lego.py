@@ -10,7 +10,7 @@ import torch
 from _adapters import make_adapter
 
 from conftest import Cli, assert_clean_failure, tiny_model
-from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.io.adapter import LoraAdapter
 from modelfuse.lora.lego import kmeans, lego_module
 
 pytestmark = pytest.mark.integration

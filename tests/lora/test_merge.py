@@ -11,7 +11,7 @@ import torch
 from _adapters import make_adapter
 
 from conftest import Cli, assert_clean_failure, tiny_model
-from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.io.adapter import LoraAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
 from _naive import naive_ties, naive_trim

@@ -10,7 +10,7 @@ from _adapters import make_adapter
 
 from conftest import Cli, assert_clean_failure, tiny_model
 from modelfuse.errors import RecipeError
-from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.io.adapter import LoraAdapter
 from modelfuse.lora.mwa import mwa_weights
 
 pytestmark = pytest.mark.integration

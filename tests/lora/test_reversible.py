@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import Cli, assert_clean_failure, tiny_model
 from modelfuse.errors import RecipeError
-from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.io.adapter import LoraAdapter
 from modelfuse.lora.reversible import fit_positions
 
 pytestmark = pytest.mark.integration

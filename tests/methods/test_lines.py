@@ -12,8 +12,8 @@ from _naive import seeded
 from safetensors.torch import load_file
 
 import modelfuse
-from modelfuse.checkpoint import SINGLE_FILE
 from modelfuse.errors import RecipeError
+from modelfuse.io.checkpoint import SINGLE_FILE
 from modelfuse.methods import get_method
 from modelfuse.methods.lines import apply_lines, lines, lines_scale
 from modelfuse.methods.task_arithmetic import task_arithmetic

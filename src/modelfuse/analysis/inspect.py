@@ -14,8 +14,9 @@ import torch
 
 from modelfuse.analysis.task_vectors import TaskVectorStats, task_vector_stats
 from modelfuse.architecture import Architecture
-from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import ModelfuseError, OutputError, ShapeMismatchError
+from modelfuse.io.checkpoint import Checkpoint
+from modelfuse.io.opening import open_checkpoint
 
 REPORT_FILE = "inspect.json"
 PLOT_HINT = "plots need matplotlib: pip install 'modelfuse[plot]'"

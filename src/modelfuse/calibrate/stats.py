@@ -44,12 +44,12 @@ import torch
 from safetensors.torch import save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
-from modelfuse.calibrate.folder import CONFIG, FORMAT
 from modelfuse.calibrate.names import Target, checkpoint_targets, fisher_to_checkpoint, input_stat_to_checkpoint
-from modelfuse.checkpoint import open_checkpoint
 from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.evaluation.runner import load_model
-from modelfuse.writer import StagingFolder, check_output_location
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.statistics import CONFIG, FORMAT
+from modelfuse.io.writer import StagingFolder, check_output_location
 
 log = logging.getLogger(__name__)
 STATISTICS = ("gram", "act_rms", "fisher", "routing_counts")

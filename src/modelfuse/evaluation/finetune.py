@@ -13,7 +13,7 @@ import torch
 
 from modelfuse.evaluation.runner import format_prompt, load_model, save_model
 from modelfuse.evaluation.tasks import Example, TaskError, load_task
-from modelfuse.writer import check_output_location
+from modelfuse.io.writer import check_output_location
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -15,7 +15,7 @@ import torch
 
 from modelfuse.evaluation.runner import save_model
 from modelfuse.evaluation.tasks import TaskError
-from modelfuse.writer import check_output_location
+from modelfuse.io.writer import check_output_location
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

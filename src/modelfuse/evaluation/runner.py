@@ -73,7 +73,7 @@ def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
     """Save a model (or PEFT adapter) and its tokenizer into a staging folder renamed to ``out`` when complete
     (replacing an existing ``out``; callers check the location first), so no half-written ``out`` is left."""
-    from modelfuse.writer import StagingFolder
+    from modelfuse.io.writer import StagingFolder
 
     with StagingFolder(out) as staging:
         model.save_pretrained(staging.path, safe_serialization=True)

@@ -35,8 +35,8 @@ def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVe
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
         TaskError: For a model that cannot be loaded.
     """
-    from modelfuse.checkpoint import open_checkpoint
     from modelfuse.evaluation.runner import load_model
+    from modelfuse.io.opening import open_checkpoint
 
     model, tokenizer = load_model(base)
     for parameter in model.parameters():
@@ -72,7 +72,7 @@ def save_merged(loaded: TaskVectors, merged: Mapping[str, torch.Tensor], out: Pa
                 extra: Callable[[Path], None]) -> Path:
     """Put ``merged`` into the loaded base model (not used again after) and save it with its tokenizer into
     ``out`` atomically; ``extra(folder)`` writes the method's own files into the folder first."""
-    from modelfuse.writer import StagingFolder
+    from modelfuse.io.writer import StagingFolder
 
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():

@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from modelfuse.errors import RecipeError
+from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, window
 from modelfuse.options import MergeOptions
-from modelfuse.writer import check_output_location
 
 Granularity = Literal["task", "layer"]
 

@@ -32,9 +32,9 @@ import torch
 import yaml
 
 from modelfuse.errors import RecipeError
+from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, save_merged
 from modelfuse.options import MergeOptions
-from modelfuse.writer import check_output_location
 
 
 def chunk_sizes(numel: int, chunks: int) -> list[int]:

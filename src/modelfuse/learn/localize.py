@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from modelfuse.errors import RecipeError
+from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, save_merged, window
 from modelfuse.options import MergeOptions
-from modelfuse.writer import check_output_location
 
 
 def initial_scores(vectors: Mapping[str, torch.Tensor], init_density: float, bias: float) -> dict[str, torch.Tensor]:

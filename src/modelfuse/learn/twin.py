@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
+from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.options import MergeOptions
-from modelfuse.writer import StagingFolder, check_output_location
 
 log = logging.getLogger(__name__)
 FORMAT = "modelfuse-twin"
@@ -369,8 +369,8 @@ def build_twin(
     """
     import modelfuse
     from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
-    from modelfuse.checkpoint import open_checkpoint
     from modelfuse.evaluation.runner import load_model
+    from modelfuse.io.opening import open_checkpoint
     from modelfuse.learn._common import check_experts_and_data
 
     check_experts_and_data(experts, data)

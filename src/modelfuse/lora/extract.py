@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from modelfuse.checkpoint import Checkpoint, open_checkpoint
 from modelfuse.errors import RecipeError, ShapeMismatchError
-from modelfuse.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from modelfuse.writer import StagingFolder, check_output_location
+from modelfuse.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from modelfuse.io.checkpoint import Checkpoint
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.writer import StagingFolder, check_output_location
 
 # Models whose linear layers are GPT-2 Conv1D modules, storing weights as [in, out] (PEFT: fan_in_fan_out).
 _CONV1D_MODEL_TYPES = frozenset({"gpt2"})

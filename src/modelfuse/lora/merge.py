@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.io.adapter import LoraAdapter
+from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.kernels.random import RandomField
-from modelfuse.lora.adapter import LoraAdapter
 from modelfuse.lora.extract import save_adapter, truncated_factors
 from modelfuse.lora.lego import lego_module
 from modelfuse.lora.mwa import mwa_weights
 from modelfuse.methods.dare import dare_linear
 from modelfuse.methods.ties import ties
-from modelfuse.writer import StagingFolder, check_output_location
 
 LORA_MERGE_METHODS = ("cat", "linear", "svd", "ties", "dare", "lego", "mwa")
 

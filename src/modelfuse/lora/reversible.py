@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import save_file
 
 from modelfuse.errors import CheckpointError, RecipeError
-from modelfuse.lora.adapter import LoraAdapter
+from modelfuse.io.adapter import LoraAdapter
+from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.lora.extract import save_adapter
-from modelfuse.writer import StagingFolder, check_output_location
 
 BUNDLE_CONFIG = "rmm.json"
 BUNDLE_WEIGHTS = "rmm.safetensors"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfuse.errors import OutputError
-from modelfuse.writer import sync_folder
+from modelfuse.io.writer import sync_folder
 
 JOURNAL_FILE = ".modelfuse-journal.jsonl"
 

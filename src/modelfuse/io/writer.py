@@ -19,8 +19,8 @@ from types import TracebackType
 
 import torch
 
-from modelfuse.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, read_safetensors_header
 from modelfuse.errors import CheckpointError, OutputError
+from modelfuse.io.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, read_safetensors_header
 
 _PARTIAL_MARK = ".modelfuse-partial"
 
