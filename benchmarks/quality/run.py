@@ -34,9 +34,10 @@ from experts import expert_settings, expert_specs, make_experts
 from tasks import MAX_NEW_TOKENS, write_task_files
 
 import modelfuse
-from modelfuse.evaluation.runner import evaluate_task, load_model
+from modelfuse.evaluation.runner import evaluate_task
 from modelfuse.evaluation.tasks import Task, load_task
 from modelfuse.methods import MethodSpec, all_methods
+from modelfuse.runtime import load_model
 
 log = logging.getLogger("quality")
 RESULTS = Path(__file__).resolve().parents[1] / "results"

@@ -11,8 +11,8 @@ import pytest
 from _tiny_lm import save_tiny_lm
 
 from modelfuse.evaluation.lm_eval_adapter import resolve_tasks, run_lm_eval
-from modelfuse.evaluation.runner import choice_logprobs, generate, load_model
 from modelfuse.evaluation.tasks import TaskError
+from modelfuse.runtime import choice_logprobs, generate, load_model
 
 pytest.importorskip("lm_eval")
 

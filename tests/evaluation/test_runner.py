@@ -12,8 +12,10 @@ import pytest
 import torch
 from _tiny_lm import char_tokenizer, save_tiny_lm, tiny_lm
 
-from modelfuse.evaluation.runner import choice_logprobs, evaluate, generate, load_model, perplexity
+from modelfuse.errors import ModelfuseError
+from modelfuse.evaluation.runner import evaluate
 from modelfuse.evaluation.tasks import TaskError
+from modelfuse.runtime import choice_logprobs, generate, load_model, perplexity
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_perplexity_equals_the_mean_token_loss(window: int) -> None:
         losses.append(float(model(input_ids=chunk, labels=chunk).loss.detach()) * (chunk.shape[1] - 1))
     expected = math.exp(sum(losses) / (ids.shape[1] - 1))
     assert perplexity(model, tokenizer, text, window=window) == pytest.approx(expected, rel=1e-4)
-    with pytest.raises(TaskError, match="at least two tokens"):
+    with pytest.raises(ModelfuseError, match="at least two tokens"):
         perplexity(model, tokenizer, "a")
 
 
@@ -141,7 +143,7 @@ def test_too_short_perplexity_text_names_the_task(lm_folder: Path, tmp_path: Pat
 
 def test_remote_code_is_never_run_by_eval(tmp_path: Path) -> None:
     """A model folder asking for custom code (auto_map) is refused by load_model; its code never runs."""
-    from modelfuse.evaluation import TaskError
+    from modelfuse.errors import CheckpointError
 
     folder = save_tiny_lm(tmp_path / "custom")
     marker = tmp_path / "pwned"
@@ -151,6 +153,6 @@ def test_remote_code_is_never_run_by_eval(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     for module in ("configuration_evil.py", "modeling_evil.py"):
         (folder / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
-    with pytest.raises(TaskError, match="cannot load a causal LM"):
+    with pytest.raises(CheckpointError, match="cannot load a causal LM"):
         load_model(folder)
     assert not marker.exists()

@@ -12,8 +12,9 @@ import torch
 import modelfuse
 from modelfuse.evaluation.finetune import finetune
 from modelfuse.evaluation.gguf import gguf_to_folder, smollm2_gguf
-from modelfuse.evaluation.runner import evaluate_task, load_model
+from modelfuse.evaluation.runner import evaluate_task
 from modelfuse.evaluation.tasks import load_task
+from modelfuse.runtime import load_model
 
 pytestmark = [
     pytest.mark.slow,

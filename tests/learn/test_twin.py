@@ -95,7 +95,7 @@ def test_router_picks_each_experts_inputs_and_generate_matches(
     routing gives weights summing to 1 that favour the right expert."""
     from transformers import AutoModelForCausalLM
 
-    from modelfuse.evaluation.runner import generate, load_model
+    from modelfuse.runtime import generate, load_model
 
     folder, _, experts, _ = bundle
     model, tokenizer = load_model(folder)  # a bundle loads through the evaluation runner's loader

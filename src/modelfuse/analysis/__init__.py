@@ -4,14 +4,8 @@
 :class:`InspectReport`; ``save_report(report, folder)`` writes its JSON and (with matplotlib) PNG plots.
 """
 
-from modelfuse.analysis.inspect import (
-    InspectReport,
-    SavedReport,
-    TensorReport,
-    check_report_folder,
-    inspect_task_vectors,
-    save_report,
-)
+from modelfuse.analysis.inspect import InspectReport, TensorReport, inspect_task_vectors
+from modelfuse.analysis.report import SavedReport, check_report_folder, save_report
 from modelfuse.analysis.task_vectors import (
     TaskVectorStats,
     cosine_matrix,

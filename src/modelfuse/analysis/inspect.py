@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +11,10 @@ import torch
 
 from modelfuse.analysis.task_vectors import TaskVectorStats, task_vector_stats
 from modelfuse.architecture import Architecture
-from modelfuse.errors import ModelfuseError, OutputError, ShapeMismatchError
+from modelfuse.errors import ModelfuseError, ShapeMismatchError
 from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 
-REPORT_FILE = "inspect.json"
-PLOT_HINT = "plots need matplotlib: pip install 'modelfuse[plot]'"
 DEFINITIONS = {
     "norms": "L2 norm of each expert's task vector tau_i = theta_i - theta_base over the entries",
     "base_norm": "L2 norm of the base weights over the entries",
@@ -134,15 +129,6 @@ class InspectReport:
         }
 
 
-@dataclass(frozen=True)
-class SavedReport:
-    """What :func:`save_report` wrote."""
-
-    json_path: Path
-    plots: list[Path]
-    note: str | None
-
-
 def _short_names(labels: Sequence[str]) -> list[str]:
     names = [Path(label).name or label for label in labels]
     if len(set(names)) < len(names):
@@ -241,70 +227,3 @@ def inspect_task_vectors(
         for checkpoint in [base_ckpt, *expert_ckpts]:
             checkpoint.close()
     return report
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities (from non-finite weights) replaced by None, so the JSON is strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_bytes(data)
-    partial.replace(path)
-
-
-def check_report_folder(folder: str | Path, models: Sequence[str | Path]) -> None:
-    """Refuse a report folder that is, or lies inside, an input model folder (inputs are never written).
-
-    Raises:
-        OutputError: Naming the input concerned.
-    """
-    target = Path(folder).expanduser().resolve()
-    for model in models:
-        source = Path(model).expanduser().resolve()
-        if source.is_dir() and (target == source or source in target.parents):
-            raise OutputError(f"{folder}: the report must not be written inside an input model folder ({model}); "
-                              "choose another folder", path=str(folder))
-
-
-def save_report(report: InspectReport, folder: str | Path, *, plots: bool = True) -> SavedReport:
-    """Write ``inspect.json`` and, when matplotlib is installed, the PNG plots into ``folder``.
-
-    Args:
-        report: What :func:`inspect_task_vectors` returned.
-        folder: Report folder, created if missing; must not be or lie inside an input model folder.
-        plots: Also draw the plots (skipped with a note when matplotlib is missing).
-
-    Returns:
-        The paths written and a note for the user when plots were skipped.
-
-    Raises:
-        OutputError: If the folder is an input folder or cannot be written.
-    """
-    folder = Path(folder)
-    check_report_folder(folder, [report.base, *report.experts])
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        json_path = folder / REPORT_FILE
-        _write_atomic(json_path, (json.dumps(_finite(report.to_dict()), indent=1, allow_nan=False) + "\n").encode())
-        written: list[Path] = []
-        note = None
-        if plots:
-            try:
-                import matplotlib  # noqa: F401  (optional extra)
-            except ImportError:
-                note = PLOT_HINT
-            else:
-                from modelfuse.analysis.plots import write_plots
-
-                written = write_plots(report, folder)
-    except OSError as error:
-        raise OutputError(f"{folder}: cannot write the report ({error.strerror})", path=str(folder)) from None
-    return SavedReport(json_path, written, note)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from modelfuse.evaluation.runner import format_prompt
 from modelfuse.evaluation.tasks import TaskError, load_task, read_jsonl
+from modelfuse.runtime import format_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

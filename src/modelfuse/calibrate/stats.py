@@ -46,10 +46,10 @@ from safetensors.torch import save_file
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
 from modelfuse.calibrate.names import Target, checkpoint_targets, fisher_to_checkpoint, input_stat_to_checkpoint
 from modelfuse.errors import ModelfuseError, RecipeError
-from modelfuse.evaluation.runner import load_model
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CONFIG, FORMAT
 from modelfuse.io.writer import StagingFolder, check_output_location
+from modelfuse.runtime import load_model
 
 log = logging.getLogger(__name__)
 STATISTICS = ("gram", "act_rms", "fisher", "routing_counts")

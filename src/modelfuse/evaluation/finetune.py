@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modelfuse.evaluation.runner import format_prompt, load_model, save_model
 from modelfuse.evaluation.tasks import Example, TaskError, load_task
 from modelfuse.io.writer import check_output_location
+from modelfuse.runtime import format_prompt, load_model, save_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

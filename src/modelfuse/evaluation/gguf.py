@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from modelfuse.evaluation.runner import save_model
 from modelfuse.evaluation.tasks import TaskError
 from modelfuse.io.writer import check_output_location
+from modelfuse.runtime import save_model
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

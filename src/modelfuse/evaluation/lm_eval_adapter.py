@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelfuse.evaluation.runner import TaskResult
+from modelfuse.evaluation.results import TaskResult
 from modelfuse.evaluation.tasks import TaskError
 
 if TYPE_CHECKING:

@@ -35,8 +35,8 @@ def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVe
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
         TaskError: For a model that cannot be loaded.
     """
-    from modelfuse.evaluation.runner import load_model
     from modelfuse.io.opening import open_checkpoint
+    from modelfuse.runtime import load_model
 
     model, tokenizer = load_model(base)
     for parameter in model.parameters():

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
 from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.options import MergeOptions
+from modelfuse.runtime import input_device, load_model
 
 log = logging.getLogger(__name__)
 FORMAT = "modelfuse-twin"
@@ -140,7 +141,7 @@ def _routed_hook(state: TwinState, parts: Callable[[torch.nn.Module, tuple[torch
     def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         if state.routing_now:
             return output
-        weights = _per_input(state, inputs[0].shape[0]).to(output.dtype)
+        weights = _per_input(state, inputs[0].shape[0]).to(output.device, output.dtype)
         extra = torch.zeros_like(output)
         for k, part in enumerate(parts(module, inputs)):
             extra = extra + weights[:, k].reshape(-1, *([1] * (output.dim() - 1))) * part
@@ -280,34 +281,36 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
     model.generate = generate
 
 
-def load_twin(folder: str | Path, *, routing: Routing = "soft") -> tuple[Any, Any]:
-    """The bundle's shared model (float32, eval) with its experts' exclusive knowledge applied per input, and
-    its tokenizer. ``model.twin`` is the :class:`TwinState` (set ``fixed`` to force weights).
+def load_twin(folder: str | Path, *, routing: Routing = "soft", device: str | torch.device = "cpu",
+              dtype: str | torch.dtype | None = "float32") -> tuple[Any, Any]:
+    """The bundle's shared model (eval mode, on ``device`` in ``dtype``) with its experts' exclusive knowledge
+    applied per input, and its tokenizer. ``model.twin`` is the :class:`TwinState` (set ``fixed`` to force
+    weights). The runtime's ``load_model`` calls this for a folder holding ``twin.json`` (the
+    ``modelfuse.loaders`` entry point).
 
     Raises:
         ModelfuseError: For a folder that is not a Twin-Merging bundle, or a damaged one.
     """
-    from modelfuse.evaluation.runner import load_model
-
     folder = Path(folder)
     config = read_config(folder)
     if routing not in ("soft", "top1"):
         raise RecipeError(f"routing: soft or top1, got {routing!r}")
-    model, tokenizer = load_model(folder / "shared")
+    model, tokenizer = load_model(folder / "shared", device=device, dtype=dtype)
+    where, kind = input_device(model), next(model.parameters()).dtype
     exclusive: list[dict[str, dict[str, torch.Tensor]]] = []
     for index in range(len(config["experts"])):
         flat = load_file(folder / f"exclusive-{index}.safetensors")
         nested: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
             name, part = key.rsplit(".", 1)
-            nested.setdefault(name, {})[part] = value.to(torch.float32)
+            nested.setdefault(name, {})[part] = value.to(where, kind)
         exclusive.append(nested)
     if any(set(e) != set(exclusive[0]) for e in exclusive):
         raise ModelfuseError(f"{folder}: the experts' exclusive files hold different tensors (a damaged bundle)")
     router_config = config["router"]
     router = Router(router_config["features"], router_config["hidden"], len(config["experts"]))
     router.load_state_dict(load_file(folder / "router.safetensors"))
-    router.eval()
+    router.to(where).eval()
     state = TwinState(router, routing)
     _install(model, exclusive, state)
     model.twin = state
@@ -369,7 +372,6 @@ def build_twin(
     """
     import modelfuse
     from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
-    from modelfuse.evaluation.runner import load_model
     from modelfuse.io.opening import open_checkpoint
     from modelfuse.learn._common import check_experts_and_data
 

@@ -1,0 +1,112 @@
+"""The one place that loads a causal LM and its tokenizer: a Hugging Face folder, a GGUF file, ``BASE+ADAPTER``
+(a PEFT adapter on its base), or a bundle that a registered loader recognises, on the device and dtype asked.
+
+Bundles (Twin-Merging's, and those of coming workflows) are found through loaders: a loader is registered under
+the name of the file that marks its bundle folder (``twin.json``), either in the ``modelfuse.loaders`` entry
+point group of an installed package or with :func:`register_loader`. The runtime imports no workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from modelfuse.errors import CheckpointError
+from modelfuse.io.writer import StagingFolder
+from modelfuse.runtime.devices import DeviceSpec, DtypeName, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+LOADER_GROUP = "modelfuse.loaders"
+Loaded = tuple[Any, Any]  # (model, tokenizer)
+Loader = Callable[..., Loaded]  # loader(folder, *, device: torch.device, dtype: torch.dtype) -> (model, tokenizer)
+DeviceMap = Literal["auto"] | None
+_registered: dict[str, Loader] = {}
+
+
+def register_loader(marker: str, loader: Loader) -> Loader:
+    """Load folders holding the file ``marker`` with ``loader(folder, device=..., dtype=...)``; returns it."""
+    _registered[marker] = loader
+    return loader
+
+
+def _bundle_loader(folder: Path) -> Loader | None:
+    """The loader whose marker file the folder holds (registered ones first, then entry points)."""
+    for marker, loader in _registered.items():
+        if (folder / marker).is_file():
+            return loader
+    for point in entry_points(group=LOADER_GROUP):
+        if (folder / point.name).is_file():
+            return point.load()  # type: ignore[no-any-return]
+    return None
+
+
+def load_model(path: str | Path, *, device: DeviceSpec | torch.device = "cpu", dtype: DtypeName | torch.dtype |
+               None = "float32", device_map: DeviceMap = None) -> Loaded:
+    """A causal LM (eval mode, no remote code) and its tokenizer (a pad token set) on ``device`` in ``dtype``.
+
+    Args:
+        path: A model folder, a ``.gguf`` file, ``BASE+ADAPTER`` folders, or a bundle folder with a loader.
+        device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps`` (see :func:`resolve_device`).
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``.
+        device_map: ``"auto"`` spreads a model that does not fit one GPU over the GPUs and the CPU (accelerate;
+            inference only); None puts it whole on ``device``.
+
+    Raises:
+        CheckpointError: If the path cannot be loaded as a causal LM with a tokenizer.
+        DeviceError: For a device or dtype this machine cannot provide.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: loaded only when a model is
+
+    where = resolve_device(device)
+    kind = resolve_dtype(dtype, where)
+    text = str(path)
+    folder = Path(path)
+    loader = _bundle_loader(folder) if folder.is_dir() else None
+    if loader is not None:
+        return loader(folder, device=where, dtype=kind)
+    placement: dict[str, Any] = {"device_map": "auto"} if device_map == "auto" else {}
+    try:
+        if folder.suffix == ".gguf" and folder.is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name)
+            model = AutoModelForCausalLM.from_pretrained(str(folder.parent), gguf_file=folder.name, dtype=kind,
+                                                         **placement)
+        elif not folder.exists() and "+" in text:
+            model, tokenizer = _with_adapter(text, kind, placement)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(text, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(text, dtype=kind, trust_remote_code=False, **placement)
+    except (OSError, ValueError, ImportError) as error:
+        raise CheckpointError(f"{path}: cannot load a causal LM and tokenizer ({error})", path=text) from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device_map != "auto":
+        model.to(where)
+    model.eval()
+    return model, tokenizer
+
+
+def _with_adapter(reference: str, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
+    """``BASE+ADAPTER``: the base with the PEFT adapter merged in (its tokenizer from the adapter if it has one)."""
+    from peft import PeftModel  # optional: the [eval] and [dev] extras install it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, _, adapter = reference.rpartition("+")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False, **placement)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    return model, AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+
+
+def save_model(model: Any, tokenizer: Any, out: Path) -> Path:
+    """Save a model (or PEFT adapter) and its tokenizer into a staging folder renamed to ``out`` when complete
+    (replacing an existing ``out``; callers check the location first), so no half-written ``out`` is left."""
+    with StagingFolder(out) as staging:
+        model.save_pretrained(staging.path, safe_serialization=True)
+        tokenizer.save_pretrained(staging.path)
+        staging.commit()
+    return out
