@@ -6,13 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from modelfuse._version import __version__
 from modelfuse.errors import CheckpointError, ModelfuseError, OutputError, RecipeError, ShapeMismatchError
 from modelfuse.methods import all_methods, get_method, register
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan, TensorJob, build_plan
 from modelfuse.recipe import Recipe, load_recipe
-
-__version__ = "0.1.0"
 
 
 def plan(recipe: Recipe | dict[str, Any] | str | Path, *, allow_pickle: bool = False) -> MergePlan:
@@ -49,12 +48,9 @@ def merge(
     Returns:
         The output folder.
     """
-    from modelfuse.engine import run_plan
+    from modelfuse.engine import merge as run_merge  # the engine loads only when a merge runs
 
-    options = options or MergeOptions()
-    if overwrite:
-        options = options.model_copy(update={"overwrite": True})
-    return run_plan(plan(recipe, allow_pickle=options.allow_pickle), Path(out), options=options, on_tensor=on_tensor)
+    return run_merge(recipe, out, overwrite=overwrite, options=options, on_tensor=on_tensor)
 
 
 __all__ = [

@@ -24,13 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelfuse._version import __version__
+from modelfuse.engine import COPIED_FILES
 from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError
 from modelfuse.io.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
 from modelfuse.methods._steps import tall_masks, task_vectors, weighted_sum
 from modelfuse.methods.consensus import DEFAULT_MASK_LAMBDA
-from modelfuse.units import parse_bytes
+from modelfuse.units import format_bytes, parse_bytes
 
 MANIFEST_FILE = "modelfuse_compressed.json"
 FORMAT = "modelfuse-tall-masks"
@@ -156,7 +158,6 @@ def _slots(plan: dict[str, dict[str, Any]], count: int) -> list[TensorSlot]:
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
-    from modelfuse.engine import COPIED_FILES
 
     for file in ("config.json", *COPIED_FILES):
         if (source / file).is_file():
@@ -198,7 +199,6 @@ def compress_models(
         ModelfuseError: For unreadable inputs, experts that do not fit the base, bad options, or an output
             location that is refused.
     """
-    from modelfuse import __version__
 
     if not experts:
         raise RecipeError("give at least one expert model to compress")
@@ -300,7 +300,6 @@ def report_table(report: dict[str, Any]) -> Any:
     from rich.console import Group
     from rich.table import Table
 
-    from modelfuse.units import format_bytes
 
     tasks = Table(title="TALL-mask compression")
     for column in ("#", "task", "lambda", "mask density", "rel. error (weights)", "rel. error (task vector)"):

@@ -23,6 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from modelfuse.engine import merge
+from modelfuse.errors import ModelfuseError
+
 log = logging.getLogger(__name__)
 
 LETTERS = "abcdefghij"
@@ -195,11 +198,10 @@ def run_demo(workdir: Path | None, *, steps: int = 150, console: Console | None 
     Returns:
         The folders written and, per model and task, the held-out loss and exact-match rate.
     """
-    import modelfuse
 
     console = console or Console()
     if steps < 1:
-        raise modelfuse.ModelfuseError(f"--steps must be at least 1, got {steps}")
+        raise ModelfuseError(f"--steps must be at least 1, got {steps}")
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="modelfuse-demo-")) if workdir is None else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def run_demo(workdir: Path | None, *, steps: int = 150, console: Console | None 
     hf_logging.disable_progress_bar()
     try:
         with torch.random.fork_rng():
-            _build_and_merge(result, steps, console, modelfuse.merge)
+            _build_and_merge(result, steps, console, merge)
     finally:
         torch.set_num_threads(threads)
         if bars:

@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from modelfuse._version import __version__
+from modelfuse.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.errors import ModelfuseError, OutputError, Terminated
 from modelfuse.finite import FiniteCheck, all_finite, all_finite_inputs
-from modelfuse.io.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.io.hashing import BackgroundHashes
 from modelfuse.io.journal import Journal, file_identity, merge_digest
 from modelfuse.io.writer import (
@@ -39,7 +41,8 @@ from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.methods.lines import apply_lines
 from modelfuse.options import MergeOptions
-from modelfuse.plan import MergePlan, TensorJob
+from modelfuse.plan import MergePlan, TensorJob, build_plan
+from modelfuse.recipe import Recipe, load_recipe
 from modelfuse.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -502,8 +505,6 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfini
 
 def _merge_identity(plan: MergePlan, slots: list[TensorSlot], options: MergeOptions) -> str:
     """The digest a resumed merge must match: recipe, planned tensors and shards, input files, result options."""
-    from modelfuse import __version__
-
     return merge_digest({
         "modelfuse": __version__,
         "recipe": plan.recipe.model_dump(mode="json"),
@@ -538,8 +539,6 @@ def _write_staged(
 ) -> None:
     """Merge into the staging folder (skipping what the journal lists as done when resuming) and add config,
     tokenizer files and model card (not the provenance)."""
-    from modelfuse import __version__
-
     if not journal.loaded:  # a new run, or a resumed one interrupted before its journal was started
         journal.start()
     reference = plan.checkpoints[plan.reference].folder
@@ -604,8 +603,6 @@ def run_plan(
         OutputError: If the output location is refused, there is not enough disk space, or writing fails.
         ModelfuseError: For any other problem, with the tensor named.
     """
-    from modelfuse import __version__
-
     # Every folder read, hashed for the provenance record: a BASE+ADAPTER model's adapter folder and a model's
     # calibration statistics too.
     inputs = {label if index == 0 else f"{label} (adapter)": folder
@@ -634,3 +631,14 @@ def run_plan(
         checkpoint.close()
     log.info("wrote %d tensors to %s", len(slots), out)
     return out
+
+
+def merge(recipe: Recipe | dict[str, Any] | str | Path, out: str | Path, *, overwrite: bool = False,
+          options: MergeOptions | None = None, on_tensor: Callable[[TensorJob], None] | None = None) -> Path:
+    """Merge the models a recipe names into ``out`` (what :func:`modelfuse.merge` does; see it)."""
+    options = options or MergeOptions()
+    if overwrite:
+        options = options.model_copy(update={"overwrite": True})
+    base_dir = Path(recipe).parent if isinstance(recipe, (str, Path)) else None
+    merge_plan = build_plan(load_recipe(recipe), base_dir=base_dir, allow_pickle=options.allow_pickle)
+    return run_plan(merge_plan, Path(out), options=options, on_tensor=on_tensor)

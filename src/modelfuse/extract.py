@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from modelfuse._version import __version__
 from modelfuse.compress import (
     CHECKSUM_RTOL,
     FORMAT,
@@ -26,6 +27,7 @@ from modelfuse.compress import (
     tensor_checksum,
     unpack_mask,
 )
+from modelfuse.engine import COPIED_FILES
 from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError
 from modelfuse.io.checkpoint import DTYPES, Checkpoint
 from modelfuse.io.opening import open_checkpoint
@@ -119,8 +121,6 @@ def extract_model(
         ModelfuseError: For an unknown task, a base that is missing or differs from the compression's base,
             a damaged compressed folder, or an output location that is refused.
     """
-    from modelfuse import __version__
-    from modelfuse.engine import COPIED_FILES
 
     folder = Path(compressed)
     manifest = read_manifest(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelfuse.errors import RecipeError
+from modelfuse.methods import get_method
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "name"}
@@ -109,7 +110,6 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
 
 def _ignores_base(method: Any) -> bool:
     """Whether the method is registered without a base role (an unknown name is reported later, by validation)."""
-    from modelfuse.methods import get_method
 
     try:
         return get_method(str(method)).base == "unused"

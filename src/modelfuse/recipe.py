@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from modelfuse.errors import RecipeError
+from modelfuse.mergekit_compat import from_mergekit
 from modelfuse.methods import MethodSpec, get_method
 from modelfuse.methods.lines import DEFAULT_ALPHA, DEFAULT_BETA
 from modelfuse.params import ParamValue, is_regex_valid, scalars_in
@@ -321,7 +322,6 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of keys (method, models, ...), got {type(data).__name__}")
     if "merge_method" in data:
-        from modelfuse.mergekit_compat import from_mergekit
 
         data = from_mergekit(data, source=source)
     try:

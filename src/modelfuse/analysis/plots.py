@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from modelfuse.analysis.inspect import InspectReport
+from modelfuse.analysis.inspect import InspectReport
 
 COSINE_PLOT = "cosine_by_layer.png"
 CONFLICT_PLOT = "sign_conflict_by_layer.png"

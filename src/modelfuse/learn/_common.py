@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
+from modelfuse.calibrate.data import read_texts
 from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.io.opening import open_checkpoint
+from modelfuse.io.writer import StagingFolder
+from modelfuse.runtime import load_model
 
 
 @dataclass
@@ -35,8 +39,6 @@ def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVe
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
         TaskError: For a model that cannot be loaded.
     """
-    from modelfuse.io.opening import open_checkpoint
-    from modelfuse.runtime import load_model
 
     model, tokenizer = load_model(base)
     for parameter in model.parameters():
@@ -56,7 +58,6 @@ def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVe
 
 def read_prompts(data: Sequence[str], tokenizer: Any, *, split: str, samples: int, seed: int) -> list[list[str]]:
     """Each task's unlabeled prompts (the contexts of its calibration texts, answers dropped)."""
-    from modelfuse.calibrate.data import read_texts
 
     return [[text.context for text in read_texts(spec, tokenizer, split=split, limit=samples, seed=seed)]
             for spec in data]
@@ -72,7 +73,6 @@ def save_merged(loaded: TaskVectors, merged: Mapping[str, torch.Tensor], out: Pa
                 extra: Callable[[Path], None]) -> Path:
     """Put ``merged`` into the loaded base model (not used again after) and save it with its tokenizer into
     ``out`` atomically; ``extra(folder)`` writes the method's own files into the folder first."""
-    from modelfuse.io.writer import StagingFolder
 
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from modelfuse.calibrate.data import CalibrationText, tokenize
+from modelfuse.engine import merge
 from modelfuse.errors import RecipeError
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, window
@@ -175,8 +177,6 @@ def adamerge(
         TaskError: For unusable data or models.
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
-    import modelfuse
-    from modelfuse.calibrate.data import CalibrationText, tokenize
 
     check_experts_and_data(experts, data)
     if granularity not in ("task", "layer"):
@@ -201,7 +201,7 @@ def adamerge(
     result = learn_coefficients(model, theta, vectors, batches, granularity=granularity, steps=steps, lr=lr,
                                 init=init, on_step=on_step)
     recipe = task_arithmetic_recipe(result.coefficients, str(base), [str(expert) for expert in experts])
-    done = modelfuse.merge(recipe, out, options=options)
+    done = merge(recipe, out, options=options)
     (done / "adamerging.yml").write_text(yaml.safe_dump({
         **recipe, "adamerging": {"granularity": granularity, "steps": steps, "lr": lr, "init": init,
                                  "positions": positions,

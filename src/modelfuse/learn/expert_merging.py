@@ -31,9 +31,12 @@ from typing import Any
 import torch
 import yaml
 
+from modelfuse.calibrate.data import CalibrationText, tokenize
+from modelfuse.engine import merge
 from modelfuse.errors import RecipeError
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, save_merged
+from modelfuse.learn.adamerging import Coefficients, task_arithmetic_recipe
 from modelfuse.options import MergeOptions
 
 
@@ -304,9 +307,6 @@ def expert_merge(
         TaskError: For unusable data or models.
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
-    import modelfuse
-    from modelfuse.calibrate.data import CalibrationText, tokenize
-    from modelfuse.learn.adamerging import Coefficients, task_arithmetic_recipe
 
     settings = settings or Settings()
     check_experts_and_data(experts, data)
@@ -343,7 +343,7 @@ def expert_merge(
         alphas = torch.cat([result.coefficients.alphas(i).detach() for i in range(len(loaded.base))], dim=1)
         recipe = task_arithmetic_recipe(Coefficients(list(loaded.base), "layer", alphas), str(base),
                                         [str(expert) for expert in experts])
-        done = modelfuse.merge(recipe, out, options=options)
+        done = merge(recipe, out, options=options)
         (done / "expert_merging.yml").write_text(yaml.safe_dump({**recipe, "expert_merging": record},
                                                                 sort_keys=False), encoding="utf-8")
         return done, result

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from modelfuse.calibrate.data import read_texts, tokenize
 from modelfuse.errors import RecipeError
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, save_merged, window
@@ -145,7 +146,6 @@ def localize_and_stitch(
         TaskError: For unusable data or models.
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
-    from modelfuse.calibrate.data import read_texts, tokenize
 
     check_experts_and_data(experts, data)
     if not (0 < density <= 1 and 0 < init_density <= 1) or steps < 1 or lr <= 0 or l1 < 0 or score_bias <= 0:

@@ -32,8 +32,12 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
+from modelfuse.engine import merge
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
+from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
+from modelfuse.learn._common import check_experts_and_data
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import input_device, load_model
 
@@ -370,10 +374,6 @@ def build_twin(
         ShapeMismatchError: If an expert lacks a tensor of the shared model or has another shape.
         TaskError: For unusable data or models.
     """
-    import modelfuse
-    from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
-    from modelfuse.io.opening import open_checkpoint
-    from modelfuse.learn._common import check_experts_and_data
 
     check_experts_and_data(experts, data)
     if len(experts) < 2:
@@ -387,7 +387,7 @@ def build_twin(
     with StagingFolder(out, overwrite=options.overwrite) as staging:
         shared_folder = staging.path / "shared"
         if shared is None:
-            modelfuse.merge({"method": "task_arithmetic", "base": str(base), "dtype": "float32",
+            merge({"method": "task_arithmetic", "base": str(base), "dtype": "float32",
                              "parameters": {"lam": shared_weight},
                              "models": [{"path": str(expert)} for expert in experts]}, shared_folder,
                             options=MergeOptions(overwrite=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelfuse.engine import merge
 from modelfuse.options import MergeOptions
 
 
@@ -21,7 +22,6 @@ def apply_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, opt
     Returns:
         The output folder.
     """
-    import modelfuse
 
     recipe = {"models": [{"path": f"{base}+{adapter}"}], "method": "passthrough"}
-    return modelfuse.merge(recipe, out, options=options)
+    return merge(recipe, out, options=options)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from modelfuse.engine import tensor_seed
 from modelfuse.errors import RecipeError, ShapeMismatchError
 from modelfuse.io.adapter import LoraAdapter
 from modelfuse.io.writer import StagingFolder, check_output_location
@@ -168,7 +169,6 @@ def merge_adapters(
         RecipeError: For a bad method, weights or parameter.
         ShapeMismatchError: If the adapters adapt one module with different shapes or layouts.
     """
-    from modelfuse.engine import tensor_seed
 
     if method not in LORA_MERGE_METHODS:
         raise RecipeError(f"--method {method!r}: use one of {', '.join(LORA_MERGE_METHODS)}")

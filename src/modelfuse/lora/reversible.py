@@ -31,6 +31,7 @@ from modelfuse.errors import CheckpointError, RecipeError
 from modelfuse.io.adapter import LoraAdapter
 from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.lora.extract import save_adapter
+from modelfuse.lora.merge import module_factors, open_adapters
 
 BUNDLE_CONFIG = "rmm.json"
 BUNDLE_WEIGHTS = "rmm.safetensors"
@@ -124,7 +125,6 @@ def merge_reversible(
         RecipeError: For fewer than two adapters or a basis below 1.
         ShapeMismatchError: If the adapters adapt one module with different shapes or layouts.
     """
-    from modelfuse.lora.merge import module_factors, open_adapters
 
     if basis < 1:
         raise RecipeError(f"--basis: expected a positive integer, got {basis}")
