@@ -47,6 +47,11 @@ class _WarningHandler(logging.Handler):
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (modelfuse or mergekit dialect).")]
 
 
+DeviceOption = Annotated[str, typer.Option(
+    help="Where the model runs: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[str, typer.Option(
+    help="The model's dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16.")]
+
 @app.command(epilog="Example: modelfuse merge examples/ties.yml -o ./merged --overwrite")
 def merge(
     recipe: RecipeArg,
@@ -265,6 +270,11 @@ def eval_command(
     stop: Annotated[list[str] | None, typer.Option(help="Stop generating at this string (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the built-in tasks' examples.")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON here.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: Annotated[str, typer.Option(
+        help="none: the model whole on --device; auto: spread a model too big for one GPU over the GPUs and the "
+             "CPU (accelerate).")] = "none",
 ) -> None:
     """Score MODEL on tasks: accuracy of greedy answers or of the likeliest choice, or perplexity."""
     import json
@@ -273,6 +283,7 @@ def eval_command(
     from rich.table import Table
 
     from modelfuse.evaluation import TaskError, evaluate
+    from modelfuse.runtime import resolve_device, resolve_dtype
 
     lm_eval_tasks = [name.strip() for name in (lm_eval or "").split(",") if name.strip()]
     if not task and not lm_eval_tasks:
@@ -281,6 +292,10 @@ def eval_command(
         raise TaskError(f"--split {split!r}: use train, validation or test")
     if out is not None and not out.parent.is_dir():
         raise TaskError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+    if device_map not in ("none", "auto"):
+        raise TaskError(f"--device-map {device_map!r}: use none or auto")
+    where = resolve_device(device)
+    kind = resolve_dtype(dtype, where)
     with Progress(console=console, transient=True) as bars:
         def progress(name: str, total: int) -> Callable[[int], None]:
             bar = bars.add_task(name, total=total)
@@ -288,7 +303,8 @@ def eval_command(
 
         result = evaluate(model, task or [], split=split, limit=limit, batch_size=batch_size,  # type: ignore[arg-type]
                           max_new_tokens=max_new_tokens, stop=stop or (), seed=seed, progress=progress,
-                          lm_eval_tasks=lm_eval_tasks, lm_eval_chat_template=lm_eval_chat_template)
+                          lm_eval_tasks=lm_eval_tasks, lm_eval_chat_template=lm_eval_chat_template,
+                          device=where, dtype=kind, device_map="auto" if device_map == "auto" else None)
     table = Table("task", "metric", "score", "examples", "seconds", title=f"{model} ({split})")
     for item in result.tasks:
         table.add_row(item.task, item.metric, f"{item.score:.4f}", str(item.count), f"{item.seconds:.1f}")
