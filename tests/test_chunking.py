@@ -90,7 +90,7 @@ def test_block_results_equal_whole_tensor(make_family: Callable[..., Family]) ->
 def test_estimate_follows_the_budget(make_family: Callable[..., Family]) -> None:
     """The predicted peak memory stays under a budget above the resident memory, and grows with the budget."""
     from modelfuse.engine import resident_bytes
-    from modelfuse.estimate import estimate
+    from modelfuse.engine.estimate import estimate
 
     family = make_family("llama")
     plan = modelfuse.plan(recipe(family, "linear"))

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import modelfuse
-import modelfuse.engine
+import modelfuse.engine.compute
+import modelfuse.engine.output
 from modelfuse.errors import CheckpointError, OutputError
 from modelfuse.io.checkpoint import INDEX_FILE, SINGLE_FILE
 from modelfuse.io.opening import open_checkpoint
@@ -139,7 +140,7 @@ def test_failed_merge_leaves_nothing(
     """A merge that fails mid-way leaves no output, an old output intact, and stops hashing the inputs; an error
     leaves no hidden partial folder, an interruption keeps one for --resume (without config: never complete-looking)."""
     family = make_family("llama")
-    real = modelfuse.engine.compute_tensor
+    real = modelfuse.engine.compute.compute_tensor
     calls: list[str] = []
 
     def failing(job: TensorJob, plan: MergePlan, *block: Any, **options: Any) -> torch.Tensor:
@@ -148,15 +149,15 @@ def test_failed_merge_leaves_nothing(
         calls.append(job.name)
         return real(job, plan, *block, **options)
 
-    monkeypatch.setattr(modelfuse.engine, "compute_tensor", failing)
+    monkeypatch.setattr(modelfuse.engine.compute, "compute_tensor", failing)
     cancelled: list[bool] = []
 
-    class SpyHashes(modelfuse.engine.BackgroundHashes):
+    class SpyHashes(modelfuse.engine.output.BackgroundHashes):
         def cancel(self) -> None:
             cancelled.append(True)
             super().cancel()
 
-    monkeypatch.setattr(modelfuse.engine, "BackgroundHashes", SpyHashes)
+    monkeypatch.setattr(modelfuse.engine.output, "BackgroundHashes", SpyHashes)
     work = tmp_path / "work"
     work.mkdir()
     out = work / "merged"

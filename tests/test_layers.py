@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("io", ("io",)),
     ("kernels, methods", ("kernels", "methods")),
     ("plan", ("recipe", "mergekit_compat", "compat", "plan")),
-    ("engine", ("engine", "finite", "estimate", "card")),
+    ("engine", ("engine",)),
     ("runtime", ("runtime",)),
     ("workflows", ("lora", "calibrate", "learn", "evaluation", "analysis", "compress", "extract", "demo", "render",
                    "examples")),

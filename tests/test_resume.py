@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import modelfuse
-import modelfuse.engine
+import modelfuse.engine.compute
+import modelfuse.engine.output
 from conftest import Builder, Cli, Family, assert_clean_failure, hash_tree, ties_recipe, write_recipe
 from modelfuse.io.journal import JOURNAL_FILE
 from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, partial_folder, verify_written
@@ -23,7 +24,7 @@ from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, partial_
 pytestmark = pytest.mark.integration
 
 EAGER = modelfuse.MergeOptions(threads=1, sync_interval_s=0)  # one tensor at a time, journaled as it finishes
-REAL_COMPUTE = modelfuse.engine.compute_tensor
+REAL_COMPUTE = modelfuse.engine.compute.compute_tensor
 
 
 def recipe_for(family: Family, method: str, **extra: Any) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int, error: type[Bas
         done.append(job.name)
         return REAL_COMPUTE(job, *args, **kwargs)
 
-    monkeypatch.setattr(modelfuse.engine, "compute_tensor", counting)
+    monkeypatch.setattr(modelfuse.engine.compute, "compute_tensor", counting)
     return done
 
 
@@ -135,15 +136,15 @@ import os, signal, sys, threading
 # A process started in the background (``pytest &``, nohup, CI without a terminal) inherits SIGINT ignored; a
 # terminal's foreground process has Python's default handler, which is what Ctrl-C meets.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import modelfuse, modelfuse.engine
-real = modelfuse.engine.compute_tensor
+import modelfuse, modelfuse.engine.compute
+real = modelfuse.engine.compute.compute_tensor
 calls = []
 def stopping(job, *args, **kwargs):
     calls.append(job.name)
     if len(calls) == {stop_at}:  # to the main thread, as a terminal's Ctrl-C reaches a process
         signal.pthread_kill(threading.main_thread().ident, signal.{signal_name})
     return real(job, *args, **kwargs)
-modelfuse.engine.compute_tensor = stopping
+modelfuse.engine.compute.compute_tensor = stopping
 {run}
 """
 LIBRARY_RUN = ("modelfuse.merge({recipe!r}, {out!r}, options=modelfuse.MergeOptions(threads=1, sync_interval_s=0))")
@@ -207,7 +208,7 @@ def test_not_enough_free_space_is_refused_up_front(run_cli: Cli, guarded: Builde
     """With less free space than the output needs, the merge fails before computing anything."""
     family = guarded("llama")
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(modelfuse.engine.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(modelfuse.engine.output.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     computed = count_computed(monkeypatch)
     result = run_cli("merge", write_recipe(tmp_path, ties_recipe(family)), "-o", tmp_path / "out")
     assert_clean_failure(result, "of disk space", "1000 B is free", "write the output elsewhere")
@@ -333,7 +334,7 @@ def test_interruption_after_the_tensors_still_resumes(guarded: Builder, tmp_path
     def interrupted(self: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(modelfuse.engine.BackgroundHashes, "result", interrupted)
+    monkeypatch.setattr(modelfuse.engine.output.BackgroundHashes, "result", interrupted)
     with pytest.raises(KeyboardInterrupt):
         modelfuse.merge(recipe, out, options=EAGER)
     monkeypatch.undo()

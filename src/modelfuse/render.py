@@ -7,7 +7,7 @@ from collections import Counter
 from rich.console import Group
 from rich.table import Table
 
-from modelfuse.estimate import estimate
+from modelfuse.engine.estimate import estimate
 from modelfuse.methods import all_methods
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan

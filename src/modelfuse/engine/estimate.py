@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from modelfuse.engine import _MIN_TENSOR_BUDGET_BYTES, _tensor_budget, resident_bytes, work_units
+from modelfuse.engine.schedule import (
+    MIN_TENSOR_BUDGET_BYTES,
+    admission_order,
+    in_run_order,
+    resident_bytes,
+    tensor_budget,
+)
+from modelfuse.engine.units import work_units
 from modelfuse.kernels import fused
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan
@@ -33,22 +40,21 @@ class Estimate:
 
 
 def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
-    """Simulate the engine's scheduler over the plan's work units to predict peak memory and time.
+    """Replay the engine's scheduler (its admission order) over the plan's work units to predict peak memory and time.
 
     Peak memory is the process's resident memory now (plus the fused kernels' compiler, when it is still to be
     loaded) plus the largest scratch the scheduler lets be in
     flight at once; time assumes a warm page cache and the rates above (a rough guide, not a promise).
     """
     compiler_bytes = fused.unloaded_bytes()  # the engine loads it before measuring its resident memory
-    budget = max(_MIN_TENSOR_BUDGET_BYTES, _tensor_budget(options.memory_bytes(), options.threads) - compiler_bytes)
-    window: list[int] = []
-    peak_in_flight = 0
+    budget = max(MIN_TENSOR_BUDGET_BYTES, tensor_budget(options.memory_bytes(), options.threads) - compiler_bytes)
+    units = in_run_order(work_units(plan, options.chunk_elements, budget, options.threads))
+    in_flight = peak_in_flight = 0
+    for event, index in admission_order([unit.scratch_bytes for unit in units], budget, options.threads):
+        in_flight += units[index].scratch_bytes if event == "start" else -units[index].scratch_bytes
+        peak_in_flight = max(peak_in_flight, in_flight)
     compute_seconds = 0.0
-    for unit in work_units(plan, options.chunk_elements, budget, options.threads):
-        while window and (len(window) >= 2 * options.threads or sum(window) + unit.scratch_bytes > budget):
-            window.pop(0)
-        window.append(unit.scratch_bytes)
-        peak_in_flight = max(peak_in_flight, sum(window))
+    for unit in units:
         inputs = len(unit.job.sources) + (1 if unit.job.base else 0)
         if unit.blocks is not None:  # a streamed top-k tensor
             compute_seconds += unit.elements * len(unit.job.sources) * TOPK_S_PER_MODEL_ELEMENT

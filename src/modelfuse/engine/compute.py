@@ -1,0 +1,209 @@
+"""Per tensor: read a job's inputs (whole or a row block), apply the method piece by piece, check finiteness;
+and run one work unit of the schedule, writing its result in place."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from modelfuse.engine.buffers import READ_BUFFER, RESULT_BUFFER
+from modelfuse.engine.finite import FiniteCheck, all_finite, all_finite_inputs
+from modelfuse.engine.prepass import topk_thresholds
+from modelfuse.engine.units import WorkUnit
+from modelfuse.errors import ModelfuseError
+from modelfuse.io.writer import ShardWriter
+from modelfuse.kernels import fused
+from modelfuse.kernels.random import RandomField
+from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
+from modelfuse.methods.lines import apply_lines
+from modelfuse.plan import MergePlan, TensorJob
+
+_COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed derived from the recipe seed and the output tensor name (order-independent)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# Elements per piece that a row block's math runs on: the piece's float32 temporaries (a few per input)
+# stay in the CPU cache instead of streaming through memory once per operation, and each operation is
+# long enough that the Python between operations (which holds the GIL) does not serialise the threads.
+PIECE_ELEMENTS = 1 << 17
+
+
+def compute_tensor(
+    job: TensorJob,
+    plan: MergePlan,
+    rows: tuple[int, int] | None = None,
+    thresholds: Sequence[Sequence[TopkThreshold]] | None = None,
+    equal_before: list[list[int]] | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    allow_nonfinite: bool = False,
+) -> torch.Tensor:
+    """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype.
+
+    Row blocks are only asked for rowwise methods, whose result does not depend on the blocking, and
+    for top-k methods together with the whole tensor's ``thresholds`` (per model, one per count of the
+    method's ``topk``) and the number of entries tied at each threshold in earlier blocks
+    (``equal_before``, same layout, zeros when None), which is advanced in place past this block.
+    A block (or a whole tensor of a rowwise method) is read once and computed in pieces of about
+    ``PIECE_ELEMENTS`` elements; the result does not depend on the piece size. A blocked result goes into
+    ``out`` (a uint8 buffer of at least its size, which the result then shares) when given.
+
+    Raises:
+        CheckpointError: If an input holds NaN or Inf and ``allow_nonfinite`` is False (model, tensor, counts).
+        ModelfuseError: If the method returns a wrong shape, or the result holds NaN or Inf.
+    """
+    first = job.sources[0] if job.sources else job.base
+    assert first is not None  # every job has at least one input
+    if not plan.checkpoints[first.model][first.name].dtype.is_floating_point:
+        return plan.checkpoints[first.model].read(first.name, rows)  # integer buffers are copied, never averaged
+    if rows is None and job.method.rowwise and len(job.shape) >= 2:
+        rows = (0, job.shape[0])
+    inputs = [*job.sources, *([job.base] if job.base else [])]
+    if rows is None:
+        raw = [plan.checkpoints[source.model].read(source.name) for source in inputs]
+    else:  # a block's size is bounded by the budget: read it into this thread's reusable buffer
+        sizes = [plan.checkpoints[source.model].nbytes(source.name, rows) for source in inputs]
+        buffer = READ_BUFFER.get(sum(sizes))
+        offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+        raw = [plan.checkpoints[source.model].read(source.name, rows, buffer[offset:])
+               for source, offset in zip(inputs, offsets, strict=True)]
+    raw_base = raw.pop() if job.base else None
+    finite = FiniteCheck(job, plan, allow_nonfinite)
+    if rows is None:
+        return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite).to(job.dtype))
+    count = rows[1] - rows[0]
+    row_elements = int(torch.Size(job.shape[1:]).numel())
+    shape = (count, *job.shape[1:])
+    kernel = job.method.bf16_kernel
+    if kernel is not None and thresholds is None and job.dtype == torch.bfloat16 and _plain_float32(plan):
+        result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
+        # A fused sum is non-finite only where an input is (then recomputed below, after the check) or overflows.
+        if kernel(raw, raw_base, job.params, result) and (all_finite(result) or all_finite_inputs(raw, raw_base)):
+            return finite.output(result)
+    step = max(1, PIECE_ELEMENTS // max(1, row_elements))
+    before = equal_before
+    if thresholds is not None and before is None:
+        before = [[0] * len(model) for model in thresholds]
+    result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        piece = [tensor[start:stop] for tensor in raw]
+        piece_base = raw_base[start:stop] if raw_base is not None else None
+        piece_rows = (rows[0] + start, rows[0] + stop)
+        result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite))
+    return finite.output(result)
+
+
+def _view_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The start of the uint8 buffer ``out`` viewed as a ``dtype`` tensor of ``shape``."""
+    return out[: int(torch.Size(shape).numel()) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _plain_float32(plan: MergePlan) -> bool:
+    """Whether the recipe computes in float32 with no post-processing, as methods' bf16 kernels do."""
+    return _COMPUTE_DTYPES[plan.recipe.compute_dtype] == torch.float32 and plan.recipe.post is None
+
+
+def _compute_piece(
+    job: TensorJob,
+    plan: MergePlan,
+    raw: Sequence[torch.Tensor],
+    raw_base: torch.Tensor | None,
+    rows: tuple[int, int] | None,
+    thresholds: Sequence[Sequence[TopkThreshold]] | None,
+    equal_before: list[list[int]] | None,
+    finite: FiniteCheck,
+) -> torch.Tensor:
+    """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
+
+    With ``thresholds``, the top-k masks of this piece are passed to the method and ``equal_before`` (per
+    model and threshold, the ties counted before this piece) is advanced past it.
+    """
+    compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
+    tensors = [tensor.to(compute_dtype) for tensor in raw]
+    base = raw_base.to(compute_dtype) if raw_base is not None else None
+    tensors, base = finite.inputs(tensors, base)
+    kwargs = dict(job.params)
+    if job.method.random:
+        noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
+        row_elements = int(torch.Size(job.shape[1:]).numel())
+        kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
+    context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
+                                   "statistics": _statistics(job, plan, compute_dtype)}
+    if thresholds is not None and equal_before is not None and base is not None:
+        context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before)
+                                 for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,
+                                                                                   strict=True)]
+    kwargs.update({name: context[name] for name in job.method.context})
+    result = job.method.fn(tensors, base, **kwargs)
+    expected = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    if tuple(result.shape) != expected:
+        raise ModelfuseError(f"method {job.method.name!r} returned shape {list(result.shape)} for tensor "
+                             f"{job.name!r}, expected {list(expected)}", tensor=job.name)
+    lines_post = plan.recipe.post.lines if plan.recipe.post is not None else None
+    if lines_post is not None and base is not None:  # the recipe check guarantees a base for post.lines
+        result = apply_lines(result, base, depth=job.depth, alpha=lines_post.alpha, beta=lines_post.beta)
+    return result
+
+
+def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype) -> list[dict[str, torch.Tensor | None]] | None:
+    """Per fine-tuned model, the calibration statistics the job's method reads, of this tensor (None if it has none)."""
+    if not job.method.statistics:
+        return None
+    found: list[dict[str, torch.Tensor | None]] = []
+    for source in job.sources:
+        folder = plan.statistics[source.model]
+        values = {name: folder.read(source.name, name) for name in job.method.statistics}
+        found.append({name: value.to(dtype) if value is not None else None for name, value in values.items()})
+    return found
+
+
+def _piece_masks(
+    tensor: torch.Tensor, base: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int]
+) -> list[torch.Tensor]:
+    """A piece's top-k masks (float32 ones and zeros) of one task vector ``|tensor - base|``, one per threshold.
+
+    Advances ``equal_before`` past the piece.
+    """
+    masks = []
+    magnitude = None
+    for index, threshold in enumerate(thresholds):
+        kept = fused.topk_keep(tensor, base, threshold, equal_before[index])
+        if kept is None:
+            magnitude = (tensor - base).abs() if magnitude is None else magnitude
+            kept = topk_chunk_mask(magnitude, threshold, equal_before[index], as_float=True)
+        mask, equal_count = kept
+        equal_before[index] += equal_count
+        masks.append(mask)
+    return masks
+
+
+def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfinite: bool = False) -> None:
+    """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers).
+
+    A streamed top-k unit first finds its tensor's thresholds, then computes its blocks in order, carrying
+    the count of entries tied at each threshold from block to block, so no extra pass counts them.
+    """
+    job = unit.job
+    row_bytes = int(torch.Size(job.shape[1:]).numel()) * job.dtype.itemsize
+    if unit.blocks is not None:
+        chunk = max(stop - start for start, stop in unit.blocks) * (row_bytes // job.dtype.itemsize)
+        thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite)
+        equal_before = [[0] * len(model) for model in thresholds]
+        for rows in unit.blocks:
+            out = RESULT_BUFFER.get((rows[1] - rows[0]) * row_bytes)
+            writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out,
+                                                                   allow_nonfinite=allow_nonfinite))
+    elif unit.rows is None:
+        writer.write_rows(job.name, 0, compute_tensor(job, plan, allow_nonfinite=allow_nonfinite))
+    else:
+        out = RESULT_BUFFER.get((unit.rows[1] - unit.rows[0]) * row_bytes)
+        writer.write_rows(job.name, unit.rows[0], compute_tensor(job, plan, unit.rows, out=out,
+                                                                allow_nonfinite=allow_nonfinite))

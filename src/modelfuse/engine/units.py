@@ -1,0 +1,82 @@
+"""The plan cut into work units: whole tensors, row blocks of rowwise methods, streamed top-k tensors; each with
+the scratch memory it holds while it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from modelfuse.plan import MergePlan, TensorJob
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One piece of work: a whole tensor, one row block of a rowwise method's tensor, or a top-k method's
+    tensor streamed block by block (``blocks``) by one thread after it found the exact thresholds."""
+
+    job: TensorJob
+    rows: tuple[int, int] | None
+    last: bool
+    scratch_bytes: int
+    blocks: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def elements(self) -> int:
+        """Output elements the unit computes."""
+        numel = int(torch.Size(self.job.shape).numel())
+        if self.rows is None:
+            return numel
+        return numel // self.job.shape[0] * (self.rows[1] - self.rows[0])
+
+
+def _blockable(job: TensorJob, plan: MergePlan) -> bool:
+    if len(job.shape) < 2 or job.shape[0] <= 1:
+        return False
+    if job.method.topk is not None:  # the streaming selection reads float32 task vectors
+        return job.base is not None and plan.recipe.compute_dtype == "float32"
+    return job.method.rowwise
+
+
+def _statistics_bytes(job: TensorJob) -> int:
+    """Memory a statistics method's whole-tensor unit holds beyond its inputs: per model, its statistic as read
+    and in float32 (a Fisher like the tensor; a Gram ``[in, in]``, plus RegMean's float64 sums and factor)."""
+    numel = int(torch.Size(job.shape).numel())
+    inputs = job.shape[1] if len(job.shape) == 2 else 0
+    per_model = {"fisher": 8 * numel, "gram": 8 * inputs * inputs}
+    extra = 24 * inputs * inputs if "gram" in job.method.statistics else 0  # float64 sum, its factor, a copy
+    return len(job.sources) * sum(per_model.get(name, 8 * numel) for name in job.method.statistics) + extra
+
+
+def work_units(
+    plan: MergePlan, chunk_elements: int, budget_bytes: int | None = None, workers: int = 1
+) -> Iterator[WorkUnit]:
+    """Split the plan into work units in output order; rowwise and top-k methods go in row blocks.
+
+    Blocks hold at most ``chunk_elements`` elements, fewer when ``2 * workers`` blocks would not fit
+    in ``budget_bytes`` (results do not depend on the block size). A rowwise tensor gives one unit per
+    block; a top-k tensor gives one unit that streams its blocks in order (see ``run_unit``).
+    """
+    for job in plan.jobs:
+        numel = int(torch.Size(job.shape).numel())
+        inputs = len(job.sources) + (1 if job.base else 0)
+        # Bytes per element: each input's read buffer and float32 copy, the output and scratch; selecting
+        # and random methods hold a few more float32 temporaries per input (task vectors, masks, draws).
+        heavy = job.method.topk is not None or job.method.random
+        per_element = 4 * (5 * inputs + 6) if heavy else 4 * (2 * inputs + 4)
+        block_elements = chunk_elements
+        if budget_bytes is not None:  # 2 * workers blocks in flight, and one block's worth to spare
+            block_elements = max(1, min(chunk_elements, budget_bytes // (per_element * (2 * workers + 1))))
+        if not _blockable(job, plan) or numel <= block_elements:
+            yield WorkUnit(job, None, True, per_element * numel + _statistics_bytes(job))
+            continue
+        row_elements = numel // job.shape[0]
+        rows_per_block = max(1, block_elements // max(1, row_elements))
+        starts = range(0, job.shape[0], rows_per_block)
+        blocks = tuple((start, min(job.shape[0], start + rows_per_block)) for start in starts)
+        if job.method.topk is not None:
+            yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block, blocks)
+            continue
+        for start, stop in blocks:
+            yield WorkUnit(job, (start, stop), stop == job.shape[0], per_element * row_elements * (stop - start))
