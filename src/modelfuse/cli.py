@@ -284,6 +284,7 @@ def eval_command(
 
     from modelfuse.evaluation import TaskError, evaluate
     from modelfuse.runtime import resolve_device, resolve_dtype
+    from modelfuse.runtime.distributed import finish, init_from_environment
 
     lm_eval_tasks = [name.strip() for name in (lm_eval or "").split(",") if name.strip()]
     if not task and not lm_eval_tasks:
@@ -294,17 +295,20 @@ def eval_command(
         raise TaskError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
     if device_map not in ("none", "auto"):
         raise TaskError(f"--device-map {device_map!r}: use none or auto")
-    where = resolve_device(device)
+    ranks, where = init_from_environment(resolve_device(device))  # torchrun: one shard of the examples per rank
     kind = resolve_dtype(dtype, where)
-    with Progress(console=console, transient=True) as bars:
+    with Progress(console=console, transient=True, disable=not ranks.main) as bars:
         def progress(name: str, total: int) -> Callable[[int], None]:
-            bar = bars.add_task(name, total=total)
+            bar = bars.add_task(name, total=-(-total // ranks.world))
             return lambda done: bars.advance(bar, done)
 
         result = evaluate(model, task or [], split=split, limit=limit, batch_size=batch_size,  # type: ignore[arg-type]
                           max_new_tokens=max_new_tokens, stop=stop or (), seed=seed, progress=progress,
                           lm_eval_tasks=lm_eval_tasks, lm_eval_chat_template=lm_eval_chat_template,
-                          device=where, dtype=kind, device_map="auto" if device_map == "auto" else None)
+                          device=where, dtype=kind, device_map="auto" if device_map == "auto" else None, ranks=ranks)
+    finish()
+    if not ranks.main:
+        return
     table = Table("task", "metric", "score", "examples", "seconds", title=f"{model} ({split})")
     for item in result.tasks:
         table.add_row(item.task, item.metric, f"{item.score:.4f}", str(item.count), f"{item.seconds:.1f}")

@@ -3,6 +3,7 @@ runs through :mod:`modelfuse.runtime`."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from modelfuse.evaluation.results import EvalResult, TaskResult
 from modelfuse.evaluation.tasks import Example, Split, Task, TaskError, load_task
 from modelfuse.runtime import choice_logprobs, format_prompt, generate, load_model, perplexity
 from modelfuse.runtime.devices import DeviceSpec, DtypeName
+from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 from modelfuse.runtime.generation import Progress
 
 
@@ -30,8 +32,10 @@ def evaluate_task(
     max_new_tokens: int = 32,
     stop: Sequence[str] = (),
     progress: Progress | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> TaskResult:
-    """Score the model on one task's split.
+    """Score the model on one task's split; with several ``ranks``, each scores every ``world``-th example (or
+    perplexity window) and every rank gets the whole result, records in the examples' order.
 
     Raises:
         TaskError: If the split has no examples.
@@ -39,31 +43,35 @@ def evaluate_task(
     began = time.perf_counter()
     if task.kind == "perplexity":
         try:
-            value = perplexity(model, tokenizer, task.text)
+            value = perplexity(model, tokenizer, task.text, ranks=ranks)
         except ModelfuseError as error:
             raise TaskError(f"task {task.name}: {error}") from error
         return TaskResult(task.name, task.kind, "perplexity", value, 1, time.perf_counter() - began)
     examples = task.examples(split, limit)
     if not examples:
         raise TaskError(f"task {task.name}: no examples in split {split!r}")
-    prompts = [format_prompt(tokenizer, example.prompt) for example in examples]
+    mine = ranks.shard(examples)
+    prompts = [format_prompt(tokenizer, example.prompt) for _, example in mine]
+    scored: list[tuple[int, float, dict[str, Any]]] = []  # (example index, score, record)
     if task.kind == "generate":
         responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              stop=stop, progress=progress)
-        scores = [task.score(example, response) for example, response in zip(examples, responses, strict=True)]
-        records = [{"prompt": e.prompt, "answer": e.answer, "response": r, "score": s}
-                   for e, r, s in zip(examples, responses, scores, strict=True)]
+        for (index, example), response in zip(mine, responses, strict=True):
+            score = task.score(example, response)
+            scored.append((index, score, {"prompt": example.prompt, "answer": example.answer, "response": response,
+                                          "score": score}))
     else:
-        scores, records = [], []
-        for example, prompt in zip(examples, prompts, strict=True):
+        for (index, example), prompt in zip(mine, prompts, strict=True):
             logprobs = choice_logprobs(model, tokenizer, prompt, example.choices)
             picked = max(range(len(logprobs)), key=logprobs.__getitem__)
-            scores.append(float(picked == example.label))
-            records.append({"prompt": example.prompt, "label": example.label, "picked": picked, "logprobs": logprobs})
+            scored.append((index, float(picked == example.label), {"prompt": example.prompt, "label": example.label,
+                                                                   "picked": picked, "logprobs": logprobs}))
             if progress is not None:
                 progress(1)
-    return TaskResult(task.name, task.kind, "accuracy", sum(scores) / len(scores), len(scores),
-                      time.perf_counter() - began, records)
+    everything = sorted(item for part in ranks.gather(scored) for item in part)
+    scores = [score for _, score, _ in everything]
+    return TaskResult(task.name, task.kind, "accuracy", math.fsum(scores) / len(scores), len(scores),
+                      time.perf_counter() - began, [record for _, _, record in everything])
 
 
 def evaluate(
@@ -82,13 +90,15 @@ def evaluate(
     device: DeviceSpec | torch.device = "cpu",
     dtype: DtypeName | torch.dtype | None = "float32",
     device_map: Literal["auto"] | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> EvalResult:
     """Score the model folder on every task (specs as in :mod:`modelfuse.evaluation.tasks`), then on the
     ``lm_eval_tasks`` (lm-evaluation-harness names or task YAML files; ``limit`` applies to them too).
 
     ``progress(task_name, total)``, when given, returns the per-task progress callback. The model runs on
     ``device`` in ``dtype`` (see :func:`modelfuse.runtime.load_model`; ``device_map="auto"`` spreads a model too
-    big for one GPU).
+    big for one GPU). With several ``ranks`` the built-in tasks' examples are shared out (see
+    :func:`evaluate_task`); lm-eval tasks run on the main rank alone.
     """
     tasks = [load_task(spec, seed=seed) for spec in task_specs]  # bad specs fail before the model loads
     if lm_eval_tasks:
@@ -99,8 +109,8 @@ def evaluate(
         total = 1 if task.kind == "perplexity" else len(task.examples(split, limit))
         callback = progress(task.name, total) if progress is not None else None
         results.append(evaluate_task(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens, stop=stop, progress=callback))
-    if lm_eval_tasks:
+                                     max_new_tokens=max_new_tokens, stop=stop, progress=callback, ranks=ranks))
+    if lm_eval_tasks and ranks.main:
         results += run_lm_eval(model, tokenizer, lm_eval_tasks, limit=limit, batch_size=batch_size, seed=seed,
                                chat_template=lm_eval_chat_template)
     return EvalResult(str(model_path), split, results)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from modelfuse.errors import ModelfuseError
+from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 
 Progress = Callable[[int], None]  # called with the number of examples just finished
 
@@ -71,8 +72,9 @@ def choice_logprobs(model: Any, tokenizer: Any, prompt: str, choices: Sequence[s
 
 
 @torch.inference_mode()
-def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 512) -> float:
-    """exp(mean negative log-likelihood per token) of ``text``, in consecutive windows of ``window`` tokens.
+def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 512, ranks: Ranks = ONE_PROCESS) -> float:
+    """exp(mean negative log-likelihood per token) of ``text``, in consecutive windows of ``window`` tokens;
+    with several ``ranks`` each takes every ``world``-th window and the float64 sums are reduced.
 
     Raises:
         ModelfuseError: If the text has fewer than two tokens.
@@ -80,12 +82,14 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 512) -> f
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() < 2:
         raise ModelfuseError("perplexity needs a text of at least two tokens")
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
     device = input_device(model)
-    for start in range(0, ids.numel() - 1, window):
+    for _, start in ranks.shard(range(0, ids.numel() - 1, window)):
         chunk = ids[start : start + window + 1].unsqueeze(0).to(device)  # predicts tokens start+1 .. start+window
         logits = model(input_ids=chunk[:, :-1]).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
         total += float(loss)
         count += chunk.shape[1] - 1
-    return math.exp(total / count)
+    sums = ranks.sum({"loss": total, "tokens": count})
+    return math.exp(float(sums["loss"] / sums["tokens"]))
