@@ -361,20 +361,30 @@ def calibrate_command(
     = "2GiB",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Gather a model's statistics on calibration text (Gram matrices, Fisher, activations, MoE routing)."""
     from rich.progress import Progress
 
     from modelfuse.calibrate import CalibrationSettings, calibrate
+    from modelfuse.runtime import resolve_device, resolve_dtype
+    from modelfuse.runtime.distributed import finish, init_from_environment
     from modelfuse.units import parse_bytes
 
     settings = CalibrationSettings(data, tuple(part.strip() for part in stats.split(",") if part.strip()), samples,
                                    batch_size, max_tokens, labels, split, seed)  # type: ignore[arg-type]
     budget = parse_bytes(max_memory, field="max_memory")
-    with Progress(console=console, transient=True) as progress:
+    ranks, where = init_from_environment(resolve_device(device))  # torchrun: a share of the batches per rank
+    kind = resolve_dtype(dtype, where)
+    with Progress(console=console, transient=True, disable=not ranks.main) as progress:
         task = progress.add_task("calibrating", total=None)
         report = calibrate(model, out, settings, max_memory_bytes=budget, resume=resume, overwrite=overwrite,
-                           on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+                           on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+                           device=where, dtype=kind, ranks=ranks)
+    finish()
+    if not ranks.main:
+        return
     out_console.print(f"[green]calibrated[/] {model} on {report.examples} examples ({report.tokens:,} tokens, "
                       f"{report.passes} passes): {len(report.keys)} statistics -> {report.out}")
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
-from _tiny_lm import save_tiny_lm  # noqa: E402
+from _tiny_lm import save_tiny_lm
 
-from modelfuse.runtime.distributed import Ranks  # noqa: E402
+from modelfuse.runtime.distributed import Ranks
 
 BIN = Path(sys.executable).parent
 
@@ -65,3 +65,34 @@ def test_two_process_eval_equals_one(tmp_path: Path) -> None:
             assert double["score"] == pytest.approx(single["score"], rel=1e-12)
         else:
             assert double["score"] == single["score"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("architecture", ["llama", "mixtral"])
+def test_two_process_calibrate_equals_one(architecture: str, tmp_path: Path) -> None:
+    """Gram, act_rms, Fisher (sampled labels) and MoE routing counts: two ranks write the statistics of one
+    process (float64 sums reduced, then float32 files), and only rank 0 writes; an odd number of batches leaves
+    one rank a batch short."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibrate"))
+    from test_stats import tiny_mixtral, write_task
+
+    folder = save_tiny_lm(tmp_path / "lm") if architecture == "llama" else tiny_mixtral(tmp_path / "moe")
+    data = write_task(tmp_path / "task.jsonl", count=9)
+    stats = "gram,act_rms,fisher" + (",routing_counts" if architecture == "mixtral" else "")
+    found = []
+    for world in (1, 2):
+        out = tmp_path / f"stats-{world}"
+        done = run(["calibrate", str(folder), "--data", str(data), "-o", str(out), "--stats", stats,
+                    "--samples", "9", "--batch-size", "2", "--device", "cpu"], world)
+        assert done.returncode == 0, done.stderr
+        config = json.loads((out / "calibration.json").read_text())
+        found.append({key: value for file in sorted(set(config["index"].values()))
+                      for key, value in load_file(out / file).items()})
+        assert config["examples"] == 9
+    one, two = found
+    assert sorted(one) == sorted(two) and any(key.endswith(".fisher") for key in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-9, equal_nan=True, msg=key)
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []

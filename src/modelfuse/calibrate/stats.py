@@ -49,7 +49,9 @@ from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CONFIG, FORMAT
 from modelfuse.io.writer import StagingFolder, check_output_location
-from modelfuse.runtime import load_model
+from modelfuse.runtime import input_device, load_model
+from modelfuse.runtime.devices import DeviceSpec, DtypeName
+from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 
 log = logging.getLogger(__name__)
 STATISTICS = ("gram", "act_rms", "fisher", "routing_counts")
@@ -111,6 +113,9 @@ def calibrate(
     resume: bool = False,
     overwrite: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    device: DeviceSpec | torch.device = "cpu",
+    dtype: DtypeName | torch.dtype | None = "float32",
+    ranks: Ranks = ONE_PROCESS,
 ) -> CalibrationReport:
     """Run ``model_path`` over the calibration data and write its statistics to ``out`` (see the module).
 
@@ -121,7 +126,12 @@ def calibrate(
         max_memory_bytes: Budget of the statistics accumulators of one pass.
         resume: Continue an interrupted run into ``out`` (same model, data and settings).
         overwrite: Replace an existing ``out`` (or an interrupted run's partial output).
-        on_batch: Called with (batches done, total batches) over all passes (progress).
+        on_batch: Called with (batches done, total batches) over all passes (progress); with several ranks,
+            this rank's share of them.
+        device: Where the model runs (``auto``, ``cpu``, ``cuda[:N]``, ``mps``).
+        dtype: The model's dtype (``auto``: bfloat16 on a GPU, float32 on the CPU); sums are float64 anyway.
+        ranks: The processes sharing the work: each runs every ``world``-th batch (example, for the Fisher), the
+            float64 sums are reduced across them, and rank 0 alone writes ``out``.
 
     Returns:
         The examples, tokens, passes and statistic keys written.
@@ -133,8 +143,9 @@ def calibrate(
     """
     settings.check()
     model_path, out = Path(model_path), Path(out)
-    check_output_location(out, [model_path], overwrite=overwrite or resume)
-    model, tokenizer = load_model(model_path)
+    if ranks.main:
+        check_output_location(out, [model_path], overwrite=overwrite or resume)
+    model, tokenizer = load_model(model_path, device=device, dtype=dtype)
     texts = read_texts(settings.data, tokenizer, split=settings.split, limit=settings.samples, seed=settings.seed)
     identity = {"format": FORMAT, "version": 1, "model": str(model_path.resolve()),
                 "settings": {**settings.__dict__, "statistics": list(settings.statistics)},
@@ -143,13 +154,17 @@ def calibrate(
     targets = checkpoint_targets(model, set(open_checkpoint(str(model_path))))
     batches = [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
                for start in range(0, len(texts), settings.batch_size)]
-    per_pass = {"activations": len(batches), "fisher": len(texts)}
+    per_pass = {"activations": len(ranks.shard(batches)), "fisher": len(ranks.shard(texts))}
     total = sum(per_pass[group.kind] for group in groups)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     done_batches = 0
-    with StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) as staging:
-        progress = _read_progress(staging.path, identity) if resume else {"identity": identity, "groups": {}}
-        _write_json(staging.path / _PROGRESS, progress)
+    writing = StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) if ranks.main else None
+    with writing or contextlib.nullcontext() as staging:
+        progress = None
+        if staging is not None:
+            progress = _read_progress(staging.path, identity) if resume else {"identity": identity, "groups": {}}
+            _write_json(staging.path / _PROGRESS, progress)
+        progress = ranks.gather(progress)[0]  # every rank skips the passes an interrupted run finished
         for index, group in enumerate(groups):
             file = f"stats-{index:05d}.safetensors"
             if file in progress["groups"]:
@@ -163,19 +178,24 @@ def calibrate(
                     on_batch(done_batches, total)
 
             if group.kind == "activations":
-                stats = _activation_pass(model, batches, group.names, settings, advance)
+                stats = _activation_pass(model, batches, group.names, settings, advance, ranks)
             else:
-                stats = _fisher_pass(model, tokenizer, texts, group.names, settings, advance)
+                stats = _fisher_pass(model, tokenizer, texts, group.names, settings, advance, ranks)
             stats = _checkpoint_stats(model, stats, targets)
+            progress["groups"][file] = sorted(stats)
+            if staging is None:
+                continue
             save_file({key: value.to(torch.float32).contiguous() for key, value in stats.items()},
                       staging.path / file, metadata={"format": "pt"})
-            progress["groups"][file] = sorted(stats)
             _write_json(staging.path / _PROGRESS, progress)
         index_map = {key: file for file, keys in progress["groups"].items() for key in keys}
-        config = {**identity, "examples": len(texts), "tokens": tokens, "passes": len(groups), "index": index_map}
-        _write_json(staging.path / CONFIG, config)
-        (staging.path / _PROGRESS).unlink()
-        staging.commit()
+        if staging is not None:
+            config = {**identity, "examples": len(texts), "tokens": tokens, "passes": len(groups),
+                      "index": index_map}
+            _write_json(staging.path / CONFIG, config)
+            (staging.path / _PROGRESS).unlink()
+            staging.commit()
+    ranks.barrier()  # the other ranks return once the output is in place
     return CalibrationReport(out, len(texts), tokens, len(groups), sorted(index_map))
 
 
@@ -309,9 +329,11 @@ class _GroupDone(Exception):
 
 @torch.no_grad()
 def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], names: Sequence[str],
-                     settings: CalibrationSettings, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    """Gram matrices, input RMS and routing counts of the layers ``names`` over all (tokenized) batches, keyed
-    ``<parameter>.<stat>`` by the loaded model's parameter names."""
+                     settings: CalibrationSettings, advance: Callable[[int], None], ranks: Ranks = ONE_PROCESS
+                     ) -> dict[str, torch.Tensor]:
+    """Gram matrices, input RMS and routing counts of the layers ``names`` over all (tokenized) batches (this
+    rank's share; the float64 sums reduced over the ranks), keyed ``<parameter>.<stat>`` by the loaded model's
+    parameter names."""
     layers = _layers(model)
     routers = _routers(model)
     wanted = set(settings.statistics)
@@ -327,11 +349,12 @@ def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.T
         """Adds ``rows`` ([tokens, in], float64) to the parameter's sums (expert ``expert``'s slice if given)."""
         stat = "gram" if "gram" in wanted else "squares"
         value = rows.t() @ rows if stat == "gram" else rows.square().sum(0)
-        tokens = torch.tensor(float(rows.shape[0]), dtype=torch.float64)
+        tokens = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=value.device)
         if expert is not None:
-            value = torch.zeros((experts, *value.shape), dtype=torch.float64).index_copy_(0, torch.tensor([expert]),
-                                                                                          value[None])
-            tokens = torch.zeros(experts, dtype=torch.float64).index_fill_(0, torch.tensor([expert]), tokens)
+            where = torch.tensor([expert], device=value.device)
+            value = torch.zeros((experts, *value.shape), dtype=torch.float64, device=value.device).index_copy_(
+                0, where, value[None])
+            tokens = torch.zeros(experts, dtype=torch.float64, device=value.device).index_fill_(0, where, tokens)
         add(f"{parameter}.{stat}", value)
         counts[parameter] = counts[parameter] + tokens if parameter in counts else tokens
 
@@ -358,7 +381,8 @@ def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.T
             assert mask is not None
             hidden, chosen, routing = _experts_inputs(args, kwargs)
             if "gram" in wanted or "act_rms" in wanted:
-                real = mask.reshape(-1) if hidden.shape[0] == mask.numel() else torch.ones(hidden.shape[0], dtype=bool)
+                real = mask.reshape(-1) if hidden.shape[0] == mask.numel() else torch.ones(
+                    hidden.shape[0], dtype=torch.bool, device=hidden.device)
                 inputs, middles = _expert_inputs(module, hidden, chosen, routing, output, name)
                 experts = module.gate_up_proj.shape[0]
                 for expert, (rows, middle) in enumerate(zip(inputs, middles, strict=True)):
@@ -372,17 +396,18 @@ def _activation_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.T
     handles = [layers[name].register_forward_hook(experts_hook(name), with_kwargs=True)
                if _fused_experts(layers[name]) else layers[name].register_forward_hook(linear_hook(name))
                for name in names]
+    device = input_device(model)
     try:
-        for batch in batches:
-            mask = batch["attention_mask"].bool()
+        for _, batch in ranks.shard(batches):
+            mask = batch["attention_mask"].to(device).bool()
             seen.clear()
             with contextlib.suppress(_GroupDone):
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             advance(1)
     finally:
         for handle in handles:
             handle.remove()
-    return _finish_inputs(sums, counts, wanted)
+    return _finish_inputs(ranks.sum(sums), ranks.sum(counts), wanted)
 
 
 def _finish_inputs(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
@@ -451,19 +476,23 @@ def _expert_inputs(module: torch.nn.Module, hidden: torch.Tensor, chosen: torch.
 
 
 def _fisher_pass(model: torch.nn.Module, tokenizer: Any, texts: Sequence[CalibrationText], names: Sequence[str],
-                 settings: CalibrationSettings, advance: Callable[[int], None]) -> dict[str, torch.Tensor]:
-    """The diagonal Fisher of the parameters ``names``: per example, the squared gradient of its log-likelihood."""
+                 settings: CalibrationSettings, advance: Callable[[int], None], ranks: Ranks = ONE_PROCESS
+                 ) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of the parameters ``names``: per example, the squared gradient of its log-likelihood
+    (this rank's examples; the float64 sums and the count reduced over the ranks). Sampled labels come from a
+    generator seeded by the recipe seed and the example's index, so they do not depend on the sharding."""
     parameters = dict(model.named_parameters())
     chosen = set(names)
     previous = {name: parameter.requires_grad for name, parameter in parameters.items()}
     for name, parameter in parameters.items():
         parameter.requires_grad_(name in chosen)
-    sums = {name: torch.zeros(parameters[name].shape, dtype=torch.float64) for name in names}
-    generator = torch.Generator().manual_seed(settings.seed)
+    sums = {name: torch.zeros(parameters[name].shape, dtype=torch.float64, device=parameters[name].device)
+            for name in names}
+    device = input_device(model)
     counted = 0
     try:
-        for text in texts:
-            encoded = tokenize(tokenizer, [text], settings.max_tokens)
+        for index, text in ranks.shard(texts):
+            encoded = {key: value.to(device) for key, value in tokenize(tokenizer, [text], settings.max_tokens).items()}
             logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
             log_probs = torch.log_softmax(logits[0, :-1].to(torch.float32), dim=-1)
             positions = encoded["labels"][0, 1:] != -100
@@ -473,7 +502,9 @@ def _fisher_pass(model: torch.nn.Module, tokenizer: Any, texts: Sequence[Calibra
             if settings.labels == "given":
                 targets = encoded["labels"][0, 1:][positions]
             else:
-                targets = torch.multinomial(log_probs[positions].detach().exp(), 1, generator=generator)[:, 0]
+                generator = torch.Generator().manual_seed(example_seed(settings.seed, index))
+                probabilities = log_probs[positions].detach().exp().cpu()  # sampled on the CPU: seeded the same
+                targets = torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(device)
             log_likelihood = log_probs[positions].gather(1, targets[:, None]).sum()
             model.zero_grad(set_to_none=True)
             log_likelihood.backward()
@@ -487,7 +518,13 @@ def _fisher_pass(model: torch.nn.Module, tokenizer: Any, texts: Sequence[Calibra
         model.zero_grad(set_to_none=True)
         for name, parameter in parameters.items():
             parameter.requires_grad_(previous[name])
-    if counted == 0:
+    total = ranks.sum({"examples": torch.tensor(float(counted), dtype=torch.float64)})["examples"]
+    if float(total) == 0:
         raise ModelfuseError("no calibration example has tokens to take the Fisher of (all cut by --max-tokens?)")
-    return {f"{name}.fisher": total / counted for name, total in sums.items()}
+    return {f"{name}.fisher": value / total for name, value in ranks.sum(sums).items()}
+
+
+def example_seed(seed: int, index: int) -> int:
+    """The seed of example ``index``'s sampled labels: the same in any process and any shard."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
 
