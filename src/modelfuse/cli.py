@@ -330,12 +330,19 @@ def finetune_command(
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank (peft).")] = None,
     save_every: Annotated[int | None, typer.Option(min=1, help="Also save every N steps, as OUT-stepN.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Fine-tune BASE on a task's train split and save the expert (deterministic from --seed)."""
     from modelfuse.evaluation.finetune import finetune
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     done = finetune(base, task, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=lora_rank,
-                    overwrite=overwrite, save_every=save_every)
+                    overwrite=overwrite, save_every=save_every,
+                    placement=placement)
     for checkpoint in done.checkpoints:
         out_console.print(f"  step {checkpoint.step}: loss {checkpoint.loss:.4f} -> {checkpoint.path}")
     out_console.print(f"[green]fine-tuned[/] {done.steps} steps in {done.seconds:.0f} s: loss {done.first_loss:.3f} "
@@ -407,6 +414,8 @@ def adamerge_command(
     positions: Annotated[str, typer.Option(help="Entropy at each prompt's last token (where the answer is "
                                                 "predicted) or at all its tokens.")] = "last",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """AdaMerging: learn task-arithmetic coefficients minimising the merged model's prediction entropy on each
     task's unlabeled prompts, then merge; the learned recipe is saved as OUT/adamerging.yml."""
@@ -414,6 +423,10 @@ def adamerge_command(
 
     import modelfuse
     from modelfuse.learn.adamerging import adamerge
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learning coefficients", total=steps)
@@ -421,7 +434,8 @@ def adamerge_command(
                                 lr=lr, init=init, samples=samples, batch_size=batch_size,
                                 positions=positions,  # type: ignore[arg-type]
                                 options=modelfuse.MergeOptions(overwrite=overwrite),
-                                on_step=lambda step, _: progress.update(task, completed=step))
+                                on_step=lambda step, _: progress.update(task, completed=step),
+                                placement=placement)
     out_console.print(f"[green]adamerged[/] {len(model)} experts: entropy {result.first_entropy:.4f} -> "
                       f"{result.last_entropy:.4f} over {steps} steps -> {done} (recipe in adamerging.yml)")
 
@@ -452,6 +466,8 @@ def expert_merge_command(
     respond_tokens: Annotated[int, typer.Option(min=0, help="Tokens each expert generates after its prompts "
                                                             "before alignment (0: prompts only).")] = 16,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Expert Merging (++ with --chunk-budget): learn layer-wise task-arithmetic coefficients aligning the merged
     model's logits and hidden states with each expert's on its unlabeled prompts, then merge."""
@@ -459,6 +475,10 @@ def expert_merge_command(
 
     import modelfuse
     from modelfuse.learn.expert_merging import Settings, expert_merge
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     settings = Settings(steps=steps, lr=lr, init=init, gamma=gamma, temperature=temperature,
                         hidden_weight=hidden_weight, hidden_layers=tuple(hidden_layer) if hidden_layer else None,
@@ -469,7 +489,8 @@ def expert_merge_command(
         done, result = expert_merge(base, model, data, out, settings=settings, samples=samples,
                                     batch_size=batch_size, respond_tokens=respond_tokens,
                                     options=modelfuse.MergeOptions(overwrite=overwrite),
-                                    on_step=lambda step, _: progress.update(task, completed=step))
+                                    on_step=lambda step, _: progress.update(task, completed=step),
+                                    placement=placement)
     stages = ", ".join(f"{first:.4f} -> {last:.4f}" for first, last in result.losses)
     out_console.print(f"[green]expert-merged[/] {len(model)} experts: loss {stages} -> {done} "
                       "(settings in expert_merging.yml)")
@@ -492,6 +513,8 @@ def twin_command(
     router_split: Annotated[str, typer.Option(help="Split of task files the router trains on.")] = "validation",
     router_steps: Annotated[int, typer.Option(min=1, help="Router training steps (full batch).")] = 300,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Twin-Merging: a shared merged model, each expert's exclusive knowledge compressed by SVD, and a router
     that weighs them per input; the bundle loads with modelfuse (evaluate, generate)."""
@@ -499,6 +522,10 @@ def twin_command(
 
     import modelfuse
     from modelfuse.learn.twin import build_twin
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     if rank != "full" and not rank.isdigit():
         raise RecipeError(f"--rank: a positive integer or 'full', got {rank!r}")
@@ -507,7 +534,8 @@ def twin_command(
         report = build_twin(base, model, data, out, rank=None if rank == "full" else int(rank), shared=shared,
                             shared_weight=shared_weight, router_samples=router_samples, router_split=router_split,
                             router_steps=router_steps, options=modelfuse.MergeOptions(overwrite=overwrite),
-                            on_tensor=lambda done, total: progress.update(task, completed=done, total=total))
+                            on_tensor=lambda done, total: progress.update(task, completed=done, total=total),
+                            placement=placement)
     storage = report.storage
     out_console.print(f"[green]twin bundle[/] {report.out}: router training accuracy {report.router_accuracy:.3f}; "
                       f"storage {storage['total']:,} numbers (shared {storage['shared']:,} + exclusive "
@@ -536,6 +564,8 @@ def localize_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 4,
     save_masks: Annotated[bool, typer.Option(help="Also write the masks (masks.safetensors).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Localize-and-Stitch with data: learn each expert's sparse mask on a few labeled examples of its task,
     then stitch the masked task vectors into the base (overlaps averaged)."""
@@ -543,6 +573,10 @@ def localize_command(
 
     import modelfuse
     from modelfuse.learn.localize import localize_and_stitch
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learning masks", total=steps * len(model))
@@ -550,7 +584,8 @@ def localize_command(
                                            score_bias=score_bias, shots=shots, steps=steps, lr=lr, l1=l1,
                                            batch_size=batch_size,
                                            save_masks=save_masks, options=modelfuse.MergeOptions(overwrite=overwrite),
-                                           on_step=lambda step, _: progress.update(task, completed=step))
+                                           on_step=lambda step, _: progress.update(task, completed=step),
+                                           placement=placement)
     losses = ", ".join(f"{first:.3f} -> {last:.3f}" for first, last in result.losses)
     out_console.print(f"[green]localized and stitched[/] {len(model)} experts (loss {losses}; masks "
                       f"{', '.join(f'{d:.2%}' for d in result.densities)} of the parameters, overlap "

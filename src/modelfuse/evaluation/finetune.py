@@ -13,7 +13,7 @@ import torch
 
 from modelfuse.evaluation.tasks import Example, TaskError, load_task
 from modelfuse.io.writer import check_output_location
-from modelfuse.runtime import format_prompt, load_model, save_model
+from modelfuse.runtime import CPU_FLOAT32, Placement, format_prompt, load_model, on_device, save_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -78,6 +78,7 @@ def finetune(
     overwrite: bool = False,
     save_every: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the train split of ``task_spec`` for ``steps`` AdamW steps and save the result.
 
@@ -102,7 +103,8 @@ def finetune(
     train = task.examples("train")
     if task.kind != "generate" or not train:
         raise TaskError(f"task {task.name}: fine-tuning needs a generation task with train examples")
-    model, tokenizer = load_model(base)
+    device, dtype = placement.resolve()
+    model, tokenizer = load_model(base, device=device, dtype=dtype)
     torch.manual_seed(seed)
     if lora_rank is not None:
         model = _with_lora(model, lora_rank, lora_alpha if lora_alpha is not None else 2.0 * lora_rank)
@@ -113,7 +115,8 @@ def finetune(
     checkpoints: list[SavedCheckpoint] = []
     began = time.perf_counter()
     for step in range(steps):
-        batch = training_batch(tokenizer, [train[draw.randrange(len(train))] for _ in range(batch_size)])
+        batch = on_device(training_batch(tokenizer, [train[draw.randrange(len(train))] for _ in range(batch_size)]),
+                          model)
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()

@@ -13,7 +13,7 @@ from modelfuse.calibrate.data import read_texts
 from modelfuse.errors import RecipeError, ShapeMismatchError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder
-from modelfuse.runtime import load_model
+from modelfuse.runtime import CPU_FLOAT32, Placement, load_model
 
 
 @dataclass
@@ -32,15 +32,18 @@ def check_experts_and_data(experts: Sequence[Any], data: Sequence[str]) -> None:
         raise RecipeError(f"give one --data per expert ({len(experts)} experts, {len(data)} data)")
 
 
-def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVectors:
-    """The base model (gradients off) and one float32 task vector per expert over its float parameters.
+def load_task_vectors(base: str | Path, experts: Sequence[str | Path], placement: Placement = CPU_FLOAT32
+                      ) -> TaskVectors:
+    """The base model (gradients off, on the placement's device and dtype) and one float32 task vector per expert
+    over its float parameters, on the same device.
 
     Raises:
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
         TaskError: For a model that cannot be loaded.
     """
 
-    model, tokenizer = load_model(base)
+    device, dtype = placement.resolve()
+    model, tokenizer = load_model(base, device=device, dtype=dtype)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     theta = {name: parameter.detach() for name, parameter in model.named_parameters()
@@ -52,7 +55,8 @@ def load_task_vectors(base: str | Path, experts: Sequence[str | Path]) -> TaskVe
         if problems:
             raise ShapeMismatchError(f"{expert}: lacks {problems[0]!r} of the base or has another shape"
                                      + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        vectors.append({name: checkpoint.read(name).to(torch.float32) - value for name, value in theta.items()})
+        vectors.append({name: checkpoint.read(name).to(value.device, torch.float32) - value.to(torch.float32)
+                        for name, value in theta.items()})
     return TaskVectors(model, tokenizer, theta, vectors)
 
 

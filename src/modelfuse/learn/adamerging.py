@@ -27,6 +27,7 @@ from modelfuse.errors import RecipeError
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, window
 from modelfuse.options import MergeOptions
+from modelfuse.runtime import CPU_FLOAT32, Placement, on_device
 
 Granularity = Literal["task", "layer"]
 
@@ -60,7 +61,7 @@ def merged_parameters(base: Mapping[str, torch.Tensor], task_vectors: Sequence[M
         total = base[name]
         for k, vectors in enumerate(task_vectors):
             total = total + lam[k].to(base[name].dtype) * vectors[name]
-        merged[name] = total
+        merged[name] = total.to(base[name].dtype)  # a bfloat16 model keeps bfloat16 weights
     return merged
 
 
@@ -80,7 +81,7 @@ def entropy_objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
     from torch.func import functional_call
 
     parameters = merged_parameters(base, task_vectors, coefficients)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(base.values())).device)
     for batch in batches:
         output = functional_call(model, parameters, args=(), kwargs={
             "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False)
@@ -165,6 +166,7 @@ def adamerge(
     positions: Literal["last", "all"] = "last",
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> tuple[Path, AdaMergingResult]:
     """Learn AdaMerging coefficients of ``experts`` over ``base`` on each expert's unlabeled prompts (``data``,
     one calibration data spec per expert, see ``modelfuse.calibrate.data``), then merge with them into ``out``
@@ -187,7 +189,7 @@ def adamerge(
         raise RecipeError(f"--positions: last or all, got {positions!r}")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
-    loaded = load_task_vectors(base, experts)
+    loaded = load_task_vectors(base, experts, placement)
     model, tokenizer, theta, vectors = loaded.model, loaded.tokenizer, loaded.base, loaded.vectors
     prompts = read_prompts(data, tokenizer, split=split, samples=samples, seed=seed)
 
@@ -196,7 +198,7 @@ def adamerge(
                  for texts in prompts]
         if positions == "last":
             found = [{**batch, "entropy_mask": last_positions(batch["attention_mask"])} for batch in found]
-        return found
+        return [on_device(batch, model) for batch in found]
 
     result = learn_coefficients(model, theta, vectors, batches, granularity=granularity, steps=steps, lr=lr,
                                 init=init, on_step=on_step)

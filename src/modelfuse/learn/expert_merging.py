@@ -38,6 +38,7 @@ from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, save_merged
 from modelfuse.learn.adamerging import Coefficients, task_arithmetic_recipe
 from modelfuse.options import MergeOptions
+from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, on_device
 
 
 def chunk_sizes(numel: int, chunks: int) -> list[int]:
@@ -98,11 +99,11 @@ def merged_parameters(base: Mapping[str, torch.Tensor], task_vectors: Sequence[M
     for index, name in enumerate(coefficients.names):
         total = base[name]
         for task, vectors in enumerate(task_vectors):
-            scale = coefficients.scales(index, task, base[name].dtype)
+            scale = coefficients.scales(index, task, base[name].dtype).to(vectors[name].device)
             delta = vectors[name] * scale if scale.dim() == 0 else (vectors[name].reshape(-1) * scale).reshape(
                 vectors[name].shape)
             total = total + delta
-        merged[name] = total
+        merged[name] = total.to(base[name].dtype)  # a bfloat16 model keeps bfloat16 weights
     return merged
 
 
@@ -132,7 +133,7 @@ def _forward(model: torch.nn.Module, parameters: Mapping[str, torch.Tensor], bat
 def expert_alignment(model: torch.nn.Module, base: Mapping[str, torch.Tensor], vectors: Mapping[str, torch.Tensor],
                      batch: dict[str, torch.Tensor], layers: Sequence[int], temperature: float) -> Alignment:
     """Expert ``theta_0 + tau``'s outputs on ``batch``: the targets of its task."""
-    expert = {name: value + vectors[name] for name, value in base.items()}
+    expert = {name: (value + vectors[name]).to(value.dtype) for name, value in base.items()}
     log_probs, hidden = _forward(model, expert, batch, layers, temperature)
     return Alignment(batch, log_probs, hidden)
 
@@ -183,7 +184,7 @@ def objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
     """The Expert Merging loss on one aligned batch per task."""
     parameters = merged_parameters(base, task_vectors, coefficients)
     weights = settings.task_weights or (1.0,) * len(targets)
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device=next(iter(base.values())).device)
     for weight, target in zip(weights, targets, strict=True):
         if weight:
             loss = loss + weight * alignment_loss(model, parameters, target, layers, settings.temperature,
@@ -265,10 +266,11 @@ def _respond(model: torch.nn.Module, tokenizer: Any, expert: Mapping[str, torch.
         texts = []
         for start in range(0, len(prompts), 8):
             chunk = list(prompts[start:start + 8])
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                input_device(model))
             output = model.generate(**encoded, max_new_tokens=tokens, do_sample=False,  # type: ignore[operator]
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            answers = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
             texts += [prompt + answer for prompt, answer in zip(chunk, answers, strict=True)]
     finally:
         tokenizer.padding_side = side
@@ -293,6 +295,7 @@ def expert_merge(
     seed: int = 0,
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> tuple[Path, ExpertMergingResult]:
     """Learn Expert Merging (or ++, with ``settings.chunk_budget``) coefficients of ``experts`` over ``base`` on
     each expert's unlabeled prompts (``data``, one spec per expert), then write the merged model to ``out``.
@@ -315,7 +318,7 @@ def expert_merge(
         raise RecipeError("--respond-tokens must be >= 0")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
-    loaded = load_task_vectors(base, experts)
+    loaded = load_task_vectors(base, experts, placement)
     layer_count = int(getattr(loaded.model.config, "num_hidden_layers", 0) or 0)
     layers = settings.hidden_layers if settings.hidden_layers is not None else (
         (layer_count // 2,) if layer_count else ())
@@ -329,8 +332,9 @@ def expert_merge(
                             respond_tokens) for vectors, texts in zip(loaded.vectors, prompts, strict=True)]
     aligned = []
     for vectors, texts in zip(loaded.vectors, prompts, strict=True):
-        batches = [tokenize(loaded.tokenizer, [CalibrationText(text) for text in texts[start:start + batch_size]],
-                            max_tokens) for start in range(0, len(texts), batch_size)]
+        batches = [on_device(tokenize(loaded.tokenizer, [CalibrationText(text) for text in
+                                               texts[start:start + batch_size]], max_tokens), loaded.model)
+                   for start in range(0, len(texts), batch_size)]
         aligned.append([expert_alignment(loaded.model, loaded.base, vectors, dict(batch), layers,
                                          settings.temperature) for batch in batches])
     result = learn(loaded.model, loaded.base, loaded.vectors,

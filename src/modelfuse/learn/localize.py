@@ -28,6 +28,7 @@ from modelfuse.errors import RecipeError
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, save_merged, window
 from modelfuse.options import MergeOptions
+from modelfuse.runtime import CPU_FLOAT32, Placement, on_device
 
 
 def initial_scores(vectors: Mapping[str, torch.Tensor], init_density: float, bias: float) -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ def top_fraction(scores: Mapping[str, torch.Tensor], density: float) -> dict[str
     keep = max(1, math.floor(density * total))
     flat = torch.cat([value.detach().reshape(-1).to(torch.float32) for value in scores.values()])
     order = torch.topk(flat, keep, sorted=False).indices
-    chosen = torch.zeros(total, dtype=torch.bool)
+    chosen = torch.zeros(total, dtype=torch.bool, device=flat.device)
     chosen[order] = True
     masks, start = {}, 0
     for name, value in scores.items():
@@ -60,8 +61,8 @@ def localized_loss(model: torch.nn.Module, base: Mapping[str, torch.Tensor], vec
     ``l1 * mean(sigmoid(S))``."""
     from torch.func import functional_call
 
-    parameters = {name: base[name] + torch.sigmoid(scores[name]).to(base[name].dtype) * vectors[name]
-                  for name in scores}
+    parameters = {name: (base[name] + torch.sigmoid(scores[name]).to(base[name].dtype) * vectors[name]).to(
+        base[name].dtype) for name in scores}  # a bfloat16 model keeps bfloat16 weights
     output = functional_call(model, parameters, args=(), kwargs={
         "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False)
     logits = output.logits[:, :-1].to(torch.float64)
@@ -135,6 +136,7 @@ def localize_and_stitch(
     save_masks: bool = False,
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> tuple[Path, LocalizeResult]:
     """Learn each expert's mask on ``shots`` labeled examples of its task (``data``: one task spec per expert,
     answers as labels), stitch into ``base`` and save the model in ``out`` with ``localize.yml`` (and the masks
@@ -153,7 +155,7 @@ def localize_and_stitch(
                           "--score-bias > 0")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
-    loaded = load_task_vectors(base, experts)
+    loaded = load_task_vectors(base, experts, placement)
     masks, losses = [], []
     for index, (vectors, spec) in enumerate(zip(loaded.vectors, data, strict=True)):
         examples = read_texts(spec, loaded.tokenizer, split=split, limit=shots, seed=seed)
@@ -162,7 +164,7 @@ def localize_and_stitch(
                               "whose examples have answers (rg:NAME or a task .jsonl)")
 
         def batches(step: int, examples: Any = examples) -> dict[str, torch.Tensor]:
-            return tokenize(loaded.tokenizer, window(examples, step, batch_size), max_tokens)
+            return on_device(tokenize(loaded.tokenizer, window(examples, step, batch_size), max_tokens), loaded.model)
 
         mask, loss = learn_mask(loaded.model, loaded.base, vectors, batches, density=density,
                                 init_density=init_density, bias=score_bias, steps=steps, lr=lr, l1=l1,

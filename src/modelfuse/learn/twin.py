@@ -39,7 +39,7 @@ from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.learn._common import check_experts_and_data
 from modelfuse.options import MergeOptions
-from modelfuse.runtime import input_device, load_model
+from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, load_model, on_device
 
 log = logging.getLogger(__name__)
 FORMAT = "modelfuse-twin"
@@ -364,6 +364,7 @@ def build_twin(
     seed: int = 0,
     options: MergeOptions | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> TwinReport:
     """Build a Twin-Merging bundle in ``out`` (see the module): the shared model (``shared``, or the task
     arithmetic merge of ``experts`` over ``base`` with ``shared_weight``), each expert's exclusive knowledge at
@@ -416,15 +417,16 @@ def build_twin(
                 if on_tensor is not None:
                     on_tensor(index * len(names) + done + 1, len(experts) * len(names))
             save_file(stored, staging.path / f"exclusive-{index}.safetensors", metadata={"format": "pt"})
-        model, tokenizer = load_model(shared_folder)
+        device, dtype = placement.resolve()
+        model, tokenizer = load_model(shared_folder, device=device, dtype=dtype)
         features, labels = [], []
         with torch.no_grad():
             for index, spec in enumerate(data):
                 texts = [CalibrationText(text.context) for text in read_texts(
                     spec, tokenizer, split=router_split, limit=router_samples, seed=seed)]
                 for start in range(0, len(texts), 8):
-                    batch = tokenize(tokenizer, texts[start:start + 8], max_tokens)
-                    features.append(mean_hidden(model, batch["input_ids"], batch["attention_mask"]))
+                    batch = on_device(tokenize(tokenizer, texts[start:start + 8], max_tokens), model)
+                    features.append(mean_hidden(model, batch["input_ids"], batch["attention_mask"]).cpu())
                     labels += [index] * len(texts[start:start + 8])
         hidden = 2 * features[0].shape[1]
         router, accuracy = train_router(torch.cat(features), torch.tensor(labels), len(experts), hidden=hidden,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from modelfuse.errors import ModelfuseError
 
@@ -67,3 +68,25 @@ def resolve_dtype(name: DtypeName | str | torch.dtype | None, device: torch.devi
     if name not in DTYPES:
         raise DeviceError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
     return DTYPES[name]
+
+
+class Placement(BaseModel):
+    """Where and in what dtype a workflow runs its model (``--device``, ``--dtype``); the defaults keep the CPU in
+    float32."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        """The device and dtype named (see :func:`resolve_device`, :func:`resolve_dtype`).
+
+        Raises:
+            DeviceError: For a device or dtype this machine cannot provide.
+        """
+        device = resolve_device(self.device)
+        return device, resolve_dtype(self.dtype, device)
+
+
+CPU_FLOAT32 = Placement()

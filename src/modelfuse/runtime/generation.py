@@ -4,7 +4,7 @@ to the model's device (its first device when accelerate spread it over several).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,12 @@ Progress = Callable[[int], None]  # called with the number of examples just fini
 def input_device(model: Any) -> torch.device:
     """Where a model's inputs go: its own device (the embeddings' device under an accelerate device map)."""
     return torch.device(getattr(model, "device", "cpu"))
+
+
+def on_device(batch: Mapping[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """A batch of tensors moved to where the model takes its inputs."""
+    device = input_device(model)
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 @torch.inference_mode()
