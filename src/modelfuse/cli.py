@@ -67,6 +67,9 @@ def merge(
         help="Read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); pickles can hide code.")] = False,
     resume: Annotated[bool, typer.Option(
         help="Continue the merge an interruption or kill stopped (same recipe and inputs).")] = False,
+    device: Annotated[str, typer.Option(
+        help="Where row blocks are computed: cpu, cuda, cuda:N, mps or auto (files are read and written on the "
+             "CPU).")] = "cpu",
 ) -> None:
     """Merge the models named in RECIPE and write a Hugging Face model folder."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -76,7 +79,7 @@ def merge(
     from modelfuse.io.writer import check_output_location, partial_folder
 
     settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory, "resume": resume,
-                                   "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle}
+                                   "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle, "device": device}
     if threads is not None:
         settings["threads"] = threads
     options = modelfuse.MergeOptions(**settings)

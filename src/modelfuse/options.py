@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from modelfuse.devices import resolve_device
 from modelfuse.errors import RecipeError
 from modelfuse.units import parse_bytes
 
@@ -35,6 +37,8 @@ class MergeOptions(BaseModel):
                                    "written tensors to disk and the resume journal (0: after every tensor).")
     allow_pickle: bool = Field(default=False, description="Read pickle (.bin/.pt) checkpoints, with "
                                "torch.load(weights_only=True).")
+    device: str = Field(default="cpu", description="Where row blocks are computed: cpu, cuda, cuda:N, mps or auto "
+                        "(reading and writing stay on the CPU; results equal the CPU's for element-wise methods).")
 
     def __init__(self, **data: Any) -> None:
         """Validate the options.
@@ -47,6 +51,14 @@ class MergeOptions(BaseModel):
         except ValidationError as error:
             problems = [f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()]
             raise RecipeError("; ".join(problems)) from None
+
+    def compute_device(self) -> torch.device:
+        """The device named by ``device``.
+
+        Raises:
+            DeviceError: If torch does not see it.
+        """
+        return resolve_device(self.device)
 
     def memory_bytes(self) -> int:
         """The RAM budget in bytes."""

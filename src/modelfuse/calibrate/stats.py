@@ -45,12 +45,12 @@ from safetensors.torch import save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
 from modelfuse.calibrate.names import Target, checkpoint_targets, fisher_to_checkpoint, input_stat_to_checkpoint
+from modelfuse.devices import DeviceSpec, DtypeName
 from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CONFIG, FORMAT
 from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.runtime import input_device, load_model
-from modelfuse.runtime.devices import DeviceSpec, DtypeName
 from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ def tensor_seed(seed: int, name: str) -> int:
 # stay in the CPU cache instead of streaming through memory once per operation, and each operation is
 # long enough that the Python between operations (which holds the GIL) does not serialise the threads.
 PIECE_ELEMENTS = 1 << 17
+CPU = torch.device("cpu")
 
 
 def compute_tensor(
@@ -44,8 +45,9 @@ def compute_tensor(
     out: torch.Tensor | None = None,
     *,
     allow_nonfinite: bool = False,
+    device: torch.device = CPU,
 ) -> torch.Tensor:
-    """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype.
+    """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype, on the CPU.
 
     Row blocks are only asked for rowwise methods, whose result does not depend on the blocking, and
     for top-k methods together with the whole tensor's ``thresholds`` (per model, one per count of the
@@ -77,17 +79,21 @@ def compute_tensor(
     raw_base = raw.pop() if job.base else None
     finite = FiniteCheck(job, plan, allow_nonfinite)
     if rows is None:
-        return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite).to(job.dtype))
+        whole = _compute_piece(job, plan, raw, raw_base, None, None, None, finite, device)
+        return finite.output(whole.to("cpu", job.dtype))
     count = rows[1] - rows[0]
     row_elements = int(torch.Size(job.shape[1:]).numel())
     shape = (count, *job.shape[1:])
     kernel = job.method.bf16_kernel
-    if kernel is not None and thresholds is None and job.dtype == torch.bfloat16 and _plain_float32(plan):
+    if (kernel is not None and device.type == "cpu" and thresholds is None and job.dtype == torch.bfloat16
+            and _plain_float32(plan)):
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
         # A fused sum is non-finite only where an input is (then recomputed below, after the check) or overflows.
         if kernel(raw, raw_base, job.params, result) and (all_finite(result) or all_finite_inputs(raw, raw_base)):
             return finite.output(result)
-    step = max(1, PIECE_ELEMENTS // max(1, row_elements))
+    # On the CPU, pieces that fit the cache; on an accelerator, the whole block in one go (each operation is one
+    # kernel launch, so fewer, larger ones are faster).
+    step = max(1, PIECE_ELEMENTS // max(1, row_elements)) if device.type == "cpu" else count
     before = equal_before
     if thresholds is not None and before is None:
         before = [[0] * len(model) for model in thresholds]
@@ -97,7 +103,8 @@ def compute_tensor(
         piece = [tensor[start:stop] for tensor in raw]
         piece_base = raw_base[start:stop] if raw_base is not None else None
         piece_rows = (rows[0] + start, rows[0] + stop)
-        result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite))
+        result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite,
+                                                device))
     return finite.output(result)
 
 
@@ -120,6 +127,7 @@ def _compute_piece(
     thresholds: Sequence[Sequence[TopkThreshold]] | None,
     equal_before: list[list[int]] | None,
     finite: FiniteCheck,
+    device: torch.device = CPU,
 ) -> torch.Tensor:
     """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
 
@@ -127,16 +135,16 @@ def _compute_piece(
     model and threshold, the ties counted before this piece) is advanced past it.
     """
     compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
-    tensors = [tensor.to(compute_dtype) for tensor in raw]
-    base = raw_base.to(compute_dtype) if raw_base is not None else None
+    tensors = [tensor.to(device, compute_dtype) for tensor in raw]
+    base = raw_base.to(device, compute_dtype) if raw_base is not None else None
     tensors, base = finite.inputs(tensors, base)
     kwargs = dict(job.params)
     if job.method.random:
-        noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
+        noise = RandomField(tensor_seed(plan.recipe.seed, job.name), device=device)
         row_elements = int(torch.Size(job.shape[1:]).numel())
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
-                                   "statistics": _statistics(job, plan, compute_dtype)}
+                                   "statistics": _statistics(job, plan, compute_dtype, device)}
     if thresholds is not None and equal_before is not None and base is not None:
         context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before)
                                  for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,
@@ -153,7 +161,8 @@ def _compute_piece(
     return result
 
 
-def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype) -> list[dict[str, torch.Tensor | None]] | None:
+def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype, device: torch.device = CPU
+                ) -> list[dict[str, torch.Tensor | None]] | None:
     """Per fine-tuned model, the calibration statistics the job's method reads, of this tensor (None if it has none)."""
     if not job.method.statistics:
         return None
@@ -161,7 +170,7 @@ def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype) -> list[dic
     for source in job.sources:
         folder = plan.statistics[source.model]
         values = {name: folder.read(source.name, name) for name in job.method.statistics}
-        found.append({name: value.to(dtype) if value is not None else None for name, value in values.items()})
+        found.append({name: value.to(device, dtype) if value is not None else None for name, value in values.items()})
     return found
 
 
@@ -185,7 +194,8 @@ def _piece_masks(
     return masks
 
 
-def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfinite: bool = False) -> None:
+def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfinite: bool = False,
+             device: torch.device = CPU) -> None:
     """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers).
 
     A streamed top-k unit first finds its tensor's thresholds, then computes its blocks in order, carrying
@@ -200,10 +210,10 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfini
         for rows in unit.blocks:
             out = RESULT_BUFFER.get((rows[1] - rows[0]) * row_bytes)
             writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out,
-                                                                   allow_nonfinite=allow_nonfinite))
+                                                                   allow_nonfinite=allow_nonfinite, device=device))
     elif unit.rows is None:
-        writer.write_rows(job.name, 0, compute_tensor(job, plan, allow_nonfinite=allow_nonfinite))
+        writer.write_rows(job.name, 0, compute_tensor(job, plan, allow_nonfinite=allow_nonfinite, device=device))
     else:
         out = RESULT_BUFFER.get((unit.rows[1] - unit.rows[0]) * row_bytes)
         writer.write_rows(job.name, unit.rows[0], compute_tensor(job, plan, unit.rows, out=out,
-                                                                allow_nonfinite=allow_nonfinite))
+                                                                allow_nonfinite=allow_nonfinite, device=device))

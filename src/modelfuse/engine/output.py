@@ -52,6 +52,7 @@ def _merge_identity(plan: MergePlan, slots: list[TensorSlot], options: MergeOpti
         "inputs": {label: file_identity(ckpt.files) for label, ckpt in sorted(plan.checkpoints.items())},
         "statistics": {label: file_identity(stats.files) for label, stats in sorted(plan.statistics.items())},
         "allow_nonfinite": options.allow_nonfinite,
+        **({"device": options.compute_device().type} if options.compute_device().type != "cpu" else {}),
     })
 
 
@@ -148,6 +149,7 @@ def run_plan(
               for label, ckpt in plan.checkpoints.items() for index, folder in enumerate(ckpt.folders)}
     inputs.update({f"{label} (calibration)": stats.folder for label, stats in plan.statistics.items()})
     options = options or MergeOptions()
+    options.compute_device()  # a device torch does not see is refused before anything is written
     check_output_location(out, list(inputs.values()), overwrite=options.overwrite)
     slots = [TensorSlot(job.name, job.shape, job.dtype) for job in plan.jobs]
     journal = Journal(partial_folder(out), _merge_identity(plan, slots, options), options.sync_interval_s)

@@ -86,6 +86,7 @@ def execute(
     runs alone). Tensors the journal lists as done (a resumed run) are skipped; every finished tensor is
     recorded in it, and on an interruption the units that did finish are recorded before it propagates.
     """
+    device = options.compute_device()
     pin_allocator()
     fused.warm_up(len(job.sources) for job in plan.jobs)
     budget = tensor_budget(options.memory_bytes(), options.threads)
@@ -114,7 +115,8 @@ def execute(
         try:
             for event, index in admission_order([unit.scratch_bytes for unit in units], budget, options.threads):
                 if event == "start":
-                    running[index] = pool.submit(run_unit, units[index], plan, writer, options.allow_nonfinite)
+                    running[index] = pool.submit(run_unit, units[index], plan, writer, options.allow_nonfinite,
+                                                 device)
                 else:
                     running[index].result()  # an interruption here leaves it running, recorded if it finishes
                     del running[index]

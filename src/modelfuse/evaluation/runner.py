@@ -11,12 +11,12 @@ from typing import Any, Literal
 
 import torch
 
+from modelfuse.devices import DeviceSpec, DtypeName
 from modelfuse.errors import ModelfuseError
 from modelfuse.evaluation.lm_eval_adapter import resolve_tasks, run_lm_eval
 from modelfuse.evaluation.results import EvalResult, TaskResult
 from modelfuse.evaluation.tasks import Example, Split, Task, TaskError, load_task
 from modelfuse.runtime import choice_logprobs, format_prompt, generate, load_model, perplexity
-from modelfuse.runtime.devices import DeviceSpec, DtypeName
 from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 from modelfuse.runtime.generation import Progress
 

@@ -27,6 +27,7 @@ GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 MIX_1 = 0xBF58476D1CE4E5B9
 MIX_2 = 0x94D049BB133111EB
 _UNIFORM_BITS = 24
+CPU = torch.device("cpu")
 _WORDS_AT_ONCE = 1 << 16  # uint64 scratch of 512 KiB: stays in cache
 
 
@@ -71,14 +72,16 @@ class RandomField:
     Args:
         seed: The tensor's seed (the engine derives it from the recipe seed and the tensor name).
         offset: Flat index of the first element this view covers.
+        device: Where the values are returned (they are drawn on the CPU, so every device gets the same ones).
     """
 
     seed: int
     offset: int = 0
+    device: torch.device = CPU  # where uniform() and bernoulli() put their values
 
     def shifted(self, elements: int) -> RandomField:
         """The view starting ``elements`` further into the tensor."""
-        return RandomField(self.seed, self.offset + elements)
+        return RandomField(self.seed, self.offset + elements, self.device)
 
     def key(self, model: int) -> int:
         """The SplitMix64 state of ``model``'s stream (see the module)."""
@@ -93,7 +96,7 @@ class RandomField:
         words = self.words(model, int(torch.Size(shape).numel()))
         values = np.right_shift(words, 32 - _UNIFORM_BITS).view(np.int32).astype(np.float32)
         values *= np.float32(2.0**-_UNIFORM_BITS)
-        return torch.from_numpy(values).reshape(shape)
+        return torch.from_numpy(values).reshape(shape).to(self.device)
 
     def bernoulli(self, model: int, shape: tuple[int, ...] | torch.Size, probability: float) -> torch.Tensor:
         """``(uniform(model, shape) < float32(probability))`` as float32 ones and zeros, computed on the words.
@@ -102,9 +105,10 @@ class RandomField:
         """
         limit = keep_limit(probability)
         if limit >= 1 << 32:
-            return torch.ones(shape, dtype=torch.float32)
+            return torch.ones(shape, dtype=torch.float32, device=self.device)
         if limit <= 0:
-            return torch.zeros(shape, dtype=torch.float32)
+            return torch.zeros(shape, dtype=torch.float32, device=self.device)
         words = self.words(model, int(torch.Size(shape).numel()))
         keep = (words < np.uint32(limit)).astype(np.float32)
-        return torch.from_numpy(keep).reshape(shape)
+        # drawn on the CPU, so every device gets the same values
+        return torch.from_numpy(keep).reshape(shape).to(self.device)

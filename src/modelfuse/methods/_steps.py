@@ -112,7 +112,7 @@ def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     for delta in weighted_deltas[1:]:
         total += delta
     total += 0.0  # -0.0 becomes +0.0, which copysign makes +1 like any sum >= 0
-    return torch.copysign(torch.ones((), dtype=total.dtype), total)
+    return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
 
 
 def disjoint_sum(
@@ -175,7 +175,7 @@ def tall_masks(
 
 def agreement_mask(masks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """Bool mask of the entries that are True in at least ``k`` of ``masks`` (``k <= 0`` keeps all)."""
-    count = torch.zeros(masks[0].shape, dtype=torch.int32)
+    count = torch.zeros(masks[0].shape, dtype=torch.int32, device=masks[0].device)
     for mask in masks:
         count += mask
     return count >= k

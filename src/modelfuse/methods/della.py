@@ -32,7 +32,7 @@ _BLOCK_ELEMENTS = 1 << 22  # entries ranked at once
 def _descending_rank(magnitude: torch.Tensor) -> torch.Tensor:
     """Per row, rank 0 for the largest value, n - 1 for the smallest; ties ranked by lower column first."""
     order = torch.argsort(magnitude, dim=1, descending=True, stable=True)  # [rows, n]
-    positions = torch.arange(magnitude.shape[1]).expand_as(order)
+    positions = torch.arange(magnitude.shape[1], device=magnitude.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)
 
 

@@ -55,7 +55,7 @@ def multislerp(
         return tensors[0].clone()
     points = [t - base if base is not None else t for t in tensors]
     flat = torch.stack([p.reshape(-1) for p in points])  # [models, numel]
-    weights = torch.tensor(list(weight), dtype=flat.dtype)
+    weights = torch.tensor(list(weight), dtype=flat.dtype, device=flat.device)
     if normalize_weights:
         weights = weights / weights.sum()
     norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)  # [models, 1]

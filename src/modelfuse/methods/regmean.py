@@ -31,7 +31,8 @@ def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     scale_of = float(total.diagonal().mean().abs()) or 1.0
     ridge = 0.0
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(total + ridge * torch.eye(total.shape[0], dtype=torch.float64))
+        identity = torch.eye(total.shape[0], dtype=torch.float64, device=total.device)
+        factor, info = torch.linalg.cholesky_ex(total + ridge * identity)
         if int(info) == 0:
             # W total = product  <=>  total W^T = product^T (total is symmetric)
             return torch.cholesky_solve(product.t(), factor).t().to(weights[0].dtype)

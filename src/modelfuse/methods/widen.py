@@ -22,7 +22,7 @@ def widen_ranks(differences: torch.Tensor) -> torch.Tensor:
     """
     count, k = differences.shape
     order = torch.argsort(differences, dim=1, stable=True)
-    positions = (torch.arange(k, dtype=differences.dtype) / k).expand(count, k).contiguous()
+    positions = (torch.arange(k, dtype=differences.dtype, device=differences.device) / k).expand(count, k).contiguous()
     return torch.empty_like(differences).scatter_(1, order, positions)
 
 

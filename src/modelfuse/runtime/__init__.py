@@ -1,7 +1,7 @@
 """The model runtime: the one place that loads a model and tokenizer on a device, formats prompts, batches,
 generates and scores log-probabilities. Workflows ask it for models; nothing below it loads one."""
 
-from modelfuse.runtime.devices import CPU_FLOAT32, DeviceError, Placement, resolve_device, resolve_dtype
+from modelfuse.devices import CPU_FLOAT32, DeviceError, Placement, resolve_device, resolve_dtype
 from modelfuse.runtime.generation import choice_logprobs, generate, input_device, on_device, perplexity
 from modelfuse.runtime.loading import load_model, register_loader, save_model
 from modelfuse.runtime.prompts import format_prompt

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import torch
 
+from modelfuse.devices import DeviceSpec, DtypeName, resolve_device, resolve_dtype
 from modelfuse.errors import CheckpointError
 from modelfuse.io.writer import StagingFolder
-from modelfuse.runtime.devices import DeviceSpec, DtypeName, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 LOADER_GROUP = "modelfuse.loaders"
