@@ -1,0 +1,46 @@
+"""The ``modelfuse`` command line: thin wrappers over the library, rendered with rich; a module per command
+group (merging, analysis, evaluation, learn, lora), each command loading its workflow when it runs."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+# Importing a group registers its commands on the app, in the order ``--help`` lists them.
+# isort: off
+from modelfuse.cli import merging, analysis, evaluation, learn, lora  # noqa: F401  (registration)
+# isort: on
+from modelfuse.cli._app import _state, app, console
+from modelfuse.errors import ModelfuseError, interrupt_exit_code
+
+
+def main() -> None:
+    """Entry point: run the app, turning modelfuse errors into a message and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except ModelfuseError as error:
+        if _state["debug"]:
+            raise
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt as interruption:
+        console.print("[red]interrupted[/]; no output was written")
+        sys.exit(interrupt_exit_code(interruption))
+    except Exception as error:  # usage errors and the like
+        # typer >= 0.2x vendors its own click (typer._click, not a subclass of click's classes), so test
+        # typer's public Exit/Abort and duck-type usage errors (click's and typer's both have show()).
+        if isinstance(error, typer.Exit):
+            sys.exit(error.exit_code)
+        if isinstance(error, typer.Abort):
+            sys.exit(1)
+        if callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

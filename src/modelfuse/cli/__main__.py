@@ -1,0 +1,5 @@
+"""``python -m modelfuse.cli``."""
+
+from modelfuse.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The typer app, its consoles and the option types the command groups share."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="modelfuse",
+    help="Merge language models into one: streamed, exact, into checkpoints transformers loads.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    epilog="Examples: modelfuse demo | modelfuse merge recipe.yml -o merged | modelfuse plan recipe.yml",
+)
+
+
+console = Console(stderr=True)
+
+
+out_console = Console()
+
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+    logger = logging.getLogger("modelfuse")
+    if not any(isinstance(handler, _WarningHandler) for handler in logger.handlers):
+        logger.addHandler(_WarningHandler(logging.WARNING))
+
+
+class _WarningHandler(logging.Handler):
+    """Prints the library's warnings as ``warning:`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (modelfuse or mergekit dialect).")]
+
+
+DeviceOption = Annotated[str, typer.Option(
+    help="Where the model runs: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+
+
+DtypeOption = Annotated[str, typer.Option(
+    help="The model's dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16.")]
+
+
+def print_warnings(warnings: list[str]) -> None:
+    from rich.markup import escape
+
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

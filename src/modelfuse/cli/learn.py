@@ -1,0 +1,254 @@
+"""Data-aware commands: calibrate, adamerge, expert-merge, twin, localize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console
+from modelfuse.errors import RecipeError
+
+
+@app.command(name="calibrate", epilog="Example: modelfuse calibrate ./math --data rg:basic_arithmetic -o ./math-stats")
+def calibrate_command(
+    model: Annotated[Path, typer.Argument(help="Causal LM folder (with its tokenizer).")],
+    data: Annotated[str, typer.Option(help="rg:NAME or a task .jsonl (prompts), a .jsonl of {\"text\"} lines, or "
+                                           "a .txt file (paragraphs).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Statistics folder to write.")],
+    stats: Annotated[str, typer.Option(help="Comma-separated: gram, act_rms, fisher, routing_counts.")]
+    = "gram,act_rms,routing_counts",
+    samples: Annotated[int, typer.Option(min=1, help="Calibration examples (the first ones of the data).")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 4,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens kept per example.")] = 256,
+    labels: Annotated[str, typer.Option(help="Fisher labels: sampled (from the model) or given (the data's).")]
+    = "sampled",
+    split: Annotated[str, typer.Option(help="Split of a task's examples to read.")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed of generated tasks and sampled labels.")] = 0,
+    max_memory: Annotated[str, typer.Option(help="Budget of one pass's statistics; more passes when exceeded.")]
+    = "2GiB",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Gather a model's statistics on calibration text (Gram matrices, Fisher, activations, MoE routing)."""
+    from rich.progress import Progress
+
+    from modelfuse.calibrate import CalibrationSettings, calibrate
+    from modelfuse.runtime import resolve_device, resolve_dtype
+    from modelfuse.runtime.distributed import finish, init_from_environment
+    from modelfuse.units import parse_bytes
+
+    settings = CalibrationSettings(data, tuple(part.strip() for part in stats.split(",") if part.strip()), samples,
+                                   batch_size, max_tokens, labels, split, seed)  # type: ignore[arg-type]
+    budget = parse_bytes(max_memory, field="max_memory")
+    ranks, where = init_from_environment(resolve_device(device))  # torchrun: a share of the batches per rank
+    kind = resolve_dtype(dtype, where)
+    with Progress(console=console, transient=True, disable=not ranks.main) as progress:
+        task = progress.add_task("calibrating", total=None)
+        report = calibrate(model, out, settings, max_memory_bytes=budget, resume=resume, overwrite=overwrite,
+                           on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+                           device=where, dtype=kind, ranks=ranks)
+    finish()
+    if not ranks.main:
+        return
+    out_console.print(f"[green]calibrated[/] {model} on {report.examples} examples ({report.tokens:,} tokens, "
+                      f"{report.passes} passes): {len(report.keys)} statistics -> {report.out}")
+
+
+@app.command(name="adamerge", epilog="Example: modelfuse adamerge ./base --model ./math --data rg:basic_arithmetic "
+             "--model ./code --data code.jsonl -o ./merged")
+def adamerge_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Unlabeled prompts of each expert's task, in --model order: "
+                                                 "rg:NAME, a task .jsonl, a .jsonl of texts or a .txt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    granularity: Annotated[str, typer.Option(help="task (one coefficient per expert) or layer (per tensor).")]
+    = "layer",
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    init: Annotated[float, typer.Option(help="Initial coefficient.")] = 0.3,
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    positions: Annotated[str, typer.Option(help="Entropy at each prompt's last token (where the answer is "
+                                                "predicted) or at all its tokens.")] = "last",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """AdaMerging: learn task-arithmetic coefficients minimising the merged model's prediction entropy on each
+    task's unlabeled prompts, then merge; the learned recipe is saved as OUT/adamerging.yml."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.adamerging import adamerge
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning coefficients", total=steps)
+        done, result = adamerge(base, model, data, out, granularity=granularity, steps=steps,  # type: ignore[arg-type]
+                                lr=lr, init=init, samples=samples, batch_size=batch_size,
+                                positions=positions,  # type: ignore[arg-type]
+                                options=modelfuse.MergeOptions(overwrite=overwrite),
+                                on_step=lambda step, _: progress.update(task, completed=step),
+                                placement=placement)
+    out_console.print(f"[green]adamerged[/] {len(model)} experts: entropy {result.first_entropy:.4f} -> "
+                      f"{result.last_entropy:.4f} over {steps} steps -> {done} (recipe in adamerging.yml)")
+
+
+@app.command(name="expert-merge", epilog="Example: modelfuse expert-merge ./base --model ./math --data math.jsonl "
+             "--model ./code --data code.jsonl -o ./merged --chunk-budget 200")
+def expert_merge_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Unlabeled prompts of each expert's task, in --model order: "
+                                                 "rg:NAME, a task .jsonl, a .jsonl of texts or a .txt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps (per stage).")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (on the pre-sigmoid coefficients).")] = 0.1,
+    init: Annotated[float, typer.Option(help="Initial coefficient, in (0, 1).")] = 0.3,
+    gamma: Annotated[float, typer.Option(help="Weight of the mean |coefficient - init| regularizer.")] = 0.8,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit alignment.")] = 1.0,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state alignment.")] = 1.0,
+    hidden_layer: Annotated[list[int] | None, typer.Option(
+        help="Hidden state aligned (0 = embeddings), repeatable; default the middle layer.")] = None,
+    task_weight: Annotated[list[float] | None, typer.Option(help="Loss weight of each expert's task, in "
+                                                                  "--model order; default 1 each.")] = None,
+    chunk_budget: Annotated[int | None, typer.Option(help="Expert Merging++: total chunk coefficients per expert, "
+                                                          "allocated by layer importance.")] = None,
+    kappa: Annotated[float, typer.Option(help="Expert Merging++: importance exponent of the allocation.")] = 1.0,
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    respond_tokens: Annotated[int, typer.Option(min=0, help="Tokens each expert generates after its prompts "
+                                                            "before alignment (0: prompts only).")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Expert Merging (++ with --chunk-budget): learn layer-wise task-arithmetic coefficients aligning the merged
+    model's logits and hidden states with each expert's on its unlabeled prompts, then merge."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.expert_merging import Settings, expert_merge
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
+
+    settings = Settings(steps=steps, lr=lr, init=init, gamma=gamma, temperature=temperature,
+                        hidden_weight=hidden_weight, hidden_layers=tuple(hidden_layer) if hidden_layer else None,
+                        task_weights=tuple(task_weight) if task_weight else None, chunk_budget=chunk_budget,
+                        kappa=kappa)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning coefficients", total=steps * (1 if chunk_budget is None else 2))
+        done, result = expert_merge(base, model, data, out, settings=settings, samples=samples,
+                                    batch_size=batch_size, respond_tokens=respond_tokens,
+                                    options=modelfuse.MergeOptions(overwrite=overwrite),
+                                    on_step=lambda step, _: progress.update(task, completed=step),
+                                    placement=placement)
+    stages = ", ".join(f"{first:.4f} -> {last:.4f}" for first, last in result.losses)
+    out_console.print(f"[green]expert-merged[/] {len(model)} experts: loss {stages} -> {done} "
+                      "(settings in expert_merging.yml)")
+
+
+@app.command(name="twin", epilog="Example: modelfuse twin ./base --model ./math --data math.jsonl --model ./code "
+             "--data code.jsonl -o ./twin --rank 64; then modelfuse evaluate ./twin ...")
+def twin_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Task-tagged prompts of each expert, in --model order, for the "
+                                                 "router: rg:NAME, a task .jsonl, a .jsonl of texts or a .txt file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    rank: Annotated[str, typer.Option(help="Rank of each expert's exclusive knowledge per matrix, or 'full'.")]
+    = "64",
+    shared: Annotated[Path | None, typer.Option(help="A merged model to use as the shared knowledge (default: "
+                                                     "task arithmetic of the experts).")] = None,
+    shared_weight: Annotated[float, typer.Option(help="Task arithmetic scale of the default shared model.")] = 0.3,
+    router_samples: Annotated[int, typer.Option(min=1, help="Router training prompts per expert.")] = 32,
+    router_split: Annotated[str, typer.Option(help="Split of task files the router trains on.")] = "validation",
+    router_steps: Annotated[int, typer.Option(min=1, help="Router training steps (full batch).")] = 300,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Twin-Merging: a shared merged model, each expert's exclusive knowledge compressed by SVD, and a router
+    that weighs them per input; the bundle loads with modelfuse (evaluate, generate)."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.twin import build_twin
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
+
+    if rank != "full" and not rank.isdigit():
+        raise RecipeError(f"--rank: a positive integer or 'full', got {rank!r}")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("compressing exclusive knowledge", total=None)
+        report = build_twin(base, model, data, out, rank=None if rank == "full" else int(rank), shared=shared,
+                            shared_weight=shared_weight, router_samples=router_samples, router_split=router_split,
+                            router_steps=router_steps, options=modelfuse.MergeOptions(overwrite=overwrite),
+                            on_tensor=lambda done, total: progress.update(task, completed=done, total=total),
+                            placement=placement)
+    storage = report.storage
+    out_console.print(f"[green]twin bundle[/] {report.out}: router training accuracy {report.router_accuracy:.3f}; "
+                      f"storage {storage['total']:,} numbers (shared {storage['shared']:,} + exclusive "
+                      f"{storage['exclusive']:,} + router {storage['router']:,}) = {storage['ratio']:.3f} of the "
+                      f"{len(model)} experts' {storage['experts_full']:,}")
+
+
+@app.command(name="localize", epilog="Example: modelfuse localize ./base --model ./math --data rg:basic_arithmetic "
+             "--model ./code --data code.jsonl -o ./merged --density 0.01")
+def localize_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Labeled examples of each expert's task, in --model order: "
+                                                 "rg:NAME or a task .jsonl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    density: Annotated[float, typer.Option(help="Fraction of all parameters each expert's mask keeps.")] = 0.01,
+    init_density: Annotated[float, typer.Option(help="Fraction of largest |task vector| entries the scores start "
+                                                     "on.")] = 0.01,
+    score_bias: Annotated[float, typer.Option(help="The scores start at +this on those entries, -this elsewhere; "
+                                                   "sigmoid(-this) of every other entry leaks into training (3: "
+                                                   "4.7%, 5: 0.7%).")] = 3.0,
+    shots: Annotated[int, typer.Option(min=1, help="Labeled examples per task.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps per expert.")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the mask scores.")] = 0.1,
+    l1: Annotated[float, typer.Option(help="Weight of the mask's mean (sparsity penalty).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 4,
+    save_masks: Annotated[bool, typer.Option(help="Also write the masks (masks.safetensors).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Localize-and-Stitch with data: learn each expert's sparse mask on a few labeled examples of its task,
+    then stitch the masked task vectors into the base (overlaps averaged)."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.localize import localize_and_stitch
+    from modelfuse.runtime import Placement
+
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning masks", total=steps * len(model))
+        done, result = localize_and_stitch(base, model, data, out, density=density, init_density=init_density,
+                                           score_bias=score_bias, shots=shots, steps=steps, lr=lr, l1=l1,
+                                           batch_size=batch_size,
+                                           save_masks=save_masks, options=modelfuse.MergeOptions(overwrite=overwrite),
+                                           on_step=lambda step, _: progress.update(task, completed=step),
+                                           placement=placement)
+    losses = ", ".join(f"{first:.3f} -> {last:.3f}" for first, last in result.losses)
+    out_console.print(f"[green]localized and stitched[/] {len(model)} experts (loss {losses}; masks "
+                      f"{', '.join(f'{d:.2%}' for d in result.densities)} of the parameters, overlap "
+                      f"{result.overlap:.1%}) -> {done}")
