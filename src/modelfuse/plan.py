@@ -312,8 +312,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
 
 def _zero_weight_sums(jobs: list[TensorJob]) -> str | None:
     """The problem when a method divides by the models' weights (normalize) and they sum to 0 for some tensors."""
-    zero = [job.name for job in jobs if job.params.get("normalize") is True
-            and isinstance(job.params.get("weight"), tuple) and abs(sum(job.params["weight"])) < 1e-8]
+    divisors = [(job.name, job.method.weight_divisor(job.params)) for job in jobs]
+    zero = [name for name, divisor in divisors if divisor is not None and abs(divisor) < 1e-8]
     if not zero:
         return None
     return (f"weight: the models' weights sum to 0 for {len(zero)} tensor(s) (e.g. {zero[0]!r}), and method "

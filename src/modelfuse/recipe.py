@@ -86,6 +86,10 @@ class PostSteps(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lines: LinesPost | None = None
 
+    def steps(self) -> list[tuple[str, dict[str, Any]]]:
+        """The steps set, in order, as (registered post-step name, its settings)."""
+        return [(name, dict(getattr(self, name))) for name in type(self).model_fields if getattr(self, name)]
+
 
 class Fallback(BaseModel):
     """The data-free method (and its parameters) for tensors a statistics method has no statistics of."""

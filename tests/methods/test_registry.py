@@ -320,3 +320,45 @@ def test_param_validate_rejects(spec: ParamSpec, value: object, message: str) ->
     with pytest.raises(ValueError) as info:
         spec.validate(value)
     assert str(info.value) == message
+
+
+def test_declarations_the_engine_reads_instead_of_names() -> None:
+    """Post-steps come from their registry, the divisor of normalised weights and the working memory from the
+    method's declarations; unknown post-steps are one clear error."""
+    from modelfuse.errors import RecipeError
+    from modelfuse.io.statistics import statistic_bytes
+    from modelfuse.methods import get_method, get_post_step
+    from modelfuse.methods.lines import apply_lines
+
+    assert get_post_step("lines") is apply_lines
+    with pytest.raises(RecipeError, match="post: unknown step 'nope'; known steps: lines"):
+        get_post_step("nope")
+    ties = get_method("ties")
+    assert ties.weight_divisor({"weight": (0.5, -0.5), "normalize": True}) == 0.0
+    assert ties.weight_divisor({"weight": (0.5, 0.25), "normalize": True}) == 0.75
+    assert ties.weight_divisor({"weight": (0.5, -0.5), "normalize": False}) is None
+    assert get_method("slerp").weight_divisor({"t": 0.5}) is None
+    assert get_method("regmean").working_bytes((8, 16), 3) == 24 * 16 * 16
+    assert get_method("ties").working_bytes is None
+    assert statistic_bytes("gram", (8, 16)) == 4 * 16 * 16 and statistic_bytes("gram", (4, 8, 16)) == 4 * 4 * 256
+    assert statistic_bytes("fisher", (8, 16)) == 4 * 128 and statistic_bytes("act_rms", (8, 16)) == 4 * 16
+
+
+def test_the_engine_and_the_plan_name_no_method() -> None:
+    """No string literal in the engine or the plan is a registered method's name, and neither imports a
+    method's own module (they read the registry's declarations)."""
+    import ast
+    from pathlib import Path
+
+    from modelfuse.methods import all_methods
+
+    names = {spec.name for spec in all_methods()}
+    package = Path(__file__).resolve().parents[2] / "src" / "modelfuse"
+    for path in [*sorted((package / "engine").glob("*.py")), package / "plan.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        literals = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)}
+        assert not literals & names, f"{path.name} names methods {sorted(literals & names)}"
+        modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in modules if m.startswith("modelfuse.methods.") and not m.endswith("._registry")}, \
+            f"{path.name} imports a method module"

@@ -17,7 +17,7 @@ from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
-from modelfuse.methods.lines import apply_lines
+from modelfuse.methods import get_post_step
 from modelfuse.plan import MergePlan, TensorJob
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -155,9 +155,9 @@ def _compute_piece(
     if tuple(result.shape) != expected:
         raise ModelfuseError(f"method {job.method.name!r} returned shape {list(result.shape)} for tensor "
                              f"{job.name!r}, expected {list(expected)}", tensor=job.name)
-    lines_post = plan.recipe.post.lines if plan.recipe.post is not None else None
-    if lines_post is not None and base is not None:  # the recipe check guarantees a base for post.lines
-        result = apply_lines(result, base, depth=job.depth, alpha=lines_post.alpha, beta=lines_post.beta)
+    if plan.recipe.post is not None and base is not None:  # the recipe check guarantees a base for post-steps
+        for name, settings in plan.recipe.post.steps():
+            result = get_post_step(name)(result, base, depth=job.depth, **settings)
     return result
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modelfuse.io.statistics import statistic_bytes
 from modelfuse.plan import MergePlan, TensorJob
 
 
@@ -40,13 +41,12 @@ def _blockable(job: TensorJob, plan: MergePlan) -> bool:
 
 
 def _statistics_bytes(job: TensorJob) -> int:
-    """Memory a statistics method's whole-tensor unit holds beyond its inputs: per model, its statistic as read
-    and in float32 (a Fisher like the tensor; a Gram ``[in, in]``, plus RegMean's float64 sums and factor)."""
-    numel = int(torch.Size(job.shape).numel())
-    inputs = job.shape[1] if len(job.shape) == 2 else 0
-    per_model = {"fisher": 8 * numel, "gram": 8 * inputs * inputs}
-    extra = 24 * inputs * inputs if "gram" in job.method.statistics else 0  # float64 sum, its factor, a copy
-    return len(job.sources) * sum(per_model.get(name, 8 * numel) for name in job.method.statistics) + extra
+    """Memory a whole-tensor unit holds beyond its inputs: per model, each statistic the method reads, as read
+    and in float32, and the working memory the method declares (``working_bytes``)."""
+    shape = tuple(job.shape)
+    statistics = len(job.sources) * sum(2 * statistic_bytes(name, shape) for name in job.method.statistics)
+    working = job.method.working_bytes(shape, len(job.sources)) if job.method.working_bytes is not None else 0
+    return statistics + working
 
 
 def work_units(

@@ -15,6 +15,18 @@ CONFIG = "calibration.json"
 FORMAT = "modelfuse-calibration"
 
 
+def statistic_bytes(kind: str, shape: tuple[int, ...]) -> int:
+    """Bytes of one float32 statistic of a tensor of ``shape``: a Gram ``[in, in]`` (per expert for a fused
+    ``[experts, out, in]`` tensor), an ``act_rms`` ``[in]``, a Fisher (and any other kind) shaped like the tensor."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    inputs = shape[-1] if len(shape) >= 2 else 0
+    experts = shape[0] if len(shape) == 3 else 1
+    per_kind = {"gram": experts * inputs * inputs, "act_rms": experts * inputs}
+    return 4 * per_kind.get(kind, numel)
+
+
 class CalibrationStats:
     """A statistics folder written by ``calibrate``, read lazily.
 

@@ -6,10 +6,20 @@ Importing this package imports every public module in it, which registers its me
 import importlib
 import pkgutil
 
-from modelfuse.methods._registry import MethodSpec, Param, ParamSpec, all_methods, get_method, register
+from modelfuse.methods._registry import (
+    MethodSpec,
+    Param,
+    ParamSpec,
+    all_methods,
+    get_method,
+    get_post_step,
+    register,
+    register_post_step,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["MethodSpec", "Param", "ParamSpec", "all_methods", "get_method", "register"]
+__all__ = ["MethodSpec", "Param", "ParamSpec", "all_methods", "get_method", "get_post_step", "register",
+           "register_post_step"]

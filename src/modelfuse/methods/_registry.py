@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from modelfuse.errors import MethodError, RecipeError
 
 BasePolicy = Literal["required", "optional", "unused"]
@@ -106,6 +108,10 @@ class ParamSpec:
 TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
 # bf16_kernel(tensors, base, params, out) -> whether it computed the method on bfloat16 inputs into ``out``.
 Bf16Kernel = Callable[..., bool]
+# working_bytes(shape, models) -> memory a whole-tensor call holds beyond its inputs, outputs and statistics.
+WorkingBytes = Callable[[tuple[int, ...], int], int]
+# A post-step: step(merged, base, *, depth, **settings) -> the tensor after the step (see register_post_step).
+PostStep = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -126,10 +132,19 @@ class MethodSpec:
     topk: TopkCounts | None = None
     bf16_kernel: Bf16Kernel | None = None
     statistics: tuple[str, ...] = ()
+    working_bytes: WorkingBytes | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
         return {name: spec.default for name, spec in self.params.items() if not spec.required}
+
+    def weight_divisor(self, params: dict[str, Any]) -> float | None:
+        """The sum of the models' weights when a call with ``params`` divides by it (the shared ``weight``
+        parameter with the shared ``normalize`` flag on), else None."""
+        weights = params.get("weight")
+        if "normalize" not in self.params or params.get("normalize") is not True or not isinstance(weights, tuple):
+            return None
+        return float(math.fsum(weights))
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -217,6 +232,7 @@ def register(
     topk: TopkCounts | None = None,
     bf16_kernel: Bf16Kernel | None = None,
     statistics: tuple[str, ...] = (),
+    working_bytes: WorkingBytes | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -240,6 +256,8 @@ def register(
             otherwise give the same values as ``fn`` in float32 rounded to bfloat16.
         statistics: Calibration statistics (``modelfuse calibrate``) the method reads per model and tensor; it
             then takes ``statistics`` and is computed on whole tensors. Every model needs a ``calibration``.
+        working_bytes: ``working_bytes(shape, models)``: the memory a whole-tensor call holds beyond its inputs,
+            output and statistics (a solver's float64 sums, say); the engine reserves it in the RAM budget.
 
     Returns:
         A decorator registering the function.
@@ -260,7 +278,7 @@ def register(
                               "not rowwise")
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
-            bf16_kernel, statistics,
+            bf16_kernel, statistics, working_bytes,
         )
         return fn
 
@@ -283,3 +301,30 @@ def get_method(name: str) -> MethodSpec:
 def all_methods() -> list[MethodSpec]:
     """Every registered method, sorted by name."""
     return [_METHODS[name] for name in sorted(_METHODS)]
+
+
+_POST_STEPS: dict[str, PostStep] = {}
+
+
+def register_post_step(name: str, step: PostStep) -> PostStep:
+    """Register a recipe post-step (``post: {NAME: {settings}}``), applied to every merged tensor after the
+    method as ``step(merged, base, depth=..., **settings)``; returns it.
+
+    Raises:
+        MethodError: On a duplicate name.
+    """
+    if name in _POST_STEPS:
+        raise MethodError(f"post-step {name!r} is already registered")
+    _POST_STEPS[name] = step
+    return step
+
+
+def get_post_step(name: str) -> PostStep:
+    """The post-step registered as ``name``.
+
+    Raises:
+        RecipeError: If none is.
+    """
+    if name not in _POST_STEPS:
+        raise RecipeError(f"post: unknown step {name!r}; known steps: {', '.join(sorted(_POST_STEPS))}")
+    return _POST_STEPS[name]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from modelfuse.methods._registry import Param, register
+from modelfuse.methods._registry import Param, register, register_post_step
 from modelfuse.methods._steps import task_vectors, weighted_sum
 
 DEFAULT_ALPHA = 0.5
@@ -46,6 +46,9 @@ def apply_lines(merged: torch.Tensor, base: torch.Tensor, *, depth: float, alpha
         A new tensor: the base plus the rescaled task vector.
     """
     return base + lines_scale(depth, alpha, beta) * (merged - base)
+
+
+register_post_step("lines", apply_lines)  # recipe ``post: {lines: {alpha, beta}}``
 
 
 @register(

@@ -49,6 +49,8 @@ def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     base="unused",
     min_models=2,
     statistics=("gram",),
+    # the solve's float64 Gram sum, its Cholesky factor and a copy, [in, in] each (one expert at a time)
+    working_bytes=lambda shape, models: 24 * shape[-1] ** 2 if len(shape) >= 2 else 0,
 )
 def regmean(
     tensors: Sequence[torch.Tensor],
