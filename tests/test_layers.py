@@ -148,3 +148,13 @@ def test_the_merge_core_loads_no_workflow_and_no_transformers(core: str) -> None
     forbidden = [name for name in loaded if name.split(".")[0] == "transformers"
                  or (name.startswith("modelfuse.") and name.split(".")[1] in WORKFLOWS)]
     assert not forbidden, f"import {core} loads {forbidden}"
+
+
+def test_models_are_loaded_only_by_the_runtime() -> None:
+    """Outside ``runtime/`` no module calls ``from_pretrained`` (the GGUF converter rebuilds a model with
+    ``from_config`` after the runtime loaded it)."""
+    callers = [f"{module_name(path)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
+               if "runtime" not in path.relative_to(PACKAGE).parts
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, ast.Attribute) and node.attr == "from_pretrained"]
+    assert not callers, callers

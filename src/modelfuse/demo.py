@@ -25,6 +25,7 @@ from rich.table import Table
 
 from modelfuse.engine import merge
 from modelfuse.errors import ModelfuseError
+from modelfuse.runtime import load_model
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,6 @@ def run_demo(workdir: Path | None, *, steps: int = 150, console: Console | None 
 def _build_and_merge(result: DemoResult, steps: int, console: Console, merge: Callable[..., Path]) -> None:
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     tokenizer = build_tokenizer()
     base = build_model(seed=0)
     stages = (("base", [copy_example, reverse_example, sort_example], 2 * steps, 3e-3,
@@ -253,7 +252,7 @@ def _build_and_merge(result: DemoResult, steps: int, console: Console, merge: Ca
     clock = time.perf_counter()
     recipe = write_recipe(result.workdir)
     merge(recipe, result.models["merge"], overwrite=True)
-    merged = AutoModelForCausalLM.from_pretrained(result.models["merge"]).eval()
+    merged, _ = load_model(result.models["merge"])
     result.scores["merge"] = {task: score(merged, tokenizer, task) for task in TASKS}
     for prompt, answer in (example for task in TASKS for example in held_out(task)[:2]):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]

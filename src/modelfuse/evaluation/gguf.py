@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from modelfuse.errors import CheckpointError
 from modelfuse.evaluation.tasks import TaskError
 from modelfuse.io.writer import check_output_location
-from modelfuse.runtime import save_model
+from modelfuse.runtime import load_model, save_model
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,15 +41,14 @@ def gguf_to_folder(gguf_file: Path, out: Path, *, dtype: torch.dtype = torch.bfl
     Raises:
         TaskError: If the file is missing or transformers cannot read it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM  # to rebuild the model without its GGUF config
 
     if not gguf_file.is_file():
         raise TaskError(f"{gguf_file}: no such GGUF file")
     check_output_location(out, [gguf_file.parent], overwrite=False)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    except (OSError, ValueError, ImportError) as error:
+        loaded, tokenizer = load_model(gguf_file, device="cpu", dtype=torch.float32)
+    except CheckpointError as error:
         raise TaskError(f"{gguf_file}: transformers cannot load it ({error})") from error
     settings = loaded.config.to_dict()
     settings.pop("quantization_config", None)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
-from modelfuse.engine import merge
+from modelfuse.engine import COPIED_FILES, merge
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
@@ -393,13 +394,11 @@ def build_twin(
                              "models": [{"path": str(expert)} for expert in experts]}, shared_folder,
                             options=MergeOptions(overwrite=True))
         else:
-            import shutil
-
             shutil.copytree(shared, shared_folder)
             if not (shared_folder / "tokenizer_config.json").is_file():  # a merge written without one
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(str(base)).save_pretrained(shared_folder)
+                for name in COPIED_FILES:  # the base's tokenizer files, as a merge copies them
+                    if (Path(base) / name).is_file() and not (shared_folder / name).exists():
+                        shutil.copyfile(Path(base) / name, shared_folder / name)
         shared_checkpoint = open_checkpoint(str(shared_folder))
         names = [name for name in shared_checkpoint if shared_checkpoint[name].dtype.is_floating_point]
         counts = {"shared": sum(math.prod(shared_checkpoint[name].shape) for name in shared_checkpoint),
