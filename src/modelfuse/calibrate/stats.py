@@ -116,6 +116,7 @@ def calibrate(
     device: DeviceSpec | torch.device = "cpu",
     dtype: DtypeName | torch.dtype | None = "float32",
     ranks: Ranks = ONE_PROCESS,
+    device_map: Literal["auto"] | None = None,
 ) -> CalibrationReport:
     """Run ``model_path`` over the calibration data and write its statistics to ``out`` (see the module).
 
@@ -130,6 +131,7 @@ def calibrate(
             this rank's share of them.
         device: Where the model runs (``auto``, ``cpu``, ``cuda[:N]``, ``mps``).
         dtype: The model's dtype (``auto``: bfloat16 on a GPU, float32 on the CPU); sums are float64 anyway.
+        device_map: ``"auto"`` spreads a model too big for one GPU over the GPUs and the CPU (accelerate).
         ranks: The processes sharing the work: each runs every ``world``-th batch (example, for the Fisher), the
             float64 sums are reduced across them, and rank 0 alone writes ``out``.
 
@@ -145,7 +147,7 @@ def calibrate(
     model_path, out = Path(model_path), Path(out)
     if ranks.main:
         check_output_location(out, [model_path], overwrite=overwrite or resume)
-    model, tokenizer = load_model(model_path, device=device, dtype=dtype)
+    model, tokenizer = load_model(model_path, device=device, dtype=dtype, device_map=device_map)
     texts = read_texts(settings.data, tokenizer, split=settings.split, limit=settings.samples, seed=settings.seed)
     identity = {"format": FORMAT, "version": 1, "model": str(model_path.resolve()),
                 "settings": {**settings.__dict__, "statistics": list(settings.statistics)},

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+
+from modelfuse.errors import RecipeError
 
 app = typer.Typer(
     name="modelfuse",
@@ -50,6 +52,22 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (modelfuse or merge
 
 DeviceOption = Annotated[str, typer.Option(
     help="Where the model runs: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+
+
+DeviceMapOption = Annotated[str, typer.Option(
+    help="none: the model whole on --device; auto: spread a model too big for one GPU over the GPUs and the CPU "
+         "(accelerate).")]
+
+
+def check_device_map(value: str) -> Literal["auto"] | None:
+    """``--device-map``'s value for the runtime.
+
+    Raises:
+        RecipeError: For a value other than none or auto.
+    """
+    if value not in ("none", "auto"):
+        raise RecipeError(f"--device-map {value!r}: use none or auto")
+    return "auto" if value == "auto" else None
 
 
 DtypeOption = Annotated[str, typer.Option(

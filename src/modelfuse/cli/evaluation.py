@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console
+from modelfuse.cli._app import DeviceMapOption, DeviceOption, DtypeOption, app, check_device_map, console, out_console
 
 
 @app.command(name="eval", epilog="Example: modelfuse eval ./merged --task rg:basic_arithmetic --task qa.jsonl "
@@ -31,9 +31,7 @@ def eval_command(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the results as JSON here.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    device_map: Annotated[str, typer.Option(
-        help="none: the model whole on --device; auto: spread a model too big for one GPU over the GPUs and the "
-             "CPU (accelerate).")] = "none",
+    device_map: DeviceMapOption = "none",
 ) -> None:
     """Score MODEL on tasks: accuracy of greedy answers or of the likeliest choice, or perplexity."""
     import json
@@ -52,8 +50,7 @@ def eval_command(
         raise TaskError(f"--split {split!r}: use train, validation or test")
     if out is not None and not out.parent.is_dir():
         raise TaskError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
-    if device_map not in ("none", "auto"):
-        raise TaskError(f"--device-map {device_map!r}: use none or auto")
+    placement_map = check_device_map(device_map)
     ranks, where = init_from_environment(resolve_device(device))  # torchrun: one shard of the examples per rank
     kind = resolve_dtype(dtype, where)
     with Progress(console=console, transient=True, disable=not ranks.main) as bars:
@@ -64,7 +61,7 @@ def eval_command(
         result = evaluate(model, task or [], split=split, limit=limit, batch_size=batch_size,  # type: ignore[arg-type]
                           max_new_tokens=max_new_tokens, stop=stop or (), seed=seed, progress=progress,
                           lm_eval_tasks=lm_eval_tasks, lm_eval_chat_template=lm_eval_chat_template,
-                          device=where, dtype=kind, device_map="auto" if device_map == "auto" else None, ranks=ranks)
+                          device=where, dtype=kind, device_map=placement_map, ranks=ranks)
     finish()
     if not ranks.main:
         return

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console
+from modelfuse.cli._app import DeviceMapOption, DeviceOption, DtypeOption, app, check_device_map, console, out_console
 from modelfuse.errors import RecipeError
 
 
@@ -32,6 +32,7 @@ def calibrate_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = "none",
 ) -> None:
     """Gather a model's statistics on calibration text (Gram matrices, Fisher, activations, MoE routing)."""
     from rich.progress import Progress
@@ -50,7 +51,7 @@ def calibrate_command(
         task = progress.add_task("calibrating", total=None)
         report = calibrate(model, out, settings, max_memory_bytes=budget, resume=resume, overwrite=overwrite,
                            on_batch=lambda done, total: progress.update(task, completed=done, total=total),
-                           device=where, dtype=kind, ranks=ranks)
+                           device=where, dtype=kind, ranks=ranks, device_map=check_device_map(device_map))
     finish()
     if not ranks.main:
         return
