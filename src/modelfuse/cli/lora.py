@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from modelfuse.cli._app import app, console, out_console
-from modelfuse.errors import RecipeError
 
 lora_app = typer.Typer(help="LoRA adapters: apply, merge, extract from a fine-tune, recover from a bundle.",
                        no_args_is_help=True)
@@ -73,37 +72,31 @@ def lora_merge_command(
     weight: Annotated[list[float] | None, typer.Option(help="Per adapter, repeated in order (default 1).")] = None,
     rank: Annotated[int | None, typer.Option(min=1, help="Rank of svd/ties/dare/lego results (default: largest "
                                                              "input).")] = None,
-    density: Annotated[float, typer.Option(help="Fraction of entries ties/dare keep.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed of dare's drops and lego's k-means.")] = 0,
-    basis: Annotated[int, typer.Option(min=1, help="rmm: directions kept per position (n - 1 is exact).")] = 1,
+    density: Annotated[float | None, typer.Option(help="Fraction of entries ties/dare keep (default 0.5).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of dare's drops and lego's k-means (default 0).")] = None,
+    basis: Annotated[int | None, typer.Option(min=1, help="rmm: directions kept per position (n - 1 is exact; "
+                                                              "default 1).")] = None,
     loss: Annotated[list[float] | None, typer.Option(help="mwa: each checkpoint's training loss, in order.")] = None,
     step: Annotated[list[float] | None, typer.Option(help="mwa: each checkpoint's training step, in order.")] = None,
-    penalty: Annotated[float, typer.Option(help="mwa: penalty factor (0 = uniform average).")] = 1.0,
+    penalty: Annotated[float | None, typer.Option(help="mwa: penalty factor (0 = uniform average; default 1).")]
+    = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Merge LoRA adapters into one: CAT concatenation (exact), SVD / TIES / DARE of the deltas back to a rank, or
     a reversible RMM bundle."""
-    given = {"--weight": weight is not None, "--rank": rank is not None, "--density": density != 0.5,
-             "--loss": loss is not None, "--step": step is not None, "--penalty": penalty != 1.0, "--basis": basis != 1}
-    takes = {"cat": {"--weight"}, "linear": {"--weight"}, "svd": {"--weight", "--rank"},
-             "ties": {"--weight", "--rank", "--density"}, "dare": {"--weight", "--rank", "--density"},
-             "lego": {"--rank"}, "mwa": {"--loss", "--step", "--penalty"}, "rmm": {"--basis"}}
-    unused = [option for option, present in given.items() if present and option not in takes.get(method, given)]
-    if unused:
-        raise RecipeError(f"{', '.join(unused)}: not used by --method {method}; leave "
-                          f"{'it' if len(unused) == 1 else 'them'} out")
-    if method == "rmm":
-        _lora_rmm(adapters, out, basis=basis, overwrite=overwrite)
-        return
-    from modelfuse.lora.merge import merge_adapters
+    from modelfuse.lora.settings import LoraMergeSettings, merge_lora
 
-    reports = merge_adapters(adapters, out, method=method, weights=weight, rank=rank, density=density, seed=seed,
-                             losses=loss, steps=step, penalty=penalty, overwrite=overwrite)
-    if method == "mwa":
+    settings = LoraMergeSettings.of(method=method, weights=weight, rank=rank, density=density, seed=seed,
+                                    basis=basis, losses=loss, steps=step, penalty=penalty)
+    reports = merge_lora(adapters, out, settings, overwrite=overwrite)
+    if settings.method == "rmm":
+        _report_rmm(adapters, out, reports, basis=settings.basis)
+        return
+    if settings.method == "mwa":
         from modelfuse.lora.mwa import mwa_weights
 
         metric, values = ("loss", loss) if loss is not None else ("step", step)
-        shares = mwa_weights(values or [], metric, penalty)
+        shares = mwa_weights(values or [], metric, settings.penalty)
         out_console.print("  weights: " + ", ".join(f"{folder.name} {share:.3f}" for folder, share in
                                                      zip(adapters, shares, strict=True)))
     energy = min(report.energy for report in reports)
@@ -112,11 +105,10 @@ def lora_merge_command(
                       f"{min(r.rank for r in reports)}-{max(r.rank for r in reports)}{kept} -> {out}")
 
 
-def _lora_rmm(adapters: list[Path], out: Path, *, basis: int, overwrite: bool) -> None:
-    """``lora merge --method rmm``: write the bundle, report each adapter's reconstruction error and the storage."""
-    from modelfuse.lora.reversible import merge_reversible, read_bundle
+def _report_rmm(adapters: list[Path], out: Path, reports: list[Any], *, basis: int) -> None:
+    """``lora merge --method rmm``: each adapter's reconstruction error and the storage."""
+    from modelfuse.lora.reversible import read_bundle
 
-    reports = merge_reversible(adapters, out, basis=basis, overwrite=overwrite)
     config = read_bundle(out)
     for index, entry in enumerate(config["adapters"]):
         worst = max(report.errors[index] for report in reports)
