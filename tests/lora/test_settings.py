@@ -18,7 +18,8 @@ def test_each_method_takes_its_options() -> None:
 
 
 @pytest.mark.parametrize(("given", "message"), [
-    ({"method": "rmm", "weights": [1.0], "density": 0.3}, "--weight, --density: not used by --method rmm; leave them out"),
+    ({"method": "rmm", "weights": [1.0], "density": 0.3},
+     "--weight, --density: not used by --method rmm; leave them out"),
     ({"method": "lego", "weights": [1.0]}, "--weight: not used by --method lego; leave it out"),
     ({"method": "cat", "seed": 1}, "--seed: not used by --method cat; leave it out"),
     ({"method": "mean"}, "--method 'mean': use one of cat, linear, svd, ties, dare, lego, mwa, rmm"),
