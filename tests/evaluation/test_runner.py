@@ -156,3 +156,12 @@ def test_remote_code_is_never_run_by_eval(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot load a causal LM"):
         load_model(folder)
     assert not marker.exists()
+
+
+def test_evaluate_checks_its_settings_before_loading(tmp_path: Path) -> None:
+    """No task, or an unknown split, is one clear error before any model is loaded (the path does not exist)."""
+    missing = tmp_path / "no-model"
+    with pytest.raises(TaskError, match="give at least one --task or --lm-eval task"):
+        evaluate(missing, [])
+    with pytest.raises(TaskError, match="--split 'dev': use train, validation, test"):
+        evaluate(missing, ["rg:basic_arithmetic"], split="dev")  # type: ignore[arg-type]

@@ -44,10 +44,6 @@ def eval_command(
     from modelfuse.runtime.distributed import finish, init_from_environment
 
     lm_eval_tasks = [name.strip() for name in (lm_eval or "").split(",") if name.strip()]
-    if not task and not lm_eval_tasks:
-        raise TaskError("give at least one --task or --lm-eval task")
-    if split not in ("train", "validation", "test"):
-        raise TaskError(f"--split {split!r}: use train, validation or test")
     if out is not None and not out.parent.is_dir():
         raise TaskError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
     placement_map = check_device_map(device_map)

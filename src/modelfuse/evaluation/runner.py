@@ -15,7 +15,7 @@ from modelfuse.devices import DeviceSpec, DtypeName
 from modelfuse.errors import ModelfuseError
 from modelfuse.evaluation.lm_eval_adapter import resolve_tasks, run_lm_eval
 from modelfuse.evaluation.results import EvalResult, TaskResult
-from modelfuse.evaluation.tasks import Example, Split, Task, TaskError, load_task
+from modelfuse.evaluation.tasks import SPLITS, Example, Split, Task, TaskError, load_task
 from modelfuse.runtime import choice_logprobs, format_prompt, generate, load_model, perplexity
 from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 from modelfuse.runtime.generation import Progress
@@ -100,6 +100,10 @@ def evaluate(
     big for one GPU). With several ``ranks`` the built-in tasks' examples are shared out (see
     :func:`evaluate_task`); lm-eval tasks run on the main rank alone.
     """
+    if not task_specs and not lm_eval_tasks:
+        raise TaskError("give at least one --task or --lm-eval task")
+    if split not in SPLITS:
+        raise TaskError(f"--split {split!r}: use {', '.join(SPLITS)}")
     tasks = [load_task(spec, seed=seed) for spec in task_specs]  # bad specs fail before the model loads
     if lm_eval_tasks:
         resolve_tasks(lm_eval_tasks)
