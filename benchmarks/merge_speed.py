@@ -318,8 +318,11 @@ def method_label(name: str, params: dict[str, float]) -> str:
     return name + (f" ({', '.join(f'{k} {v:g}' for k, v in params.items())})" if params else "")
 
 
-def mergekit_recipe(name: str, params: dict[str, float], models: dict[str, Path]) -> dict[str, Any]:
-    """The mergekit-dialect recipe both tools run: experts weighted equally, bf16.
+def mergekit_recipe(name: str, params: dict[str, float], models: dict[str, Path], compute_dtype: str = "float32"
+                    ) -> dict[str, Any]:
+    """The mergekit-dialect recipe both tools run: experts weighted equally, bf16 output, the math in
+    ``compute_dtype`` for both tools (``dtype: float32`` + ``out_dtype: bfloat16``; ``dtype: bfloat16`` makes
+    mergekit compute in bf16 while modelfuse still computes in float32).
 
     ``linear`` gets no ``base_model`` (it averages the experts; mergekit would ask for a weight on the base);
     every other method uses the base. ``params`` (density, gamma, ...) are given to each expert.
@@ -331,7 +334,9 @@ def mergekit_recipe(name: str, params: dict[str, float], models: dict[str, Path]
     if name != "linear":
         recipe["base_model"] = str(models["base"])
     recipe["models"] = entries
-    recipe["dtype"] = "bfloat16"
+    recipe["dtype"] = compute_dtype
+    if compute_dtype != "bfloat16":
+        recipe["out_dtype"] = "bfloat16"
     return recipe
 
 
@@ -629,6 +634,7 @@ def render_report(
     commands: dict[str, str],
     recipe_example: str,
     argv: Sequence[str],
+    compute_dtype: str = "float32",
 ) -> str:
     """The markdown report: machine, setup, summary table, I/O floor, per-run details, commands."""
     model_gb = io.write_bytes / GB
@@ -648,8 +654,10 @@ def render_report(
         f"{dims.kv_heads} kv heads, vocab {dims.vocab}, untied embeddings; sharded safetensors.",
         f"- A base and {experts} experts (base + Gaussian noise); every expert weighted 1/{experts}. `linear` "
         f"averages the experts only; the other methods use the base.",
-        "- Both tools run the same mergekit-dialect YAML with `dtype: bfloat16` (mergekit computes in bf16, "
-        "modelfuse in float32 by default), one after the other, page cache warm, output deleted after each run.",
+        f"- Both tools run the same mergekit-dialect YAML with `dtype: {compute_dtype}`"
+        + (", `out_dtype: bfloat16` (both compute in float32 and write bf16)" if compute_dtype == "float32" else
+           " (mergekit computes in bf16, modelfuse in float32 by default)")
+        + ", one after the other, page cache warm, output deleted after each run.",
         "- Wall time: spawn to exit of the process, so it includes Python start-up and imports (torch: 1-2 s); "
         "the `− start-up / floor` columns subtract the measured `import torch, safetensors` time before "
         "dividing by the floor, since no merge can start earlier.",
@@ -758,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in DIM_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=int, help=f"override the preset's {flag}")
     parser.add_argument("--experts", type=int, default=3, help="number of experts (default 3)")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the YAML's dtype, what mergekit computes in (default float32, as modelfuse does; the "
+                             "output is bfloat16 either way)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated weights (default 0)")
     parser.add_argument("--noise-std", type=float, default=0.002, help="std of expert - base (default 0.002)")
     parser.add_argument("--shard-size", type=_size, help="bytes per input shard (default: min(1GB, half a model))")
@@ -851,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_buffer = bytearray(64 * MIB)
     for name, params in methods:
         label_m = method_label(name, params)
-        recipe = mergekit_recipe(name, params, models)
+        recipe = mergekit_recipe(name, params, models, args.compute_dtype)
         text = yaml.safe_dump(recipe, sort_keys=False)
         if name == "ties" or not recipe_example:
             recipe_example = text
@@ -906,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands={tool: commands[tool] for tool in tools},
         recipe_example=recipe_example,
         argv=argv,
+        compute_dtype=args.compute_dtype,
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
     target = args.results_dir / f"merge_speed-{label}.md"
