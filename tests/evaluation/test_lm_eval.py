@@ -14,6 +14,8 @@ from modelfuse.evaluation.lm_eval_adapter import resolve_tasks, run_lm_eval
 from modelfuse.evaluation.tasks import TaskError
 from modelfuse.runtime import choice_logprobs, generate, load_model
 
+pytestmark = pytest.mark.integration  # lm-evaluation-harness end to end: the full suite, not the fast lane
+
 pytest.importorskip("lm_eval")
 
 ROWS = [{"question": f"{a}+{b}=", "answer": str(a + b), "choices": [str(a + b), str(a + b + 1), "x"], "label": 0}

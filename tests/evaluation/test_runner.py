@@ -106,6 +106,7 @@ def test_evaluate_scores_generation_choice_and_perplexity(lm_folder: Path, tmp_p
     assert scores["qa"].records[1]["score"] == 0.0
 
 
+@pytest.mark.integration
 def test_eval_cli_writes_json(lm_folder: Path, tmp_path: Path) -> None:
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(5)),
@@ -120,12 +121,14 @@ def test_eval_cli_writes_json(lm_folder: Path, tmp_path: Path) -> None:
     assert len(data["tasks"][0]["records"]) == 3 and "qa" in done.stdout
 
 
+@pytest.mark.integration
 def test_eval_cli_errors_are_one_line(lm_folder: Path, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "modelfuse.cli", "eval", str(lm_folder), "--task", "nosuch"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "unknown; use rg:NAME" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.integration
 def test_eval_cli_refuses_an_output_in_a_missing_folder(lm_folder: Path, tmp_path: Path) -> None:
     text = tmp_path / "held.txt"
     text.write_text("a", encoding="utf-8")
