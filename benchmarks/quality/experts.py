@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from modelfuse.evaluation.finetune import finetune
+from modelfuse.evaluation.finetune import FinetuneSettings, finetune
 
 log = logging.getLogger("quality")
 
@@ -47,9 +47,9 @@ def train_once(base: Path, spec: str, out: Path, settings: dict[str, object], **
     marker = out.with_name(f"{out.name}.json")
     if not (out.is_dir() and marker.is_file() and json.loads(marker.read_text())["settings"] == settings):
         log.info("fine-tuning %s (%d steps)", out.name, STEPS)
-        result = finetune(base, spec, out, steps=STEPS, batch_size=BATCH_SIZE, seed=SEED, overwrite=True,
-                          on_step=lambda step, loss: log.info("  step %d loss %.3f", step, loss)
-                          if step % 20 == 0 else None, **options)
+        result = finetune(base, spec, out, FinetuneSettings(steps=STEPS, batch_size=BATCH_SIZE, seed=SEED, **options),
+                          overwrite=True, on_step=lambda step, loss: log.info("  step %d loss %.3f", step, loss)
+                          if step % 20 == 0 else None)
         marker.write_text(json.dumps({"settings": settings, "first_loss": result.first_loss,
                                       "last_loss": result.last_loss, "seconds": result.seconds}, indent=1))
     return out

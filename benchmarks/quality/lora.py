@@ -27,7 +27,7 @@ from run import RESULTS, Limits, Scorer
 from tasks import write_task_files
 
 import modelfuse
-from modelfuse.evaluation.finetune import finetune
+from modelfuse.evaluation.finetune import FinetuneSettings, finetune
 from modelfuse.evaluation.tasks import load_task
 from modelfuse.lora import apply_adapter
 from modelfuse.lora.merge import merge_adapters
@@ -138,8 +138,9 @@ def checkpoint_averages(scorer: Scorer, base: Path, spec: str, run: Path, work: 
     marker = run.with_name(f"{run.name}.json")
     if not (marker.is_file() and json.loads(marker.read_text())["settings"] == settings):
         log.info("LoRA run on %s with checkpoints every %d steps", MWA_TASK, SAVE_EVERY)
-        done = finetune(base, spec, run, steps=STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE, seed=SEED,
-                        lora_rank=RANK, lora_alpha=ALPHA, save_every=SAVE_EVERY, overwrite=True)
+        schedule = FinetuneSettings(steps=STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE, seed=SEED, lora_rank=RANK,
+                                    lora_alpha=ALPHA, save_every=SAVE_EVERY)
+        done = finetune(base, spec, run, schedule, overwrite=True)
         saved = [{"step": c.step, "path": str(c.path), "loss": c.loss} for c in done.checkpoints]
         saved.append({"step": STEPS, "path": str(run), "loss": done.last_loss})
         marker.write_text(json.dumps({"settings": settings, "checkpoints": saved}, indent=1))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import modelfuse
 from conftest import Cli
 from modelfuse.errors import OutputError
-from modelfuse.evaluation.finetune import finetune, training_batch
+from modelfuse.evaluation.finetune import FinetuneSettings, finetune, training_batch
 from modelfuse.evaluation.runner import evaluate
 from modelfuse.evaluation.tasks import Example, TaskError
 
@@ -51,9 +51,9 @@ def test_training_batch_puts_the_loss_on_the_answer_and_eos() -> None:
 
 def test_finetune_is_deterministic_and_learns(base: Path, tmp_path: Path) -> None:
     task = str(_task(tmp_path / "reverse.jsonl", "reverse"))
-    first = finetune(base, task, tmp_path / "a", steps=30, batch_size=8, lr=3e-3, seed=1)
-    second = finetune(base, task, tmp_path / "b", steps=30, batch_size=8, lr=3e-3, seed=1)
-    other = finetune(base, task, tmp_path / "c", steps=30, batch_size=8, lr=3e-3, seed=2)
+    first = finetune(base, task, tmp_path / "a", FinetuneSettings(steps=30, batch_size=8, lr=3e-3, seed=1))
+    second = finetune(base, task, tmp_path / "b", FinetuneSettings(steps=30, batch_size=8, lr=3e-3, seed=1))
+    other = finetune(base, task, tmp_path / "c", FinetuneSettings(steps=30, batch_size=8, lr=3e-3, seed=2))
     weights = [load_file(str(folder / "model.safetensors")) for folder in (tmp_path / "a", tmp_path / "b",
                                                                             tmp_path / "c")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
@@ -67,7 +67,7 @@ def test_lora_finetune_saves_an_adapter_peft_loads(base: Path, tmp_path: Path) -
     from transformers import AutoModelForCausalLM
 
     task = str(_task(tmp_path / "double.jsonl", "double"))
-    done = finetune(base, task, tmp_path / "adapter", steps=5, batch_size=4, lr=1e-3, lora_rank=4)
+    done = finetune(base, task, tmp_path / "adapter", FinetuneSettings(steps=5, batch_size=4, lr=1e-3, lora_rank=4))
     config = json.loads((done.out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
     assert (done.out / "adapter_model.safetensors").is_file() and not (done.out / "model.safetensors").exists()
@@ -79,15 +79,16 @@ def test_save_every_keeps_the_run_checkpoints_for_mwa(base: Path, run_cli: Cli, 
     """--save-every 2 over 5 steps saves steps 2 and 4 beside OUT (step 2 equals a 2-step run), each with its
     recent loss; the checkpoints then merge with `lora merge --method mwa`."""
     task = str(_task(tmp_path / "double.jsonl", "double"))
-    done = finetune(base, task, tmp_path / "run", steps=5, batch_size=4, lr=1e-3, lora_rank=4, save_every=2)
+    done = finetune(base, task, tmp_path / "run",
+                    FinetuneSettings(steps=5, batch_size=4, lr=1e-3, lora_rank=4, save_every=2))
     assert [(c.step, c.path.name) for c in done.checkpoints] == [(2, "run-step2"), (4, "run-step4")]
-    short = finetune(base, task, tmp_path / "short", steps=2, batch_size=4, lr=1e-3, lora_rank=4)
+    short = finetune(base, task, tmp_path / "short", FinetuneSettings(steps=2, batch_size=4, lr=1e-3, lora_rank=4))
     saved, direct = (load_file(folder / "adapter_model.safetensors")
                      for folder in (done.checkpoints[0].path, short.out))
     assert saved.keys() == direct.keys() and all(torch.equal(saved[k], direct[k]) for k in saved)
     assert done.checkpoints[0].loss == pytest.approx(short.last_loss)
     with pytest.raises(TaskError, match="--save-every 5"):
-        finetune(base, task, tmp_path / "none", steps=5, lora_rank=4, save_every=5)
+        finetune(base, task, tmp_path / "none", FinetuneSettings(steps=5, lora_rank=4, save_every=5))
     folders = [c.path for c in done.checkpoints] + [done.out]
     losses = [str(c.loss) for c in done.checkpoints] + [str(done.last_loss)]
     result = run_cli("lora", "merge", *folders, "-o", tmp_path / "mwa", "--method", "mwa",
@@ -100,14 +101,14 @@ def test_finetune_refuses_bad_outputs_and_tasks(base: Path, tmp_path: Path) -> N
     task = str(_task(tmp_path / "reverse.jsonl", "reverse"))
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputError, match="exists"):
-        finetune(base, task, tmp_path / "exists", steps=1)
+        finetune(base, task, tmp_path / "exists", FinetuneSettings(steps=1))
     with pytest.raises(OutputError, match="must not be, contain or lie inside an input"):
-        finetune(base, task, base / "inside", steps=1)
+        finetune(base, task, base / "inside", FinetuneSettings(steps=1))
     choice = tmp_path / "mc.jsonl"
     choice.write_text(json.dumps({"prompt": "p", "choices": ["a", "b"], "label": 0, "split": "train"}) + "\n",
                       encoding="utf-8")
     with pytest.raises(TaskError, match="needs a generation task with train examples"):
-        finetune(base, str(choice), tmp_path / "out", steps=1)
+        finetune(base, str(choice), tmp_path / "out", FinetuneSettings(steps=1))
     assert not (tmp_path / "out").exists()
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import modelfuse
-from modelfuse.evaluation.finetune import finetune
+from modelfuse.evaluation.finetune import FinetuneSettings, finetune
 from modelfuse.evaluation.gguf import gguf_to_folder, smollm2_gguf
 from modelfuse.evaluation.runner import evaluate_task
 from modelfuse.evaluation.tasks import load_task
@@ -42,8 +42,8 @@ def test_ties_merge_of_two_smollm2_experts_keeps_most_of_their_gains(tmp_path: P
     began = time.perf_counter()
     torch.set_num_threads(2)
     base = gguf_to_folder(smollm2_gguf(), tmp_path / "base")
-    experts = [finetune(base, spec, tmp_path / f"expert{i}", steps=STEPS, batch_size=8, lr=1e-4, seed=0).out
-               for i, spec in enumerate(TASKS)]
+    schedule = FinetuneSettings(steps=STEPS, batch_size=8, lr=1e-4, seed=0)
+    experts = [finetune(base, spec, tmp_path / f"expert{i}", schedule).out for i, spec in enumerate(TASKS)]
     merged = modelfuse.merge({"base": str(base), "models": [{"path": str(e)} for e in experts], "method": "ties",
                               "parameters": {"density": 0.3}, "dtype": "float32"}, tmp_path / "merged")
     base_scores, merged_scores = _accuracy(base), _accuracy(merged)

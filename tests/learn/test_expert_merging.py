@@ -15,7 +15,7 @@ from _fixtures import experts_and_data, setup
 from conftest import Cli, assert_clean_failure
 from modelfuse.learn.expert_merging import (
     ChunkedCoefficients,
-    Settings,
+    ExpertMergeSettings,
     chunk_allocation,
     chunk_sizes,
     expert_alignment,
@@ -66,7 +66,7 @@ def test_alignment_loss_closed_form() -> None:
     coefficients = ChunkedCoefficients.initial(base, 2, 0.3)
     with torch.no_grad():
         coefficients.raw[2][1, 0] = logit(0.7)
-    settings = Settings(temperature=2.0, hidden_weight=0.5, gamma=0.4, task_weights=(1.0, 3.0))
+    settings = ExpertMergeSettings(temperature=2.0, hidden_weight=0.5, gamma=0.4, task_weights=(1.0, 3.0))
     targets = [expert_alignment(model, base, v, batch, [1], 2.0) for v, batch in zip(vectors, batches, strict=True)]
     value = float(objective(model, base, vectors, coefficients, targets, settings, [1]).detach())
 
@@ -95,7 +95,7 @@ def test_gradient_matches_finite_differences() -> None:
     """d(loss)/d(raw) by autograd through functional_call equals central differences (float64), for per-tensor
     and chunk coefficients, with the hidden-state term and the regularizer."""
     model, base, vectors, batches = setup()
-    settings = Settings(gamma=0.3, hidden_weight=0.7, init=0.3)
+    settings = ExpertMergeSettings(gamma=0.3, hidden_weight=0.7, init=0.3)
     targets = [expert_alignment(model, base, v, batch, [1, 2], 1.0) for v, batch in zip(vectors, batches, strict=True)]
     coefficients = ChunkedCoefficients.initial(base, 2, 0.3).chunked([1] * 4 + [3] * (len(base) - 4))
     with torch.no_grad():
@@ -119,10 +119,12 @@ def test_learning_pulls_the_merge_toward_the_expert() -> None:
     strong regularizer keeps them near 0.3."""
     model, base, vectors, batches = setup(torch.float32)
     targets = [expert_alignment(model, base, vectors[0], batches[0], [1], 1.0)]
-    free = learn(model, base, vectors[:1], lambda step: targets, Settings(steps=20, lr=0.2, gamma=0.0), [1])
+    free = learn(model, base, vectors[:1], lambda step: targets, ExpertMergeSettings(steps=20, lr=0.2, gamma=0.0),
+                 [1])
     alphas = torch.cat([free.coefficients.alphas(i).detach().reshape(-1) for i in range(len(base))])
     assert float(alphas.mean()) > 0.5 and free.losses[0][1] < 0.5 * free.losses[0][0]
-    held = learn(model, base, vectors[:1], lambda step: targets, Settings(steps=20, lr=0.2, gamma=100.0), [1])
+    held = learn(model, base, vectors[:1], lambda step: targets, ExpertMergeSettings(steps=20, lr=0.2, gamma=100.0),
+                 [1])
     alphas = torch.cat([held.coefficients.alphas(i).detach().reshape(-1) for i in range(len(base))])
     assert float((alphas - 0.3).abs().max()) < 0.05
 
@@ -189,7 +191,8 @@ def test_expert_merging_cli(run_cli: Cli, tmp_path: Path) -> None:
                          "--task-weight", "2 non-negative")
     assert_clean_failure(run_cli("expert-merge", *common, "-o", tmp_path / "bad", "--hidden-layer", "9"),
                          "--hidden-layer", "0..2")
-    assert_clean_failure(run_cli("expert-merge", *common, "-o", tmp_path / "bad", "--init", "1"), "--init in (0, 1)")
+    assert_clean_failure(run_cli("expert-merge", *common, "-o", tmp_path / "bad", "--init", "1"),
+                         "--init: input should be less than 1, got 1.0")
     assert not (tmp_path / "bad").exists()
 
 

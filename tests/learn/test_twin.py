@@ -12,7 +12,7 @@ import torch
 from _fixtures import experts_and_data
 
 from conftest import Cli, assert_clean_failure
-from modelfuse.learn.twin import build_twin, compress, load_twin
+from modelfuse.learn.twin import TwinSettings, build_twin, compress, load_twin
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +37,8 @@ def test_compress_is_the_best_rank_r_approximation() -> None:
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path], list[Path]]:
     tmp_path = tmp_path_factory.mktemp("twin")
     base, experts, data = experts_and_data(tmp_path)
-    report = build_twin(base, experts, [str(d) for d in data], tmp_path / "twin", rank=None, router_split="train",
-                        router_samples=6, router_steps=200)
+    report = build_twin(base, experts, [str(d) for d in data], tmp_path / "twin",
+                        TwinSettings(rank="full", router_split="train", router_samples=6, router_steps=200))
     assert report.router_accuracy == 1.0
     return tmp_path / "twin", base, experts, data
 
@@ -180,8 +180,8 @@ def test_a_given_shared_model(bundle: tuple[Path, Path, list[Path], list[Path]],
     from safetensors.torch import load_file
 
     _, base, experts, data = bundle
-    report = build_twin(base, experts, [str(d) for d in data], tmp_path / "twin", rank=2, shared=experts[0],
-                        router_split="train", router_samples=4, router_steps=5)
+    report = build_twin(base, experts, [str(d) for d in data], tmp_path / "twin",
+                        TwinSettings(rank=2, router_split="train", router_samples=4, router_steps=5), shared=experts[0])
     shared = load_file(tmp_path / "twin" / "shared" / "model.safetensors")
     assert all(torch.equal(value, load_file(experts[0] / "model.safetensors")[name]) for name, value in shared.items())
     first = load_file(tmp_path / "twin" / "exclusive-0.safetensors")

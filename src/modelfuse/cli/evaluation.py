@@ -86,15 +86,15 @@ def finetune_command(
     dtype: DtypeOption = "auto",
 ) -> None:
     """Fine-tune BASE on a task's train split and save the expert (deterministic from --seed)."""
-    from modelfuse.evaluation.finetune import finetune
+    from modelfuse.evaluation.finetune import FinetuneSettings, finetune
     from modelfuse.runtime import Placement
 
     placement = Placement(device=device, dtype=dtype)
     placement.resolve()  # a device or dtype this machine lacks fails before any work
 
-    done = finetune(base, task, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=lora_rank,
-                    overwrite=overwrite, save_every=save_every,
-                    placement=placement)
+    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=lora_rank,
+                                save_every=save_every)
+    done = finetune(base, task, out, settings, overwrite=overwrite, placement=placement)
     for checkpoint in done.checkpoints:
         out_console.print(f"  step {checkpoint.step}: loss {checkpoint.loss:.4f} -> {checkpoint.path}")
     out_console.print(f"[green]fine-tuned[/] {done.steps} steps in {done.seconds:.0f} s: loss {done.first_loss:.3f} "

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from modelfuse.cli._app import DeviceMapOption, DeviceOption, DtypeOption, app, check_device_map, console, out_console
-from modelfuse.errors import RecipeError
 
 
 @app.command(name="calibrate", epilog="Example: modelfuse calibrate ./math --data rg:basic_arithmetic -o ./math-stats")
@@ -85,20 +84,18 @@ def adamerge_command(
     from rich.progress import Progress
 
     import modelfuse
-    from modelfuse.learn.adamerging import adamerge
+    from modelfuse.learn.adamerging import AdaMergeSettings, adamerge
     from modelfuse.runtime import Placement
 
+    settings = AdaMergeSettings(granularity=granularity, steps=steps, lr=lr, init=init, samples=samples,
+                                batch_size=batch_size, positions=positions)
     placement = Placement(device=device, dtype=dtype)
     placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learning coefficients", total=steps)
-        done, result = adamerge(base, model, data, out, granularity=granularity, steps=steps,  # type: ignore[arg-type]
-                                lr=lr, init=init, samples=samples, batch_size=batch_size,
-                                positions=positions,  # type: ignore[arg-type]
-                                options=modelfuse.MergeOptions(overwrite=overwrite),
-                                on_step=lambda step, _: progress.update(task, completed=step),
-                                placement=placement)
+        done, result = adamerge(base, model, data, out, settings, options=modelfuse.MergeOptions(overwrite=overwrite),
+                                on_step=lambda step, _: progress.update(task, completed=step), placement=placement)
     out_console.print(f"[green]adamerged[/] {len(model)} experts: entropy {result.first_entropy:.4f} -> "
                       f"{result.last_entropy:.4f} over {steps} steps -> {done} (recipe in adamerging.yml)")
 
@@ -137,20 +134,20 @@ def expert_merge_command(
     from rich.progress import Progress
 
     import modelfuse
-    from modelfuse.learn.expert_merging import Settings, expert_merge
+    from modelfuse.learn.expert_merging import ExpertMergeSettings, expert_merge
     from modelfuse.runtime import Placement
 
+    settings = ExpertMergeSettings(
+        steps=steps, lr=lr, init=init, gamma=gamma, temperature=temperature, hidden_weight=hidden_weight,
+        hidden_layers=tuple(hidden_layer) if hidden_layer else None,
+        task_weights=tuple(task_weight) if task_weight else None, chunk_budget=chunk_budget, kappa=kappa,
+        samples=samples, batch_size=batch_size, respond_tokens=respond_tokens)
     placement = Placement(device=device, dtype=dtype)
     placement.resolve()  # a device or dtype this machine lacks fails before any work
 
-    settings = Settings(steps=steps, lr=lr, init=init, gamma=gamma, temperature=temperature,
-                        hidden_weight=hidden_weight, hidden_layers=tuple(hidden_layer) if hidden_layer else None,
-                        task_weights=tuple(task_weight) if task_weight else None, chunk_budget=chunk_budget,
-                        kappa=kappa)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learning coefficients", total=steps * (1 if chunk_budget is None else 2))
-        done, result = expert_merge(base, model, data, out, settings=settings, samples=samples,
-                                    batch_size=batch_size, respond_tokens=respond_tokens,
+        done, result = expert_merge(base, model, data, out, settings,
                                     options=modelfuse.MergeOptions(overwrite=overwrite),
                                     on_step=lambda step, _: progress.update(task, completed=step),
                                     placement=placement)
@@ -184,19 +181,18 @@ def twin_command(
     from rich.progress import Progress
 
     import modelfuse
-    from modelfuse.learn.twin import build_twin
+    from modelfuse.learn.twin import TwinSettings, build_twin
     from modelfuse.runtime import Placement
 
+    settings = TwinSettings(rank=rank, shared_weight=shared_weight, router_samples=router_samples,
+                            router_split=router_split, router_steps=router_steps)
     placement = Placement(device=device, dtype=dtype)
     placement.resolve()  # a device or dtype this machine lacks fails before any work
 
-    if rank != "full" and not rank.isdigit():
-        raise RecipeError(f"--rank: a positive integer or 'full', got {rank!r}")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("compressing exclusive knowledge", total=None)
-        report = build_twin(base, model, data, out, rank=None if rank == "full" else int(rank), shared=shared,
-                            shared_weight=shared_weight, router_samples=router_samples, router_split=router_split,
-                            router_steps=router_steps, options=modelfuse.MergeOptions(overwrite=overwrite),
+        report = build_twin(base, model, data, out, settings, shared=shared,
+                            options=modelfuse.MergeOptions(overwrite=overwrite),
                             on_tensor=lambda done, total: progress.update(task, completed=done, total=total),
                             placement=placement)
     storage = report.storage
@@ -235,18 +231,18 @@ def localize_command(
     from rich.progress import Progress
 
     import modelfuse
-    from modelfuse.learn.localize import localize_and_stitch
+    from modelfuse.learn.localize import LocalizeSettings, localize_and_stitch
     from modelfuse.runtime import Placement
 
+    settings = LocalizeSettings(density=density, init_density=init_density, score_bias=score_bias, shots=shots,
+                                steps=steps, lr=lr, l1=l1, batch_size=batch_size, save_masks=save_masks)
     placement = Placement(device=device, dtype=dtype)
     placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learning masks", total=steps * len(model))
-        done, result = localize_and_stitch(base, model, data, out, density=density, init_density=init_density,
-                                           score_bias=score_bias, shots=shots, steps=steps, lr=lr, l1=l1,
-                                           batch_size=batch_size,
-                                           save_masks=save_masks, options=modelfuse.MergeOptions(overwrite=overwrite),
+        done, result = localize_and_stitch(base, model, data, out, settings,
+                                           options=modelfuse.MergeOptions(overwrite=overwrite),
                                            on_step=lambda step, _: progress.update(task, completed=step),
                                            placement=placement)
     losses = ", ".join(f"{first:.3f} -> {last:.3f}" for first, last in result.losses)

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
 from modelfuse.evaluation.tasks import Example, TaskError, load_task
 from modelfuse.io.writer import check_output_location
 from modelfuse.runtime import CPU_FLOAT32, Placement, format_prompt, load_model, on_device, save_model
+from modelfuse.settings import Settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -64,19 +66,25 @@ def training_batch(
     }
 
 
+class FinetuneSettings(Settings):
+    """How ``finetune`` trains: AdamW steps, batch, learning rate, seed, and an optional LoRA adapter."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    seed: int = 0
+    lora_rank: int | None = Field(None, ge=1)
+    lora_alpha: float | None = None
+    save_every: int | None = Field(None, ge=1)
+
+
 def finetune(
     base: str | Path,
     task_spec: str,
     out: str | Path,
+    settings: FinetuneSettings,
     *,
-    steps: int,
-    batch_size: int = 16,
-    lr: float = 5e-5,
-    seed: int = 0,
-    lora_rank: int | None = None,
-    lora_alpha: float | None = None,
     overwrite: bool = False,
-    save_every: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     placement: Placement = CPU_FLOAT32,
 ) -> FinetuneResult:
@@ -93,6 +101,8 @@ def finetune(
         OutputError: If ``out`` exists (without ``overwrite``) or lies inside the base folder.
     """
     out = Path(out)
+    steps, batch_size, lr, seed = settings.steps, settings.batch_size, settings.lr, settings.seed
+    lora_rank, lora_alpha, save_every = settings.lora_rank, settings.lora_alpha, settings.save_every
     if save_every is not None and not 1 <= save_every < steps:
         raise TaskError(f"--save-every {save_every}: give a number of steps from 1 to {steps - 1}, so that "
                         "checkpoints are saved before the last step")

@@ -20,14 +20,15 @@ from typing import Any, Literal
 
 import torch
 import yaml
+from pydantic import Field
 
 from modelfuse.calibrate.data import CalibrationText, tokenize
 from modelfuse.engine import merge
-from modelfuse.errors import RecipeError
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, window
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, on_device
+from modelfuse.settings import Settings
 
 Granularity = Literal["task", "layer"]
 
@@ -148,22 +149,28 @@ def task_arithmetic_recipe(coefficients: Coefficients, base: str, experts: Seque
 
 
 
+class AdaMergeSettings(Settings):
+    """What ``adamerge`` learns and from how much data."""
+
+    granularity: Granularity = "layer"
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    init: float = Field(0.3, ge=0.0, le=1.0)
+    samples: int = Field(64, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_tokens: int = Field(128, ge=1)
+    split: str = "train"
+    seed: int = 0
+    positions: Literal["last", "all"] = "last"
+
+
 def adamerge(
     base: str | Path,
     experts: Sequence[str | Path],
     data: Sequence[str],
     out: str | Path,
+    settings: AdaMergeSettings | None = None,
     *,
-    granularity: Granularity = "layer",
-    steps: int = 100,
-    lr: float = 1e-3,
-    init: float = 0.3,
-    samples: int = 64,
-    batch_size: int = 4,
-    max_tokens: int = 128,
-    split: str = "train",
-    seed: int = 0,
-    positions: Literal["last", "all"] = "last",
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
     placement: Placement = CPU_FLOAT32,
@@ -179,34 +186,28 @@ def adamerge(
         TaskError: For unusable data or models.
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
-
+    settings = settings or AdaMergeSettings()
     check_experts_and_data(experts, data)
-    if granularity not in ("task", "layer"):
-        raise RecipeError(f"--granularity: task or layer, got {granularity!r}")
-    if steps < 1 or lr <= 0 or not 0.0 <= init <= 1.0:
-        raise RecipeError("--steps must be >= 1, --lr > 0 and --init in [0, 1]")
-    if positions not in ("last", "all"):
-        raise RecipeError(f"--positions: last or all, got {positions!r}")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
     loaded = load_task_vectors(base, experts, placement)
     model, tokenizer, theta, vectors = loaded.model, loaded.tokenizer, loaded.base, loaded.vectors
-    prompts = read_prompts(data, tokenizer, split=split, samples=samples, seed=seed)
+    prompts = read_prompts(data, tokenizer, split=settings.split, samples=settings.samples, seed=settings.seed)
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
-        found = [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, batch_size)], max_tokens)
-                 for texts in prompts]
-        if positions == "last":
+        found = [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, settings.batch_size)],
+                          settings.max_tokens) for texts in prompts]
+        if settings.positions == "last":
             found = [{**batch, "entropy_mask": last_positions(batch["attention_mask"])} for batch in found]
         return [on_device(batch, model) for batch in found]
 
-    result = learn_coefficients(model, theta, vectors, batches, granularity=granularity, steps=steps, lr=lr,
-                                init=init, on_step=on_step)
+    result = learn_coefficients(model, theta, vectors, batches, granularity=settings.granularity,
+                                steps=settings.steps, lr=settings.lr, init=settings.init, on_step=on_step)
     recipe = task_arithmetic_recipe(result.coefficients, str(base), [str(expert) for expert in experts])
     done = merge(recipe, out, options=options)
     (done / "adamerging.yml").write_text(yaml.safe_dump({
-        **recipe, "adamerging": {"granularity": granularity, "steps": steps, "lr": lr, "init": init,
-                                 "positions": positions,
+        **recipe, "adamerging": {"granularity": settings.granularity, "steps": settings.steps, "lr": settings.lr,
+                                 "init": settings.init, "positions": settings.positions,
                                  "data": list(data), "first_entropy": result.first_entropy,
                                  "last_entropy": result.last_entropy}}, sort_keys=False), encoding="utf-8")
     return done, result

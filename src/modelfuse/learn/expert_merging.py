@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import Field
 
 from modelfuse.calibrate.data import CalibrationText, tokenize
 from modelfuse.engine import merge
@@ -39,6 +40,7 @@ from modelfuse.learn._common import check_experts_and_data, load_task_vectors, r
 from modelfuse.learn.adamerging import Coefficients, task_arithmetic_recipe
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, on_device
+from modelfuse.settings import Settings as BaseSettings
 
 
 def chunk_sizes(numel: int, chunks: int) -> list[int]:
@@ -151,36 +153,35 @@ def alignment_loss(model: torch.nn.Module, parameters: Mapping[str, torch.Tensor
     return loss
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The objective's and optimizer's settings."""
+class ExpertMergeSettings(BaseSettings):
+    """The objective's and optimizer's settings, and how much data ``expert-merge`` reads."""
 
-    steps: int = 50
-    lr: float = 0.1
-    init: float = 0.3
-    gamma: float = 0.8
-    temperature: float = 1.0
-    hidden_weight: float = 1.0
+    steps: int = Field(50, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    init: float = Field(0.3, gt=0.0, lt=1.0)
+    gamma: float = Field(0.8, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    hidden_weight: float = Field(1.0, ge=0.0)
     hidden_layers: tuple[int, ...] | None = None  # None: the middle layer
     task_weights: tuple[float, ...] | None = None  # None: 1 each
-    chunk_budget: int | None = None  # Expert Merging++: B (None: plain Expert Merging)
-    kappa: float = 1.0
+    chunk_budget: int | None = Field(None, ge=1)  # Expert Merging++: B (None: plain Expert Merging)
+    kappa: float = Field(1.0, ge=0.0)
+    samples: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_tokens: int = Field(128, ge=1)
+    respond_tokens: int = Field(16, ge=0)
+    split: str = "train"
+    seed: int = 0
 
     def check(self, tasks: int) -> None:
-        """Raises RecipeError for a value out of range."""
-        if self.steps < 1 or self.lr <= 0 or not 0.0 < self.init < 1.0:
-            raise RecipeError("--steps must be >= 1, --lr > 0 and --init in (0, 1)")
-        if self.gamma < 0 or self.temperature <= 0 or self.hidden_weight < 0 or self.kappa < 0:
-            raise RecipeError("--gamma, --hidden-weight and --kappa must be >= 0 and --temperature > 0")
+        """Raises RecipeError unless there is one non-negative task weight per expert (when given)."""
         if self.task_weights is not None and (len(self.task_weights) != tasks or min(self.task_weights) < 0):
             raise RecipeError(f"--task-weight: give {tasks} non-negative values, one per expert")
-        if self.chunk_budget is not None and self.chunk_budget < 1:
-            raise RecipeError("--chunk-budget must be >= 1")
 
 
 def objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
               task_vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: ChunkedCoefficients,
-              targets: Sequence[Alignment], settings: Settings, layers: Sequence[int]) -> torch.Tensor:
+              targets: Sequence[Alignment], settings: ExpertMergeSettings, layers: Sequence[int]) -> torch.Tensor:
     """The Expert Merging loss on one aligned batch per task."""
     parameters = merged_parameters(base, task_vectors, coefficients)
     weights = settings.task_weights or (1.0,) * len(targets)
@@ -224,7 +225,7 @@ class ExpertMergingResult:
 
 def learn(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
           task_vectors: Sequence[Mapping[str, torch.Tensor]], targets: Callable[[int], Sequence[Alignment]],
-          settings: Settings, layers: Sequence[int], *, on_step: Callable[[int, float], None] | None = None,
+          settings: ExpertMergeSettings, layers: Sequence[int], *, on_step: Callable[[int, float], None] | None = None,
           ) -> ExpertMergingResult:
     """Stage 1 (per-tensor coefficients) and, with a chunk budget, stage 2 (importance-guided chunks); Adam on
     the pre-sigmoid coefficients, ``targets(step)`` giving one aligned batch per task."""
@@ -285,14 +286,8 @@ def expert_merge(
     experts: Sequence[str | Path],
     data: Sequence[str],
     out: str | Path,
+    settings: ExpertMergeSettings | None = None,
     *,
-    settings: Settings | None = None,
-    samples: int = 8,
-    batch_size: int = 4,
-    max_tokens: int = 128,
-    respond_tokens: int = 16,
-    split: str = "train",
-    seed: int = 0,
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
     placement: Placement = CPU_FLOAT32,
@@ -311,11 +306,9 @@ def expert_merge(
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
 
-    settings = settings or Settings()
+    settings = settings or ExpertMergeSettings()
     check_experts_and_data(experts, data)
     settings.check(len(experts))
-    if respond_tokens < 0:
-        raise RecipeError("--respond-tokens must be >= 0")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
     loaded = load_task_vectors(base, experts, placement)
@@ -325,23 +318,24 @@ def expert_merge(
     if any(not 0 <= layer <= layer_count for layer in layers):
         raise RecipeError(f"--hidden-layer: the model's hidden states are numbered 0..{layer_count} "
                           f"(0 = embeddings), got {list(layers)}")
-    prompts = read_prompts(data, loaded.tokenizer, split=split, samples=samples, seed=seed)
-    if respond_tokens:
+    prompts = read_prompts(data, loaded.tokenizer, split=settings.split, samples=settings.samples, seed=settings.seed)
+    if settings.respond_tokens:
         prompts = [_respond(loaded.model, loaded.tokenizer,
                             {name: value + vectors[name] for name, value in loaded.base.items()}, texts,
-                            respond_tokens) for vectors, texts in zip(loaded.vectors, prompts, strict=True)]
+                            settings.respond_tokens) for vectors, texts in zip(loaded.vectors, prompts, strict=True)]
     aligned = []
     for vectors, texts in zip(loaded.vectors, prompts, strict=True):
         batches = [on_device(tokenize(loaded.tokenizer, [CalibrationText(text) for text in
-                                               texts[start:start + batch_size]], max_tokens), loaded.model)
-                   for start in range(0, len(texts), batch_size)]
+                                               texts[start:start + settings.batch_size]], settings.max_tokens),
+                                     loaded.model)
+                   for start in range(0, len(texts), settings.batch_size)]
         aligned.append([expert_alignment(loaded.model, loaded.base, vectors, dict(batch), layers,
                                          settings.temperature) for batch in batches])
     result = learn(loaded.model, loaded.base, loaded.vectors,
                    lambda step: [batches[step % len(batches)] for batches in aligned], settings, layers,
                    on_step=on_step)
-    record: dict[str, Any] = {"settings": {**settings.__dict__, "hidden_layers": list(layers)}, "data": list(data),
-                              "samples": samples, "respond_tokens": respond_tokens,
+    record: dict[str, Any] = {"settings": {**settings.model_dump(), "hidden_layers": list(layers)}, "data": list(data),
+                              "samples": settings.samples, "respond_tokens": settings.respond_tokens,
                               "losses": [list(pair) for pair in result.losses]}
     if result.chunks is None:
         alphas = torch.cat([result.coefficients.alphas(i).detach() for i in range(len(loaded.base))], dim=1)

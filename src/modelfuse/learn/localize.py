@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import Field
 
 from modelfuse.calibrate.data import read_texts, tokenize
 from modelfuse.errors import RecipeError
@@ -29,6 +30,7 @@ from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, save_merged, window
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, on_device
+from modelfuse.settings import Settings
 
 
 def initial_scores(vectors: Mapping[str, torch.Tensor], init_density: float, bias: float) -> dict[str, torch.Tensor]:
@@ -116,24 +118,30 @@ def learn_mask(model: torch.nn.Module, base: Mapping[str, torch.Tensor], vectors
     return top_fraction(scores, density), (history[0], history[-1])
 
 
+class LocalizeSettings(Settings):
+    """How ``localize`` learns each expert's mask, and on how many labeled examples."""
+
+    density: float = Field(0.01, gt=0.0, le=1.0)
+    init_density: float = Field(0.01, gt=0.0, le=1.0)
+    score_bias: float = Field(3.0, gt=0.0)
+    shots: int = Field(32, ge=1)
+    steps: int = Field(50, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    l1: float = Field(1.0, ge=0.0)
+    batch_size: int = Field(4, ge=1)
+    max_tokens: int = Field(256, ge=1)
+    split: str = "train"
+    seed: int = 0
+    save_masks: bool = False
+
+
 def localize_and_stitch(
     base: str | Path,
     experts: Sequence[str | Path],
     data: Sequence[str],
     out: str | Path,
+    settings: LocalizeSettings | None = None,
     *,
-    density: float = 0.01,
-    init_density: float = 0.01,
-    score_bias: float = 3.0,
-    shots: int = 32,
-    steps: int = 50,
-    lr: float = 0.1,
-    l1: float = 1.0,
-    batch_size: int = 4,
-    max_tokens: int = 256,
-    split: str = "train",
-    seed: int = 0,
-    save_masks: bool = False,
     options: MergeOptions | None = None,
     on_step: Callable[[int, float], None] | None = None,
     placement: Placement = CPU_FLOAT32,
@@ -148,28 +156,26 @@ def localize_and_stitch(
         TaskError: For unusable data or models.
         ShapeMismatchError: If an expert lacks a parameter of the base or has another shape.
     """
-
+    settings = settings or LocalizeSettings()
     check_experts_and_data(experts, data)
-    if not (0 < density <= 1 and 0 < init_density <= 1) or steps < 1 or lr <= 0 or l1 < 0 or score_bias <= 0:
-        raise RecipeError("--density and --init-density must be in (0, 1], --steps >= 1, --lr > 0, --l1 >= 0, "
-                          "--score-bias > 0")
     out = Path(out)
     check_output_location(out, [Path(base), *map(Path, experts)], overwrite=(options or MergeOptions()).overwrite)
     loaded = load_task_vectors(base, experts, placement)
     masks, losses = [], []
     for index, (vectors, spec) in enumerate(zip(loaded.vectors, data, strict=True)):
-        examples = read_texts(spec, loaded.tokenizer, split=split, limit=shots, seed=seed)
+        examples = read_texts(spec, loaded.tokenizer, split=settings.split, limit=settings.shots, seed=settings.seed)
         if not any(example.continuation for example in examples):
             raise RecipeError(f"{spec}: Localize-and-Stitch learns its masks on labeled examples; give a task "
                               "whose examples have answers (rg:NAME or a task .jsonl)")
 
         def batches(step: int, examples: Any = examples) -> dict[str, torch.Tensor]:
-            return on_device(tokenize(loaded.tokenizer, window(examples, step, batch_size), max_tokens), loaded.model)
+            return on_device(tokenize(loaded.tokenizer, window(examples, step, settings.batch_size),
+                                      settings.max_tokens), loaded.model)
 
-        mask, loss = learn_mask(loaded.model, loaded.base, vectors, batches, density=density,
-                                init_density=init_density, bias=score_bias, steps=steps, lr=lr, l1=l1,
-                                on_step=None if on_step is None else
-                                (lambda step, value, index=index: on_step(index * steps + step, value)))
+        mask, loss = learn_mask(loaded.model, loaded.base, vectors, batches, density=settings.density,
+                                init_density=settings.init_density, bias=settings.score_bias, steps=settings.steps,
+                                lr=settings.lr, l1=settings.l1, on_step=None if on_step is None else
+                                (lambda step, value, index=index: on_step(index * settings.steps + step, value)))
         masks.append(mask)
         losses.append(loss)
     total = sum(value.numel() for value in loaded.base.values())
@@ -177,18 +183,18 @@ def localize_and_stitch(
     localized = sum(int((count > 0).sum()) for count in covered.values())
     result = LocalizeResult(losses, [sum(int(m.sum()) for m in mask.values()) / total for mask in masks],
                             sum(int((count > 1).sum()) for count in covered.values()) / max(1, localized))
-    settings = {"density": density, "init_density": init_density, "score_bias": score_bias, "shots": shots,
-                "steps": steps, "lr": lr, "l1": l1, "batch_size": batch_size}
+    recorded = settings.model_dump(include={"density", "init_density", "score_bias", "shots", "steps", "lr", "l1",
+                                            "batch_size"})
 
     def extra(folder: Path) -> None:
-        if save_masks:
+        if settings.save_masks:
             from safetensors.torch import save_file
 
             save_file({f"{k}.{name}": mask[name].to(torch.uint8).contiguous() for k, mask in enumerate(masks)
                        for name in mask}, folder / "masks.safetensors")
         (folder / "localize.yml").write_text(yaml.safe_dump({
             "method": "localize_stitch (learned masks)", "base": str(base), "models": [str(e) for e in experts],
-            "data": list(data), "settings": settings, "losses": [list(pair) for pair in losses],
+            "data": list(data), "settings": recorded, "losses": [list(pair) for pair in losses],
             "densities": result.densities, "overlap": result.overlap}, sort_keys=False), encoding="utf-8")
 
     save_merged(loaded, stitch(loaded.base, loaded.vectors, masks), out, extra)

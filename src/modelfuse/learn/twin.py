@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
@@ -41,6 +42,7 @@ from modelfuse.io.writer import StagingFolder, check_output_location
 from modelfuse.learn._common import check_experts_and_data
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, load_model, on_device
+from modelfuse.settings import Settings
 
 log = logging.getLogger(__name__)
 FORMAT = "modelfuse-twin"
@@ -349,20 +351,41 @@ class TwinReport:
     storage: dict[str, int | float]
 
 
+class TwinSettings(Settings):
+    """How ``twin`` compresses each expert's exclusive knowledge and trains the router."""
+
+    rank: int | Literal["full"] = 64
+    shared_weight: float = 0.3
+    router_samples: int = Field(32, ge=1)
+    router_split: str = "validation"
+    router_steps: int = Field(300, ge=1)
+    max_tokens: int = Field(128, ge=1)
+    seed: int = 0
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, value: object) -> int | str:
+        text = str(value).strip()
+        if text == "full":
+            return "full"
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError("a positive integer or 'full'")
+        return int(text)
+
+    @property
+    def kept_rank(self) -> int | None:
+        """The rank of the SVD factors, None at full rank (exact)."""
+        return None if self.rank == "full" else int(self.rank)
+
+
 def build_twin(
     base: str | Path,
     experts: Sequence[str | Path],
     data: Sequence[str],
     out: str | Path,
+    settings: TwinSettings | None = None,
     *,
-    rank: int | None = 64,
     shared: str | Path | None = None,
-    shared_weight: float = 0.3,
-    router_samples: int = 32,
-    router_split: str = "validation",
-    router_steps: int = 300,
-    max_tokens: int = 128,
-    seed: int = 0,
     options: MergeOptions | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
     placement: Placement = CPU_FLOAT32,
@@ -377,11 +400,10 @@ def build_twin(
         TaskError: For unusable data or models.
     """
 
+    settings = settings or TwinSettings()
     check_experts_and_data(experts, data)
     if len(experts) < 2:
         raise RecipeError("Twin-Merging needs at least two experts")
-    if rank is not None and rank < 1:
-        raise RecipeError(f"--rank: a positive integer or 'full', got {rank}")
     options = options or MergeOptions()
     out = Path(out)
     inputs = [Path(base), *map(Path, experts), *([Path(shared)] if shared else [])]
@@ -390,7 +412,7 @@ def build_twin(
         shared_folder = staging.path / "shared"
         if shared is None:
             merge({"method": "task_arithmetic", "base": str(base), "dtype": "float32",
-                             "parameters": {"lam": shared_weight},
+                             "parameters": {"lam": settings.shared_weight},
                              "models": [{"path": str(expert)} for expert in experts]}, shared_folder,
                             options=MergeOptions(overwrite=True))
         else:
@@ -410,7 +432,7 @@ def build_twin(
                 if name not in checkpoint or checkpoint[name].shape != shared_checkpoint[name].shape:
                     raise ShapeMismatchError(f"{expert}: lacks {name!r} of the shared model or has another shape")
                 delta = checkpoint.read(name).to(torch.float32) - shared_checkpoint.read(name).to(torch.float32)
-                for part, value in compress(delta, rank).items():
+                for part, value in compress(delta, settings.kept_rank).items():
                     stored[f"{name}.{part}"] = value
                     counts["exclusive"] += value.numel()
                 if on_tensor is not None:
@@ -422,14 +444,15 @@ def build_twin(
         with torch.no_grad():
             for index, spec in enumerate(data):
                 texts = [CalibrationText(text.context) for text in read_texts(
-                    spec, tokenizer, split=router_split, limit=router_samples, seed=seed)]
+                    spec, tokenizer, split=settings.router_split, limit=settings.router_samples,
+                    seed=settings.seed)]
                 for start in range(0, len(texts), 8):
-                    batch = on_device(tokenize(tokenizer, texts[start:start + 8], max_tokens), model)
+                    batch = on_device(tokenize(tokenizer, texts[start:start + 8], settings.max_tokens), model)
                     features.append(mean_hidden(model, batch["input_ids"], batch["attention_mask"]).cpu())
                     labels += [index] * len(texts[start:start + 8])
         hidden = 2 * features[0].shape[1]
         router, accuracy = train_router(torch.cat(features), torch.tensor(labels), len(experts), hidden=hidden,
-                                        steps=router_steps, seed=seed)
+                                        steps=settings.router_steps, seed=settings.seed)
         save_file({key: value.contiguous() for key, value in router.state_dict().items()},
                   staging.path / "router.safetensors")
         counts["router"] = sum(p.numel() for p in router.parameters())
@@ -439,10 +462,11 @@ def build_twin(
         storage["ratio"] = round(storage["total"] / experts_full, 4)
         (staging.path / CONFIG).write_text(json.dumps({
             "format": FORMAT, "version": 1, "experts": [str(expert) for expert in experts], "base": str(base),
-            "shared": str(shared) if shared else {"method": "task_arithmetic", "lam": shared_weight},
-            "rank": rank, "router": {"features": features[0].shape[1], "hidden": hidden, "data": list(data),
-                                     "split": router_split, "samples": router_samples, "steps": router_steps,
-                                     "accuracy": accuracy},
+            "shared": str(shared) if shared else {"method": "task_arithmetic", "lam": settings.shared_weight},
+            "rank": settings.kept_rank, "router": {"features": features[0].shape[1], "hidden": hidden,
+                                                   "data": list(data), "split": settings.router_split,
+                                                   "samples": settings.router_samples, "steps": settings.router_steps,
+                                                   "accuracy": accuracy},
             "storage": storage}, indent=2) + "\n", encoding="utf-8")
         staging.commit()
     return TwinReport(out, accuracy, storage)
