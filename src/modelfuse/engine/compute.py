@@ -10,7 +10,7 @@ import torch
 
 from modelfuse.engine.buffers import READ_BUFFER, RESULT_BUFFER
 from modelfuse.engine.finite import FiniteCheck, all_finite, all_finite_inputs
-from modelfuse.engine.prepass import topk_thresholds
+from modelfuse.engine.prepass import topk_thresholds, whole_tensor_thresholds
 from modelfuse.engine.units import WorkUnit
 from modelfuse.errors import ModelfuseError
 from modelfuse.io.writer import ShardWriter
@@ -145,6 +145,12 @@ def _compute_piece(
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
                                    "statistics": _statistics(job, plan, compute_dtype, device)}
+    if (thresholds is None and rows is None and job.method.topk is not None and base is not None
+            and compute_dtype == torch.float32):
+        # A whole tensor: its thresholds here, so the engine hands the method its masks as for row blocks (the
+        # same selection rule; a float64 computation leaves the method to select by itself, exactly).
+        thresholds = whole_tensor_thresholds(job, tensors, base)
+        equal_before = [[0] * len(model) for model in thresholds]
     if thresholds is not None and equal_before is not None and base is not None:
         context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before)
                                  for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,

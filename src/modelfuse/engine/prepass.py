@@ -3,6 +3,8 @@ passes before the tensor's element-wise pass."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from modelfuse.engine.buffers import SELECTION_BUFFER, SELECTION_READ_BUFFER
@@ -60,3 +62,21 @@ def topk_thresholds(
 
 _SAMPLE_ELEMENTS = 1 << 17  # the pre-pass's sample: its sort costs more than a wider band saves
 _SAMPLE_BLOCKS = 256  # each sample block costs two reads: fewer, longer blocks than the kernel's default
+
+
+def whole_tensor_thresholds(job: TensorJob, tensors: Sequence[torch.Tensor], base: torch.Tensor
+                            ) -> list[list[TopkThreshold]]:
+    """Per model and top-k count of the job's method: the exact threshold of ``|tensor - base|`` for a tensor
+    held whole in memory (float32; on the CPU, whatever device the tensors are on), by the same selection as
+    :func:`topk_thresholds`: the k-th largest magnitude, entries equal to it kept in flat index order."""
+    assert job.method.topk is not None
+    numel = base.numel()
+    counts = job.method.topk(job.params, numel)
+    streams = [(model, k) for model, model_counts in enumerate(counts) for k in model_counts]
+    magnitudes = torch.stack([(tensor - base).abs().reshape(-1) for tensor in tensors]).cpu()  # [models, numel]
+    found = topk_kernel_thresholds(lambda start, stop: magnitudes[:, start:stop], numel, [k for _, k in streams],
+                                   chunk_elements=max(1, numel), rows=[model for model, _ in streams])
+    per_model: list[list[TopkThreshold]] = [[] for _ in tensors]
+    for (model, _), threshold in zip(streams, found, strict=True):
+        per_model[model].append(threshold)
+    return per_model

@@ -151,9 +151,12 @@ _METHODS: dict[str, MethodSpec] = {}
 # Keyword-only parameters a method may declare to receive per-tensor context from the engine:
 # depth (0 at the embeddings / first layer, 1 at the last layer / head), tensor_name, and topk_masks
 # (per model, the exact top-k masks of |theta_i - theta_base| as float32 ones and zeros, one per count the
-# method's `topk` gives, for the rows the call covers; None when the method is called on a whole tensor and
-# selects by itself), and statistics (per model, a dict of the calibration statistics the method declares,
-# each the model's statistic of this tensor or None where it has none; see modelfuse.calibrate).
+# method's `topk` gives, for the rows the call covers; the engine always passes them when it computes in float32,
+# whole tensors included; None only when a method is called directly or computes in float64, and then selects by
+# itself with `methods._steps.topk_mask`, by the same rule: the k-th largest magnitude is the threshold and
+# entries equal to it are kept in flat index order until k are kept), and statistics (per model, a dict of the
+# calibration statistics the method declares, each the model's statistic of this tensor or None where it has
+# none; see modelfuse.calibrate).
 CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks", "statistics")
 
 
