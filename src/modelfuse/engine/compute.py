@@ -89,8 +89,11 @@ def compute_tensor(
             and _plain_float32(plan)):
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
         # A fused sum is non-finite only where an input is (then recomputed below, after the check) or overflows.
-        if kernel(raw, raw_base, job.params, result) and (all_finite(result) or all_finite_inputs(raw, raw_base)):
-            return finite.output(result)
+        if kernel(raw, raw_base, job.params, result):
+            if all_finite(result):  # checked once: finite.output would only check it again
+                return result
+            if all_finite_inputs(raw, raw_base):  # finite inputs, non-finite sum: an overflow, refused there
+                return finite.output(result)
     # On the CPU, pieces that fit the cache; on an accelerator, the whole block in one go (each operation is one
     # kernel launch, so fewer, larger ones are faster).
     step = max(1, PIECE_ELEMENTS // max(1, row_elements)) if device.type == "cpu" else count
