@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -204,3 +207,93 @@ def test_write_failure_names_the_shard(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(OutputError, match=r"model\.safetensors: cannot write the shard \(No space left"):
         fresh.write_rows("a", 0, tensors["a"])
     fresh.abort()
+
+
+def _direct_io_allowed(folder: Path) -> bool:
+    """Whether the file system under ``folder`` opens files with O_DIRECT (tmpfs does not)."""
+    probe = folder / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+    except (OSError, AttributeError):
+        return False
+    finally:
+        probe.unlink()
+    return True
+
+
+def large_tensors() -> dict[str, torch.Tensor]:
+    """Tensors whose row blocks cover whole pages (4096-byte rows, over two staging chunks) and ones that do not."""
+    generator = torch.Generator().manual_seed(1)
+    return {"aligned": torch.randn(1100, 1024, generator=generator),  # 4.5 MB, 4096-byte rows
+            "odd": torch.randn(257, 33, generator=generator).to(torch.bfloat16),  # 66-byte rows
+            "vector": torch.randn(5001, generator=generator).to(torch.float16),
+            "after": torch.randn(300, 700, generator=generator)}  # starts at an odd offset
+
+
+def write_in_random_blocks(folder: Path, tensors: dict[str, torch.Tensor], *, direct: bool) -> ShardWriter:
+    """Write ``tensors`` as shuffled row blocks of 1 to 400 rows from 3 threads."""
+    folder.mkdir()
+    writer = ShardWriter(folder, slots_of(tensors), 1 << 30, direct=direct)
+    rng = random.Random(2)
+    blocks = []
+    for name, tensor in tensors.items():
+        start = 0
+        while start < tensor.shape[0]:
+            rows = rng.randint(1, 400)
+            blocks.append((name, start, tensor[start:start + rows].clone()))
+            start += rows
+    rng.shuffle(blocks)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(lambda item: writer.write_rows(*item), blocks))
+    writer.close()
+    return writer
+
+
+def test_direct_writes_give_the_bytes_of_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole pages written with O_DIRECT, partial ones through the page cache: the file equals a buffered write's."""
+    if not _direct_io_allowed(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system refuses O_DIRECT")
+    import modelfuse.io.writer as writer_module
+
+    direct_bytes = []
+    original = writer_module.ShardWriter._write_direct
+
+    def counting(self: ShardWriter, buffered: int, direct: int, data: memoryview, position: int) -> bool:
+        used = original(self, buffered, direct, data, position)
+        direct_bytes.append(data.nbytes if used else 0)
+        return used
+
+    monkeypatch.setattr(writer_module.ShardWriter, "_write_direct", counting)
+    tensors = large_tensors()
+    writer = write_in_random_blocks(tmp_path / "direct", tensors, direct=True)
+    write_in_random_blocks(tmp_path / "buffered", tensors, direct=False)
+    assert writer.direct and sum(direct_bytes) > 4_000_000  # the aligned tensor went past the page cache
+    header = (tmp_path / "direct" / SINGLE_FILE).read_bytes()[:8]
+    assert (8 + int.from_bytes(header, "little")) % 4096 == 0  # tensor data starts on a page
+    assert (tmp_path / "direct" / SINGLE_FILE).read_bytes() == (tmp_path / "buffered" / SINGLE_FILE).read_bytes()
+    loaded = load_file(tmp_path / "direct" / SINGLE_FILE)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_direct_write_refused_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that opens with O_DIRECT but refuses the write (EINVAL) still gets every byte, buffered."""
+    if not _direct_io_allowed(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system refuses O_DIRECT")
+    import modelfuse.io.writer as writer_module
+
+    refused = []
+    real_pwrite = os.pwrite
+
+    def pwrite(descriptor: int, data: memoryview, offset: int) -> int:
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(descriptor, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    tensors = large_tensors()
+    writer = write_in_random_blocks(tmp_path / "out", tensors, direct=True)
+    assert refused and not writer.direct
+    loaded = load_file(tmp_path / "out" / SINGLE_FILE)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())

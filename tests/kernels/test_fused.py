@@ -178,6 +178,10 @@ def test_bf16_kernel_declines_what_it_does_not_handle() -> None:
     out = torch.empty(100, dtype=torch.bfloat16)
     overflowing = [torch.full((100,), 3e38, dtype=torch.bfloat16)] * 2
     assert not fused.affine_bf16(overflowing, None, [1.0, 1.0], 1.0, 1.0, out)  # inf: the torch path reports it
+    largest = torch.full((100,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)
+    sum_fp32 = largest.float() * 1.00390625  # finite in float32, infinite once rounded to bfloat16
+    assert torch.isfinite(sum_fp32).all() and torch.isinf(sum_fp32.to(torch.bfloat16)).all()
+    assert not fused.affine_bf16([largest, largest], None, [1.0, 0.00390625], 1.0, 1.0, out)
     assert not fused.affine_bf16([e.float() for e in experts], None, [1.0, 1.0], 1.0, 1.0, out)
     assert not fused.affine_bf16(experts, None, [1.0], 1.0, 1.0, out)
     assert not fused.affine_bf16(experts, None, [1.0, 1.0], 1.0, 1.0, out.float())

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from modelfuse.engine.buffers import READ_BUFFER, RESULT_BUFFER
-from modelfuse.engine.finite import FiniteCheck, all_finite, all_finite_inputs
+from modelfuse.engine.finite import FiniteCheck
 from modelfuse.engine.prepass import topk_thresholds, whole_tensor_thresholds
 from modelfuse.engine.units import WorkUnit
 from modelfuse.errors import ModelfuseError
@@ -88,12 +88,10 @@ def compute_tensor(
     if (kernel is not None and device.type == "cpu" and thresholds is None and job.dtype == torch.bfloat16
             and _plain_float32(plan)):
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
-        # A fused sum is non-finite only where an input is (then recomputed below, after the check) or overflows.
+        # The kernel accepts only a result that is finite (so were its inputs: NaN and Inf propagate through
+        # a weighted sum); any other block is recomputed below, where the inputs and the result are checked.
         if kernel(raw, raw_base, job.params, result):
-            if all_finite(result):  # checked once: finite.output would only check it again
-                return result
-            if all_finite_inputs(raw, raw_base):  # finite inputs, non-finite sum: an overflow, refused there
-                return finite.output(result)
+            return result
     # On the CPU, pieces that fit the cache; on an accelerator, the whole block in one go (each operation is one
     # kernel launch, so fewer, larger ones are faster).
     step = max(1, PIECE_ELEMENTS // max(1, row_elements)) if device.type == "cpu" else count

@@ -15,10 +15,6 @@ from modelfuse.plan import MergePlan, Source, TensorJob
 log = logging.getLogger(__name__)
 
 
-def all_finite_inputs(raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None) -> bool:
-    return all(all_finite(tensor) for tensor in [*raw, *([raw_base] if raw_base is not None else [])])
-
-
 _warned_lock = threading.Lock()
 
 

@@ -267,7 +267,8 @@ def _affine_bf16_loop(
     lam: np.float32,
     out: np.ndarray,
 ) -> int:
-    """The loop of :func:`affine_bf16` on bfloat16 bit patterns (uint16); returns how many results are not finite.
+    """The loop of :func:`affine_bf16` on bfloat16 bit patterns (uint16); returns how many results are not finite
+    (in float32, or once rounded to bfloat16).
 
     Works through the elements in batches: bfloat16 is the upper half of a float32, so a batch is widened
     into uint32 scratch viewed as float32, and results are rounded back by their bits (round to nearest even).
@@ -311,6 +312,9 @@ def _affine_bf16_loop(
         out_batch = out[start : start + size]
         for j in range(size):
             word = total_bits[j]
-            nonfinite += 1 if (word & np.uint32(0x7F800000)) == np.uint32(0x7F800000) else 0
-            out_batch[j] = np.uint16((word + np.uint32(0x7FFF) + ((word >> shift) & np.uint32(1))) >> shift)
+            rounded = np.uint16((word + np.uint32(0x7FFF) + ((word >> shift) & np.uint32(1))) >> shift)
+            # not finite in float32, or rounded up to infinity in bfloat16
+            nonfinite += 1 if ((word & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+                               or (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)) else 0
+            out_batch[j] = rounded
     return nonfinite

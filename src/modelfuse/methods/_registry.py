@@ -106,7 +106,8 @@ class ParamSpec:
 
 # topk(params, numel) -> per model, the top-k counts of |theta_i - theta_base| a method selects by.
 TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
-# bf16_kernel(tensors, base, params, out) -> whether it computed the method on bfloat16 inputs into ``out``.
+# bf16_kernel(tensors, base, params, out) -> whether it computed the method on bfloat16 inputs into ``out`` and
+# every result is finite (on False the engine recomputes the block with the checked torch steps).
 Bf16Kernel = Callable[..., bool]
 # working_bytes(shape, models) -> memory a whole-tensor call holds beyond its inputs, outputs and statistics.
 WorkingBytes = Callable[[tuple[int, ...], int], int]
