@@ -39,11 +39,13 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import mmap
 import os
 import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -503,60 +505,89 @@ def _read_all(files: Iterable[Path], buffer: bytearray) -> int:
 
 @dataclass
 class IoFloor:
-    """Page-cache read time per model folder and write time of one output-sized file."""
+    """Page-cache read time per model folder and write time of one output-sized file (medians of the repeats)."""
 
     read_s: dict[str, float] = field(default_factory=dict)
     read_bytes: dict[str, int] = field(default_factory=dict)
     write_bytes: int = 0
-    write_s: float = 0.0  # write + close, no fsync
-    fsync_s: float = 0.0  # the fsync after that write, timed alone
-    write_all_s: list[float] = field(default_factory=list)  # every repeat's write + close: they vary on a VM
+    buffered_all_s: list[float] = field(default_factory=list)  # write + close, no fsync, every repeat
+    fsync_all_s: list[float] = field(default_factory=list)  # the fsync after each buffered write, timed alone
+    direct_all_s: list[float] = field(default_factory=list)  # O_DIRECT write + close (durable), every repeat
     startup_s: float = 0.0  # `python -c "import torch, safetensors"`: not part of the floor, shown for context
 
+    @property
+    def write_s(self) -> float:
+        """The faster way to write one output: median buffered write (no fsync) or median direct write."""
+        medians = [statistics.median(values) for values in (self.buffered_all_s, self.direct_all_s) if values]
+        return min(medians) if medians else 0.0
+
     def floor(self, inputs: Iterable[str]) -> float:
-        """Read time of ``inputs`` plus the write time (no fsync) of one output."""
+        """Read time of ``inputs`` plus the write time of one output."""
         return sum(self.read_s[name] for name in inputs) + self.write_s
 
 
+def _write_file(target: Path, size: int, chunk: memoryview, *, direct: bool) -> tuple[float, float]:
+    """Write ``size`` bytes to a new ``target``: (write + close seconds without the fsync, fsync seconds)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    start = time.perf_counter()
+    descriptor = os.open(target, flags, 0o644)
+    left = size
+    while left > 0:
+        left -= os.write(descriptor, chunk[: min(left, len(chunk))])
+    written = time.perf_counter()
+    synced = written
+    if not direct:
+        os.fsync(descriptor)
+        synced = time.perf_counter()
+    os.close(descriptor)
+    return written - start + (time.perf_counter() - synced), synced - written
+
+
 def measure_io_floor(models: dict[str, Path], workdir: Path, repeats: int) -> IoFloor:
-    """Time reads of each model's shards from a warm page cache, and one output-sized write (best of ``repeats``)."""
+    """Time reads of each model's shards from a warm page cache and one output-sized write, ``repeats`` times.
+
+    Writes vary several-fold from one try to the next on a virtual machine, so the floor takes medians:
+    of buffered writes (write + close, the fsync timed apart) and of direct writes (``O_DIRECT``, which
+    need no fsync), each started after ``sync`` with the previous file deleted, the faster of the two.
+    """
     buffer = bytearray(64 * MIB)
     result = IoFloor()
     for name, folder in models.items():
         files = sorted(folder.glob("*.safetensors"))
         _read_all(files, buffer)  # warm the page cache, untimed
-        best = math.inf
+        times = []
         for _ in range(repeats):
             start = time.perf_counter()
             result.read_bytes[name] = _read_all(files, buffer)
-            best = min(best, time.perf_counter() - start)
-        result.read_s[name] = best
+            times.append(time.perf_counter() - start)
+        result.read_s[name] = statistics.median(times)
     size = result.write_bytes = dir_bytes(models["base"])
-    chunk = memoryview(os.urandom(64 * MIB))
+    chunk = memoryview(mmap.mmap(-1, 64 * MIB))  # page-aligned, as O_DIRECT needs
+    chunk[:] = os.urandom(64 * MIB)
     target = workdir / "io_floor_write.bin"
-    best_write = best_fsync = math.inf
+    direct = hasattr(os, "O_DIRECT")
     for _ in range(repeats):
-        target.unlink(missing_ok=True)
-        start = time.perf_counter()
-        with open(target, "wb", buffering=0) as handle:
-            left = size
-            while left > 0:
-                left -= handle.write(chunk[: min(left, len(chunk))])
-            written = time.perf_counter()
-            os.fsync(handle.fileno())
-            synced = time.perf_counter()
-        closed = time.perf_counter()
-        result.write_all_s.append(written - start + (closed - synced))
-        best_write = min(best_write, result.write_all_s[-1])
-        best_fsync = min(best_fsync, synced - written)
-        target.unlink()
-    result.write_s, result.fsync_s = best_write, best_fsync
-    best_start = math.inf
+        for kind in ("buffered", "direct") if direct else ("buffered",):
+            target.unlink(missing_ok=True)
+            os.sync()
+            try:
+                write_s, fsync_s = _write_file(target, size // 4096 * 4096 if kind == "direct" else size, chunk,
+                                               direct=kind == "direct")
+            except OSError:  # a file system that refuses O_DIRECT
+                direct = False
+                continue
+            if kind == "direct":
+                result.direct_all_s.append(write_s)
+            else:
+                result.buffered_all_s.append(write_s)
+                result.fsync_all_s.append(fsync_s)
+    target.unlink(missing_ok=True)
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch, safetensors"], check=True)
-        best_start = min(best_start, time.perf_counter() - start)
-    result.startup_s = best_start
+        times.append(time.perf_counter() - start)
+    result.startup_s = statistics.median(times)
     return result
 
 
@@ -608,12 +639,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _best(runs: list[RunResult]) -> tuple[float, int] | None:
-    """(fastest wall time, highest peak RSS) over the successful runs; None when none succeeded."""
+def _median(runs: list[RunResult]) -> tuple[float, int] | None:
+    """(median wall time, highest peak RSS) over the successful runs; None when none succeeded."""
     good = [r for r in runs if r.ok]
     if not good:
         return None
-    return min(r.wall_s for r in good), max(r.peak_rss_bytes for r in good)
+    return statistics.median(r.wall_s for r in good), max(r.peak_rss_bytes for r in good)
 
 
 def _failure(runs: list[RunResult]) -> str:
@@ -666,15 +697,17 @@ def render_report(
         "- Peak RSS: the larger of the kernel high-water mark (each process's VmHWM, polled every 50 ms; it starts "
         "afresh at exec, unlike `wait4`'s ru_maxrss, which inherits the benchmark's own) and the polled sum of the "
         "process tree's VmRSS; it includes touched pages of memory-mapped inputs.",
-        "- I/O floor: read the method's inputs from the warm page cache + write one output-sized file "
-        "(buffered write + close, **without fsync**; fsync reported apart). Best of the I/O repeats.",
+        "- Wall time in the table: the median of the runs (every run is listed below).",
+        "- I/O floor: read the method's inputs from the warm page cache + write one output-sized file, the "
+        "faster of a buffered write + close (**without fsync**; fsync reported apart) and a direct (`O_DIRECT`) "
+        "write, which needs no fsync. Medians of the I/O repeats, each write started after `sync`.",
         "",
         "## Results",
         "",
     ]
     head = ["method"]
     for tool in tools:
-        head += [f"{tool} wall s", f"{tool} peak RSS GB"]
+        head += [f"{tool} wall s (median)", f"{tool} peak RSS GB"]
     if len(tools) == 2:
         head.append("speedup (mergekit / modelfuse)")
     head.append("I/O floor s")
@@ -688,7 +721,7 @@ def render_report(
         row = [label]
         wall: dict[str, float | None] = {}
         for tool in tools:
-            best = _best(runs.get((tool, label), []))
+            best = _median(runs.get((tool, label), []))
             wall[tool] = best[0] if best else None
             if best is None:
                 row += [_failure(runs.get((tool, label), [])), "–"]
@@ -712,14 +745,19 @@ def render_report(
     for key, seconds in io.read_s.items():
         nbytes = io.read_bytes[key]
         lines.append(f"| read {key} (page cache) | {nbytes / GB:.2f} | {seconds:.3f} | {nbytes / GB / seconds:.1f} |")
-    lines.append(
-        f"| write one output (write + close, no fsync) | {model_gb:.2f} | {io.write_s:.3f} "
-        f"| {model_gb / io.write_s:.1f} |"
-    )
-    lines.append(f"| fsync after that write (not in the floor) | {model_gb:.2f} | {io.fsync_s:.3f} | – |")
-    if len(io.write_all_s) > 1:
-        lines.append(f"| the write's repeats (the floor takes the best) | {model_gb:.2f} | "
-                     f"{', '.join(f'{value:.3f}' for value in io.write_all_s)} | – |")
+    def listed(values: list[float]) -> str:
+        return ", ".join(f"{value:.3f}" for value in values) or "–"
+
+    for what, values in [("buffered write + close, no fsync", io.buffered_all_s),
+                         ("direct (O_DIRECT) write + close", io.direct_all_s)]:
+        if values:
+            median = statistics.median(values)
+            lines.append(f"| write one output: {what} (median; the floor takes the faster) | {model_gb:.2f} | "
+                         f"{median:.3f} | {model_gb / median:.1f} |")
+            lines.append(f"| ... every repeat | {model_gb:.2f} | {listed(values)} | – |")
+    if io.fsync_all_s:
+        lines.append(f"| fsync after each buffered write (not in the floor) | {model_gb:.2f} | "
+                     f"{listed(io.fsync_all_s)} | – |")
     lines.append(
         f"| start-up: `python -c 'import torch, safetensors'` (not in the floor) | – | {io.startup_s:.3f} | – |"
     )
@@ -792,8 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-mergekit", action="store_true", help="same as --only modelfuse")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed (1800)")
     parser.add_argument("--rss-limit", type=float, help="kill a run whose process tree RSS exceeds this many GB")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and method; the fastest is reported")
-    parser.add_argument("--io-repeat", type=int, default=3, help="repeats of the I/O floor timings (best kept)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and method; the median is reported")
+    parser.add_argument("--mergekit-repeat", type=int, default=0,
+                        help="runs per method for mergekit when it should differ from --repeat (its runs are long)")
+    parser.add_argument("--io-repeat", type=int, default=5, help="repeats of the I/O floor timings (medians kept)")
     parser.add_argument("--modelfuse-args", default="", help='extra `modelfuse merge` options, e.g. "--threads 2"')
     parser.add_argument("--mergekit-args", default="", help="extra mergekit-yaml options")
     parser.add_argument("--verify-load", action="store_true", help="load the base with transformers (small sizes)")
@@ -847,7 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(
         "I/O floor: read "
         + ", ".join(f"{k} {v:.2f} s" for k, v in io.read_s.items())
-        + f"; write {io.write_s:.2f} s (+ fsync {io.fsync_s:.2f} s); python + torch start-up {io.startup_s:.2f} s"
+        + f"; write {io.write_s:.2f} s; python + torch start-up {io.startup_s:.2f} s"
     )
 
     recipe_dir = workdir / "recipes"
@@ -874,7 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe_path = recipe_dir / f"{name}.yml"
         recipe_path.write_text(text)
         for tool in tools:
-            for attempt in range(args.repeat):
+            repeat = args.mergekit_repeat if tool == "mergekit" and args.mergekit_repeat else args.repeat
+            for attempt in range(repeat):
                 out = out_root / f"{tool}-{name}"
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "modelfuse":
@@ -884,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe_path), str(out)]
                     command += ["--no-cuda", "--allow-crimes", "--no-copy-tokenizer", "--quiet"]
                     command += shlex.split(args.mergekit_args)
-                log(f"{tool} {label_m} (run {attempt + 1}/{args.repeat})")
+                log(f"{tool} {label_m} (run {attempt + 1}/{repeat})")
                 # Same start for every run: earlier outputs flushed, inputs back in the page cache (a previous
                 # run's memory use may have evicted them), untimed.
                 os.sync()

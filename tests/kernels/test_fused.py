@@ -187,6 +187,39 @@ def test_bf16_kernel_declines_what_it_does_not_handle() -> None:
     assert not fused.affine_bf16(experts, None, [1.0, 1.0], 1.0, 1.0, out.float())
 
 
+@needs_numba
+@pytest.mark.parametrize("models", [1, 3])
+def test_abs_deltas_bf16_equals_torch(models: int) -> None:
+    """The pre-pass's |expert - base| from bfloat16 bits equals torch's float32 steps, exact zeros and ties too."""
+    experts, base = _bf16_models(models, 10007, seed=11)
+    experts[0][::7] = base[::7]  # exact zeros in the task vector
+    out = torch.empty(models, 10007)
+    assert fused.abs_deltas_bf16(experts, base, out)
+    reference = torch.stack([(expert.float() - base.float()).abs() for expert in experts])
+    assert torch.equal(out, reference)
+    loop_out = torch.empty(models, 10007)
+    bits = tuple(e.view(torch.int16).numpy().view(np.uint16) for e in experts)
+    assert fused._abs_deltas_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16),
+                                       loop_out.reshape(-1).numpy()) == 0  # uncompiled, as numba compiles it
+    assert torch.equal(loop_out, reference)
+
+
+@needs_numba
+def test_abs_deltas_bf16_declines_nonfinite_and_other_inputs() -> None:
+    """NaN or Inf in any input, other dtypes or a wrong ``out``: False, so the checked torch steps run."""
+    experts, base = _bf16_models(2, 100, seed=2)
+    out = torch.empty(2, 100)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for bad in range(3):
+            tensors = [t.clone() for t in [*experts, base]]
+            tensors[bad][37] = value
+            assert not fused.abs_deltas_bf16(tensors[:2], tensors[2], out)
+    assert not fused.abs_deltas_bf16([e.float() for e in experts], base.float(), out)
+    assert not fused.abs_deltas_bf16(experts, base, torch.empty(3, 100))
+    assert not fused.abs_deltas_bf16(experts, base, torch.empty(2, 100, dtype=torch.float64))
+    assert fused.abs_deltas_bf16(experts, base, out)
+
+
 def test_bf16_loop_runs_uncompiled() -> None:
     experts, base = _bf16_models(2, 5000, seed=3)
     bits = tuple(e.view(torch.int16).numpy().view(np.uint16) for e in experts)

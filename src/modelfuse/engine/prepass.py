@@ -9,6 +9,7 @@ import torch
 
 from modelfuse.engine.buffers import SELECTION_BUFFER, SELECTION_READ_BUFFER
 from modelfuse.engine.finite import FiniteCheck, all_finite
+from modelfuse.kernels import fused
 from modelfuse.kernels.topk import TopkThreshold
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.plan import MergePlan, TensorJob
@@ -39,10 +40,15 @@ def topk_thresholds(
         raw = SELECTION_READ_BUFFER.get(sum(sizes))
         values = SELECTION_BUFFER.get(4 * count * len(inputs))[: 4 * count * len(inputs)].view(torch.float32)
         values = values.view(len(inputs), count)
+        pieces = []
         offset = 0
-        for row, (source, size) in enumerate(zip(inputs, sizes, strict=True)):
-            values[row].copy_(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
+        for source, size in zip(inputs, sizes, strict=True):
+            pieces.append(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
             offset += size
+        if fused.abs_deltas_bf16(pieces[:-1], pieces[-1], values[:-1]):  # one pass; False where an input is not finite
+            return values[:-1]
+        for row, tensor in enumerate(pieces):
+            values[row].copy_(tensor)
         if not all_finite(values):
             if not replace_nonfinite:  # refused with the model, tensor and counts, as in the merge itself
                 FiniteCheck(job, plan, False).inputs(list(values[:-1]), values[-1])

@@ -42,7 +42,7 @@ def _kernels() -> dict[str, Any]:
 
             loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
                      "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
-                     "affine_bf16": _affine_bf16_loop}
+                     "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop}
             for name, loop in loops.items():
                 try:
                     _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
@@ -68,6 +68,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
     drop_and_rescale(one, one, 0.5, 0, 0)
     half = torch.ones(1, dtype=torch.bfloat16)
     affine_bf16([half], None, [1.0], 1.0, 1.0, torch.empty(1, dtype=torch.bfloat16))
+    abs_deltas_bf16([half], half, torch.empty(1, 1))
     _warm.set()
 
 
@@ -171,6 +172,25 @@ def affine_bf16(
                                           np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam),
                                           out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
     return nonfinite == 0
+
+
+def abs_deltas_bf16(tensors: Sequence[torch.Tensor], base: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out[i] = |float32(tensors[i]) - float32(base)|`` from bfloat16 inputs in one pass (the top-k pre-pass).
+
+    ``out`` is a contiguous float32 ``[len(tensors), numel]`` tensor. Returns False, with ``out`` unspecified,
+    when it does not apply (numba missing, other dtypes or shapes) or an input is NaN or infinite (the caller
+    then runs the torch steps, which check and report or replace them).
+    """
+    if not AVAILABLE or not tensors or tuple(out.shape) != (len(tensors), base.numel()):
+        return False
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+        return False
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != base.numel()
+           for t in [*tensors, base]):
+        return False
+    bits = tuple(t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in tensors)
+    base_bits = base.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    return _kernels()["abs_deltas_bf16"](bits, base_bits, out.reshape(-1).numpy()) == 0
 
 
 # The loops below are plain Python over numpy arrays: numba compiles them; the tests also run them uncompiled.
@@ -317,4 +337,37 @@ def _affine_bf16_loop(
             nonfinite += 1 if ((word & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
                                or (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)) else 0
             out_batch[j] = rounded
+    return nonfinite
+
+
+def _abs_deltas_bf16_loop(inputs: tuple[np.ndarray, ...], base: np.ndarray, out: np.ndarray) -> int:
+    """The loop of :func:`abs_deltas_bf16` on bfloat16 bit patterns (uint16) into the flat float32 ``out``
+    (row ``i`` at ``[i * n, (i + 1) * n)``); returns how many input entries are not finite.
+
+    A bfloat16 is the upper half of a float32, so widening is a shift and ``|x - b|`` is the float32 math of
+    the torch steps.
+    """
+    batch = 4096
+    shift = np.uint32(16)
+    exponent = np.uint16(0x7F80)
+    n = base.size
+    out_bits = out.view(np.uint32)
+    base_wide = np.empty(batch, dtype=np.uint32)
+    base_values = base_wide.view(np.float32)
+    nonfinite = 0
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        base_batch = base[start : start + size]
+        for j in range(size):
+            nonfinite += 1 if (base_batch[j] & exponent) == exponent else 0
+            base_wide[j] = np.uint32(base_batch[j]) << shift
+        for i in range(len(inputs)):
+            source = inputs[i][start : start + size]
+            row_bits = out_bits[i * n + start : i * n + start + size]
+            row = out[i * n + start : i * n + start + size]
+            for j in range(size):
+                nonfinite += 1 if (source[j] & exponent) == exponent else 0
+                row_bits[j] = np.uint32(source[j]) << shift
+            for j in range(size):
+                row[j] = abs(row[j] - base_values[j])
     return nonfinite
