@@ -146,3 +146,32 @@ def test_fused_kernels_do_not_change_outputs(
     monkeypatch.setattr(fused, "AVAILABLE", False)
     plain = modelfuse.merge(recipe(family, method), tmp_path / "plain", options=options)
     assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
+def test_bf16_ties_with_tied_magnitudes_equals_the_torch_steps(
+    make_family: Callable[..., Family], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16 TIES through the fused kernel, with many entries tied at each threshold and small blocks,
+    gives the bytes of the torch steps."""
+    from safetensors.torch import load_file, save_file
+
+    from modelfuse.kernels import fused
+
+    family = make_family("llama", dtype=torch.bfloat16)
+    base = load_file(str(family["base"] / "model.safetensors"))
+    for index, name in enumerate(["e1", "e2"]):
+        generator = torch.Generator().manual_seed(index)
+        quantized = {key: (value.float() + torch.randint(-2, 3, value.shape, generator=generator).float() * 0.01
+                           ).to(torch.bfloat16) for key, value in base.items()}
+        save_file(quantized, str(family[name] / "model.safetensors"), metadata={"format": "pt"})
+    merge = {"method": "ties", "base": str(family["base"]), "parameters": {"density": 0.3, "lam": 0.9},
+             "models": [{"path": str(family["e1"]), "parameters": {"density": 0.6}}, {"path": str(family["e2"])}]}
+    options = MergeOptions(chunk_elements=50, threads=2)
+    fused_blocks = []
+    kernel = fused.ties_bf16
+    monkeypatch.setattr(fused, "ties_bf16", lambda *args: fused_blocks.append(kernel(*args)) or fused_blocks[-1])
+    fast = modelfuse.merge(merge, tmp_path / "fast", options=options)
+    assert fused_blocks and all(fused_blocks)  # the kernel computed every streamed block
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    plain = modelfuse.merge(merge, tmp_path / "plain", options=options)
+    assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()

@@ -254,3 +254,80 @@ def test_the_default_install_has_the_fast_kernels() -> None:
     core = [r for r in requires("modelfuse") or [] if "extra ==" not in r]
     assert any(r.replace(" ", "").startswith("numba>=") for r in core)
     assert fused.AVAILABLE
+
+
+def _threshold(magnitude: torch.Tensor, k: int) -> TopkThreshold:
+    """The k-th largest entry of ``magnitude`` and how many entries equal to it the top k keep."""
+    if k == 0:
+        return TopkThreshold(float("inf"), 0)
+    value = float(torch.sort(magnitude.reshape(-1), descending=True).values[k - 1])
+    return TopkThreshold(value, k - int((magnitude > value).sum()))
+
+
+@needs_numba
+@pytest.mark.parametrize(("densities", "normalize", "lam"),
+                         [([0.3, 0.5, 0.2], True, 1.0), ([0.05, 1.0, 0.0], False, 0.7), ([0.5, 0.5], True, 1.3)])
+def test_ties_bf16_kernel_equals_ties_over_the_whole_tensor(densities: list[float], normalize: bool, lam: float
+                                                            ) -> None:
+    """Row blocks of the fused bfloat16 TIES, carrying the ties at each threshold, give whole-tensor TIES."""
+    from modelfuse.methods._steps import magnitude_count
+    from modelfuse.methods.ties import ties
+
+    generator = torch.Generator().manual_seed(5)
+    rows, cols = 97, 131  # not multiples of the kernel's batch
+    base = (torch.randint(-8, 9, (rows, cols), generator=generator) * 0.125).to(torch.bfloat16)
+    experts = [(base.float() + torch.randint(-3, 4, (rows, cols), generator=generator) * 0.0625).to(torch.bfloat16)
+               for _ in densities]  # few distinct magnitudes: many entries equal each threshold
+    weights = [0.6, 1.2, 0.9][: len(densities)]
+    thresholds = [_threshold((expert.float() - base.float()).abs(), magnitude_count(d, base.numel()))
+                  for expert, d in zip(experts, densities, strict=True)]
+    assert any(t.equal_quota < int(((e.float() - base.float()).abs() == t.value).sum())
+               for t, e in zip(thresholds, experts, strict=True))  # some ties at a cut-off are dropped
+    out = torch.empty(rows, cols, dtype=torch.bfloat16)
+    before = [0] * len(densities)
+    for start in range(0, rows, 10):
+        stop = min(rows, start + 10)
+        assert fused.ties_bf16([e[start:stop] for e in experts], base[start:stop], weights, densities, lam, normalize,
+                               thresholds, before, out[start:stop])
+    reference = _with_torch_only(lambda: ties([e.float() for e in experts], base.float(), weight=weights,
+                                              density=densities, lam=lam, normalize=normalize)).to(torch.bfloat16)
+    assert torch.equal(out, reference)
+    magnitudes = [(e.float() - base.float()).abs() for e in experts]
+    assert before == [int((m == t.value).sum()) if d < 1 and d > 0 else 0
+                      for m, t, d in zip(magnitudes, thresholds, densities, strict=True)]
+
+
+@needs_numba
+def test_ties_bf16_kernel_declines_nonfinite_and_leaves_the_count() -> None:
+    """A NaN input, an overflow to Inf, or other dtypes: False, ``equal_before`` untouched (the torch path runs)."""
+    experts, base = _bf16_models(2, 100, seed=4)
+    out = torch.empty(100, dtype=torch.bfloat16)
+    thresholds = [TopkThreshold(0.0, 100), TopkThreshold(0.0, 100)]
+    poisoned = experts[0].clone()
+    poisoned[3] = float("nan")
+    before = [0, 0]
+    assert not fused.ties_bf16([poisoned, experts[1]], base, [1.0, 1.0], [0.5, 0.5], 1.0, True, thresholds, before,
+                               out)
+    assert before == [0, 0]
+    largest = torch.full((100,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)
+    assert not fused.ties_bf16([largest, largest], largest.neg(), [1.0, 1.0], [1.0, 1.0], 1.0, False, thresholds,
+                               before, out)
+    assert not fused.ties_bf16([e.float() for e in experts], base.float(), [1.0, 1.0], [0.5, 0.5], 1.0, True,
+                               thresholds, before, out.float())
+    assert before == [0, 0]
+
+
+def test_ties_bf16_loop_runs_uncompiled() -> None:
+    """The loop as plain Python over numpy equals the compiled kernel (so the tests see what numba compiles)."""
+    experts, base = _bf16_models(2, 300, seed=6)
+    bits = tuple(e.view(torch.int16).numpy().view(np.uint16) for e in experts)
+    arguments = (np.asarray([0.5, 1.0], dtype=np.float32), np.asarray([0.01, 0.02], dtype=np.float32),
+                 np.asarray([3, 5], dtype=np.int64), np.asarray([0, 0], dtype=np.int64), np.float32(0.9), True)
+    plain, plain_counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
+    assert fused._ties_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
+                                 plain.view(torch.int16).numpy().view(np.uint16), plain_counts) == 0
+    if fused.AVAILABLE:
+        compiled, counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
+        fused._kernels()["ties_bf16"](bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
+                                      compiled.view(torch.int16).numpy().view(np.uint16), counts)
+        assert torch.equal(plain, compiled) and (plain_counts == counts).all()

@@ -85,13 +85,17 @@ def compute_tensor(
     row_elements = int(torch.Size(job.shape[1:]).numel())
     shape = (count, *job.shape[1:])
     kernel = job.method.bf16_kernel
-    if (kernel is not None and device.type == "cpu" and thresholds is None and job.dtype == torch.bfloat16
-            and _plain_float32(plan)):
+    if (kernel is not None and device.type == "cpu" and job.dtype == torch.bfloat16 and _plain_float32(plan)
+            and (thresholds is None) == (job.method.topk is None)):
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
-        # The kernel accepts only a result that is finite (so were its inputs: NaN and Inf propagate through
-        # a weighted sum); any other block is recomputed below, where the inputs and the result are checked.
-        if kernel(raw, raw_base, job.params, result):
+        # The kernel accepts only a result that is finite (so were its inputs: NaN and Inf propagate to the
+        # result); any other block is recomputed below, where the inputs and the result are checked.
+        if thresholds is None and kernel(raw, raw_base, job.params, result):
             return result
+        if thresholds is not None:
+            before = equal_before if equal_before is not None else [[0] * len(model) for model in thresholds]
+            if kernel(raw, raw_base, job.params, result, thresholds=thresholds, equal_before=before):
+                return result  # (``before`` advanced past the block, like the torch steps below advance it)
     # On the CPU, pieces that fit the cache; on an accelerator, the whole block in one go (each operation is one
     # kernel launch, so fewer, larger ones are faster).
     step = max(1, PIECE_ELEMENTS // max(1, row_elements)) if device.type == "cpu" else count

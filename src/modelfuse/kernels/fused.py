@@ -42,7 +42,8 @@ def _kernels() -> dict[str, Any]:
 
             loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
                      "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
-                     "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop}
+                     "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop,
+                     "ties_bf16": _ties_bf16_loop}
             for name, loop in loops.items():
                 try:
                     _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
@@ -69,6 +70,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
     half = torch.ones(1, dtype=torch.bfloat16)
     affine_bf16([half], None, [1.0], 1.0, 1.0, torch.empty(1, dtype=torch.bfloat16))
     abs_deltas_bf16([half], half, torch.empty(1, 1))
+    ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
     _warm.set()
 
 
@@ -191,6 +193,54 @@ def abs_deltas_bf16(tensors: Sequence[torch.Tensor], base: torch.Tensor, out: to
     bits = tuple(t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in tensors)
     base_bits = base.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
     return _kernels()["abs_deltas_bf16"](bits, base_bits, out.reshape(-1).numpy()) == 0
+
+
+def ties_bf16(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float,
+    normalize: bool,
+    thresholds: Sequence[TopkThreshold],
+    equal_before: list[int],
+    out: torch.Tensor,
+) -> bool:
+    """TIES of one row block from bfloat16 inputs straight into the bfloat16 ``out``, in one pass.
+
+    Per model ``i``: ``tau_i = x_i - b``, trimmed by the engine's streamed top-k threshold (entries above it
+    kept, entries equal to it kept while the tensor's quota lasts, counted on from ``equal_before[i]``;
+    everything kept when ``densities[i] >= 1``, nothing when ``<= 0``, as ``sparsify_magnitude``), then the
+    sign election and disjoint mean of :func:`ties_combine`, ``b + lam * ...``, rounded to bfloat16, all in
+    float32 in the order of the torch steps. On success ``equal_before`` is advanced past the block.
+    Returns False, with ``out`` unspecified and ``equal_before`` untouched, when it does not apply (numba
+    missing, other dtypes or shapes) or a result is NaN or infinite (the caller then runs the torch steps).
+    """
+    count = len(tensors)
+    if not AVAILABLE or not count or not (len(weights) == len(densities) == len(thresholds) == len(equal_before)
+                                          == count):
+        return False
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != out.numel()
+           for t in [*tensors, base, out]):
+        return False
+    modes = np.asarray([1 if d >= 1.0 else 2 if d <= 0.0 else 0 for d in densities], dtype=np.int64)
+    quota = np.asarray([t.equal_quota - before for t, before in zip(thresholds, equal_before, strict=True)],
+                       dtype=np.int64)
+    equal_counts = np.zeros(count, dtype=np.int64)
+    nonfinite = _kernels()["ties_bf16"](
+        tuple(_bf16_bits(t) for t in tensors), _bf16_bits(base), np.asarray(weights, dtype=np.float32),
+        np.asarray([t.value for t in thresholds], dtype=np.float32), quota, modes, np.float32(lam), bool(normalize),
+        _bf16_bits(out), equal_counts)
+    if nonfinite:
+        return False
+    for i in range(count):
+        equal_before[i] += int(equal_counts[i])
+    return True
+
+
+def _bf16_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous bfloat16 tensor's bit patterns, flat, as uint16 (a view: writes go to the tensor)."""
+    return tensor.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
 
 
 # The loops below are plain Python over numpy arrays: numba compiles them; the tests also run them uncompiled.
@@ -370,4 +420,91 @@ def _abs_deltas_bf16_loop(inputs: tuple[np.ndarray, ...], base: np.ndarray, out:
                 row_bits[j] = np.uint32(source[j]) << shift
             for j in range(size):
                 row[j] = abs(row[j] - base_values[j])
+    return nonfinite
+
+
+def _ties_bf16_loop(
+    inputs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    weights: np.ndarray,
+    thresholds: np.ndarray,
+    quota: np.ndarray,
+    modes: np.ndarray,
+    lam: np.float32,
+    normalize: bool,
+    out: np.ndarray,
+    equal_counts: np.ndarray,
+) -> int:
+    """The loop of :func:`ties_bf16` on bfloat16 bit patterns; returns how many results are not finite
+    (in float32, or once rounded to bfloat16). ``equal_counts[i]`` counts model i's entries equal to its
+    threshold; ``quota[i]`` is how many of them the tensor still keeps (mode 0: threshold, 1: keep all,
+    2: keep none)."""
+    batch = 4096
+    count = len(inputs)
+    shift = np.uint32(16)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    base_wide = np.empty(batch, dtype=np.uint32)
+    base_values = base_wide.view(np.float32)
+    deltas = np.empty((count, batch), dtype=np.float32)
+    deltas_bits = deltas.view(np.uint32)
+    total = np.empty(batch, dtype=np.float32)
+    total_bits = total.view(np.uint32)
+    nonfinite = 0
+    for start in range(0, out.size, batch):
+        size = min(batch, out.size - start)
+        base_batch = base[start : start + size]
+        for j in range(size):
+            base_wide[j] = np.uint32(base_batch[j]) << shift
+        for i in range(count):
+            source = inputs[i][start : start + size]
+            delta = deltas[i]
+            delta_bits = deltas_bits[i]
+            for j in range(size):
+                delta_bits[j] = np.uint32(source[j]) << shift
+            for j in range(size):
+                delta[j] = delta[j] - base_values[j]
+            if modes[i] == 2:
+                for j in range(size):
+                    delta[j] = zero
+            elif modes[i] == 0:
+                value = thresholds[i]
+                equal = 0
+                for j in range(size):
+                    magnitude = abs(delta[j])
+                    equal += 1 if magnitude == value else 0
+                    delta[j] = delta[j] * (one if magnitude >= value else zero)
+                left = quota[i] - equal_counts[i]
+                if equal > left:  # the quota of entries equal to the threshold runs out in this batch
+                    seen = 0
+                    for j in range(size):
+                        if abs(delta[j]) == value:  # (kept so far: its value is still tau)
+                            seen += 1
+                            if seen > left:
+                                delta[j] = delta[j] * zero
+                equal_counts[i] += equal
+        for j in range(size):  # ties_combine, as _ties_combine_loop
+            total_sum = deltas[0, j] * weights[0]
+            for i in range(1, count):
+                total_sum += deltas[i, j] * weights[i]
+            sign = one if total_sum + zero >= zero else -one
+            kept = zero
+            divisor = zero
+            for i in range(count):
+                agreeing = deltas[i, j] * weights[i] * sign
+                agreeing = zero if agreeing <= zero else agreeing
+                kept += agreeing
+                if agreeing > zero:
+                    divisor += weights[i]
+            kept *= sign
+            if normalize and divisor != zero:
+                kept /= divisor
+            total[j] = base_values[j] + lam * kept
+        out_batch = out[start : start + size]
+        for j in range(size):
+            word = total_bits[j]
+            rounded = np.uint16((word + np.uint32(0x7FFF) + ((word >> shift) & np.uint32(1))) >> shift)
+            nonfinite += 1 if ((word & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+                               or (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)) else 0
+            out_batch[j] = rounded
     return nonfinite

@@ -107,7 +107,9 @@ class ParamSpec:
 # topk(params, numel) -> per model, the top-k counts of |theta_i - theta_base| a method selects by.
 TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
 # bf16_kernel(tensors, base, params, out) -> whether it computed the method on bfloat16 inputs into ``out`` and
-# every result is finite (on False the engine recomputes the block with the checked torch steps).
+# every result is finite (on False the engine recomputes the block with the checked torch steps). A top-k
+# method's kernel also takes ``thresholds`` and ``equal_before`` (as the engine's masks use them) by keyword and
+# advances ``equal_before`` past the block only when it returns True.
 Bf16Kernel = Callable[..., bool]
 # working_bytes(shape, models) -> memory a whole-tensor call holds beyond its inputs, outputs and statistics.
 WorkingBytes = Callable[[tuple[int, ...], int], int]
@@ -255,9 +257,10 @@ def register(
             ``topk(params, numel)`` gives, per model, the counts ``k`` whose top-k sets it needs; the engine
             finds the exact thresholds in streaming pre-passes and passes each row block's masks as
             ``topk_masks`` (per model, one float32 0/1 mask per count, equal to ``topk_mask(|tau_i|, k)`` there).
-        bf16_kernel: For rowwise methods, a fused computation of the method from bfloat16 inputs straight into a
-            bfloat16 output (the engine's fast path for blocks); it returns False when it cannot, and must
-            otherwise give the same values as ``fn`` in float32 rounded to bfloat16.
+        bf16_kernel: For rowwise and streamed top-k methods, a fused computation of the method from bfloat16
+            inputs straight into a bfloat16 output (the engine's fast path for blocks); it returns False when
+            it cannot, and must otherwise give the same values as ``fn`` in float32 rounded to bfloat16 (a
+            top-k method's kernel gets the block's thresholds, see ``Bf16Kernel``).
         statistics: Calibration statistics (``modelfuse calibrate``) the method reads per model and tensor; it
             then takes ``statistics`` and is computed on whole tensors. Every model needs a ``calibration``.
         working_bytes: ``working_bytes(shape, models)``: the memory a whole-tensor call holds beyond its inputs,

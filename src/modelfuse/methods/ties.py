@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
 from modelfuse.kernels import fused
+from modelfuse.kernels.topk import TopkThreshold
 from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import (
@@ -32,6 +33,20 @@ def ties_combine(
     return base + lam * disjoint_sum(scaled, weight, sign, normalize=normalize)
 
 
+def _ties_bf16(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], out: torch.Tensor, *,
+    thresholds: Sequence[Sequence[TopkThreshold]], equal_before: list[list[int]],
+) -> bool:
+    """:func:`ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    before = [model[0] for model in equal_before]
+    if not fused.ties_bf16(tensors, base, params["weight"], params["density"], params["lam"], params["normalize"],
+                           [model[0] for model in thresholds], before, out):
+        return False
+    for model, count in zip(equal_before, before, strict=True):
+        model[0] = count
+    return True
+
+
 @register(
     name="ties",
     description="Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
@@ -39,6 +54,7 @@ def ties_combine(
     "https://arxiv.org/abs/2306.01708",
     base="required",
     topk=density_topk_counts,
+    bf16_kernel=_ties_bf16,
 )
 def ties(
     tensors: Sequence[torch.Tensor],
