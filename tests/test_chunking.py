@@ -148,11 +148,12 @@ def test_fused_kernels_do_not_change_outputs(
     assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize(("method", "kernel_name"), [("ties", "ties_bf16"), ("dare_ties", "dare_ties_bf16")])
 def test_bf16_ties_with_tied_magnitudes_equals_the_torch_steps(
-    make_family: Callable[..., Family], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, kernel_name: str, make_family: Callable[..., Family], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bfloat16 TIES through the fused kernel, with many entries tied at each threshold and small blocks,
-    gives the bytes of the torch steps."""
+    """bfloat16 TIES and DARE-TIES through their fused kernels, with many entries tied at each threshold and
+    small blocks, give the bytes of the torch steps."""
     from safetensors.torch import load_file, save_file
 
     from modelfuse.kernels import fused
@@ -164,12 +165,12 @@ def test_bf16_ties_with_tied_magnitudes_equals_the_torch_steps(
         quantized = {key: (value.float() + torch.randint(-2, 3, value.shape, generator=generator).float() * 0.01
                            ).to(torch.bfloat16) for key, value in base.items()}
         save_file(quantized, str(family[name] / "model.safetensors"), metadata={"format": "pt"})
-    merge = {"method": "ties", "base": str(family["base"]), "parameters": {"density": 0.3, "lam": 0.9},
+    merge = {"method": method, "base": str(family["base"]), "parameters": {"density": 0.3, "lam": 0.9},
              "models": [{"path": str(family["e1"]), "parameters": {"density": 0.6}}, {"path": str(family["e2"])}]}
     options = MergeOptions(chunk_elements=50, threads=2)
     fused_blocks = []
-    kernel = fused.ties_bf16
-    monkeypatch.setattr(fused, "ties_bf16", lambda *args: fused_blocks.append(kernel(*args)) or fused_blocks[-1])
+    kernel = getattr(fused, kernel_name)
+    monkeypatch.setattr(fused, kernel_name, lambda *args: fused_blocks.append(kernel(*args)) or fused_blocks[-1])
     fast = modelfuse.merge(merge, tmp_path / "fast", options=options)
     assert fused_blocks and all(fused_blocks)  # the kernel computed every streamed block
     monkeypatch.setattr(fused, "AVAILABLE", False)

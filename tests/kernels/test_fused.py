@@ -321,13 +321,36 @@ def test_ties_bf16_loop_runs_uncompiled() -> None:
     """The loop as plain Python over numpy equals the compiled kernel (so the tests see what numba compiles)."""
     experts, base = _bf16_models(2, 300, seed=6)
     bits = tuple(e.view(torch.int16).numpy().view(np.uint16) for e in experts)
-    arguments = (np.asarray([0.5, 1.0], dtype=np.float32), np.asarray([0.01, 0.02], dtype=np.float32),
-                 np.asarray([3, 5], dtype=np.int64), np.asarray([0, 0], dtype=np.int64), np.float32(0.9), True)
+    arguments = (np.asarray([0.5, 1.0], dtype=np.float32), np.asarray([0, 3], dtype=np.int64),
+                 np.asarray([0.01, 0.0], dtype=np.float32), np.asarray([3, 0], dtype=np.int64),
+                 np.asarray([0.5, 0.4], dtype=np.float32), np.asarray([0, 12345], dtype=np.uint64),
+                 np.asarray([0, keep_limit(0.4)], dtype=np.uint64), np.uint64(7), np.float32(0.9), True)
     plain, plain_counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
-    assert fused._ties_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
-                                 plain.view(torch.int16).numpy().view(np.uint16), plain_counts) == 0
+    with np.errstate(over="ignore"):  # the random words wrap modulo 2**64 on purpose
+        assert fused._ties_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
+                                     plain.view(torch.int16).numpy().view(np.uint16), plain_counts) == 0
     if fused.AVAILABLE:
         compiled, counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
         fused._kernels()["ties_bf16"](bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
                                       compiled.view(torch.int16).numpy().view(np.uint16), counts)
         assert torch.equal(plain, compiled) and (plain_counts == counts).all()
+
+
+@needs_numba
+@pytest.mark.parametrize(("densities", "normalize"), [([0.3, 0.5, 0.8], True), ([0.7, 1.0, 0.0], False)])
+def test_dare_ties_bf16_kernel_equals_dare_ties(densities: list[float], normalize: bool) -> None:
+    """Row blocks of the fused bfloat16 DARE-TIES give dare_ties' torch steps on the shifted random field."""
+    from modelfuse.methods.dare import dare_ties
+
+    experts, base = _bf16_models(len(densities), 9001, seed=9)
+    weights = [0.6, 1.2, 0.9]
+    noise = RandomField(1234)
+    out = torch.empty(9001, dtype=torch.bfloat16)
+    for start in range(0, 9001, 2500):
+        stop = min(9001, start + 2500)
+        block = noise.shifted(start)
+        assert fused.dare_ties_bf16([e[start:stop] for e in experts], base[start:stop], weights, densities, 0.8,
+                                    normalize, [block.key(i) for i in range(3)], block.offset, out[start:stop])
+    reference = _with_torch_only(lambda: dare_ties([e.float() for e in experts], base.float(), weight=weights,
+                                                   density=densities, lam=0.8, normalize=normalize, noise=noise))
+    assert torch.equal(out, reference.to(torch.bfloat16))

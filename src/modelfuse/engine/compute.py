@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -90,7 +91,10 @@ def compute_tensor(
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
         # The kernel accepts only a result that is finite (so were its inputs: NaN and Inf propagate to the
         # result); any other block is recomputed below, where the inputs and the result are checked.
-        if thresholds is None and kernel(raw, raw_base, job.params, result):
+        extra: dict[str, Any] = {}
+        if job.method.random:  # the block's view of the tensor's random field, as the torch steps get it
+            extra["noise"] = RandomField(tensor_seed(plan.recipe.seed, job.name)).shifted(rows[0] * row_elements)
+        if thresholds is None and kernel(raw, raw_base, job.params, result, **extra):
             return result
         if thresholds is not None:
             before = equal_before if equal_before is not None else [[0] * len(model) for model in thresholds]

@@ -71,6 +71,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
     affine_bf16([half], None, [1.0], 1.0, 1.0, torch.empty(1, dtype=torch.bfloat16))
     abs_deltas_bf16([half], half, torch.empty(1, 1))
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
+    dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16))
     _warm.set()
 
 
@@ -216,26 +217,79 @@ def ties_bf16(
     Returns False, with ``out`` unspecified and ``equal_before`` untouched, when it does not apply (numba
     missing, other dtypes or shapes) or a result is NaN or infinite (the caller then runs the torch steps).
     """
-    count = len(tensors)
-    if not AVAILABLE or not count or not (len(weights) == len(densities) == len(thresholds) == len(equal_before)
-                                          == count):
+    if len(thresholds) != len(tensors) or len(equal_before) != len(tensors):
         return False
+    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 0 for d in densities]
+    quota = [t.equal_quota - before for t, before in zip(thresholds, equal_before, strict=True)]
+    equal_counts = _trimmed_ties_bf16(tensors, base, weights, densities, lam, normalize, out, modes=modes,
+                                      thresholds=[t.value for t in thresholds], quota=quota)
+    if equal_counts is None:
+        return False
+    for i, counted in enumerate(equal_counts):
+        equal_before[i] += counted
+    return True
+
+
+def dare_ties_bf16(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float,
+    normalize: bool,
+    keys: Sequence[int],
+    start: int,
+    out: torch.Tensor,
+) -> bool:
+    """DARE-TIES of one row block from bfloat16 inputs straight into the bfloat16 ``out``, in one pass.
+
+    Per model ``i``: ``tau_i = x_i - b`` dropped and rescaled as :func:`drop_and_rescale` does (``tau / density``
+    where the word of stream ``keys[i]`` at flat element ``start + j`` is below ``keep_limit(density)``; all
+    kept at ``density >= 1``, none at ``<= 0``), then TIES' sign election and disjoint mean, ``b + lam * ...``,
+    rounded to bfloat16, all in float32 in the order of the torch steps. Returns False when it does not apply or
+    a result is NaN or infinite (the caller then runs the torch steps).
+    """
+    if len(keys) != len(tensors):
+        return False
+    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 3 for d in densities]
+    return _trimmed_ties_bf16(tensors, base, weights, densities, lam, normalize, out, modes=modes, keys=keys,
+                              start=start) is not None
+
+
+def _trimmed_ties_bf16(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    lam: float,
+    normalize: bool,
+    out: torch.Tensor,
+    *,
+    modes: Sequence[int],
+    thresholds: Sequence[float] | None = None,
+    quota: Sequence[int] | None = None,
+    keys: Sequence[int] | None = None,
+    start: int = 0,
+) -> list[int] | None:
+    """Run the fused trim + TIES loop; per model the count of entries equal to its threshold, or None when
+    the loop does not apply or gave a non-finite result."""
+    count = len(tensors)
+    if not AVAILABLE or not count or not len(weights) == len(densities) == len(modes) == count:
+        return None
     if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != out.numel()
            for t in [*tensors, base, out]):
-        return False
-    modes = np.asarray([1 if d >= 1.0 else 2 if d <= 0.0 else 0 for d in densities], dtype=np.int64)
-    quota = np.asarray([t.equal_quota - before for t, before in zip(thresholds, equal_before, strict=True)],
-                       dtype=np.int64)
+        return None
     equal_counts = np.zeros(count, dtype=np.int64)
+    limits = [keep_limit(d) if 0.0 < d < 1.0 else 0 for d in densities]
     nonfinite = _kernels()["ties_bf16"](
         tuple(_bf16_bits(t) for t in tensors), _bf16_bits(base), np.asarray(weights, dtype=np.float32),
-        np.asarray([t.value for t in thresholds], dtype=np.float32), quota, modes, np.float32(lam), bool(normalize),
-        _bf16_bits(out), equal_counts)
-    if nonfinite:
-        return False
-    for i in range(count):
-        equal_before[i] += int(equal_counts[i])
-    return True
+        np.asarray(modes, dtype=np.int64),
+        np.asarray(thresholds if thresholds is not None else [0.0] * count, dtype=np.float32),
+        np.asarray(quota if quota is not None else [0] * count, dtype=np.int64),
+        np.asarray(densities, dtype=np.float32), np.asarray(keys if keys is not None else [0] * count, dtype=np.uint64),
+        np.asarray(limits, dtype=np.uint64), np.uint64(start), np.float32(lam), bool(normalize), _bf16_bits(out),
+        equal_counts)
+    return None if nonfinite else [int(value) for value in equal_counts]
 
 
 def _bf16_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -427,23 +481,31 @@ def _ties_bf16_loop(
     inputs: tuple[np.ndarray, ...],
     base: np.ndarray,
     weights: np.ndarray,
+    modes: np.ndarray,
     thresholds: np.ndarray,
     quota: np.ndarray,
-    modes: np.ndarray,
+    densities: np.ndarray,
+    keys: np.ndarray,
+    limits: np.ndarray,
+    start: np.uint64,
     lam: np.float32,
     normalize: bool,
     out: np.ndarray,
     equal_counts: np.ndarray,
 ) -> int:
-    """The loop of :func:`ties_bf16` on bfloat16 bit patterns; returns how many results are not finite
-    (in float32, or once rounded to bfloat16). ``equal_counts[i]`` counts model i's entries equal to its
-    threshold; ``quota[i]`` is how many of them the tensor still keeps (mode 0: threshold, 1: keep all,
-    2: keep none)."""
+    """The loop of :func:`ties_bf16` and :func:`dare_ties_bf16` on bfloat16 bit patterns; returns how many
+    results are not finite (in float32, or once rounded to bfloat16).
+
+    Per model ``i``, ``modes[i]`` trims its task vector: 0 by ``thresholds[i]`` (``quota[i]`` entries equal to
+    it still kept; ``equal_counts[i]`` counts those met), 1 keeps all, 2 keeps none, 3 drops and rescales
+    (``densities[i]``) with the words of stream ``keys[i]`` from flat element ``start`` below ``limits[i]``.
+    """
     batch = 4096
     count = len(inputs)
     shift = np.uint32(16)
     zero = np.float32(0.0)
     one = np.float32(1.0)
+    gamma, mix_1, mix_2 = np.uint64(GOLDEN_GAMMA), np.uint64(MIX_1), np.uint64(MIX_2)
     base_wide = np.empty(batch, dtype=np.uint32)
     base_values = base_wide.view(np.float32)
     deltas = np.empty((count, batch), dtype=np.float32)
@@ -451,13 +513,13 @@ def _ties_bf16_loop(
     total = np.empty(batch, dtype=np.float32)
     total_bits = total.view(np.uint32)
     nonfinite = 0
-    for start in range(0, out.size, batch):
-        size = min(batch, out.size - start)
-        base_batch = base[start : start + size]
+    for first in range(0, out.size, batch):
+        size = min(batch, out.size - first)
+        base_batch = base[first : first + size]
         for j in range(size):
             base_wide[j] = np.uint32(base_batch[j]) << shift
         for i in range(count):
-            source = inputs[i][start : start + size]
+            source = inputs[i][first : first + size]
             delta = deltas[i]
             delta_bits = deltas_bits[i]
             for j in range(size):
@@ -483,6 +545,16 @@ def _ties_bf16_loop(
                             if seen > left:
                                 delta[j] = delta[j] * zero
                 equal_counts[i] += equal
+            elif modes[i] == 3:  # as _drop_and_rescale_loop, element first + j of the block
+                density = densities[i]
+                limit = limits[i]
+                counter = keys[i] + (start + np.uint64(1)) * gamma  # uint64 arithmetic wraps modulo 2**64
+                for j in range(size):
+                    z = counter + np.uint64(first + j) * gamma
+                    z = (z ^ (z >> np.uint64(30))) * mix_1
+                    z = (z ^ (z >> np.uint64(27))) * mix_2
+                    word = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+                    delta[j] = (delta[j] / density) * (one if word < limit else zero)
         for j in range(size):  # ties_combine, as _ties_combine_loop
             total_sum = deltas[0, j] * weights[0]
             for i in range(1, count):
@@ -500,7 +572,7 @@ def _ties_bf16_loop(
             if normalize and divisor != zero:
                 kept /= divisor
             total[j] = base_values[j] + lam * kept
-        out_batch = out[start : start + size]
+        out_batch = out[first : first + size]
         for j in range(size):
             word = total_bits[j]
             rounded = np.uint16((word + np.uint32(0x7FFF) + ((word >> shift) & np.uint32(1))) >> shift)

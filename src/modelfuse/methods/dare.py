@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
+from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
@@ -61,8 +62,18 @@ def dare_linear(
     return base + lam * weighted_sum(_dropped(tensors, base, density, noise), weight, normalize=normalize)
 
 
+def _dare_ties_bf16(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], out: torch.Tensor, *,
+    noise: RandomField,
+) -> bool:
+    """:func:`dare_ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    return fused.dare_ties_bf16(tensors, base, params["weight"], params["density"], params["lam"],
+                                params["normalize"], [noise.key(model) for model in range(len(tensors))],
+                                noise.offset, out)
+
+
 @register(name="dare_ties", description="DARE drop-and-rescale of task vectors, then TIES sign election.",
-          paper=_PAPER, base="required", random=True, rowwise=True)
+          paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16)
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
