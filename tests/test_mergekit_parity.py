@@ -3,9 +3,9 @@
 Each case writes one mergekit-dialect YAML, runs the ``mergekit-yaml`` CLI on it (offline, CPU) and
 ``modelfuse.merge`` on the very same file, and compares every output tensor (max abs diff <= 1e-6).
 
-Designed difference: with a per-layer gradient list, mergekit 0.1.5 gives post-layer tensors (final
-norm, ``lm_head``) the list's first value, modelfuse its last (README, "Depth of non-layer tensors").
-Gradient cases compare those tensors against closed forms computed here with torch.
+A mergekit YAML means what it means in mergekit 0.1.5: with a per-layer gradient list, post-layer tensors
+(final norm, ``lm_head``) get the list's first value in both tools (a native modelfuse recipe gives them
+the last). Gradient cases also check those tensors against closed forms computed here with torch.
 """
 
 from __future__ import annotations
@@ -73,13 +73,12 @@ def _slerp_ref(v0: torch.Tensor, v1: torch.Tensor, t: float, threshold: float = 
     return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).reshape(v0.shape)
 
 
-def _check_post_layer(mk: Tensors, mf: Tensors, expected_last: Tensors, expected_first: Tensors) -> None:
-    """Post-layer tensors: modelfuse takes the gradient's last value, mergekit 0.1.5 its first."""
-    assert set(expected_last) == {name for name in POST_LAYER if name in mf} != set()
-    for name, want in expected_last.items():
-        assert _max_diff(mf[name], want) <= TOL, f"modelfuse {name} is not the last-value closed form"
-        assert _max_diff(mk[name], expected_first[name]) <= TOL, f"mergekit {name} is not the first-value form"
-        assert _max_diff(mk[name], mf[name]) > 1e-4, f"{name}: the first and last values should differ here"
+def _check_post_layer(mk: Tensors, mf: Tensors, expected_first: Tensors) -> None:
+    """Post-layer tensors: the gradient's first value (t = 0) in mergekit 0.1.5 and in its dialect here."""
+    assert set(expected_first) == {name for name in POST_LAYER if name in mf} != set()
+    for name, want in expected_first.items():
+        assert _max_diff(mf[name], want) <= TOL, f"modelfuse {name} is not the first-value closed form"
+        assert _max_diff(mk[name], want) <= TOL, f"mergekit {name} is not the first-value closed form"
 
 
 def _models(paths: dict[str, Path], *entries: tuple[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -144,7 +143,7 @@ def test_ties_density_gradient(make_family: Any, mergekit_parity: MergekitParity
         "dtype": "float32",
     }
     mk, mf = mergekit_parity.run(config)
-    _assert_parity(mergekit_parity, mk, mf, skip=POST_LAYER)
+    _assert_parity(mergekit_parity, mk, mf)
     inputs = {name: MergekitParity.load(path) for name, path in paths.items()}
 
     def expected(name: str, density: float) -> torch.Tensor:
@@ -152,7 +151,7 @@ def test_ties_density_gradient(make_family: Any, mergekit_parity: MergekitParity
             inputs["base"][name], [inputs["e1"][name], inputs["e2"][name]], [0.7, 0.4], [density, density], 1.1
         )
 
-    _check_post_layer(mk, mf, {n: expected(n, 0.9) for n in POST_LAYER}, {n: expected(n, 0.3) for n in POST_LAYER})
+    _check_post_layer(mk, mf, {n: expected(n, 0.3) for n in POST_LAYER})
     embed = "model.embed_tokens.weight"
     assert _max_diff(mf[embed], expected(embed, 0.3)) <= TOL  # embeddings: the first value in both
 
@@ -175,7 +174,7 @@ def test_ties_filter_rules(make_family: Any, mergekit_parity: MergekitParity) ->
         "dtype": "float32",
     }
     mk, mf = mergekit_parity.run(config)
-    _assert_parity(mergekit_parity, mk, mf, skip=POST_LAYER)
+    _assert_parity(mergekit_parity, mk, mf)
     inputs = {name: MergekitParity.load(path) for name, path in paths.items()}
 
     def expected(name: str, weight_e1: float, dens: float) -> torch.Tensor:
@@ -183,9 +182,7 @@ def test_ties_filter_rules(make_family: Any, mergekit_parity: MergekitParity) ->
             inputs["base"][name], [inputs["e1"][name], inputs["e2"][name]], [weight_e1, 0.6], [dens, dens], 0.9
         )
 
-    _check_post_layer(
-        mk, mf, {n: expected(n, 1.0, 0.9) for n in POST_LAYER}, {n: expected(n, 0.5, 0.4) for n in POST_LAYER}
-    )
+    _check_post_layer(mk, mf, {n: expected(n, 0.5, 0.4) for n in POST_LAYER})
 
 
 def test_slerp_slices_gradient_filter(make_family: Any, mergekit_parity: MergekitParity) -> None:
@@ -211,13 +208,42 @@ def test_slerp_slices_gradient_filter(make_family: Any, mergekit_parity: Mergeki
         "dtype": "float32",
     }
     mk, mf = mergekit_parity.run(config)
-    _assert_parity(mergekit_parity, mk, mf, skip=POST_LAYER)
+    _assert_parity(mergekit_parity, mk, mf)
     base, e1 = MergekitParity.load(paths["base"]), MergekitParity.load(paths["e1"])
-    _check_post_layer(
-        mk,
-        mf,
-        {n: _slerp_ref(base[n], e1[n], 0.8) for n in POST_LAYER},
-        {n: _slerp_ref(base[n], e1[n], 0.2) for n in POST_LAYER},
-    )
+    _check_post_layer(mk, mf, {n: _slerp_ref(base[n], e1[n], 0.2) for n in POST_LAYER})
     embed = "model.embed_tokens.weight"
     assert _max_diff(mf[embed], _slerp_ref(base[embed], e1[embed], 0.2)) <= TOL
+
+
+def test_ties_without_density_keeps_every_entry(make_family: Any, mergekit_parity: MergekitParity) -> None:
+    """mergekit's ties defaults to density 1.0 (sign election and disjoint mean only); so does its dialect here."""
+    paths = make_family("llama")
+    config = {
+        "merge_method": "ties",
+        "base_model": str(paths["base"]),
+        "models": _models(paths, ("e1", {"weight": 0.7}), ("e2", {"weight": 0.5})),
+        "dtype": "float32",
+    }
+    mk, mf = mergekit_parity.run(config)
+    _assert_parity(mergekit_parity, mk, mf)
+    inputs = {name: MergekitParity.load(path) for name, path in paths.items()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    want = _ties_ref(inputs["base"][name], [inputs["e1"][name], inputs["e2"][name]], [0.7, 0.5], [1.0, 1.0], 1.0)
+    assert _max_diff(mf[name], want) <= TOL
+
+
+def test_unused_and_misplaced_parameters_are_ignored(make_family: Any, mergekit_parity: MergekitParity) -> None:
+    """A density left in a linear recipe and a lambda under a model: mergekit ignores both, and so does modelfuse
+    (with a warning each)."""
+    from modelfuse.recipe import parse_recipe
+
+    paths = make_family("llama")
+    config = {
+        "merge_method": "linear",
+        "models": _models(paths, ("e1", {"weight": 0.7, "density": 0.3}), ("e2", {"weight": 0.5, "lambda": 3})),
+        "dtype": "float32",
+    }
+    mk, mf = mergekit_parity.run(config)
+    _assert_parity(mergekit_parity, mk, mf)
+    notes = parse_recipe(config).notes
+    assert len(notes) == 2 and "density" in notes[0] and "lambda" in notes[1]

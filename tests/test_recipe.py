@@ -363,9 +363,11 @@ MERGEKIT = {
 
 
 def test_from_mergekit_maps_fields() -> None:
-    """model -> path, base_model -> base, lambda -> lam, filter -> glob, dtype names; the bare base is dropped."""
+    """model -> path, base_model -> base, lambda -> lam, filter -> glob, dtype names; the bare base is dropped;
+    mergekit's meaning: dialect, its defaults for what is set nowhere, and a note per difference."""
     assert from_mergekit(MERGEKIT) == {
         "method": "ties",
+        "dialect": "mergekit",
         "base": "org/base",
         "parameters": {"lam": 0.9, "normalize": True},
         "dtype": "bfloat16",
@@ -374,15 +376,22 @@ def test_from_mergekit_maps_fields() -> None:
              "parameters": {"density": [{"match": "*mlp*", "value": 0.3}, {"match": "*", "value": 0.5}]}},
             {"path": "org/code", "weight": 0.4, "parameters": {"density": 0.7}},
         ],
+        "notes": [
+            "dtype: 'bf16' is not a dtype name mergekit 0.1.5 accepts (it refuses this recipe); read as bfloat16",
+            "dtype: bfloat16: mergekit computes the merge in bfloat16; modelfuse computes in float32 and writes "
+            "bfloat16 (closer to exact; tensors differ by rounding). For the same computation in both, write "
+            "'dtype: float32' and 'out_dtype: bfloat16'",
+        ],
     }
 
 
 def test_mergekit_recipe_parses() -> None:
-    """parse_recipe recognises the mergekit dialect by 'merge_method'."""
+    """parse_recipe recognises the mergekit dialect by 'merge_method'; the notes are kept, not dumped."""
     recipe = parse_recipe(MERGEKIT)
     assert recipe.method == "ties" and recipe.base == "org/base" and recipe.dtype == "bfloat16"
-    assert recipe.parameters == {"lam": 0.9, "normalize": True}
+    assert recipe.parameters == {"lam": 0.9, "normalize": True} and recipe.dialect == "mergekit"
     assert recipe.input_paths() == ["org/base", "org/math", "org/code"]
+    assert len(recipe.notes) == 2 and "notes" not in recipe.to_yaml()
 
 
 def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:
@@ -392,12 +401,13 @@ def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:
         "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]},
                    {"sources": [{"model": "b", "layer_range": [2, 6], "parameters": {"scale": 0.5}}]}],
         "dtype": "float32",
-        "out_dtype": "fp16",
+        "out_dtype": "float16",
         "tokenizer_source": "b",
         "name": "franken",
     }
     assert from_mergekit(data) == {
         "method": "passthrough",
+        "dialect": "mergekit",
         "parameters": {},
         "dtype": "float16",
         "tokenizer_source": "b",
@@ -406,25 +416,67 @@ def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:
             {"sources": [{"path": "a", "layer_range": [0, 4]}], "parameters": {}},
             {"sources": [{"path": "b", "parameters": {"scale": 0.5}, "layer_range": [2, 6]}], "parameters": {}},
         ],
+        "notes": [],
     }
-    assert "tokenizer_source" not in from_mergekit({"merge_method": "linear", "tokenizer_source": "base"})
+    assert "tokenizer_source" not in from_mergekit({"merge_method": "slerp", "tokenizer_source": "base"})
 
 
-def test_mergekit_base_with_parameters_is_kept() -> None:
-    """The base listed with its own parameters stays among the models."""
+def test_mergekit_base_of_linear_needs_a_weight() -> None:
+    """linear merges base_model as one more model in mergekit: with a weight it is kept, without one refused."""
     data = {"merge_method": "linear", "base_model": "b",
-            "models": [{"model": "b", "parameters": {"weight": 0.3}}, {"model": "a"}]}
-    assert from_mergekit(data)["models"] == [{"path": "b", "weight": 0.3}, {"path": "a"}]
+            "models": [{"model": "b", "parameters": {"weight": 0.3}}, {"model": "a", "parameters": {"weight": 1}}]}
+    assert from_mergekit(data)["models"] == [{"path": "b", "weight": 0.3}, {"path": "a", "weight": 1}]
+    data = {"merge_method": "linear", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]}
+    assert _error(data, source="mk.yml") == (
+        "mk.yml: base_model 'b', which 'linear' merges as one more model: mergekit 0.1.5 needs a weight for every "
+        "model of 'linear' and refuses this recipe (Missing required parameter weight); add 'parameters: {weight: "
+        "1.0}' to it, or a weight under the top-level 'parameters'")
 
 
-def test_mergekit_unknown_keys_raise() -> None:
-    """mergekit keys modelfuse does not support are named, with the supported ones."""
-    data = {**MERGEKIT, "gradient": 1, "chat_template": "x"}
-    message = _error(data, source="mk.yml")
-    assert message == (
-        "mk.yml: mergekit keys not supported by modelfuse: chat_template, gradient (supported: base_model, dtype, "
-        "merge_method, models, name, out_dtype, parameters, slices, tokenizer_source)"
-    )
+def test_mergekit_weight_beside_model_is_ignored_then_missing() -> None:
+    """'weight:' beside 'model:' is dropped by mergekit (noted); the model then lacks the weight ties needs."""
+    data = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "weight": 0.5}]}
+    assert _error(data, source="mk.yml").startswith(
+        "mk.yml: models.0 ('a'): mergekit 0.1.5 needs a weight for every model of 'ties' and refuses this recipe")
+    data["parameters"] = {"weight": 1.0}  # a weight from the top level: valid, the key beside 'model' noted
+    recipe = parse_recipe(data)
+    assert recipe.notes == ["models.0.weight: not a key of a mergekit model entry (a model's weight goes under "
+                            "'parameters:'); mergekit 0.1.5 ignores it, and so does modelfuse"]
+    assert recipe.models is not None and recipe.models[0].weight is None
+
+
+def test_mergekit_defaults_and_ignored_keys() -> None:
+    """Defaults are mergekit's (ties keeps every entry, dare_ties does not normalize); keys and parameters
+    mergekit ignores are ignored with a note each; mergekit features not implemented are refused."""
+    ties = parse_recipe({"merge_method": "ties", "base_model": "b", "random_seed": 3, "normalize": False,
+                         "models": [{"model": "a", "parameters": {"weight": 1, "lambda": 2, "gamma": 0.1}}]})
+    assert ties.parameters == {"normalize": True, "lam": 1.0, "density": 1.0}
+    assert ties.models is not None and ties.models[0].parameters == {}
+    assert ties.notes == [
+        "normalize: mergekit 0.1.5 ignores a top-level 'normalize' key; write it under 'parameters:' to take effect",
+        "random_seed: mergekit 0.1.5 ignores a 'random_seed' key (only its --random-seed flag seeds it); modelfuse "
+        "ignores it too: pass --random-seed N to `modelfuse merge`",
+        "models.0.parameters.lambda: mergekit 0.1.5 reads 'lambda' only from the top-level or a slice's parameters "
+        "and ignores it here; so does modelfuse",
+        "models.0.parameters.gamma: method 'ties' has no parameter 'gamma'; mergekit ignores it, and so does "
+        "modelfuse",
+    ]
+    dare = parse_recipe({"merge_method": "dare_ties", "base_model": "b", "parameters": {"weight": 1},
+                         "models": [{"model": "a"}]})
+    assert dare.parameters == {"weight": 1, "normalize": False, "lam": 1.0, "density": 1.0}
+    assert dare.notes[-1].startswith("dare_ties: mergekit 0.1.5 draws the drop masks from torch's global generator")
+    linear = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1,
+                                                                                             "density": 0.5}}]})
+    assert linear.models is not None and linear.models[0].parameters == {}
+    assert linear.notes == ["models.0.parameters.density: method 'linear' has no parameter 'density'; mergekit "
+                            "ignores it, and so does modelfuse"]
+    assert _error({**MERGEKIT, "chat_template": "x", "modules": {}}, source="mk.yml") == (
+        "mk.yml: modules: 'modules' (a merge per module of a multi-module model) is not supported yet\n"
+        "mk.yml: chat_template: 'chat_template' is not supported yet")
+    assert _error({"merge_method": "dare_ties", "base_model": "b", "parameters": {"weight": 1, "rescale": False},
+                   "models": [{"model": "a"}]}, source="mk.yml") == (
+        "mk.yml: parameters.rescale: False for 'dare_ties' (mergekit's L1-norm rescale of the trimmed task vectors) "
+        "is not supported yet")
 
 
 def test_mergekit_entry_without_model_and_bad_dtype() -> None:
@@ -433,13 +485,14 @@ def test_mergekit_entry_without_model_and_bad_dtype() -> None:
         "mk.yml: models.0: each entry needs 'model: <path>'"
     )
     assert _error({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "int8"}, source="mk.yml") == (
-        "mk.yml: dtype: unsupported dtype 'int8' (use bf16, bfloat16, float, float16, float32, fp16, fp32, half)"
+        "mk.yml: dtype: unsupported dtype 'int8' (use bfloat16, float16, float32)"
     )
 
 
 def test_mergekit_recipe_is_validated_like_native() -> None:
     """After mapping, modelfuse's own validation applies (e.g. out-of-range density)."""
-    data = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 3}}]}
+    data = {"merge_method": "ties", "base_model": "b",
+            "models": [{"model": "a", "parameters": {"density": 3, "weight": 1}}]}
     assert _error(data) == "recipe: models.0.parameters.density: expected a number in [0, 1], got 3.0"
 
 
@@ -452,5 +505,5 @@ def test_mergekit_union_tokenizer_is_refused() -> None:
 def test_mergekit_int8_mask_is_ignored() -> None:
     """mergekit's memory-only int8_mask option is accepted and dropped."""
     recipe = parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}],
-                           "parameters": {"int8_mask": True, "density": 0.5}})
-    assert recipe.parameters == {"density": 0.5}
+                           "parameters": {"int8_mask": True, "density": 0.5, "weight": 1}})
+    assert recipe.parameters == {"density": 0.5, "weight": 1, "normalize": True, "lam": 1.0}

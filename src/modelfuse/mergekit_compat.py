@@ -1,7 +1,12 @@
-"""Map a mergekit YAML (``merge_method`` ...) onto a modelfuse recipe, so mergekit users switch in one step.
+"""Map a mergekit YAML (``merge_method`` ...) onto a modelfuse recipe that means what it means in mergekit 0.1.5.
 
 Differences in naming: ``model`` -> ``path``, ``base_model`` -> ``base``, ``lambda`` -> ``lam``,
 ``filter: s`` (substring) -> ``match: '*s*'``, ``out_dtype``/``dtype`` -> ``dtype``.
+
+Differences in meaning are resolved towards mergekit 0.1.5 (the recipe gets ``dialect: mergekit``):
+its defaults are written into the recipe, a weight it requires is required, keys and parameters it ignores
+are ignored with one warning line each (``Recipe.notes``), and what modelfuse computes differently is
+said in a warning line too, or refused when modelfuse cannot compute it yet.
 """
 
 from __future__ import annotations
@@ -13,11 +18,53 @@ from modelfuse.methods import get_method
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "name"}
+# mergekit keys that change its result, which modelfuse does not implement yet: refused, never dropped.
+_NOT_YET = {"modules": "'modules' (a merge per module of a multi-module model)",
+            "tokenizer": "the 'tokenizer' block (building the output vocabulary)",
+            "chat_template": "'chat_template'"}
+# Keys mergekit 0.1.5 accepts and ignores (its configuration ignores unknown keys): ignored here too, with a word.
+_IGNORED_KEYS = {
+    "random_seed": "mergekit 0.1.5 ignores a 'random_seed' key (only its --random-seed flag seeds it); modelfuse "
+                   "ignores it too: pass --random-seed N to `modelfuse merge`",
+    "normalize": "mergekit 0.1.5 ignores a top-level 'normalize' key; write it under 'parameters:' to take effect",
+}
 _PARAM_NAMES = {"lambda": "lam"}
 # mergekit options that only change its memory use, never the result: accepted and ignored.
 _MEMORY_ONLY = {"int8_mask"}
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_DTYPES = {"bfloat16", "float16", "float32"}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+_HALF = {"bfloat16", "float16"}
+
+_REQUIRED = object()
+# Per method of mergekit 0.1.5: its shared parameters and its per-model parameters, with their defaults.
+_GTA_SHARED = {"int8_mask": False, "lambda": 1.0}
+_MERGEKIT_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "linear": ({"normalize": True}, {"weight": _REQUIRED}),
+    "task_arithmetic": ({**_GTA_SHARED, "normalize": False, "rescale": False}, {"weight": _REQUIRED, "density": 1.0}),
+    "ties": ({**_GTA_SHARED, "normalize": True, "rescale": False}, {"weight": _REQUIRED, "density": 1.0}),
+    "dare_ties": ({**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": _REQUIRED, "density": 1.0}),
+    "dare_linear": ({**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": _REQUIRED, "density": 1.0}),
+    "breadcrumbs": ({**_GTA_SHARED, "normalize": False, "rescale": False},
+                    {"weight": _REQUIRED, "density": 1.0, "gamma": 0.01}),
+    "breadcrumbs_ties": ({**_GTA_SHARED, "normalize": False, "rescale": False},
+                         {"weight": _REQUIRED, "density": 1.0, "gamma": 0.01}),
+    "della": ({**_GTA_SHARED, "normalize": True, "rescale": True},
+              {"weight": _REQUIRED, "density": 1.0, "epsilon": 0.15}),
+    "della_linear": ({**_GTA_SHARED, "normalize": False, "rescale": True},
+                     {"weight": _REQUIRED, "density": 1.0, "epsilon": 0.15}),
+    "slerp": ({"t": _REQUIRED}, {}),
+    "nuslerp": ({"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": _REQUIRED}),
+    "multislerp": ({"normalize_weights": True, "eps": 1e-8}, {"weight": _REQUIRED}),
+    "karcher": ({"max_iter": 10, "tol": 1e-5}, {}),
+    "model_stock": ({"filter_wise": False}, {}),
+    "sce": ({"int8_mask": False, "select_topk": 1.0}, {}),
+    "passthrough": ({}, {"scale": None}),
+    "arcee_fusion": ({}, {}),
+    "nearswap": ({"t": _REQUIRED}, {}),
+}
+# Methods whose weight mergekit resolves for every input, the base included (it merges the base as one more model).
+_WEIGHT_ON_BASE = {"linear"}
+_DARE = {"dare_ties", "dare_linear"}
 
 
 def _value(value: Any) -> Any:
@@ -32,56 +79,79 @@ def _value(value: Any) -> Any:
     return value
 
 
-def _params(values: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        _PARAM_NAMES.get(name, name): _value(value)
-        for name, value in (values or {}).items()
-        if name not in _MEMORY_ONLY
-    }
+class _Translation:
+    """One mergekit configuration being mapped: the method's parameter table and the notes gathered."""
 
+    def __init__(self, data: dict[str, Any], source: str) -> None:
+        self.source = source
+        self.method = str(data["merge_method"])
+        self.shared, self.per_model = _MERGEKIT_PARAMS.get(self.method, ({}, {}))
+        self.notes: list[str] = []
 
-def _entry(item: dict[str, Any], source: str, where: str) -> dict[str, Any]:
-    if not isinstance(item, dict) or "model" not in item:
-        raise RecipeError(f"{source}: {where}: each entry needs 'model: <path>'")
-    entry: dict[str, Any] = {"path": str(item["model"])}
-    parameters = _params(item.get("parameters"))
-    if "weight" in parameters:
-        entry["weight"] = parameters.pop("weight")
-    if parameters:
-        entry["parameters"] = parameters
-    if "layer_range" in item:
-        entry["layer_range"] = item["layer_range"]
-    return entry
+    def params(self, values: dict[str, Any] | None, where: str, *, model: bool) -> dict[str, Any]:
+        """A ``parameters`` block in modelfuse names, without what mergekit ignores there (noted)."""
+        kept = {}
+        for name, value in (values or {}).items():
+            if name in _MEMORY_ONLY:
+                continue
+            if name in self.per_model or (not model and name in self.shared):
+                kept[_PARAM_NAMES.get(name, name)] = _value(value)
+            elif model and name in self.shared:
+                self.notes.append(f"{where}.{name}: mergekit 0.1.5 reads {name!r} only from the top-level or a "
+                                  f"slice's parameters and ignores it here; so does modelfuse")
+            elif self.method in _MERGEKIT_PARAMS:
+                self.notes.append(f"{where}.{name}: method {self.method!r} has no parameter {name!r}; mergekit "
+                                  "ignores it, and so does modelfuse")
+            else:  # a modelfuse-only method named in a mergekit YAML: its own parameters, checked by the recipe
+                kept[_PARAM_NAMES.get(name, name)] = _value(value)
+        return kept
+
+    def entry(self, item: Any, where: str, *, slices: bool) -> dict[str, Any]:
+        if not isinstance(item, dict) or "model" not in item:
+            raise RecipeError(f"{self.source}: {where}: each entry needs 'model: <path>'")
+        known = {"model", "parameters", *(("layer_range",) if slices else ())}
+        for key in sorted(set(item) - known):
+            why = (" (a model's weight goes under 'parameters:')" if key == "weight" else "")
+            self.notes.append(f"{where}.{key}: not a key of a mergekit model entry{why}; mergekit 0.1.5 ignores "
+                              "it, and so does modelfuse")
+        entry: dict[str, Any] = {"path": str(item["model"])}
+        parameters = self.params(item.get("parameters"), f"{where}.parameters", model=True)
+        if "weight" in parameters:
+            entry["weight"] = parameters.pop("weight")
+        if parameters:
+            entry["parameters"] = parameters
+        if "layer_range" in item and slices:
+            entry["layer_range"] = item["layer_range"]
+        return entry
 
 
 def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:
-    """Translate a mergekit configuration mapping into a modelfuse recipe mapping.
+    """Translate a mergekit configuration mapping into a modelfuse recipe mapping with mergekit 0.1.5's meaning.
 
     Args:
         data: The mergekit YAML as parsed.
         source: Where it came from, for error messages.
 
     Returns:
-        A mapping that ``parse_recipe`` validates.
+        A mapping that ``parse_recipe`` validates; its ``notes`` say what was ignored or differs.
 
     Raises:
-        RecipeError: For mergekit features modelfuse does not support (named precisely).
+        RecipeError: For recipes mergekit refuses, and mergekit features modelfuse does not support yet.
     """
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise RecipeError(
-            f"{source}: mergekit keys not supported by modelfuse: {', '.join(unknown)} "
-            f"(supported: {', '.join(sorted(_TOP_KEYS))})"
-        )
+    not_yet = [f"{key}: {what} is not supported yet" for key, what in _NOT_YET.items() if key in data]
+    if not_yet:
+        raise RecipeError("\n".join(f"{source}: {line}" for line in not_yet))
+    translation = _Translation(data, source)
+    for key in sorted(set(data) - _TOP_KEYS):
+        translation.notes.append(f"{key}: " + _IGNORED_KEYS.get(
+            key, "not a mergekit 0.1.5 key; mergekit ignores it, and so does modelfuse"))
+    method = translation.method
     base = str(data["base_model"]) if data.get("base_model") else None
-    recipe: dict[str, Any] = {"method": data["merge_method"], "parameters": _params(data.get("parameters"))}
+    recipe: dict[str, Any] = {"method": method, "dialect": "mergekit",
+                              "parameters": translation.params(data.get("parameters"), "parameters", model=False)}
     if base:
         recipe["base"] = base
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype is not None:
-        if dtype not in _DTYPES:
-            raise RecipeError(f"{source}: dtype: unsupported dtype {dtype!r} (use {', '.join(sorted(_DTYPES))})")
-        recipe["dtype"] = _DTYPES[dtype]
+    _dtypes(data, recipe, translation, source)
     if data.get("tokenizer_source") == "union":
         raise RecipeError(f"{source}: tokenizer_source: 'union' (building a merged vocabulary) is not supported; "
                           "use 'base' or a model path")
@@ -90,8 +160,8 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     if data.get("name"):
         recipe["name"] = data["name"]
     if "models" in data:
-        entries = [_entry(item, source, f"models.{i}") for i, item in enumerate(data["models"] or [])]
-        if base and _ignores_base(data["merge_method"]):
+        entries = [translation.entry(item, f"models.{i}", slices=False) for i, item in enumerate(data["models"] or [])]
+        if base and _ignores_base(method):
             # mergekit merges base_model as one more input of a method without a base role (karcher, linear):
             # list it among the models, once.
             if all(e["path"] != base for e in entries):
@@ -103,9 +173,91 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     if "slices" in data:
         recipe["slices"] = []
         for index, piece in enumerate(data["slices"] or []):
-            sources = [_entry(item, source, f"slices.{index}.sources.{j}") for j, item in enumerate(piece["sources"])]
-            recipe["slices"].append({"sources": sources, "parameters": _params(piece.get("parameters"))})
+            where = f"slices.{index}"
+            sources = [translation.entry(item, f"{where}.sources.{j}", slices=True)
+                       for j, item in enumerate(piece.get("sources") or [])]
+            recipe["slices"].append({"sources": sources, "parameters": translation.params(
+                piece.get("parameters"), f"{where}.parameters", model=False)})
+    _require_weights(recipe, translation, base)
+    _mergekit_defaults(recipe, translation)
+    if method in _DARE:
+        translation.notes.append(
+            f"{method}: mergekit 0.1.5 draws the drop masks from torch's global generator and rescales the kept "
+            "entries to keep each task vector's L1 norm; modelfuse draws them from its own seeded generator and "
+            "rescales by 1/density: the same method, a different random draw")
+    recipe["notes"] = translation.notes
     return recipe
+
+
+def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translation, source: str) -> None:
+    """mergekit's ``dtype`` (what it computes in) and ``out_dtype`` (what it saves) onto modelfuse's ``dtype``."""
+    names: dict[str, str] = {}
+    for key in ("dtype", "out_dtype"):
+        value = data.get(key)
+        if value is None:
+            continue
+        name = str(value).removeprefix("torch.")
+        if name not in _DTYPES and name not in _DTYPE_ALIASES:
+            raise RecipeError(f"{source}: {key}: unsupported dtype {value!r} (use {', '.join(sorted(_DTYPES))})")
+        if name in _DTYPE_ALIASES:
+            translation.notes.append(f"{key}: {value!r} is not a dtype name mergekit 0.1.5 accepts (it refuses "
+                                     f"this recipe); read as {_DTYPE_ALIASES[name]}")
+        names[key] = _DTYPE_ALIASES.get(name, name)
+    compute = names.get("dtype")
+    saved = names.get("out_dtype") or compute
+    if saved:
+        recipe["dtype"] = saved
+    if compute in _HALF:
+        translation.notes.append(
+            f"dtype: {compute}: mergekit computes the merge in {compute}; modelfuse computes in float32 and writes "
+            f"{saved} (closer to exact; tensors differ by rounding). For the same computation in both, write "
+            f"'dtype: float32' and 'out_dtype: {saved}'")
+
+
+def _has(scopes: list[dict[str, Any]], name: str) -> bool:
+    return any(name in scope for scope in scopes)
+
+
+def _require_weights(recipe: dict[str, Any], translation: _Translation, base: str | None) -> None:
+    """Refuse, as mergekit does, a model of a weighted method that has no weight at any level."""
+    if translation.per_model.get("weight") is not _REQUIRED:
+        return
+    groups = ([("models", recipe["models"], {})] if "models" in recipe else
+              [(f"slices.{i}.sources", piece["sources"], piece["parameters"])
+               for i, piece in enumerate(recipe.get("slices", []))])
+    for where, entries, slice_parameters in groups:
+        for index, entry in enumerate(entries):
+            if entry["path"] == base and translation.method not in _WEIGHT_ON_BASE:
+                continue
+            if "weight" in entry or _has([entry.get("parameters", {}), slice_parameters, recipe["parameters"]],
+                                         "weight"):
+                continue
+            who = (f"base_model {entry['path']!r}, which {translation.method!r} merges as one more model"
+                   if entry["path"] == base else f"{where}.{index} ({entry['path']!r})")
+            raise RecipeError(f"{translation.source}: {who}: mergekit 0.1.5 needs a weight for every model of "
+                              f"{translation.method!r} and refuses this recipe (Missing required parameter weight); "
+                              "add 'parameters: {weight: 1.0}' to it, or a weight under the top-level 'parameters'")
+
+
+def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> None:
+    """Write mergekit's defaults for the parameters set nowhere, where modelfuse's own defaults may differ."""
+    try:
+        spec = get_method(translation.method)
+    except RecipeError:
+        return  # an unknown method is reported by the recipe's validation
+    entries = recipe.get("models") or [e for piece in recipe.get("slices", []) for e in piece["sources"]]
+    scopes = [recipe["parameters"], *(piece["parameters"] for piece in recipe.get("slices", [])),
+              *(entry.get("parameters", {}) for entry in entries)]
+    for name, default in {**translation.shared, **translation.per_model}.items():
+        ours = _PARAM_NAMES.get(name, name)
+        if default is _REQUIRED or default is None or name in _MEMORY_ONLY or ours not in spec.params:
+            continue
+        if not _has(scopes, ours):
+            recipe["parameters"][ours] = default
+    rescale = recipe["parameters"].pop("rescale", None)
+    if rescale is not None and rescale != translation.shared.get("rescale"):
+        raise RecipeError(f"{translation.source}: parameters.rescale: {rescale!r} for {translation.method!r} "
+                          "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
 
 
 def _ignores_base(method: Any) -> bool:

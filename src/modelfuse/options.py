@@ -39,6 +39,9 @@ class MergeOptions(BaseModel):
                                "torch.load(weights_only=True).")
     device: str = Field(default="cpu", description="Where row blocks are computed: cpu, cuda, cuda:N, mps or auto "
                         "(reading and writing stay on the CPU; results equal the CPU's for element-wise methods).")
+    copy_tokenizer: bool = Field(default=True, description="Copy the tokenizer files of the tokenizer source "
+                                 "(the base, else the first model) into the output.")
+    write_model_card: bool = Field(default=True, description="Write a README.md model card into the output.")
 
     def __init__(self, **data: Any) -> None:
         """Validate the options.

@@ -187,8 +187,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     """Open every input and plan each output tensor.
 
     Non-layer tensors before the stack (embeddings) take depth 0 and the first group's models; tensors
-    after it (final norm, head) take depth 1 and the last group's models, so a per-layer parameter
-    list gives them its first and last value respectively.
+    after it (final norm, head) take depth 1 (0 in a mergekit-dialect recipe, as mergekit 0.1.5) and the
+    last group's models, so a per-layer parameter list gives them its first and last value respectively.
 
     Args:
         recipe: A validated recipe.
@@ -262,8 +262,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     for name in outside:
         if arch.position(name) == "pre":
             group, depth = groups[0], 0.0
-        else:
-            group, depth = groups[-1], 1.0
+        else:  # mergekit 0.1.5 evaluates gradients at t = 0 for the final norm and head too
+            group, depth = groups[-1], 0.0 if recipe.dialect == "mergekit" else 1.0
         add(name, group, {e.path: name for e in everyone(group)}, depth)
 
     layer_map: list[tuple[str, int]] = []
@@ -300,7 +300,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     config = _output_config(ref, recipe, layer_map, out_layer)
     if heads:
         config["tie_word_embeddings"] = False
-    warnings = [*filter(None, [architectures])]
+    warnings = [*recipe.notes, *filter(None, [architectures])]
     warnings += [f"{label}: stores its own {name!r} (untied), {reference} ties it to the embedding; the output "
                 "stores the merged head and is saved untied" for name in heads
                 for label, ckpt in checkpoints.items() if name in ckpt]

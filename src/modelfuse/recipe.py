@@ -122,6 +122,11 @@ class Recipe(BaseModel):
     post: PostSteps | None = Field(default=None, description="steps applied after the method (LiNeS scaling)")
     fallback: Fallback | None = Field(default=None, description="data-free method for the tensors a statistics "
                                       "method (fisher, regmean) has no statistics of")
+    dialect: Literal["modelfuse", "mergekit"] = Field(
+        default="modelfuse", description="whose meaning the recipe has: mergekit for a mergekit YAML (post-layer "
+        "tensors at the first value of a gradient, mergekit's defaults)")
+    notes: list[str] = Field(default_factory=list, exclude=True,
+                             description="what translating a mergekit YAML ignored or changed, one warning line each")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

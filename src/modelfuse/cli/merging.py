@@ -11,14 +11,67 @@ import typer
 from modelfuse.cli._app import RecipeArg, app, console, out_console, print_warnings
 from modelfuse.errors import interrupt_exit_code
 
+_MERGEKIT = "mergekit-yaml habits"
+_NO_EFFECT = {"--lazy-unpickle", "--low-cpu-memory", "--clone-tensors", "--read-to-gpu", "--multi-gpu", "--gpu-rich",
+              "--async-write", "--trust-remote-code", "--safe-serialization", "--allow-crimes"}
+_NO_EFFECT_WITH_VALUE = {"--write-threads", "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype"}
 
-@app.command(epilog="Example: modelfuse merge examples/ties.yml -o ./merged --overwrite")
+
+def _no_effect_flags(arguments: list[str]) -> list[str]:
+    """The mergekit-yaml flags among ``arguments`` (what typer did not recognise) that change nothing here.
+
+    Raises:
+        RecipeError: For any other argument, naming it.
+    """
+    from modelfuse.errors import RecipeError
+
+    found, index = [], 0
+    while index < len(arguments):
+        argument = arguments[index]
+        name = argument.split("=", 1)[0]
+        flag = name.replace("--no-", "--", 1)
+        if flag in _NO_EFFECT or (name in _NO_EFFECT_WITH_VALUE and "=" in argument):
+            found.append(name)
+        elif name in _NO_EFFECT_WITH_VALUE and index + 1 < len(arguments):
+            found.append(name)
+            index += 1
+        else:
+            raise RecipeError(f"{argument}: no such option or argument of `modelfuse merge` (see --help)")
+        index += 1
+    return found
+
+
+def _mergekit_shard_bytes(size: str, itemsize: int) -> int:
+    """mergekit's ``--out-shard-size`` (a parameter count: 5B, 500M, 1000K) in bytes of ``itemsize``-byte values.
+
+    Raises:
+        RecipeError: For a value that is not a count with an optional K, M or B suffix.
+    """
+    from modelfuse.errors import RecipeError
+
+    text = size.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        count = float(number)
+    except ValueError:
+        raise RecipeError(f"--out-shard-size {size!r}: expected a parameter count such as 5B, 500M or 1000K "
+                          "(as mergekit-yaml)") from None
+    return max(1, int(count * scale)) * itemsize
+
+
+@app.command(epilog="Example: modelfuse merge examples/ties.yml ./merged --overwrite   (or -o ./merged)",
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def merge(
+    context: typer.Context,
     recipe: RecipeArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    out_path: Annotated[Path | None, typer.Argument(
+        metavar="[OUT]", help="Output model folder (as mergekit-yaml's second argument; or -o).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output model folder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="Worker threads (default: the usable cores, max 8).")
+        int | None, typer.Option("--threads", "--num-threads", "-j", min=1,
+                                 help="Worker threads (default: the usable cores, max 8).")
     ] = None,
     max_memory: Annotated[str, typer.Option(help="RAM budget for tensor data: 2GiB (binary) or 2GB.")] = "2GiB",
     allow_nonfinite: Annotated[bool, typer.Option(
@@ -27,30 +80,79 @@ def merge(
         help="Read .bin/.pt pickle checkpoints (with torch.load(weights_only=True)); pickles can hide code.")] = False,
     resume: Annotated[bool, typer.Option(
         help="Continue the merge an interruption or kill stopped (same recipe and inputs).")] = False,
-    device: Annotated[str, typer.Option(
+    device: Annotated[str | None, typer.Option(
         help="Where row blocks are computed: cpu, cuda, cuda:N, mps or auto (files are read and written on the "
-             "CPU).")] = "cpu",
+             "CPU). Default cpu.")] = None,
+    random_seed: Annotated[int | None, typer.Option(
+        help="Seed of random methods (DARE, DELLA): the recipe's 'seed'. modelfuse's generator is its own, so the "
+             "draw differs from mergekit's with the same seed.", rich_help_panel=_MERGEKIT)] = None,
+    cuda: Annotated[bool, typer.Option(help="The same as --device cuda.", rich_help_panel=_MERGEKIT)] = False,
+    copy_tokenizer: Annotated[bool, typer.Option(
+        help="Copy the tokenizer files of the tokenizer source into the output.", rich_help_panel=_MERGEKIT)] = True,
+    write_model_card: Annotated[bool, typer.Option(
+        help="Write a README.md model card.", rich_help_panel=_MERGEKIT)] = True,
+    out_shard_size: Annotated[str | None, typer.Option(
+        help="Largest output shard as a parameter count (5B, 500M), as mergekit-yaml; the recipe's shard_size "
+             "takes bytes.", rich_help_panel=_MERGEKIT)] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.", rich_help_panel=_MERGEKIT)] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Accepted; modelfuse prints warnings "
+                                         "always.", rich_help_panel=_MERGEKIT)] = 0,
 ) -> None:
-    """Merge the models named in RECIPE and write a Hugging Face model folder."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+    """Merge the models named in RECIPE and write a Hugging Face model folder to OUT.
+
+    mergekit-yaml's flags that change nothing here (--lazy-unpickle, --low-cpu-memory, --clone-tensors,
+    --read-to-gpu, --multi-gpu, --gpu-rich, --async-write, --write-threads N, --trust-remote-code,
+    --transformers-cache DIR, --lora-merge-cache DIR, --lora-merge-dtype D, --safe-serialization,
+    --allow-crimes) are accepted with an info line.
+    """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     import modelfuse
     from modelfuse.engine import run_plan
+    from modelfuse.errors import RecipeError
     from modelfuse.io.writer import check_output_location, partial_folder
+    from modelfuse.plan import build_plan
+    from modelfuse.recipe import load_recipe
 
+    if out_path is not None and out is not None and out_path != out:
+        raise RecipeError(f"two output folders: {out_path} and -o {out}; give one")
+    target = out_path if out_path is not None else out
+    if target is None:
+        raise RecipeError("no output folder: modelfuse merge RECIPE OUT (or -o OUT)")
+    ignored = _no_effect_flags(context.args)
+    if ignored:
+        console.print(f"[dim]info:[/] {', '.join(ignored)}: mergekit-yaml flags with no effect here (modelfuse "
+                      "streams tensors under --max-memory, writes safetensors, and merges models of different "
+                      "architecture names when their tensors fit, with a warning)", highlight=False, soft_wrap=True)
     settings: dict[str, object] = {"overwrite": overwrite, "max_memory": max_memory, "resume": resume,
-                                   "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle, "device": device}
+                                   "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle,
+                                   "device": device or ("cuda" if cuda else "cpu"), "copy_tokenizer": copy_tokenizer,
+                                   "write_model_card": write_model_card}
     if threads is not None:
         settings["threads"] = threads
     options = modelfuse.MergeOptions(**settings)
     options.memory_bytes()  # a bad budget fails before any work
-    merge_plan = modelfuse.plan(recipe, allow_pickle=allow_pickle)
+    parsed = load_recipe(recipe)
+    if random_seed is not None:
+        parsed = parsed.model_copy(update={"seed": random_seed})
+    merge_plan = build_plan(parsed, base_dir=recipe.parent, allow_pickle=allow_pickle)
+    if out_shard_size is not None:
+        itemsize = max((job.dtype.itemsize for job in merge_plan.jobs), default=2)
+        merge_plan.recipe = merge_plan.recipe.model_copy(
+            update={"shard_size": _mergekit_shard_bytes(out_shard_size, itemsize)})
     inputs = [folder for checkpoint in merge_plan.checkpoints.values() for folder in checkpoint.folders]
-    check_output_location(out, inputs, overwrite=overwrite)  # refuse before any progress is shown
+    check_output_location(target, inputs, overwrite=overwrite)  # refuse before any progress is shown
     print_warnings(merge_plan.warnings)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[done]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+               TextColumn("{task.fields[done]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=quiet) as progress:
         tensors = progress.add_task("tensors", total=len(merge_plan.jobs), done="")
         bytes_task = progress.add_task("bytes  ", total=merge_plan.write_bytes, done="")
 
@@ -59,15 +161,15 @@ def merge(
             progress.update(bytes_task, advance=job.nbytes)
 
         try:
-            run_plan(merge_plan, out, options=options, on_tensor=advance)
+            run_plan(merge_plan, target, options=options, on_tensor=advance)
         except KeyboardInterrupt as interruption:
-            if not partial_folder(out).is_dir():
+            if not partial_folder(target).is_dir():
                 raise
             progress.stop()
-            console.print(f"[red]interrupted[/]; the finished tensors are kept in {partial_folder(out)}: run the "
+            console.print(f"[red]interrupted[/]; the finished tensors are kept in {partial_folder(target)}: run the "
                           "same command with --resume to continue", highlight=False, soft_wrap=True)
             sys.exit(interrupt_exit_code(interruption))
-    out_console.print(f"[green]merged[/] {len(merge_plan.jobs)} tensors with {merge_plan.recipe.method} -> {out}")
+    out_console.print(f"[green]merged[/] {len(merge_plan.jobs)} tensors with {merge_plan.recipe.method} -> {target}")
 
 
 @app.command(epilog="Example: modelfuse plan examples/ties.yml --show 5")
@@ -94,7 +196,9 @@ def validate(recipe: RecipeArg) -> None:
     from modelfuse.recipe import load_recipe
 
     parsed = load_recipe(recipe)
-    out_console.print(f"[green]valid[/]: method {parsed.method}, {len(parsed.input_paths())} input model(s)")
+    dialect = " (mergekit 0.1.5's meaning)" if parsed.dialect == "mergekit" else ""
+    out_console.print(f"[green]valid[/]: method {parsed.method}{dialect}, {len(parsed.input_paths())} input model(s)")
+    print_warnings(parsed.notes)
 
 
 @app.command(epilog="Example: modelfuse methods")

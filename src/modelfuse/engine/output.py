@@ -35,11 +35,12 @@ from modelfuse.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-COPIED_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model",
-    "vocab.txt", "generation_config.json",
+    "vocab.txt",
 )
+COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def _merge_identity(plan: MergePlan, slots: list[TensorSlot], options: MergeOptions) -> str:
@@ -82,7 +83,8 @@ def write_staged(
     if not journal.loaded:  # a new run, or a resumed one interrupted before its journal was started
         journal.start()
     reference = plan.checkpoints[plan.reference].folder
-    copied = [name for name in COPIED_FILES if (reference / name).is_file()]
+    copied = [name for name in COPIED_FILES if (reference / name).is_file()
+              and (options.copy_tokenizer or name not in TOKENIZER_FILES)]
     remaining = sum(slot.nbytes for slot in slots if slot.name not in journal.done)
     check_free_space(staging.path, remaining + sum((reference / name).stat().st_size for name in copied) + (1 << 20))
     writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes(), resume=staging.resume)
@@ -95,7 +97,8 @@ def write_staged(
     for name in copied:
         shutil.copyfile(reference / name, staging.path / name)
     (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
-    (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
+    if options.write_model_card:
+        (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,78 @@
+"""`modelfuse merge` takes mergekit-yaml's habits: the output folder as a second argument and its flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import Builder, Cli, error_lines, ties_recipe, write_recipe
+
+pytestmark = pytest.mark.integration
+
+
+def test_positional_output_equals_the_option(run_cli: Cli, guarded: Builder, tmp_path: Path) -> None:
+    """`merge RECIPE OUT` writes what `merge RECIPE -o OUT` writes; two different folders or none are refused."""
+    family = guarded("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family))
+    assert run_cli("merge", recipe, tmp_path / "positional", cwd=tmp_path).returncode == 0
+    assert run_cli("merge", recipe, "-o", tmp_path / "option", cwd=tmp_path).returncode == 0
+    assert ((tmp_path / "positional" / "model.safetensors").read_bytes()
+            == (tmp_path / "option" / "model.safetensors").read_bytes())
+    both = run_cli("merge", recipe, tmp_path / "a", "-o", tmp_path / "b", cwd=tmp_path)
+    assert both.returncode != 0 and error_lines(both) == [f"error: two output folders: {tmp_path / 'a'} and -o "
+                                                          f"{tmp_path / 'b'}; give one"]
+    neither = run_cli("merge", recipe, cwd=tmp_path)
+    assert neither.returncode != 0 and error_lines(neither) == [
+        "error: no output folder: modelfuse merge RECIPE OUT (or -o OUT)"]
+
+
+def test_mergekit_flags(run_cli: Cli, make_family: Builder, tmp_path: Path) -> None:
+    """--random-seed sets the recipe's seed, --no-copy-tokenizer and --no-write-model-card leave those files out,
+    --out-shard-size counts parameters, -j sets threads, and flags that change nothing get one info line."""
+    family = make_family("llama")
+    (family["base"] / "tokenizer_config.json").write_text("{}", encoding="utf-8")  # copied unless told not to
+    recipe = write_recipe(tmp_path, {**ties_recipe(family), "method": "dare_ties"})
+    plain = run_cli("merge", recipe, tmp_path / "plain", "--random-seed", "7", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    seeded = write_recipe(tmp_path, {**ties_recipe(family), "method": "dare_ties", "seed": 7}, name="seeded.yml")
+    assert run_cli("merge", seeded, tmp_path / "seeded", cwd=tmp_path).returncode == 0
+    assert ((tmp_path / "plain" / "model.safetensors").read_bytes()
+            == (tmp_path / "seeded" / "model.safetensors").read_bytes())
+    assert (tmp_path / "plain" / "README.md").is_file()
+    unseeded = run_cli("merge", recipe, tmp_path / "unseeded", cwd=tmp_path)
+    assert unseeded.returncode == 0 and ((tmp_path / "unseeded" / "model.safetensors").read_bytes()
+                                         != (tmp_path / "plain" / "model.safetensors").read_bytes())
+    assert (tmp_path / "plain" / "tokenizer_config.json").is_file()
+
+    result = run_cli("merge", recipe, tmp_path / "bare", "--random-seed", "7", "--no-copy-tokenizer",
+                     "--no-write-model-card", "--out-shard-size", "2K", "-j", "1", "--lazy-unpickle", "--allow-crimes",
+                     "--write-threads", "2", "--low-cpu-memory", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("info: --lazy-unpickle, --allow-crimes, --write-threads, --low-cpu-memory: mergekit-yaml flags with no "
+            "effect here") in " ".join(result.stderr.split())
+    files = {path.name for path in (tmp_path / "bare").iterdir()}
+    assert "README.md" not in files and not files & {"tokenizer.json", "tokenizer_config.json", "vocab.json"}
+    index = json.loads((tmp_path / "bare" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    largest = max(sum(t.numel() for t in load_file(tmp_path / "bare" / shard).values()) for shard in shards)
+    biggest_tensor = max(t.numel() for shard in shards for t in load_file(tmp_path / "bare" / shard).values())
+    assert largest <= max(2000, biggest_tensor)  # 2K parameters per shard, a larger tensor alone
+    merged = {name: tensor for shard in shards for name, tensor in load_file(tmp_path / "bare" / shard).items()}
+    reference = load_file(tmp_path / "plain" / "model.safetensors")
+    assert merged.keys() == reference.keys()
+    assert all((merged[name] == reference[name]).all() for name in reference)
+
+
+def test_unknown_flag_is_named(run_cli: Cli, guarded: Builder, tmp_path: Path) -> None:
+    """A flag neither modelfuse nor mergekit-yaml has is one error line naming it; nothing is written."""
+    family = guarded("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family))
+    result = run_cli("merge", recipe, tmp_path / "out", "--made-up-flag", cwd=tmp_path)
+    assert result.returncode != 0
+    assert error_lines(result) == ["error: --made-up-flag: no such option or argument of `modelfuse merge` (see "
+                                   "--help)"]
+    assert not (tmp_path / "out").exists()
