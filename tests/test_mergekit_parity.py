@@ -247,3 +247,43 @@ def test_unused_and_misplaced_parameters_are_ignored(make_family: Any, mergekit_
     _assert_parity(mergekit_parity, mk, mf)
     notes = parse_recipe(config).notes
     assert len(notes) == 2 and "density" in notes[0] and "lambda" in notes[1]
+
+
+def _quantize_experts(paths: dict[str, Path], step: float = 0.01) -> None:
+    """Replace each expert with the base plus deltas in {-2, ..., 2} * step (in the base's dtype): most |deltas|
+    tie at every cut-off."""
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    for index, name in enumerate(["e1", "e2"]):
+        generator = torch.Generator().manual_seed(index)
+        tied = {key: (value.float() + torch.randint(-2, 3, value.shape, generator=generator).float() * step
+                      ).to(value.dtype) for key, value in base.items()}
+        save_file(tied, str(paths[name] / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("inputs", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"density": 0.3}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}),
+])
+def test_ties_at_the_cut_off_kept_as_mergekit_keeps_them(make_family: Any, mergekit_parity: MergekitParity,
+                                                         method: str, parameters: dict[str, Any],
+                                                         inputs: torch.dtype) -> None:
+    """Task vectors whose magnitudes tie at the top-k cut-off (float32, bfloat16 and float16 checkpoints, merged
+    in float32 and saved in their dtype): the entries kept are mergekit's (its sort order), every tensor equal."""
+    paths = make_family("llama", dtype=inputs)
+    _quantize_experts(paths)
+    saved = str(inputs).removeprefix("torch.")
+    config = {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": _models(paths, ("e1", {"weight": 0.7}), ("e2", {"weight": 0.5})),
+        "parameters": parameters,
+        "dtype": "float32",
+        "out_dtype": saved,
+    }
+    mk, mf = mergekit_parity.run(config)
+    assert all(t.dtype == inputs for t in [*mk.values(), *mf.values()])
+    mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)

@@ -17,7 +17,7 @@ from modelfuse.errors import ModelfuseError
 from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
-from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
+from modelfuse.kernels.topk import TopkThreshold, sorted_topk_masks, topk_chunk_mask
 from modelfuse.methods import get_post_step
 from modelfuse.plan import MergePlan, TensorJob
 
@@ -154,7 +154,14 @@ def _compute_piece(
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
                                    "statistics": _statistics(job, plan, compute_dtype, device)}
-    if (thresholds is None and rows is None and job.method.topk is not None and base is not None
+    if (rows is None and job.method.topk is not None and job.method.mergekit_order is not None and base is not None
+            and plan.recipe.dialect == "mergekit"):
+        # A mergekit recipe: the entries equal to a cut-off are those mergekit's sort puts first (whole tensors).
+        numel = base.numel()
+        context["topk_masks"] = [
+            sorted_topk_masks((tensor - base).abs(), counts, job.method.mergekit_order)
+            for tensor, counts in zip(tensors, job.method.topk(job.params, numel), strict=True)]
+    elif (thresholds is None and rows is None and job.method.topk is not None and base is not None
             and compute_dtype == torch.float32):
         # A whole tensor: its thresholds here, so the engine hands the method its masks as for row blocks (the
         # same selection rule; a float64 computation leaves the method to select by itself, exactly).

@@ -32,8 +32,13 @@ class WorkUnit:
         return numel // self.job.shape[0] * (self.rows[1] - self.rows[0])
 
 
+def _mergekit_selection(job: TensorJob, plan: MergePlan) -> bool:
+    """Whether the job selects top-k entries in mergekit's sort order (a mergekit-dialect recipe): whole tensors."""
+    return plan.recipe.dialect == "mergekit" and job.method.mergekit_order is not None and job.base is not None
+
+
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
-    if len(job.shape) < 2 or job.shape[0] <= 1:
+    if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan):
         return False
     if job.method.topk is not None:  # the streaming selection reads float32 task vectors
         return job.base is not None and plan.recipe.compute_dtype == "float32"
@@ -69,7 +74,9 @@ def work_units(
         if budget_bytes is not None:  # 2 * workers blocks in flight, and one block's worth to spare
             block_elements = max(1, min(chunk_elements, budget_bytes // (per_element * (2 * workers + 1))))
         if not _blockable(job, plan) or numel <= block_elements:
-            yield WorkUnit(job, None, True, per_element * numel + _statistics_bytes(job))
+            # mergekit's order: a sort of one task vector at a time (values and int64 indices)
+            selection = 16 * numel if _mergekit_selection(job, plan) else 0
+            yield WorkUnit(job, None, True, per_element * numel + _statistics_bytes(job) + selection)
             continue
         row_elements = numel // job.shape[0]
         rows_per_block = max(1, block_elements // max(1, row_elements))

@@ -111,6 +111,10 @@ TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
 # method's kernel also takes ``thresholds`` and ``equal_before`` (as the engine's masks use them) by keyword and
 # advances ``equal_before`` past the block only when it returns True.
 Bf16Kernel = Callable[..., bool]
+# How mergekit 0.1.5 orders a top-k method's magnitudes, which decides the entries kept among those equal at a
+# cut-off: "argsort_descending" (the first k of torch.argsort(descending=True)), "sort_ascending" (the last k of
+# torch.sort); a mergekit-dialect recipe selects in that order on whole tensors.
+MergekitOrder = Literal["argsort_descending", "sort_ascending"]
 # working_bytes(shape, models) -> memory a whole-tensor call holds beyond its inputs, outputs and statistics.
 WorkingBytes = Callable[[tuple[int, ...], int], int]
 # A post-step: step(merged, base, *, depth, **settings) -> the tensor after the step (see register_post_step).
@@ -136,6 +140,7 @@ class MethodSpec:
     bf16_kernel: Bf16Kernel | None = None
     statistics: tuple[str, ...] = ()
     working_bytes: WorkingBytes | None = None
+    mergekit_order: MergekitOrder | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -239,6 +244,7 @@ def register(
     bf16_kernel: Bf16Kernel | None = None,
     statistics: tuple[str, ...] = (),
     working_bytes: WorkingBytes | None = None,
+    mergekit_order: MergekitOrder | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -265,6 +271,8 @@ def register(
             then takes ``statistics`` and is computed on whole tensors. Every model needs a ``calibration``.
         working_bytes: ``working_bytes(shape, models)``: the memory a whole-tensor call holds beyond its inputs,
             output and statistics (a solver's float64 sums, say); the engine reserves it in the RAM budget.
+        mergekit_order: For top-k methods that mergekit 0.1.5 has, the order its sort gives equal magnitudes
+            (``MergekitOrder``); a mergekit-dialect recipe then gets mergekit's masks (whole tensors).
 
     Returns:
         A decorator registering the function.
@@ -285,7 +293,7 @@ def register(
                               "not rowwise")
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
-            bf16_kernel, statistics, working_bytes,
+            bf16_kernel, statistics, working_bytes, mergekit_order,
         )
         return fn
 

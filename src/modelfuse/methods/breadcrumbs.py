@@ -88,7 +88,8 @@ def _crumbs(
 
 
 @register(name="breadcrumbs", description="Drop each task vector's outliers and small entries, then task arithmetic.",
-          paper=_PAPER, base="required", topk=_topk_counts)
+          paper=_PAPER, base="required", topk=_topk_counts,
+          mergekit_order="sort_ascending")
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -129,7 +130,8 @@ def breadcrumbs(
 
 @register(name="breadcrumbs_ties",
           description="Drop each task vector's outliers and small entries, then TIES sign election.",
-          paper=_PAPER, base="required", topk=_topk_counts)
+          paper=_PAPER, base="required", topk=_topk_counts,
+          mergekit_order="sort_ascending")
 def breadcrumbs_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,

@@ -55,6 +55,7 @@ def _ties_bf16(
     base="required",
     topk=density_topk_counts,
     bf16_kernel=_ties_bf16,
+    mergekit_order="argsort_descending",
 )
 def ties(
     tensors: Sequence[torch.Tensor],
