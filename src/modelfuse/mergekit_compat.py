@@ -34,6 +34,7 @@ _MEMORY_ONLY = {"int8_mask"}
 _DTYPES = {"bfloat16", "float16", "float32"}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 _HALF = {"bfloat16", "float16"}
+_UPCASTING = {"linear", "slerp", "passthrough"}  # mergekit computes these in float32 whatever its dtype
 
 _REQUIRED = object()
 # Per method of mergekit 0.1.5: its shared parameters and its per-model parameters, with their defaults.
@@ -67,14 +68,19 @@ _WEIGHT_ON_BASE = {"linear"}
 _DARE = {"dare_ties", "dare_linear"}
 
 
-def _value(value: Any) -> Any:
+def _value(value: Any, where: str, notes: list[str]) -> Any:
+    """A parameter value in modelfuse's form: ``filter`` rules become ``match`` globs (a substring match)."""
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and isinstance(value[0], dict):
         rules = []
-        for rule in value:
+        for index, rule in enumerate(value):
+            for key in sorted(set(rule) - {"filter", "value"}):
+                notes.append(f"{where}.{index}.{key}: not a key of a mergekit 0.1.5 rule (its key is 'filter'); "
+                             "mergekit ignores it, so this rule matches every tensor, here too")
             pattern = rule.get("filter")
-            rules.append({"match": "*" if pattern in (None, "*") else f"*{pattern}*", "value": _value(rule["value"])})
+            rules.append({"match": "*" if pattern in (None, "*") else f"*{pattern}*",
+                          "value": _value(rule["value"], f"{where}.{index}.value", notes)})
         return rules
     return value
 
@@ -95,7 +101,7 @@ class _Translation:
             if name in _MEMORY_ONLY:
                 continue
             if name in self.per_model or (not model and name in self.shared):
-                kept[_PARAM_NAMES.get(name, name)] = _value(value)
+                kept[_PARAM_NAMES.get(name, name)] = _value(value, f"{where}.{name}", self.notes)
             elif model and name in self.shared:
                 self.notes.append(f"{where}.{name}: mergekit 0.1.5 reads {name!r} only from the top-level or a "
                                   f"slice's parameters and ignores it here; so does modelfuse")
@@ -103,7 +109,7 @@ class _Translation:
                 self.notes.append(f"{where}.{name}: method {self.method!r} has no parameter {name!r}; mergekit "
                                   "ignores it, and so does modelfuse")
             else:  # a modelfuse-only method named in a mergekit YAML: its own parameters, checked by the recipe
-                kept[_PARAM_NAMES.get(name, name)] = _value(value)
+                kept[_PARAM_NAMES.get(name, name)] = _value(value, f"{where}.{name}", self.notes)
         return kept
 
     def entry(self, item: Any, where: str, *, slices: bool) -> dict[str, Any]:
@@ -207,7 +213,11 @@ def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translat
     saved = names.get("out_dtype") or compute
     if saved:
         recipe["dtype"] = saved
-    if compute in _HALF:
+    if translation.method == "arcee_fusion" and compute in _HALF and "out_dtype" not in names:
+        translation.notes.append(
+            f"arcee_fusion: with dtype {compute} and no out_dtype, mergekit 0.1.5 saves float32 tensors (its mask "
+            f"is float32); modelfuse saves {compute}")
+    if compute in _HALF and translation.method not in _UPCASTING:
         translation.notes.append(
             f"dtype: {compute}: mergekit computes the merge in {compute}; modelfuse computes in float32 and writes "
             f"{saved} (closer to exact; tensors differ by rounding). For the same computation in both, write "
