@@ -225,7 +225,7 @@ def _direct_io_allowed(folder: Path) -> bool:
 def large_tensors() -> dict[str, torch.Tensor]:
     """Tensors whose row blocks cover whole pages (4096-byte rows, over two staging chunks) and ones that do not."""
     generator = torch.Generator().manual_seed(1)
-    return {"aligned": torch.randn(1100, 1024, generator=generator),  # 4.5 MB, 4096-byte rows
+    return {"aligned": torch.randn(4200, 1024, generator=generator),  # 17.2 MB, 4096-byte rows
             "odd": torch.randn(257, 33, generator=generator).to(torch.bfloat16),  # 66-byte rows
             "vector": torch.randn(5001, generator=generator).to(torch.float16),
             "after": torch.randn(300, 700, generator=generator)}  # starts at an odd offset
@@ -270,7 +270,7 @@ def test_direct_writes_give_the_bytes_of_buffered_writes(tmp_path: Path, monkeyp
     write_in_random_blocks(tmp_path / "buffered", tensors, direct=False)
     assert writer.direct and sum(direct_bytes) > 4_000_000  # the aligned tensor went past the page cache
     header = (tmp_path / "direct" / SINGLE_FILE).read_bytes()[:8]
-    assert (8 + int.from_bytes(header, "little")) % 4096 == 0  # tensor data starts on a page
+    assert (8 + int.from_bytes(header, "little")) % 4096 == 0  # a large shard's tensor data starts on a page
     assert (tmp_path / "direct" / SINGLE_FILE).read_bytes() == (tmp_path / "buffered" / SINGLE_FILE).read_bytes()
     loaded = load_file(tmp_path / "direct" / SINGLE_FILE)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())

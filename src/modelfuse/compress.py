@@ -26,7 +26,7 @@ import torch
 
 from modelfuse._version import __version__
 from modelfuse.engine import COPIED_FILES
-from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError
+from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError, summary
 from modelfuse.io.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
@@ -141,8 +141,7 @@ def _plan(base: Checkpoint, experts: Sequence[Checkpoint], dtype: str | None) ->
         plan[name] = {"shape": list(info.shape), "kind": "tau" if info.dtype.is_floating_point else "copy",
                       "dtype": DTYPE_NAMES[store], "expert_dtypes": [DTYPE_NAMES[d] for d in dtypes], "stored": stored}
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ShapeMismatchError("the experts do not fit the base:\n" + "\n".join(shown))
+        raise ShapeMismatchError(summary("the experts do not fit the base", problems), details=problems)
     return plan
 
 

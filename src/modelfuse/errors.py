@@ -11,15 +11,24 @@ class ModelfuseError(Exception):
         path: The file or folder concerned, if any.
         tensor: The tensor name concerned, if any.
         model: The model (path or hub id) concerned, if any.
+        details: Every item of a long list the message summarises (the CLI prints them with --verbose).
     """
 
     def __init__(
-        self, message: str, *, path: str | None = None, tensor: str | None = None, model: str | None = None
+        self, message: str, *, path: str | None = None, tensor: str | None = None, model: str | None = None,
+        details: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.path = path
         self.tensor = tensor
         self.model = model
+        self.details = details or []
+
+
+def summary(head: str, items: list[str], *, shown: int = 3) -> str:
+    """One line for a long list of problems: ``head``, how many, the first ``shown`` (all with ``--verbose``)."""
+    more = f"; and {len(items) - shown} more (--verbose lists them all)" if len(items) > shown else ""
+    return f"{head}: {len(items)} problem(s): {'; '.join(items[:shown])}{more}"
 
 
 class RecipeError(ModelfuseError):

@@ -28,7 +28,7 @@ from modelfuse.compress import (
     unpack_mask,
 )
 from modelfuse.engine import COPIED_FILES
-from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError
+from modelfuse.errors import CheckpointError, RecipeError, ShapeMismatchError, summary
 from modelfuse.io.checkpoint import DTYPES, Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import ShardWriter, StagingFolder, TensorSlot, check_output_location, verify_written
@@ -141,8 +141,8 @@ def extract_model(
             if key not in store or store[key].shape != shape:
                 problems.append(f"{folder}: stored tensor {key!r} is missing or has the wrong shape (damaged folder)")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ShapeMismatchError("the base and the compressed folder do not fit together:\n" + "\n".join(shown))
+        raise ShapeMismatchError(summary("the base and the compressed folder do not fit together", problems),
+                                 details=problems)
     out = Path(out)
     check_output_location(out, [folder, base_ckpt.folder], overwrite=overwrite)
     slots = [TensorSlot(name, tuple(entry["shape"]), DTYPES[entry["expert_dtypes"][index]])

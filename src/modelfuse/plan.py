@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from modelfuse import compat
-from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.errors import RecipeError, ShapeMismatchError, summary
 from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CalibrationStats
@@ -220,8 +220,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                                                if label in ends or label == reference}, reference),
                   *compat.extra_tensor_problems(checkpoints, reference)]
     if mismatches:
-        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(
-            [*filter(None, [architectures]), *mismatches]))
+        raise ShapeMismatchError(summary(_fit_head(architectures), mismatches), details=mismatches)
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     jobs: list[TensorJob] = []
     problems: list[str] = []
@@ -290,9 +289,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                 add(f"{arch.layer_prefix}.{out_layer}.{parts.rest}", group, names, depth)
             out_layer += 1
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ShapeMismatchError("the input models do not fit together:\n" + "\n".join(
-            [*filter(None, [architectures]), *shown]))
+        raise ShapeMismatchError(summary(_fit_head(architectures), problems), details=problems)
     zero_sums = _zero_weight_sums(jobs)
     if zero_sums:
         raise RecipeError(zero_sums)
@@ -308,6 +305,10 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         experts = [path for path in dict.fromkeys(e.path for g in groups for e in g.entries) if path != recipe.base]
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics)
+
+
+def _fit_head(architectures: str | None) -> str:
+    return "the input models do not fit together" + (f" ({architectures})" if architectures else "")
 
 
 def _zero_weight_sums(jobs: list[TensorJob]) -> str | None:

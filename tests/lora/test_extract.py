@@ -102,5 +102,8 @@ def test_extract_from_another_architecture_is_refused(run_cli: Cli, make_family:
     tiny_model("gpt2").save_pretrained(other)
     result = run_cli("lora", "extract", other, "--base", family["base"], "--rank", "4", "-o", tmp_path / "adapter")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "do not fit together" in result.stderr and "'model.layers.0.self_attn.q_proj.weight'" in result.stderr
+    assert "do not fit together: 21 problem(s)" in result.stderr and "--verbose" in result.stderr
+    verbose = run_cli("--verbose", "lora", "extract", other, "--base", family["base"], "--rank", "4", "-o",
+                      tmp_path / "adapter")
+    assert "'model.layers.0.self_attn.q_proj.weight'" in verbose.stderr
     assert not (tmp_path / "adapter").exists()

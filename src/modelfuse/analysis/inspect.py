@@ -11,7 +11,7 @@ import torch
 
 from modelfuse.analysis.task_vectors import TaskVectorStats, task_vector_stats
 from modelfuse.architecture import Architecture
-from modelfuse.errors import ModelfuseError, ShapeMismatchError
+from modelfuse.errors import ModelfuseError, ShapeMismatchError, summary
 from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 
@@ -166,8 +166,7 @@ def _plan(base: Checkpoint, experts: Sequence[Checkpoint]) -> list[tuple[str, li
             sources.append(stored or "")
         jobs.append((name, sources))
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ShapeMismatchError("the experts do not fit the base:\n" + "\n".join(shown))
+        raise ShapeMismatchError(summary("the experts do not fit the base", problems), details=problems)
     return jobs
 
 

@@ -24,7 +24,11 @@ def main() -> None:
             raise
         from rich.markup import escape
 
-        console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        for line in str(error).splitlines() or [""]:  # every line of a multi-problem message is an error line
+            console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        if _state["verbose"]:
+            for item in error.details:
+                console.print(f"  {escape(item)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt as interruption:
         console.print("[red]interrupted[/]; no output was written")

@@ -27,12 +27,16 @@ console = Console(stderr=True)
 out_console = Console()
 
 
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print every item of an error's long list.")] = False,
+) -> None:
     _state["debug"] = debug
+    _state["verbose"] = verbose
     logger = logging.getLogger("modelfuse")
     if not any(isinstance(handler, _WarningHandler) for handler in logger.handlers):
         logger.addHandler(_WarningHandler(logging.WARNING))

@@ -157,7 +157,7 @@ def expert_merge_command(
 
 
 @app.command(name="twin", epilog="Example: modelfuse twin ./base --model ./math --data math.jsonl --model ./code "
-             "--data code.jsonl -o ./twin --rank 64; then modelfuse evaluate ./twin ...")
+             "--data code.jsonl -o ./twin --rank 64; then modelfuse eval ./twin --task ...")
 def twin_command(
     base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
     model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],

@@ -60,7 +60,8 @@ def _mergekit_shard_bytes(size: str, itemsize: int) -> int:
     return max(1, int(count * scale)) * itemsize
 
 
-@app.command(epilog="Example: modelfuse merge examples/ties.yml ./merged --overwrite   (or -o ./merged)",
+@app.command(epilog="Example: modelfuse init ties -o ties.yml, edit its model paths, then modelfuse merge "
+                     "ties.yml ./merged   (or -o ./merged)",
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def merge(
     context: typer.Context,
@@ -172,7 +173,7 @@ def merge(
     out_console.print(f"[green]merged[/] {len(merge_plan.jobs)} tensors with {merge_plan.recipe.method} -> {target}")
 
 
-@app.command(epilog="Example: modelfuse plan examples/ties.yml --show 5")
+@app.command(epilog="Example: modelfuse plan ties.yml --show 5   (modelfuse init ties -o ties.yml writes one)")
 def plan(
     recipe: RecipeArg,
     show: Annotated[int, typer.Option(help="How many example tensors to show with resolved parameters.")] = 6,

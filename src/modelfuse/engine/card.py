@@ -27,13 +27,19 @@ def provenance(recipe: Recipe, version: str, hashes: dict[str, dict[str, str]], 
     return json.dumps(record, indent=2) + "\n"
 
 
+def _card_name(path: str) -> str:
+    """How the card names an input: a Hub id as given, a local folder by its name (``MODEL+ADAPTER``: the model)."""
+    model = path.split("+", 1)[0]
+    if _HUB_ID.match(model) and not Path(model).exists():
+        return model
+    return Path(model).expanduser().resolve().name or model
+
+
 def model_card(recipe: Recipe, version: str) -> str:
     """A README.md with Hugging Face front matter, the method and the full recipe."""
     spec = recipe.method_spec
-    hub_models = [path for path in recipe.input_paths() if _HUB_ID.match(path) and not Path(path).exists()]
-    front: dict[str, Any] = {"library_name": "transformers", "tags": ["modelfuse", "merge", spec.name]}
-    if hub_models:
-        front["base_model"] = hub_models
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["modelfuse", "merge", spec.name],
+                             "base_model": [_card_name(path) for path in recipe.input_paths()]}
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),

@@ -25,6 +25,7 @@ from modelfuse.io.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, read_s
 
 _PARTIAL_MARK = ".modelfuse-partial"
 _PAGE = 4096  # direct writes cover whole pages of the file, from page-aligned memory
+_ALIGN_FROM_BYTES = 16 * 1024 * 1024  # shards with this much tensor data start it on a page
 _DIRECT_CHUNK = 2 * 1024 * 1024  # bytes per direct write (each thread reuses one staging buffer of this size)
 _staging = threading.local()
 
@@ -71,9 +72,11 @@ def _header_bytes(slots: Sequence[TensorSlot]) -> bytes:
                              "data_offsets": [offset, offset + slot.nbytes]}
         offset += slot.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    # Pad (with spaces, as safetensors pads to 8 bytes) so that tensor data starts on a page boundary: the
-    # row blocks of most tensors then cover whole pages, which ``ShardWriter`` writes past the page cache.
-    raw += b" " * (-(8 + len(raw)) % _PAGE)
+    # Pad (with spaces, as safetensors pads to 8 bytes) so that the tensor data of a large shard starts on a page
+    # boundary: the row blocks of most tensors then cover whole pages, which ``ShardWriter`` writes past the page
+    # cache. A small shard keeps safetensors' 8-byte padding.
+    large = offset >= _ALIGN_FROM_BYTES
+    raw += b" " * (-(8 + len(raw)) % _PAGE if large else -len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
 
 

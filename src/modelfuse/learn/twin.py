@@ -15,7 +15,7 @@ combined per input.
 
 The bundle is a folder: ``shared/`` (a model folder), ``exclusive-<k>.safetensors``, ``router.safetensors`` and
 ``twin.json`` (experts, rank, router, storage report). :func:`load_twin` returns the shared model with the
-exclusive knowledge hooked in, which ``generate``, ``modelfuse evaluate`` and the evaluation runner use as any
+exclusive knowledge hooked in, which ``generate``, ``modelfuse eval`` and the evaluation runner use as any
 causal LM.
 """
 

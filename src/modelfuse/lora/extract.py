@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from modelfuse.errors import RecipeError, ShapeMismatchError
+from modelfuse.errors import RecipeError, ShapeMismatchError, summary
 from modelfuse.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
@@ -137,7 +137,7 @@ def extract_adapter(
     problems = [f"{finetuned}: lacks {name!r} or has another shape" for name in names
                 if name not in tuned or tuned[name].shape != origin[name].shape]
     if problems:
-        raise ShapeMismatchError("the models do not fit together:\n" + "\n".join(problems[:20]))
+        raise ShapeMismatchError(summary("the models do not fit together", problems), details=problems)
     transposed = origin.config.get("model_type") in _CONV1D_MODEL_TYPES
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     reports = []
