@@ -194,3 +194,26 @@ def test_tied_head_family(make_family: Callable[..., dict[str, Path]]) -> None:
     report = inspect_task_vectors(family["base"], [family["e1"], family["e2"]])
     assert list(report.layers) == ["embeddings", "layer 0", "layer 1", "head"]
     assert "lm_head" not in {tensor.kind for tensor in report.tensors}  # tied: not stored, not counted twice
+
+
+def test_warns_when_architectures_differ(make_family: Callable[..., dict[str, Path]], run: Run) -> None:
+    """A Qwen2 expert (tied head, extra biases) against a Llama base whose tensors it has: measured, with a warning."""
+    llama = make_family("llama", experts=1, layers=2)
+    qwen = make_family("qwen2", experts=1, layers=2)
+    code, _, err = run("inspect", llama["base"], qwen["e1"])
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert "warning: the models have different architectures (architectures):" in flat
+    assert "is this the base the experts were fine-tuned from?" in flat
+
+
+def test_refuses_to_overwrite_a_report_without_force(family: dict[str, Path], run: Run, tmp_path: Path) -> None:
+    """A second report into the same folder is refused before any compute; --force replaces it."""
+    out = tmp_path / "report"
+    assert run("inspect", family["base"], family["e1"], "-o", out)[0] == 0
+    first = (out / "inspect.json").read_bytes()
+    code, stdout, err = run("inspect", family["base"], family["e2"], "-o", out)
+    assert code == 1 and "already holds a report (inspect.json); pass --force to replace it" in " ".join(err.split())
+    assert "overall" not in stdout and (out / "inspect.json").read_bytes() == first
+    code, _, err = run("inspect", family["base"], family["e2"], "-o", out, "--force")
+    assert code == 0, err and (out / "inspect.json").read_bytes() != first

@@ -11,6 +11,7 @@ import torch
 
 from modelfuse.analysis.task_vectors import TaskVectorStats, task_vector_stats
 from modelfuse.architecture import Architecture
+from modelfuse.compat import architecture_difference
 from modelfuse.errors import ModelfuseError, ShapeMismatchError, summary
 from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
@@ -60,6 +61,7 @@ class InspectReport:
         relative_norm_threshold: Relative task-vector norm above which a warning is raised.
         num_layers: Layers in the base model's stack.
         tensors: One entry per inspected tensor, in network order.
+        notes: Warnings found before measuring (models of different architectures).
     """
 
     base: str
@@ -69,6 +71,7 @@ class InspectReport:
     relative_norm_threshold: float
     num_layers: int
     tensors: list[TensorReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def _aggregate(self, key: Callable[[TensorReport], str]) -> dict[str, TaskVectorStats]:
         groups: dict[str, TaskVectorStats] = {}
@@ -97,8 +100,9 @@ class InspectReport:
 
     @property
     def warnings(self) -> list[str]:
-        """Problems worth a look: a base far from an expert, an expert equal to the base."""
-        found = []
+        """Problems worth a look: models of different architectures, a base far from an expert, an expert equal to
+        the base."""
+        found = list(self.notes)
         overall = self.overall
         for name, norm, relative in zip(self.names, overall.norms, overall.relative_norms, strict=True):
             if norm == 0.0:
@@ -209,6 +213,10 @@ def inspect_task_vectors(
     arch = base_ckpt.architecture
     report = InspectReport(str(base), [str(e) for e in experts], _short_names([str(e) for e in experts]), density,
                            relative_norm_threshold, base_ckpt.num_layers)
+    difference = architecture_difference({base_ckpt.label: base_ckpt, **{e.label: e for e in expert_ckpts}})
+    if difference:  # same tensor names and shapes (or _plan had refused): measured, but likely meaningless
+        report.notes.append(difference.split("; merge models", 1)[0] + "; task vectors between different "
+                            "architectures are rarely meaningful: is this the base the experts were fine-tuned from?")
     try:
         for done, (name, sources) in enumerate(jobs, start=1):
             base_tensor = base_ckpt.read(name).to(torch.float32)

@@ -44,12 +44,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
-def check_report_folder(folder: str | Path, models: Sequence[str | Path]) -> None:
-    """Refuse a report folder that is, or lies inside, an input model folder (inputs are never written).
+def check_report_folder(folder: str | Path, models: Sequence[str | Path], *, force: bool = False) -> None:
+    """Refuse a report folder that is, or lies inside, an input model folder (inputs are never written), or that
+    holds an earlier report (unless ``force``).
 
     Raises:
-        OutputError: Naming the input concerned.
+        OutputError: Naming the input concerned, or the earlier report.
     """
+    if not force and (Path(folder) / REPORT_FILE).exists():
+        raise OutputError(f"{folder}: already holds a report ({REPORT_FILE}); pass --force to replace it, or choose "
+                          "another folder", path=str(folder))
     target = Path(folder).expanduser().resolve()
     for model in models:
         source = Path(model).expanduser().resolve()
@@ -58,13 +62,15 @@ def check_report_folder(folder: str | Path, models: Sequence[str | Path]) -> Non
                               "choose another folder", path=str(folder))
 
 
-def save_report(report: InspectReport, folder: str | Path, *, plots: bool = True) -> SavedReport:
+def save_report(report: InspectReport, folder: str | Path, *, plots: bool = True, force: bool = False
+                ) -> SavedReport:
     """Write ``inspect.json`` and, when matplotlib is installed, the PNG plots into ``folder``.
 
     Args:
         report: What :func:`inspect_task_vectors` returned.
         folder: Report folder, created if missing; must not be or lie inside an input model folder.
         plots: Also draw the plots (skipped with a note when matplotlib is missing).
+        force: Replace the report of an earlier run in ``folder``.
 
     Returns:
         The paths written and a note for the user when plots were skipped.
@@ -73,7 +79,7 @@ def save_report(report: InspectReport, folder: str | Path, *, plots: bool = True
         OutputError: If the folder is an input folder or cannot be written.
     """
     folder = Path(folder)
-    check_report_folder(folder, [report.base, *report.experts])
+    check_report_folder(folder, [report.base, *report.experts], force=force)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         json_path = folder / REPORT_FILE

@@ -18,6 +18,7 @@ def inspect_command(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder: inspect.json + PNG plots.")] = None,
     max_relative_norm: Annotated[float, typer.Option(help="Warn when an expert's |tau|/|base| exceeds this.")] = 0.5,
     by_type: Annotated[bool, typer.Option("--by-type", help="Also show a table per tensor type.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace the report of an earlier run in the -o folder.")] = False,
 ) -> None:
     """Task-vector diagnostics: norms, pairwise cosine, sign conflicts and sparsity per layer and tensor type."""
     from rich.markup import escape
@@ -27,7 +28,7 @@ def inspect_command(
     from modelfuse.analysis.table import summary_table
 
     if out is not None:
-        check_report_folder(out, [base, *experts])  # refuse before any compute
+        check_report_folder(out, [base, *experts], force=force)  # refuse before any compute
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("inspecting", total=None)
         report = inspect_task_vectors(base, experts, density, relative_norm_threshold=max_relative_norm,
@@ -40,7 +41,7 @@ def inspect_command(
     if out is None:
         out_console.print("pass -o DIR to write inspect.json and the plots")
         return
-    saved = save_report(report, out)
+    saved = save_report(report, out, force=force)
     out_console.print(f"[green]wrote[/] {', '.join(str(p) for p in [saved.json_path, *saved.plots])}")
     if saved.note:
         console.print(f"[yellow]note:[/] {escape(saved.note)}", highlight=False)
