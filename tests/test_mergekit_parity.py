@@ -287,3 +287,19 @@ def test_ties_at_the_cut_off_kept_as_mergekit_keeps_them(make_family: Any, merge
     mk, mf = mergekit_parity.run(config)
     assert all(t.dtype == inputs for t in [*mk.values(), *mf.values()])
     mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)
+
+
+def test_passthrough_with_a_scale_per_source(make_family: Any, mergekit_parity: MergekitParity) -> None:
+    """A frankenmerge whose second slice scales its model's o_proj by 0 and the rest by 0.5 (mergekit's per-source
+    'scale', with a filter): the same tensors in both tools."""
+    paths = make_family("llama", layers=4)
+    config = {
+        "slices": [{"sources": [{"model": str(paths["e1"]), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(paths["e2"]), "layer_range": [1, 4],
+                                 "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 0.5}]}}]}],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    }
+    mk, mf = mergekit_parity.run(config)
+    _assert_parity(mergekit_parity, mk, mf)
+    assert float(mf["model.layers.3.self_attn.o_proj.weight"].abs().max()) == 0.0

@@ -414,7 +414,7 @@ def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:
         "name": "franken",
         "slices": [
             {"sources": [{"path": "a", "layer_range": [0, 4]}], "parameters": {}},
-            {"sources": [{"path": "b", "parameters": {"scale": 0.5}, "layer_range": [2, 6]}], "parameters": {}},
+            {"sources": [{"path": "b", "layer_range": [2, 6]}], "parameters": {"scale": 0.5}},  # one model a slice
         ],
         "notes": [],
     }
@@ -463,8 +463,14 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
     ]
     dare = parse_recipe({"merge_method": "dare_ties", "base_model": "b", "parameters": {"weight": 1},
                          "models": [{"model": "a"}]})
-    assert dare.parameters == {"weight": 1, "normalize": False, "lam": 1.0, "density": 1.0}
-    assert dare.notes[-1].startswith("dare_ties: mergekit 0.1.5 draws the drop masks from torch's global generator")
+    assert dare.parameters == {"weight": 1, "normalize": False, "lam": 1.0, "rescale": True, "density": 1.0}
+    assert dare.notes[-1] == (
+        "dare_ties: mergekit 0.1.5 draws the drop masks from torch's global generator (--random-seed) and rescales "
+        "the kept entries to keep each task vector's L1 norm; modelfuse draws them from its own seeded generator "
+        "('seed', --random-seed) and rescales by 1/density: the same method, a different random draw")
+    unscaled = parse_recipe({"merge_method": "dare_linear", "base_model": "b", "parameters": {"weight": 1,
+                             "rescale": False, "density": 0.5}, "models": [{"model": "a"}]})
+    assert unscaled.parameters["rescale"] is False and "rescales" not in unscaled.notes[-1]
     linear = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1,
                                                                                              "density": 0.5}}]})
     assert linear.models is not None and linear.models[0].parameters == {}
@@ -473,9 +479,9 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
     assert _error({**MERGEKIT, "chat_template": "x", "modules": {}}, source="mk.yml") == (
         "mk.yml: modules: 'modules' (a merge per module of a multi-module model) is not supported yet\n"
         "mk.yml: chat_template: 'chat_template' is not supported yet")
-    assert _error({"merge_method": "dare_ties", "base_model": "b", "parameters": {"weight": 1, "rescale": False},
+    assert _error({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1, "rescale": True},
                    "models": [{"model": "a"}]}, source="mk.yml") == (
-        "mk.yml: parameters.rescale: False for 'dare_ties' (mergekit's L1-norm rescale of the trimmed task vectors) "
+        "mk.yml: parameters.rescale: True for 'ties' (mergekit's L1-norm rescale of the trimmed task vectors) "
         "is not supported yet")
 
 

@@ -66,6 +66,7 @@ _MERGEKIT_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # Methods whose weight mergekit resolves for every input, the base included (it merges the base as one more model).
 _WEIGHT_ON_BASE = {"linear"}
 _DARE = {"dare_ties", "dare_linear"}
+_RANDOM_DROPS = {*_DARE, "della", "della_linear"}
 
 
 def _value(value: Any, where: str, notes: list[str]) -> Any:
@@ -184,13 +185,19 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
                        for j, item in enumerate(piece.get("sources") or [])]
             recipe["slices"].append({"sources": sources, "parameters": translation.params(
                 piece.get("parameters"), f"{where}.parameters", model=False)})
+    if method == "passthrough":
+        _scale_per_slice(recipe)
     _require_weights(recipe, translation, base)
     _mergekit_defaults(recipe, translation)
-    if method in _DARE:
+    if method in _RANDOM_DROPS:
+        rescaled = recipe["parameters"].get("rescale", True) is not False
+        rescale = (" and rescales the kept entries to keep each task vector's L1 norm" if rescaled else "")
+        ours = (" and rescales by 1/density" if rescaled and method in _DARE else
+                " and rescales by the inverse keep probability" if rescaled else "")
         translation.notes.append(
-            f"{method}: mergekit 0.1.5 draws the drop masks from torch's global generator and rescales the kept "
-            "entries to keep each task vector's L1 norm; modelfuse draws them from its own seeded generator and "
-            "rescales by 1/density: the same method, a different random draw")
+            f"{method}: mergekit 0.1.5 draws the drop masks from torch's global generator (--random-seed){rescale}; "
+            f"modelfuse draws them from its own seeded generator ('seed', --random-seed){ours}: the same method, "
+            "a different random draw")
     recipe["notes"] = translation.notes
     return recipe
 
@@ -222,6 +229,19 @@ def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translat
             f"dtype: {compute}: mergekit computes the merge in {compute}; modelfuse computes in float32 and writes "
             f"{saved} (closer to exact; tensors differ by rounding). For the same computation in both, write "
             f"'dtype: float32' and 'out_dtype: {saved}'")
+
+
+def _scale_per_slice(recipe: dict[str, Any]) -> None:
+    """Passthrough takes one model per slice, so mergekit's per-source ``scale`` is the slice's (a model's own
+    value wins over the slice's, as in mergekit)."""
+    pieces = recipe.get("slices") or [{"sources": recipe.get("models", []), "parameters": recipe["parameters"]}]
+    for piece in pieces:
+        for source in piece["sources"]:
+            own = source.get("parameters", {})
+            if "scale" in own:
+                piece["parameters"]["scale"] = own.pop("scale")
+                if not own:
+                    source.pop("parameters")
 
 
 def _has(scopes: list[dict[str, Any]], name: str) -> bool:
@@ -264,10 +284,12 @@ def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> Non
             continue
         if not _has(scopes, ours):
             recipe["parameters"][ours] = default
-    rescale = recipe["parameters"].pop("rescale", None)
-    if rescale is not None and rescale != translation.shared.get("rescale"):
-        raise RecipeError(f"{translation.source}: parameters.rescale: {rescale!r} for {translation.method!r} "
-                          "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
+    rescale = recipe["parameters"].get("rescale")
+    if "rescale" not in spec.params:  # mergekit's L1-norm rescale of a trimmed task vector (ties, breadcrumbs)
+        recipe["parameters"].pop("rescale", None)
+        if rescale is not None and rescale != translation.shared.get("rescale"):
+            raise RecipeError(f"{translation.source}: parameters.rescale: {rescale!r} for {translation.method!r} "
+                              "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
 
 
 def _ignores_base(method: Any) -> bool:

@@ -223,3 +223,29 @@ def test_registered_specs() -> None:
         assert spec.params["density"].default == 0.5 and spec.params["density"].per_model
     assert get_method("dare_linear").defaults()["normalize"] is False
     assert get_method("dare_ties").defaults()["normalize"] is True
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_rescale_false_keeps_the_same_draws_unscaled(method: str) -> None:
+    """rescale=False: the entries the same random field keeps, not divided by density (mergekit's rescale: false)."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 30, generator=generator)
+    experts = [base + torch.randn(40, 30, generator=generator) * 0.1 for _ in range(2)]
+    noise = RandomField(11)
+    densities, weights = [0.3, 0.6], [0.7, 0.4]
+    kept = [(e - base) * noise.bernoulli(i, base.shape, d) for i, (e, d) in enumerate(zip(experts, densities,
+                                                                                         strict=True))]
+    if method == "dare_linear":
+        merged = dare_linear(experts, base, weight=weights, density=densities, lam=0.9, normalize=False,
+                             rescale=False, noise=noise)
+        reference = base + 0.9 * (kept[0] * weights[0] + kept[1] * weights[1])
+    else:
+        merged = dare_ties(experts, base, weight=weights, density=densities, lam=0.9, normalize=True, rescale=False,
+                           noise=noise)
+        scaled = [k * w for k, w in zip(kept, weights, strict=True)]
+        sign = torch.where(scaled[0] + scaled[1] >= 0, 1.0, -1.0)
+        agree = [(torch.sign(d) == sign).float() for d in scaled]
+        divisor = agree[0] * weights[0] + agree[1] * weights[1]
+        reference = base + 0.9 * (agree[0] * scaled[0] + agree[1] * scaled[1]) / torch.where(divisor == 0, 1.0,
+                                                                                                divisor)
+    assert torch.allclose(merged, reference, atol=1e-6)

@@ -20,9 +20,17 @@ Density = Annotated[
 ]
 
 
+Rescale = Annotated[bool, Param("divide the kept entries by density (DARE); false keeps them as they are")]
+
+
 def _dropped(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField,
+    rescale: bool = True,
 ) -> list[torch.Tensor]:
+    if not rescale:  # the same draws, the kept entries unscaled
+        return [(tensor - base) * noise.bernoulli(model, tensor.shape, d) if 0.0 < d < 1.0
+                else (tensor - base) * (1.0 if d >= 1.0 else 0.0)
+                for model, (tensor, d) in enumerate(zip(tensors, density, strict=True))]
     return [drop_task_vector(tensor, base, d, noise, model)
             for model, (tensor, d) in enumerate(zip(tensors, density, strict=True))]
 
@@ -37,6 +45,7 @@ def dare_linear(
     density: Density,
     lam: MergedScale = 1.0,
     normalize: WeightMean = False,
+    rescale: Rescale = True,
     noise: RandomField,
 ) -> torch.Tensor:
     """DARE with a linear combination.
@@ -54,12 +63,13 @@ def dare_linear(
         density: Keep probability in [0, 1] per model (1 - drop rate); default 0.5.
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Divide by the sum of the weights. Default False.
+        rescale: Divide the kept entries by ``density_i`` (default True); False keeps them unscaled.
         noise: Source of the random drop masks (seeded per tensor by the engine; model i uses stream i).
 
     Returns:
         The merged tensor.
     """
-    return base + lam * weighted_sum(_dropped(tensors, base, density, noise), weight, normalize=normalize)
+    return base + lam * weighted_sum(_dropped(tensors, base, density, noise, rescale), weight, normalize=normalize)
 
 
 def _dare_ties_bf16(
@@ -67,6 +77,8 @@ def _dare_ties_bf16(
     noise: RandomField,
 ) -> bool:
     """:func:`dare_ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    if not params["rescale"]:
+        return False
     return fused.dare_ties_bf16(tensors, base, params["weight"], params["density"], params["lam"],
                                 params["normalize"], [noise.key(model) for model in range(len(tensors))],
                                 noise.offset, out)
@@ -82,6 +94,7 @@ def dare_ties(
     density: Density,
     lam: MergedScale = 1.0,
     normalize: DisjointMean = True,
+    rescale: Rescale = True,
     noise: RandomField,
 ) -> torch.Tensor:
     """DARE with TIES sign election and disjoint merge.
@@ -98,9 +111,10 @@ def dare_ties(
         density: Keep probability in [0, 1] per model (1 - drop rate); default 0.5.
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Disjoint mean (True, default) or disjoint sum.
+        rescale: Divide the kept entries by ``density_i`` (default True); False keeps them unscaled.
         noise: Source of the random drop masks (seeded per tensor by the engine; model i uses stream i).
 
     Returns:
         The merged tensor.
     """
-    return ties_combine(_dropped(tensors, base, density, noise), base, weight, lam, normalize)
+    return ties_combine(_dropped(tensors, base, density, noise, rescale), base, weight, lam, normalize)
