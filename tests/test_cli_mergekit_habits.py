@@ -76,3 +76,22 @@ def test_unknown_flag_is_named(run_cli: Cli, guarded: Builder, tmp_path: Path) -
     assert error_lines(result) == ["error: --made-up-flag: no such option or argument of `modelfuse merge` (see "
                                    "--help)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_from_the_first_input_that_has_one(run_cli: Cli, make_family: Builder, tmp_path: Path) -> None:
+    """A base without tokenizer files: the output gets the first model's that has one, and says whose; with none
+    anywhere, the output has none and a warning says so."""
+    family = make_family("llama")
+    recipe = write_recipe(tmp_path, ties_recipe(family))
+    bare = run_cli("merge", recipe, tmp_path / "bare", cwd=tmp_path, columns=400)
+    assert bare.returncode == 0 and "warning: no input model has tokenizer files: the output has no tokenizer" in (
+        bare.stderr)
+    (family["e2"] / "tokenizer_config.json").write_text('{"model_max_length": 7}', encoding="utf-8")
+    result = run_cli("merge", recipe, tmp_path / "out", cwd=tmp_path, columns=400)
+    assert result.returncode == 0
+    assert f"warning: {family['base']} has no tokenizer files: the output gets {family['e2']}'s tokenizer" in (
+        result.stderr)
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 7}'
+    plan = run_cli("plan", recipe, cwd=tmp_path, columns=400)
+    row = next(line for line in plan.stdout.splitlines() if "tokenizer from" in line)
+    assert row.split() == ["tokenizer", "from", str(family["e2"])]

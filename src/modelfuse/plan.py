@@ -12,7 +12,7 @@ import torch
 
 from modelfuse import compat
 from modelfuse.errors import RecipeError, ShapeMismatchError, summary
-from modelfuse.io.checkpoint import Checkpoint
+from modelfuse.io.checkpoint import TOKENIZER_FILES, Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CalibrationStats
 from modelfuse.methods import MethodSpec
@@ -62,6 +62,7 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     nonfinite_reported: set[tuple[str, str]] = field(default_factory=set)  # (model, tensor) warned of, this run
     statistics: dict[str, CalibrationStats] = field(default_factory=dict)  # model path -> its calibration
+    tokenizer: str | None = None  # the input whose tokenizer files the output gets (None: no input has any)
 
     @property
     def read_bytes(self) -> int:
@@ -304,7 +305,29 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     if recipe.base and spec.base != "unused":
         experts = [path for path in dict.fromkeys(e.path for g in groups for e in g.entries) if path != recipe.base]
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
-    return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics)
+    tokenizer, note = _tokenizer_source(recipe, checkpoints, reference)
+    warnings += [note] if note else []
+    return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics,
+                     tokenizer=tokenizer)
+
+
+def _has_tokenizer(checkpoint: Checkpoint) -> bool:
+    return any((checkpoint.folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _tokenizer_source(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) -> tuple[str | None,
+                                                                                                   str | None]:
+    """The input whose tokenizer the output gets: the tokenizer source (``tokenizer_source``, else the base,
+    else the first model) when it has one, else the first input that has one; and a warning when not the first."""
+    if _has_tokenizer(checkpoints[reference]):
+        return reference, None
+    if recipe.tokenizer_source:
+        return None, (f"tokenizer_source {reference}: has no tokenizer files, so the output has no tokenizer; "
+                      "choose a model that has one")
+    found = next((label for label in recipe.input_paths() if _has_tokenizer(checkpoints[label])), None)
+    if found is None:
+        return None, "no input model has tokenizer files: the output has no tokenizer (add one before using it)"
+    return found, f"{reference} has no tokenizer files: the output gets {found}'s tokenizer"
 
 
 def _fit_head(architectures: str | None) -> str:

@@ -17,6 +17,7 @@ from modelfuse._version import __version__
 from modelfuse.engine.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.engine.schedule import execute
 from modelfuse.errors import OutputError, Terminated
+from modelfuse.io.checkpoint import TOKENIZER_FILES
 from modelfuse.io.hashing import BackgroundHashes
 from modelfuse.io.journal import Journal, file_identity, merge_digest
 from modelfuse.io.writer import (
@@ -35,11 +36,6 @@ from modelfuse.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model",
-    "vocab.txt",
-)
 COPIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
@@ -83,10 +79,12 @@ def write_staged(
     if not journal.loaded:  # a new run, or a resumed one interrupted before its journal was started
         journal.start()
     reference = plan.checkpoints[plan.reference].folder
-    copied = [name for name in COPIED_FILES if (reference / name).is_file()
-              and (options.copy_tokenizer or name not in TOKENIZER_FILES)]
+    tokenizer = plan.checkpoints[plan.tokenizer].folder if plan.tokenizer and options.copy_tokenizer else None
+    copied = [reference / name for name in COPIED_FILES
+              if name not in TOKENIZER_FILES and (reference / name).is_file()]
+    copied += [tokenizer / name for name in TOKENIZER_FILES if tokenizer and (tokenizer / name).is_file()]
     remaining = sum(slot.nbytes for slot in slots if slot.name not in journal.done)
-    check_free_space(staging.path, remaining + sum((reference / name).stat().st_size for name in copied) + (1 << 20))
+    check_free_space(staging.path, remaining + sum(path.stat().st_size for path in copied) + (1 << 20))
     writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes(), resume=staging.resume)
     try:
         execute(plan, writer, options, on_tensor, journal)
@@ -94,8 +92,8 @@ def write_staged(
     finally:
         writer.abort()
     verify_written(staging.path, slots, writer.files)
-    for name in copied:
-        shutil.copyfile(reference / name, staging.path / name)
+    for path in copied:
+        shutil.copyfile(path, staging.path / path.name)
     (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
     if options.write_model_card:
         (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")

@@ -28,6 +28,12 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "spiece.model",
+    "vocab.txt",
+)
+"""The files of a Hugging Face tokenizer that a merge copies into its output."""
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
