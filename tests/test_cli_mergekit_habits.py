@@ -34,6 +34,7 @@ def test_mergekit_flags(run_cli: Cli, make_family: Builder, tmp_path: Path) -> N
     --out-shard-size counts parameters, -j sets threads, and flags that change nothing get one info line."""
     family = make_family("llama")
     (family["base"] / "tokenizer_config.json").write_text("{}", encoding="utf-8")  # copied unless told not to
+    (family["base"] / "tokenizer.json").write_text("{}", encoding="utf-8")
     recipe = write_recipe(tmp_path, {**ties_recipe(family), "method": "dare_ties"})
     plain = run_cli("merge", recipe, tmp_path / "plain", "--random-seed", "7", cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
@@ -47,9 +48,9 @@ def test_mergekit_flags(run_cli: Cli, make_family: Builder, tmp_path: Path) -> N
                                          != (tmp_path / "plain" / "model.safetensors").read_bytes())
     assert (tmp_path / "plain" / "tokenizer_config.json").is_file()
 
-    result = run_cli("merge", recipe, tmp_path / "bare", "--random-seed", "7", "--no-copy-tokenizer",
-                     "--no-write-model-card", "--out-shard-size", "2K", "-j", "1", "--lazy-unpickle", "--allow-crimes",
-                     "--write-threads", "2", "--low-cpu-memory", cwd=tmp_path)
+    result = run_cli("merge", recipe, "--lazy-unpickle", tmp_path / "bare", "--random-seed", "7",
+                     "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "2K", "-j", "1",
+                     "--allow-crimes", "--write-threads", "2", "--low-cpu-memory", cwd=tmp_path)  # a flag before OUT
     assert result.returncode == 0, result.stderr
     assert ("info: --lazy-unpickle, --allow-crimes, --write-threads, --low-cpu-memory: mergekit-yaml flags with no "
             "effect here") in " ".join(result.stderr.split())
@@ -58,9 +59,11 @@ def test_mergekit_flags(run_cli: Cli, make_family: Builder, tmp_path: Path) -> N
     index = json.loads((tmp_path / "bare" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
-    largest = max(sum(t.numel() for t in load_file(tmp_path / "bare" / shard).values()) for shard in shards)
-    biggest_tensor = max(t.numel() for shard in shards for t in load_file(tmp_path / "bare" / shard).values())
-    assert largest <= max(2000, biggest_tensor)  # 2K parameters per shard, a larger tensor alone
+    def data_bytes(shard: str) -> list[int]:
+        return [t.numel() * t.element_size() for t in load_file(tmp_path / "bare" / shard).values()]
+
+    biggest_tensor = max(size for shard in shards for size in data_bytes(shard))
+    assert max(sum(data_bytes(shard)) for shard in shards) <= max(2000, biggest_tensor)  # 2K bytes, as mergekit
     merged = {name: tensor for shard in shards for name, tensor in load_file(tmp_path / "bare" / shard).items()}
     reference = load_file(tmp_path / "plain" / "model.safetensors")
     assert merged.keys() == reference.keys()
@@ -87,6 +90,8 @@ def test_tokenizer_from_the_first_input_that_has_one(run_cli: Cli, make_family: 
     assert bare.returncode == 0 and "warning: no input model has tokenizer files: the output has no tokenizer" in (
         bare.stderr)
     (family["e2"] / "tokenizer_config.json").write_text('{"model_max_length": 7}', encoding="utf-8")
+    (family["e2"] / "tokenizer.json").write_text("{}", encoding="utf-8")
+    (family["e1"] / "special_tokens_map.json").write_text("{}", encoding="utf-8")  # not a tokenizer by itself
     result = run_cli("merge", recipe, tmp_path / "out", cwd=tmp_path, columns=400)
     assert result.returncode == 0
     assert f"warning: {family['base']} has no tokenizer files: the output gets {family['e2']}'s tokenizer" in (

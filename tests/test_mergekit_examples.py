@@ -80,8 +80,8 @@ def test_ties_example(make_family: Any, mergekit_parity: MergekitParity) -> None
     _assert_same(mergekit_parity, _half_to_float32(config), torch.bfloat16)
     assert _notes(config) == [
         "dtype: bfloat16: mergekit computes the merge in bfloat16; modelfuse computes in float32 and writes bfloat16 "
-        "(closer to exact; tensors differ by rounding). For the same computation in both, write 'dtype: float32' and "
-        "'out_dtype: bfloat16'"]
+        "(closer to exact; tensors differ by rounding, and a top-k or random selection may keep other entries). For "
+        "the same computation in both, write 'dtype: float32' and 'out_dtype: bfloat16'"]
 
 
 def test_bio_merge_example(make_family: Any, mergekit_parity: MergekitParity) -> None:
@@ -93,6 +93,11 @@ def test_bio_merge_example(make_family: Any, mergekit_parity: MergekitParity) ->
               "merge_method": "ties", "base_model": str(paths["base"]),
               "parameters": {"normalize": False, "int8_mask": True}, "dtype": "float16"}
     _assert_same(mergekit_parity, _half_to_float32(config), torch.float16)
+    import modelfuse
+
+    unset = {key: value for key, value in config.items() if key != "dtype"}  # mergekit: the checkpoints' float16
+    assert any(line.startswith("dtype: not given, so mergekit computes in the checkpoints' float16; modelfuse computes "
+                               "in float32") for line in modelfuse.plan(unset).warnings)
 
 
 def test_gradient_slerp_example(make_family: Any, mergekit_parity: MergekitParity) -> None:

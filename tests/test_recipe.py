@@ -369,7 +369,7 @@ def test_from_mergekit_maps_fields() -> None:
         "method": "ties",
         "dialect": "mergekit",
         "base": "org/base",
-        "parameters": {"lam": 0.9, "normalize": True},
+        "parameters": {"lam": 0.9, "normalize": True, "density": 1.0},
         "dtype": "bfloat16",
         "models": [
             {"path": "org/math", "weight": 0.6,
@@ -379,8 +379,8 @@ def test_from_mergekit_maps_fields() -> None:
         "notes": [
             "dtype: 'bf16' is not a dtype name mergekit 0.1.5 accepts (it refuses this recipe); read as bfloat16",
             "dtype: bfloat16: mergekit computes the merge in bfloat16; modelfuse computes in float32 and writes "
-            "bfloat16 (closer to exact; tensors differ by rounding). For the same computation in both, write "
-            "'dtype: float32' and 'out_dtype: bfloat16'",
+            "bfloat16 (closer to exact; tensors differ by rounding, and a top-k or random selection may keep other "
+            "entries). For the same computation in both, write 'dtype: float32' and 'out_dtype: bfloat16'",
         ],
     }
 
@@ -389,7 +389,7 @@ def test_mergekit_recipe_parses() -> None:
     """parse_recipe recognises the mergekit dialect by 'merge_method'; the notes are kept, not dumped."""
     recipe = parse_recipe(MERGEKIT)
     assert recipe.method == "ties" and recipe.base == "org/base" and recipe.dtype == "bfloat16"
-    assert recipe.parameters == {"lam": 0.9, "normalize": True} and recipe.dialect == "mergekit"
+    assert recipe.parameters == {"lam": 0.9, "normalize": True, "density": 1.0} and recipe.dialect == "mergekit"
     assert recipe.input_paths() == ["org/base", "org/math", "org/code"]
     assert len(recipe.notes) == 2 and "notes" not in recipe.to_yaml()
 
@@ -513,3 +513,38 @@ def test_mergekit_int8_mask_is_ignored() -> None:
     recipe = parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}],
                            "parameters": {"int8_mask": True, "density": 0.5, "weight": 1}})
     assert recipe.parameters == {"density": 0.5, "weight": 1, "normalize": True, "lam": 1.0}
+
+
+def test_mergekit_defaults_reach_every_tensor() -> None:
+    """A density set for one model only: the others get mergekit's default (1.0), not modelfuse's (0.2); a
+    top-level rule list that misses some tensors falls back to mergekit's default as well."""
+    recipe = parse_recipe({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1},
+                           "models": [{"model": "a", "parameters": {"density": 0.5}}, {"model": "c"}]})
+    assert recipe.parameters["density"] == 1.0
+    rules = parse_recipe({"merge_method": "dare_ties", "base_model": "b",
+                          "parameters": {"weight": 1, "normalize": [{"filter": "mlp", "value": True}]},
+                          "models": [{"model": "a"}]})
+    assert [rule.model_dump() for rule in rules.parameters["normalize"]] == [  # type: ignore[union-attr]
+        {"match": "*mlp*", "value": True}, {"match": "*", "value": False}]
+
+
+def test_mergekit_slice_keys_and_unused_declared_parameters() -> None:
+    """A base model per slice is refused (not supported yet), residual_weight noted; task_arithmetic's declared but
+    unused density and rescale are ignored with a note, not refused; a rule without a value is named."""
+    sliced = {"merge_method": "task_arithmetic", "base_model": "b", "parameters": {"weight": 1},
+              "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}], "base_model": "c"}]}
+    assert _error(sliced, source="mk.yml") == ("mk.yml: slices.0.base_model: a base model per slice is not supported "
+                                               "yet; use the top-level base_model")
+    del sliced["slices"][0]["base_model"]
+    sliced["slices"][0]["residual_weight"] = 0.5
+    sliced["parameters"]["rescale"] = True
+    sliced["slices"][0]["sources"][0]["parameters"] = {"density": 0.3}
+    recipe = parse_recipe(sliced)
+    assert recipe.parameters == {"weight": 1, "normalize": False, "lam": 1.0}
+    assert recipe.notes == [
+        "slices.0.residual_weight: accepted by mergekit 0.1.5 but unused there; ignored",
+        "parameters.rescale: mergekit 0.1.5's 'task_arithmetic' declares 'rescale' but does not use it; ignored",
+        "a.parameters.density: mergekit 0.1.5's 'task_arithmetic' declares 'density' but does not use it; ignored"]
+    assert _error({"merge_method": "ties", "base_model": "b", "parameters": {"weight": [{"filter": "mlp"}]},
+                   "models": [{"model": "a"}]}, source="mk.yml") == (
+        "mk.yml: parameters.weight.0: a rule needs 'value:' (and optionally 'filter:')")

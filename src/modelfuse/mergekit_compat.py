@@ -66,10 +66,12 @@ _MERGEKIT_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # Methods whose weight mergekit resolves for every input, the base included (it merges the base as one more model).
 _WEIGHT_ON_BASE = {"linear"}
 _DARE = {"dare_ties", "dare_linear"}
+# Parameters mergekit 0.1.5 declares for a method without using them (task arithmetic sparsifies nothing).
+_NO_EFFECT = {"task_arithmetic": ("density", "rescale")}
 _RANDOM_DROPS = {*_DARE, "della", "della_linear"}
 
 
-def _value(value: Any, where: str, notes: list[str]) -> Any:
+def _value(value: Any, where: str, notes: list[str], source: str) -> Any:
     """A parameter value in modelfuse's form: ``filter`` rules become ``match`` globs (a substring match)."""
     if isinstance(value, dict):
         value = [value]
@@ -79,9 +81,11 @@ def _value(value: Any, where: str, notes: list[str]) -> Any:
             for key in sorted(set(rule) - {"filter", "value"}):
                 notes.append(f"{where}.{index}.{key}: not a key of a mergekit 0.1.5 rule (its key is 'filter'); "
                              "mergekit ignores it, so this rule matches every tensor, here too")
+            if "value" not in rule:
+                raise RecipeError(f"{source}: {where}.{index}: a rule needs 'value:' (and optionally 'filter:')")
             pattern = rule.get("filter")
             rules.append({"match": "*" if pattern in (None, "*") else f"*{pattern}*",
-                          "value": _value(rule["value"], f"{where}.{index}.value", notes)})
+                          "value": _value(rule["value"], f"{where}.{index}.value", notes, source)})
         return rules
     return value
 
@@ -102,7 +106,7 @@ class _Translation:
             if name in _MEMORY_ONLY:
                 continue
             if name in self.per_model or (not model and name in self.shared):
-                kept[_PARAM_NAMES.get(name, name)] = _value(value, f"{where}.{name}", self.notes)
+                kept[_PARAM_NAMES.get(name, name)] = _value(value, f"{where}.{name}", self.notes, self.source)
             elif model and name in self.shared:
                 self.notes.append(f"{where}.{name}: mergekit 0.1.5 reads {name!r} only from the top-level or a "
                                   f"slice's parameters and ignores it here; so does modelfuse")
@@ -110,7 +114,7 @@ class _Translation:
                 self.notes.append(f"{where}.{name}: method {self.method!r} has no parameter {name!r}; mergekit "
                                   "ignores it, and so does modelfuse")
             else:  # a modelfuse-only method named in a mergekit YAML: its own parameters, checked by the recipe
-                kept[_PARAM_NAMES.get(name, name)] = _value(value, f"{where}.{name}", self.notes)
+                kept[_PARAM_NAMES.get(name, name)] = _value(value, f"{where}.{name}", self.notes, self.source)
         return kept
 
     def entry(self, item: Any, where: str, *, slices: bool) -> dict[str, Any]:
@@ -181,6 +185,13 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
         recipe["slices"] = []
         for index, piece in enumerate(data["slices"] or []):
             where = f"slices.{index}"
+            if piece.get("base_model"):
+                raise RecipeError(f"{source}: {where}.base_model: a base model per slice is not supported yet; use "
+                                  "the top-level base_model")
+            for key in sorted(set(piece) - {"sources", "parameters", "base_model"}):
+                translation.notes.append(f"{where}.{key}: " + (
+                    "accepted by mergekit 0.1.5 but unused there; ignored" if key == "residual_weight" else
+                    "not a key of a mergekit slice; mergekit ignores it, and so does modelfuse"))
             sources = [translation.entry(item, f"{where}.sources.{j}", slices=True)
                        for j, item in enumerate(piece.get("sources") or [])]
             recipe["slices"].append({"sources": sources, "parameters": translation.params(
@@ -220,6 +231,8 @@ def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translat
     saved = names.get("out_dtype") or compute
     if saved:
         recipe["dtype"] = saved
+    if compute is None and translation.method not in _UPCASTING:
+        recipe["mergekit_input_dtype"] = True  # mergekit computes in the checkpoints' dtype: the plan checks it
     if translation.method == "arcee_fusion" and compute in _HALF and "out_dtype" not in names:
         translation.notes.append(
             f"arcee_fusion: with dtype {compute} and no out_dtype, mergekit 0.1.5 saves float32 tensors (its mask "
@@ -227,8 +240,8 @@ def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translat
     if compute in _HALF and translation.method not in _UPCASTING:
         translation.notes.append(
             f"dtype: {compute}: mergekit computes the merge in {compute}; modelfuse computes in float32 and writes "
-            f"{saved} (closer to exact; tensors differ by rounding). For the same computation in both, write "
-            f"'dtype: float32' and 'out_dtype: {saved}'")
+            f"{saved} (closer to exact; tensors differ by rounding, and a top-k or random selection may keep other "
+            f"entries). For the same computation in both, write 'dtype: float32' and 'out_dtype: {saved}'")
 
 
 def _scale_per_slice(recipe: dict[str, Any]) -> None:
@@ -239,7 +252,9 @@ def _scale_per_slice(recipe: dict[str, Any]) -> None:
         for source in piece["sources"]:
             own = source.get("parameters", {})
             if "scale" in own:
-                piece["parameters"]["scale"] = own.pop("scale")
+                scale = own.pop("scale")
+                slice_scale = piece["parameters"].get("scale")
+                piece["parameters"]["scale"] = scale if slice_scale is None else _with_fallback(scale, slice_scale)
                 if not own:
                     source.pop("parameters")
 
@@ -269,27 +284,45 @@ def _require_weights(recipe: dict[str, Any], translation: _Translation, base: st
                               "add 'parameters: {weight: 1.0}' to it, or a weight under the top-level 'parameters'")
 
 
+def _is_rules(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def _with_fallback(value: Any, fallback: Any) -> Any:
+    """Rules ``value`` that fall back to ``fallback`` for the tensors none of them matches (mergekit's scope order)."""
+    if not _is_rules(value) or any(rule["match"] == "*" for rule in value):
+        return value
+    return [*value, *(fallback if _is_rules(fallback) else [{"match": "*", "value": fallback}])]
+
+
 def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> None:
-    """Write mergekit's defaults for the parameters set nowhere, where modelfuse's own defaults may differ."""
+    """Write mergekit's defaults at the top level wherever a tensor could otherwise reach modelfuse's own defaults,
+    and drop (noted) or refuse the parameters mergekit declares that modelfuse's method does not have."""
     try:
         spec = get_method(translation.method)
     except RecipeError:
         return  # an unknown method is reported by the recipe's validation
-    entries = recipe.get("models") or [e for piece in recipe.get("slices", []) for e in piece["sources"]]
-    scopes = [recipe["parameters"], *(piece["parameters"] for piece in recipe.get("slices", [])),
-              *(entry.get("parameters", {}) for entry in entries)]
+    top = recipe["parameters"]
     for name, default in {**translation.shared, **translation.per_model}.items():
         ours = _PARAM_NAMES.get(name, name)
         if default is _REQUIRED or default is None or name in _MEMORY_ONLY or ours not in spec.params:
             continue
-        if not _has(scopes, ours):
-            recipe["parameters"][ours] = default
-    rescale = recipe["parameters"].get("rescale")
-    if "rescale" not in spec.params:  # mergekit's L1-norm rescale of a trimmed task vector (ties, breadcrumbs)
-        recipe["parameters"].pop("rescale", None)
-        if rescale is not None and rescale != translation.shared.get("rescale"):
-            raise RecipeError(f"{translation.source}: parameters.rescale: {rescale!r} for {translation.method!r} "
-                              "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
+        top[ours] = _with_fallback(top[ours], default) if ours in top else default
+    entries = recipe.get("models") or [e for piece in recipe.get("slices", []) for e in piece["sources"]]
+    scopes = [("parameters", top), *((f"slices.{i}.parameters", piece["parameters"])
+                                     for i, piece in enumerate(recipe.get("slices", []))),
+              *((f"{entry['path']}.parameters", entry.get("parameters", {})) for entry in entries)]
+    for where, scope in scopes:
+        for name in [name for name in scope if name not in spec.params and name != "weight"]:
+            value = scope.pop(name)
+            if name in _NO_EFFECT.get(translation.method, ()):
+                translation.notes.append(f"{where}.{name}: mergekit 0.1.5's {translation.method!r} declares "
+                                         f"{name!r} but does not use it; ignored")
+            elif name == "rescale" and value != translation.shared.get("rescale"):
+                raise RecipeError(f"{translation.source}: {where}.rescale: {value!r} for {translation.method!r} "
+                                  "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
+            elif name != "rescale":
+                scope[name] = value  # not mergekit's: the recipe's validation names it
 
 
 def _ignores_base(method: Any) -> bool:

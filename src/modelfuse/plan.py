@@ -12,7 +12,7 @@ import torch
 
 from modelfuse import compat
 from modelfuse.errors import RecipeError, ShapeMismatchError, summary
-from modelfuse.io.checkpoint import TOKENIZER_FILES, Checkpoint
+from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CalibrationStats
 from modelfuse.methods import MethodSpec
@@ -307,12 +307,22 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
     tokenizer, note = _tokenizer_source(recipe, checkpoints, reference)
     warnings += [note] if note else []
+    half = sorted({str(job.dtype).removeprefix("torch.") for job in jobs if job.dtype in (torch.float16,
+                                                                                            torch.bfloat16)})
+    if recipe.mergekit_input_dtype and half:
+        warnings.append(f"dtype: not given, so mergekit computes in the checkpoints' {'/'.join(half)}; modelfuse "
+                        "computes in float32 (tensors differ by rounding, and a top-k or random selection may keep "
+                        "other entries). For the same computation in both, write 'dtype: float32' and 'out_dtype: "
+                        f"{half[0]}'")
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics,
                      tokenizer=tokenizer)
 
 
 def _has_tokenizer(checkpoint: Checkpoint) -> bool:
-    return any((checkpoint.folder / name).is_file() for name in TOKENIZER_FILES)
+    """A usable tokenizer: its config and a vocabulary (a stray special_tokens_map.json is not one)."""
+    vocabulary = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    return (checkpoint.folder / "tokenizer_config.json").is_file() and any(
+        (checkpoint.folder / name).is_file() for name in vocabulary)
 
 
 def _tokenizer_source(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) -> tuple[str | None,

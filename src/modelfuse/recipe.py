@@ -127,6 +127,8 @@ class Recipe(BaseModel):
         "tensors at the first value of a gradient, mergekit's defaults)")
     notes: list[str] = Field(default_factory=list, exclude=True,
                              description="what translating a mergekit YAML ignored or changed, one warning line each")
+    mergekit_input_dtype: bool = Field(default=False, exclude=True, description="a mergekit YAML without 'dtype': "
+                                       "mergekit computes in the checkpoints' own dtype")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

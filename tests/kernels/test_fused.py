@@ -309,6 +309,9 @@ def test_ties_bf16_kernel_declines_nonfinite_and_leaves_the_count() -> None:
     assert not fused.ties_bf16([poisoned, experts[1]], base, [1.0, 1.0], [0.5, 0.5], 1.0, True, thresholds, before,
                                out)
     assert before == [0, 0]
+    assert not fused.dare_ties_bf16([poisoned, experts[1]], base, [1.0, 1.0], [0.0, 0.5], 1.0, True, [1, 2], 0, out)
+    assert not fused.ties_bf16([poisoned, experts[1]], base, [1.0, 1.0], [0.0, 0.5], 1.0, True, thresholds, before,
+                               out)  # a model trimmed to nothing still has its NaN checked (by the torch steps)
     largest = torch.full((100,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)
     assert not fused.ties_bf16([largest, largest], largest.neg(), [1.0, 1.0], [1.0, 1.0], 1.0, False, thresholds,
                                before, out)

@@ -17,20 +17,25 @@ _NO_EFFECT = {"--lazy-unpickle", "--low-cpu-memory", "--clone-tensors", "--read-
 _NO_EFFECT_WITH_VALUE = {"--write-threads", "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype"}
 
 
-def _no_effect_flags(arguments: list[str]) -> list[str]:
-    """The mergekit-yaml flags among ``arguments`` (what typer did not recognise) that change nothing here.
+def _split_extras(arguments: list[str]) -> tuple[Path | None, list[str]]:
+    """The output folder and the mergekit-yaml flags that change nothing here, from what typer did not take
+    (``merge RECIPE --allow-crimes OUT`` puts the flag where OUT goes, so both arrive here in order).
 
     Raises:
-        RecipeError: For any other argument, naming it.
+        RecipeError: For any other argument, or two output folders, naming them.
     """
     from modelfuse.errors import RecipeError
 
+    out: Path | None = None
     found, index = [], 0
     while index < len(arguments):
         argument = arguments[index]
         name = argument.split("=", 1)[0]
-        flag = name.replace("--no-", "--", 1)
-        if flag in _NO_EFFECT or (name in _NO_EFFECT_WITH_VALUE and "=" in argument):
+        if not argument.startswith("-"):
+            if out is not None:
+                raise RecipeError(f"two output folders: {out} and {argument}; give one")
+            out = Path(argument)
+        elif name.replace("--no-", "--", 1) in _NO_EFFECT or (name in _NO_EFFECT_WITH_VALUE and "=" in argument):
             found.append(name)
         elif name in _NO_EFFECT_WITH_VALUE and index + 1 < len(arguments):
             found.append(name)
@@ -38,14 +43,15 @@ def _no_effect_flags(arguments: list[str]) -> list[str]:
         else:
             raise RecipeError(f"{argument}: no such option or argument of `modelfuse merge` (see --help)")
         index += 1
-    return found
+    return out, found
 
 
-def _mergekit_shard_bytes(size: str, itemsize: int) -> int:
-    """mergekit's ``--out-shard-size`` (a parameter count: 5B, 500M, 1000K) in bytes of ``itemsize``-byte values.
+def _mergekit_shard_bytes(size: str) -> int:
+    """mergekit's ``--out-shard-size`` (5B, 500M, 1000K: its writer compares them with bytes) in bytes; 0 means one
+    shard.
 
     Raises:
-        RecipeError: For a value that is not a count with an optional K, M or B suffix.
+        RecipeError: For a value that is not a number with an optional K, M or B suffix.
     """
     from modelfuse.errors import RecipeError
 
@@ -55,9 +61,9 @@ def _mergekit_shard_bytes(size: str, itemsize: int) -> int:
     try:
         count = float(number)
     except ValueError:
-        raise RecipeError(f"--out-shard-size {size!r}: expected a parameter count such as 5B, 500M or 1000K "
-                          "(as mergekit-yaml)") from None
-    return max(1, int(count * scale)) * itemsize
+        raise RecipeError(f"--out-shard-size {size!r}: expected a size such as 5B, 500M or 1000K (as "
+                          "mergekit-yaml)") from None
+    return int(count * scale) if count > 0 else 1 << 62
 
 
 @app.command(epilog="Example: modelfuse init ties -o ties.yml, edit its model paths, then modelfuse merge "
@@ -93,8 +99,8 @@ def merge(
     write_model_card: Annotated[bool, typer.Option(
         help="Write a README.md model card.", rich_help_panel=_MERGEKIT)] = True,
     out_shard_size: Annotated[str | None, typer.Option(
-        help="Largest output shard as a parameter count (5B, 500M), as mergekit-yaml; the recipe's shard_size "
-             "takes bytes.", rich_help_panel=_MERGEKIT)] = None,
+        help="Largest output shard, as mergekit-yaml writes it: 5B, 500M or 1000K bytes (0: one shard).",
+        rich_help_panel=_MERGEKIT)] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.", rich_help_panel=_MERGEKIT)] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Accepted; modelfuse prints warnings "
                                          "always.", rich_help_panel=_MERGEKIT)] = 0,
@@ -122,12 +128,12 @@ def merge(
     from modelfuse.plan import build_plan
     from modelfuse.recipe import load_recipe
 
+    out_path, ignored = _split_extras([*([str(out_path)] if out_path is not None else []), *context.args])
     if out_path is not None and out is not None and out_path != out:
         raise RecipeError(f"two output folders: {out_path} and -o {out}; give one")
     target = out_path if out_path is not None else out
     if target is None:
         raise RecipeError("no output folder: modelfuse merge RECIPE OUT (or -o OUT)")
-    ignored = _no_effect_flags(context.args)
     if ignored:
         console.print(f"[dim]info:[/] {', '.join(ignored)}: mergekit-yaml flags with no effect here (modelfuse "
                       "streams tensors under --max-memory, writes safetensors, and merges models of different "
@@ -145,9 +151,7 @@ def merge(
         parsed = parsed.model_copy(update={"seed": random_seed})
     merge_plan = build_plan(parsed, base_dir=recipe.parent, allow_pickle=allow_pickle)
     if out_shard_size is not None:
-        itemsize = max((job.dtype.itemsize for job in merge_plan.jobs), default=2)
-        merge_plan.recipe = merge_plan.recipe.model_copy(
-            update={"shard_size": _mergekit_shard_bytes(out_shard_size, itemsize)})
+        merge_plan.recipe = merge_plan.recipe.model_copy(update={"shard_size": _mergekit_shard_bytes(out_shard_size)})
     inputs = [folder for checkpoint in merge_plan.checkpoints.values() for folder in checkpoint.folders]
     check_output_location(target, inputs, overwrite=overwrite)  # refuse before any progress is shown
     print_warnings(merge_plan.warnings)

@@ -526,9 +526,9 @@ def _ties_bf16_loop(
                 delta_bits[j] = np.uint32(source[j]) << shift
             for j in range(size):
                 delta[j] = delta[j] - base_values[j]
-            if modes[i] == 2:
+            if modes[i] == 2:  # (times zero, not zero: a NaN or Inf input still makes the block fall back)
                 for j in range(size):
-                    delta[j] = zero
+                    delta[j] = delta[j] * zero
             elif modes[i] == 0:
                 value = thresholds[i]
                 equal = 0
