@@ -24,6 +24,9 @@ def test_positional_output_equals_the_option(run_cli: Cli, guarded: Builder, tmp
     both = run_cli("merge", recipe, tmp_path / "a", "-o", tmp_path / "b", cwd=tmp_path)
     assert both.returncode != 0 and error_lines(both) == [f"error: two output folders: {tmp_path / 'a'} and -o "
                                                           f"{tmp_path / 'b'}; give one"]
+    devices = run_cli("merge", recipe, tmp_path / "c", "--cuda", "--device", "cpu", cwd=tmp_path)
+    assert devices.returncode != 0 and error_lines(devices) == [
+        "error: --cuda and --device cpu ask for two devices; give one"]
     neither = run_cli("merge", recipe, cwd=tmp_path)
     assert neither.returncode != 0 and error_lines(neither) == [
         "error: no output folder: modelfuse merge RECIPE OUT (or -o OUT)"]

@@ -128,6 +128,8 @@ def merge(
     from modelfuse.plan import build_plan
     from modelfuse.recipe import load_recipe
 
+    if cuda and device is not None and not device.startswith("cuda"):
+        raise RecipeError(f"--cuda and --device {device} ask for two devices; give one")
     out_path, ignored = _split_extras([*([str(out_path)] if out_path is not None else []), *context.args])
     if out_path is not None and out is not None and out_path != out:
         raise RecipeError(f"two output folders: {out_path} and -o {out}; give one")
