@@ -410,7 +410,7 @@ def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:
         "dialect": "mergekit",
         "parameters": {},
         "dtype": "float16",
-        "tokenizer_source": "b",
+        "tokenizer": {"source": "b"},
         "name": "franken",
         "slices": [
             {"sources": [{"path": "a", "layer_range": [0, 4]}], "parameters": {}},
@@ -418,7 +418,8 @@ def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:
         ],
         "notes": [],
     }
-    assert "tokenizer_source" not in from_mergekit({"merge_method": "slerp", "tokenizer_source": "base"})
+    # In mergekit any tokenizer_source (base too) builds the output vocabulary: embedding rows follow it.
+    assert from_mergekit({"merge_method": "slerp", "tokenizer_source": "base"})["tokenizer"] == {"source": "base"}
 
 
 def test_mergekit_base_of_linear_needs_a_weight() -> None:
@@ -477,8 +478,7 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
     assert linear.notes == ["models.0.parameters.density: method 'linear' has no parameter 'density'; mergekit "
                             "ignores it, and so does modelfuse"]
     assert _error({**MERGEKIT, "chat_template": "x", "modules": {}}, source="mk.yml") == (
-        "mk.yml: modules: 'modules' (a merge per module of a multi-module model) is not supported yet\n"
-        "mk.yml: chat_template: 'chat_template' is not supported yet")
+        "mk.yml: modules: 'modules' (a merge per module of a multi-module model) is not supported yet")
     assert _error({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1, "rescale": True},
                    "models": [{"model": "a"}]}, source="mk.yml") == (
         "mk.yml: parameters.rescale: True for 'ties' (mergekit's L1-norm rescale of the trimmed task vectors) "
@@ -502,10 +502,26 @@ def test_mergekit_recipe_is_validated_like_native() -> None:
     assert _error(data) == "recipe: models.0.parameters.density: expected a number in [0, 1], got 3.0"
 
 
-def test_mergekit_union_tokenizer_is_refused() -> None:
-    """A mergekit tokenizer_source of 'union' is named as unsupported."""
-    with pytest.raises(RecipeError, match="tokenizer_source: 'union'"):
-        parse_recipe({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"})
+def test_mergekit_tokenizer_keys_map_onto_the_tokenizer_block() -> None:
+    """tokenizer_source and the tokenizer block both become modelfuse's tokenizer block; both at once are
+    refused as mergekit refuses them; chat_template carries over."""
+    union = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                          "tokenizer_source": "union", "chat_template": "chatml"})
+    assert union.tokenizer is not None and union.tokenizer.source == "union" and union.chat_template == "chatml"
+    block = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                          "tokenizer": {"source": "base", "pad_to_multiple_of": 8, "tokens": {
+                              "<x>": {"source": {"kind": "model_token", "model": "a", "token": "<s>"}, "force": True},
+                              "<z>": {"source": {"kind": "zero"}}}}})
+    assert block.tokenizer is not None and block.tokenizer.pad_to_multiple_of == 8
+    assert block.tokenizer.tokens is not None and block.tokenizer.tokens["<x>"].force
+    with pytest.raises(RecipeError, match="mergekit refuses both at once"):
+        parse_recipe({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union",
+                      "tokenizer": {"source": "base"}})
+    assert _error({"method": "linear", "models": [{"path": "a"}], "tokenizer_source": "a",
+                   "tokenizer": {"source": "union"}}).startswith("recipe: tokenizer_source/tokenizer: give one")
+    assert "exactly one of 'token_id' or 'token'" in _error(
+        {"method": "linear", "models": [{"path": "a"}], "tokenizer": {"tokens": {"<x>": {"source": {
+            "kind": "model_token", "model": "a"}}}}})
 
 
 def test_mergekit_int8_mask_is_ignored() -> None:

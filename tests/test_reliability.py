@@ -73,7 +73,7 @@ def test_different_vocabulary_sizes(run_cli: Cli, guarded: Builder, tmp_path: Pa
     detail = [line for line in result.stderr.splitlines() if "vocabulary sizes" in line]
     assert len(detail) == 1, result.stderr
     assert f"{family['base']} 64, {family['e1']} 64, {bigger} 72" in detail[0]
-    assert "resize_token_embeddings" in detail[0] and "tokenizer_source" in detail[0]
+    assert "resize_token_embeddings" in detail[0] and "tokenizer: {source: union}" in detail[0]
     assert "different shapes" not in result.stderr
     assert not out.exists()
 

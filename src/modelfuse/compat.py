@@ -50,9 +50,10 @@ def vocabulary_problems(checkpoints: dict[str, Checkpoint], reference: str) -> l
         return []
     listing = ", ".join(f"{label} {rows}" for label, (_, rows) in sizes.items())
     return [f"the models have different vocabulary sizes (rows of the token embedding): {listing}; they use "
-            "different tokenizers or added tokens. Merge models that share one tokenizer, or first resize each "
-            f"model's embeddings to the tokenizer you keep (transformers: model.resize_token_embeddings(n), then "
-            f"save_pretrained); the output takes its tokenizer from {reference} (recipe field tokenizer_source)"]
+            "different tokenizers or added tokens. For models of one family, add 'tokenizer: {source: union}' "
+            "(or base, or a model) to the recipe to build the output vocabulary; or first resize each model's "
+            "embeddings to the tokenizer you keep (transformers: model.resize_token_embeddings(n), then "
+            f"save_pretrained); the output takes its tokenizer from {reference}"]
 
 
 def _embedding_name(ckpt: Checkpoint) -> str | None:

@@ -17,11 +17,9 @@ from modelfuse.errors import RecipeError
 from modelfuse.methods import get_method
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "name"}
+             "tokenizer_source", "tokenizer", "chat_template", "name"}
 # mergekit keys that change its result, which modelfuse does not implement yet: refused, never dropped.
-_NOT_YET = {"modules": "'modules' (a merge per module of a multi-module model)",
-            "tokenizer": "the 'tokenizer' block (building the output vocabulary)",
-            "chat_template": "'chat_template'"}
+_NOT_YET = {"modules": "'modules' (a merge per module of a multi-module model)"}
 # Keys mergekit 0.1.5 accepts and ignores (its configuration ignores unknown keys): ignored here too, with a word.
 _IGNORED_KEYS = {
     "random_seed": "mergekit 0.1.5 ignores a 'random_seed' key (only its --random-seed flag seeds it); modelfuse "
@@ -163,11 +161,7 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     if base:
         recipe["base"] = base
     _dtypes(data, recipe, translation, source)
-    if data.get("tokenizer_source") == "union":
-        raise RecipeError(f"{source}: tokenizer_source: 'union' (building a merged vocabulary) is not supported; "
-                          "use 'base' or a model path")
-    if data.get("tokenizer_source") not in (None, "base"):
-        recipe["tokenizer_source"] = str(data["tokenizer_source"])
+    _tokenizer(data, recipe, source)
     if data.get("name"):
         recipe["name"] = data["name"]
     if "models" in data:
@@ -211,6 +205,19 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
             "a different random draw")
     recipe["notes"] = translation.notes
     return recipe
+
+
+def _tokenizer(data: dict[str, Any], recipe: dict[str, Any], source: str) -> None:
+    """``tokenizer_source: X`` and the ``tokenizer:`` block both build the output vocabulary in mergekit 0.1.5
+    (embedding and head rows permuted onto it); ``chat_template`` is written to the output tokenizer."""
+    if data.get("tokenizer_source") and data.get("tokenizer"):
+        raise RecipeError(f"{source}: tokenizer_source/tokenizer: mergekit refuses both at once; keep one")
+    if data.get("tokenizer_source"):
+        recipe["tokenizer"] = {"source": str(data["tokenizer_source"])}
+    elif data.get("tokenizer"):
+        recipe["tokenizer"] = data["tokenizer"]
+    if data.get("chat_template"):
+        recipe["chat_template"] = data["chat_template"]
 
 
 def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translation, source: str) -> None:

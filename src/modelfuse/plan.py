@@ -12,9 +12,12 @@ import torch
 
 from modelfuse import compat
 from modelfuse.errors import RecipeError, ShapeMismatchError, summary
+from modelfuse.io.chat_templates import resolve_chat_template
 from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CalibrationStats
+from modelfuse.io.vocabulary import Vocabulary, build_vocabulary, config_vocab_size
+from modelfuse.kernels.vocabulary import RowSource, default_sources
 from modelfuse.methods import MethodSpec
 from modelfuse.params import ParamValue, resolve_value
 from modelfuse.recipe import ModelEntry, Recipe
@@ -30,6 +33,16 @@ class Source:
     name: str
 
 
+@dataclass(frozen=True)
+class VocabularyJob:
+    """How a token-indexed tensor's inputs are brought onto the output vocabulary before the method runs."""
+
+    index: torch.Tensor  # [inputs, tokens] int64: each input's row of each output token (-1: lacks it)
+    sources: dict[int, RowSource]  # default row of each token some input lacks, and of forced tokens
+    forced: frozenset[int]
+    rows: int
+
+
 @dataclass
 class TensorJob:
     """How to compute one output tensor."""
@@ -42,6 +55,7 @@ class TensorJob:
     base: Source | None
     params: dict[str, Any]
     depth: float
+    vocabulary: VocabularyJob | None = None  # inputs aligned onto the output vocabulary first (embedding, head)
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +77,8 @@ class MergePlan:
     nonfinite_reported: set[tuple[str, str]] = field(default_factory=set)  # (model, tensor) warned of, this run
     statistics: dict[str, CalibrationStats] = field(default_factory=dict)  # model path -> its calibration
     tokenizer: str | None = None  # the input whose tokenizer files the output gets (None: no input has any)
+    vocabulary: Vocabulary | None = None  # the built output vocabulary (recipe ``tokenizer:``), written instead
+    chat_template: str | None = None  # the Jinja chat template written into the output tokenizer
 
     @property
     def read_bytes(self) -> int:
@@ -217,14 +233,18 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     # The embedding and head come from the first and last groups' models: only theirs must share a vocabulary.
     ends = {entry.path for group in (groups[0], groups[-1]) for entry in [*group.entries, *filter(None, [group.base])]}
     architectures = compat.architecture_difference(checkpoints)
-    mismatches = [*compat.vocabulary_problems({label: checkpoints[label] for label in checkpoints
-                                               if label in ends or label == reference}, reference),
+    vocabulary = _build_vocabulary(recipe, checkpoints, base_dir, allow_pickle) if recipe.tokenizer else None
+    token_tensors = {name for head, embeds in arch.tied_head.items() for name in (head, *embeds)}
+    mismatches = [*([] if vocabulary else compat.vocabulary_problems(
+                      {label: checkpoints[label] for label in checkpoints if label in ends or label == reference},
+                      reference)),
                   *compat.extra_tensor_problems(checkpoints, reference)]
     if mismatches:
         raise ShapeMismatchError(summary(_fit_head(architectures), mismatches), details=mismatches)
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     jobs: list[TensorJob] = []
     problems: list[str] = []
+    vocabulary_notes: list[str] = []
 
     def add(out_name: str, group: _Group, names: dict[str, str], depth: float) -> None:
         sources, shapes = [], {}
@@ -235,6 +255,12 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                 continue
             sources.append(Source(entry.path, stored))
             shapes[entry.path] = checkpoints[entry.path][stored].shape
+        token_job = None
+        if vocabulary is not None and out_name in token_tensors and sources:
+            token_job = _vocabulary_job(recipe, vocabulary, [source.model for source in sources], out_name,
+                                        {label: shape[0] for label, shape in shapes.items()}, problems,
+                                        vocabulary_notes)
+            shapes = {label: (vocabulary.rows, *shape[1:]) for label, shape in shapes.items()}
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{path} {list(shape)}" for path, shape in shapes.items())
             problems.append(f"tensor {out_name!r} has different shapes: {listing}")
@@ -242,18 +268,20 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         if len(sources) != len(group.entries) + (1 if group.base else 0):
             return
         first = checkpoints[sources[0].model][sources[0].name]
+        shape = shapes[sources[0].model]
         method, parameters = spec, recipe.parameters
         if recipe.fallback is not None and not _has_statistics(statistics, sources[: len(group.entries)], spec):
             method, parameters = recipe.fallback.method_spec, recipe.fallback.parameters
         jobs.append(TensorJob(
             name=out_name,
-            shape=first.shape,
+            shape=tuple(shape),
             dtype=out_dtype or first.dtype,
             method=method,
             sources=sources[: len(group.entries)],
             base=sources[-1] if group.base else None,
             params=_resolve_params(method, parameters, group, names, out_name, depth),
             depth=depth,
+            vocabulary=token_job,
         ))
 
     everyone = lambda group: [*group.entries, *([group.base] if group.base else [])]  # noqa: E731
@@ -296,6 +324,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         raise RecipeError(zero_sums)
     jobs.sort(key=lambda job: _order_key(arch, job.name))
     config = _output_config(ref, recipe, layer_map, out_layer)
+    if vocabulary is not None:
+        _set_vocab_size(config, vocabulary.rows)
     if heads:
         config["tie_word_embeddings"] = False
     warnings = [*recipe.notes, *filter(None, [architectures])]
@@ -307,6 +337,13 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
     tokenizer, note = _tokenizer_source(recipe, checkpoints, reference)
     warnings += [note] if note else []
+    if vocabulary is not None:
+        tokenizer = None
+        warnings += vocabulary.warnings
+    chat_template = resolve_chat_template(recipe.chat_template,
+                                          [checkpoints[label].folder for label in recipe.input_paths()])
+    if vocabulary is not None and vocabulary_notes:
+        warnings.append(vocabulary_notes[0])
     half = sorted({str(job.dtype).removeprefix("torch.") for job in jobs if job.dtype in (torch.float16,
                                                                                             torch.bfloat16)})
     if recipe.mergekit_input_dtype and half:
@@ -314,8 +351,85 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                         "computes in float32 (tensors differ by rounding, and a top-k or random selection may keep "
                         "other entries). For the same computation in both, write 'dtype: float32' and 'out_dtype: "
                         f"{half[0]}'")
+    if chat_template is not None and vocabulary is None and tokenizer is None:
+        warnings.append("chat_template: no tokenizer to write it into (no input has tokenizer files); not saved")
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, vocabulary=vocabulary, chat_template=chat_template)
+
+
+def _build_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], base_dir: Path | None,
+                      allow_pickle: bool) -> Vocabulary:
+    """The output vocabulary the recipe's ``tokenizer:`` block asks for."""
+    assert recipe.tokenizer is not None
+    spec = recipe.tokenizer
+    labels = recipe.input_paths()
+    base = recipe.base or labels[0]
+    source_folder = None
+    if spec.source not in ("base", "union", *labels):
+        source_folder = open_checkpoint(spec.source, base_dir=base_dir, allow_pickle=allow_pickle).folder
+    return build_vocabulary(
+        spec.source, base, {label: checkpoints[label].folder for label in labels},
+        {label: config_vocab_size(checkpoints[label].config) for label in labels},
+        add_tokens=list(spec.tokens or {}), pad_to_multiple_of=spec.pad_to_multiple_of, source_folder=source_folder)
+
+
+def _vocabulary_job(recipe: Recipe, vocabulary: Vocabulary, models: list[str], tensor: str,
+                    rows: dict[str, int], problems: list[str], notes: list[str]) -> VocabularyJob:
+    """How one token-indexed tensor's inputs (``models``, in job order) are aligned; problems and warnings
+    appended."""
+    index = torch.tensor([vocabulary.index[model] for model in models], dtype=torch.int64).reshape(len(models), -1)
+    for position, model in enumerate(models):
+        if index.shape[1] and int(index[position].max()) >= rows[model]:
+            problems.append(f"{model}: tensor {tensor!r} has {rows[model]} rows, fewer than its tokenizer's "
+                            f"vocabulary needs ({int(index[position].max()) + 1})")
+            index[position] = index[position].clamp(max=rows[model] - 1)
+    base = models.index(recipe.base) if recipe.base in models else None
+    given: dict[int, RowSource] = {}
+    forced = set()
+    ids = vocabulary.tokenizer.get_vocab()
+    lacking = (index < 0).any(dim=0)
+    for token, rule in ((recipe.tokenizer.tokens or {}) if recipe.tokenizer else {}).items():
+        token_id = ids[token]
+        if rule.force:
+            forced.add(token_id)
+        where = f"tokenizer.tokens.{token}"
+        source = rule.source
+        if source is None:
+            if rule.force or bool(lacking[token_id]):
+                problems.append(f"{where}: a model lacks this token (or force is set) and no source says where its "
+                                "row comes from; give 'source: MODEL' or 'source: {kind: zero}'")
+            continue
+        if not isinstance(source, str) and source.kind == "zero":
+            given[token_id] = RowSource("zero")
+            continue
+        model = source if isinstance(source, str) else source.model
+        if model not in models:
+            problems.append(f"{where}: source model {model!r} is not one of the models merged into {tensor!r}")
+            continue
+        position = models.index(model)
+        if isinstance(source, str):
+            row = int(index[position, token_id])
+            if row < 0:
+                problems.append(f"{where}: source model {model!r} lacks the token {token!r}")
+                continue
+        else:
+            row = source.token_id if source.token_id is not None else vocabulary.original[model].get(
+                source.token or "", -1)
+            if row < 0 or row >= rows[model]:
+                problems.append(f"{where}: model {model!r} has no row for {source.token or source.token_id!r}")
+                continue
+        given[token_id] = RowSource("row", position, row)
+    sources, absent = default_sources(index, base, given)
+    if absent:
+        shown = ", ".join(repr(vocabulary.tokenizer.convert_ids_to_tokens(token)) for token in absent[:5])
+        notes.append(f"tokenizer: {len(absent)} output token(s) no model has ({shown}) get zero rows")
+    return VocabularyJob(index, sources, frozenset(forced), vocabulary.rows)
+
+
+def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
+    """The output's ``vocab_size`` (top level, or its text model's): the embedding's rows."""
+    scope = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+    scope["vocab_size"] = rows
 
 
 def _has_tokenizer(checkpoint: Checkpoint) -> bool:

@@ -91,6 +91,43 @@ class PostSteps(BaseModel):
         return [(name, dict(getattr(self, name))) for name in type(self).model_fields if getattr(self, name)]
 
 
+class TokenRow(BaseModel):
+    """A token's row from a model's row of another token (``kind: model_token``), or zeros (``kind: zero``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token", "zero"]
+    model: str | None = Field(default=None, min_length=1)
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenRow:
+        if self.kind == "model_token" and (self.model is None or (self.token_id is None) == (self.token is None)):
+            raise ValueError("kind: model_token needs 'model' and exactly one of 'token_id' or 'token'")
+        return self
+
+
+class TokenRule(BaseModel):
+    """Where one output token's embedding and head rows come from, where a model lacks it (or always: ``force``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | TokenRow | None = Field(default=None, description="a model (its row of this token), or a "
+                                          "TokenRow")
+    force: bool = Field(default=False, description="use this row in every model, also those that have the token")
+
+
+class TokenizerSpec(BaseModel):
+    """Build the output vocabulary (mergekit's ``tokenizer:`` block): embedding and head rows follow it."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(default="union", min_length=1, description="'union' (every model's tokens), 'base' (the "
+                        "base's, else the first model's), or a model whose tokenizer the output gets")
+    tokens: dict[str, TokenRule] | None = Field(default=None, description="tokens added to the vocabulary if "
+                                                "absent, and where their rows come from")
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, description="round the embedding rows up to a "
+                                           "multiple of this (padding rows: the mean of the vocabulary's rows)")
+
+
 class Fallback(BaseModel):
     """The data-free method (and its parameters) for tensors a statistics method has no statistics of."""
 
@@ -117,6 +154,11 @@ class Recipe(BaseModel):
     compute_dtype: Literal["float32", "float64"] = "float32"
     shard_size: str | int = "5GB"
     tokenizer_source: str | None = Field(default=None, description="model whose tokenizer/config is copied")
+    tokenizer: TokenizerSpec | None = Field(default=None, description="build the output vocabulary from the inputs' "
+                                            "tokenizers (models whose vocabularies differ)")
+    chat_template: str | None = Field(default=None, min_length=1, description="chat template written to the "
+                                      "output tokenizer: a name (chatml, llama3, mistral, alpaca, exaone), 'auto' "
+                                      "(the most common among the inputs) or a Jinja template")
     seed: int = 0
     name: str | None = None
     post: PostSteps | None = Field(default=None, description="steps applied after the method (LiNeS scaling)")
@@ -189,6 +231,9 @@ def _problems(recipe: Recipe) -> list[str]:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources if s.layer_range}
         if len(lengths) > 1:
             problems.append(f"{where}.sources: every source of a slice needs the same number of layers")
+    if recipe.tokenizer_source and recipe.tokenizer:
+        problems.append("tokenizer_source/tokenizer: give one of them (tokenizer_source copies a model's tokenizer, "
+                        "tokenizer: builds the output vocabulary)")
     problems += _check_required(spec, recipe)
     problems += _check_fallback(spec, recipe)
     if recipe.post is not None and recipe.post.lines is not None and (spec.base == "unused" or not recipe.base):

@@ -18,6 +18,7 @@ from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold, sorted_topk_masks, topk_chunk_mask
+from modelfuse.kernels.vocabulary import align_vocabulary
 from modelfuse.methods import get_post_step
 from modelfuse.plan import MergePlan, TensorJob
 
@@ -66,9 +67,18 @@ def compute_tensor(
     assert first is not None  # every job has at least one input
     if not plan.checkpoints[first.model][first.name].dtype.is_floating_point:
         return plan.checkpoints[first.model].read(first.name, rows)  # integer buffers are copied, never averaged
+    inputs = [*job.sources, *([job.base] if job.base else [])]
+    if job.vocabulary is not None:  # token-indexed (embedding, head): aligned onto the output vocabulary, whole
+        compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
+        vocab = job.vocabulary
+        raw = align_vocabulary([plan.checkpoints[source.model].read(source.name).to(compute_dtype)
+                                for source in inputs], vocab.index, vocab.sources, vocab.forced, vocab.rows)
+        raw_base = raw.pop() if job.base else None
+        finite = FiniteCheck(job, plan, allow_nonfinite)
+        return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite, device).to(
+            "cpu", job.dtype))
     if rows is None and job.method.rowwise and len(job.shape) >= 2:
         rows = (0, job.shape[0])
-    inputs = [*job.sources, *([job.base] if job.base else [])]
     if rows is None:
         raw = [plan.checkpoints[source.model].read(source.name) for source in inputs]
     else:  # a block's size is bounded by the budget: read it into this thread's reusable buffer

@@ -38,7 +38,7 @@ def _mergekit_selection(job: TensorJob, plan: MergePlan) -> bool:
 
 
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
-    if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan):
+    if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan) or job.vocabulary is not None:
         return False
     if job.method.topk is not None:  # the streaming selection reads float32 task vectors
         return job.base is not None and plan.recipe.compute_dtype == "float32"
