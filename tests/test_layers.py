@@ -152,9 +152,11 @@ def test_the_merge_core_loads_no_workflow_and_no_transformers(core: str) -> None
 
 def test_models_are_loaded_only_by_the_runtime() -> None:
     """Outside ``runtime/`` no module calls ``from_pretrained`` (the GGUF converter rebuilds a model with
-    ``from_config`` after the runtime loaded it)."""
+    ``from_config`` after the runtime loaded it); ``io/vocabulary`` loads tokenizers only (files, no model),
+    to build a merge's output vocabulary."""
     callers = [f"{module_name(path)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
-               if "runtime" not in path.relative_to(PACKAGE).parts
+               if "runtime" not in path.relative_to(PACKAGE).parts 
+               and path.relative_to(PACKAGE).as_posix() != "io/vocabulary.py"
                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                if isinstance(node, ast.Attribute) and node.attr == "from_pretrained"]
     assert not callers, callers

@@ -20,6 +20,7 @@ from modelfuse.errors import OutputError, Terminated
 from modelfuse.io.checkpoint import TOKENIZER_FILES
 from modelfuse.io.hashing import BackgroundHashes
 from modelfuse.io.journal import Journal, file_identity, merge_digest
+from modelfuse.io.vocabulary import set_chat_template
 from modelfuse.io.writer import (
     ShardWriter,
     StagingFolder,
@@ -106,11 +107,7 @@ def write_tokenizer(plan: MergePlan, folder: Path) -> None:
     if plan.vocabulary is not None:
         plan.vocabulary.save(folder, plan.chat_template)
     elif plan.chat_template is not None and plan.tokenizer is not None:
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-        tokenizer.chat_template = plan.chat_template
-        tokenizer.save_pretrained(str(folder))
+        set_chat_template(folder, plan.chat_template)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,13 @@ class Vocabulary:
         self.tokenizer.save_pretrained(str(folder))
 
 
+def set_chat_template(folder: Path, template: str) -> None:
+    """Write ``template`` into the tokenizer saved in ``folder`` (loaded and saved again by transformers)."""
+    tokenizer = load_tokenizer(folder, str(folder))
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(folder))
+
+
 def config_vocab_size(config: dict[str, Any]) -> int | None:
     """The ``vocab_size`` a model's config.json declares (top level or its text model's)."""
     for scope in (config, config.get("text_config") or {}):
