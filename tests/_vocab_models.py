@@ -14,14 +14,16 @@ SPECIAL = ["<unk>", "<s>", "</s>"]
 MERGES = [("t", "h"), ("th", "e"), ("a", "n"), ("i", "n"), ("e", "r"), ("o", "n")]
 
 
-def bpe_tokenizer(special: Sequence[str] = (), added: Sequence[str] = ()) -> Any:
-    """A byte-free BPE tokenizer over lowercase letters, with ``special`` and plain ``added`` tokens appended."""
+def bpe_tokenizer(special: Sequence[str] = (), added: Sequence[str] = (),
+                  merges: Sequence[tuple[str, str]] = ()) -> Any:
+    """A byte-free BPE tokenizer over lowercase letters (with ``merges`` beyond the shared ones), with ``special``
+    and plain ``added`` tokens appended."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate([*SPECIAL, *string.ascii_lowercase,
-                                                            *("".join(pair) for pair in MERGES)])}
-    core = Tokenizer(models.BPE(vocab, list(MERGES), unk_token="<unk>"))
+                                                            *("".join(pair) for pair in [*MERGES, *merges])])}
+    core = Tokenizer(models.BPE(vocab, [*MERGES, *merges], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     if special:
@@ -32,12 +34,13 @@ def bpe_tokenizer(special: Sequence[str] = (), added: Sequence[str] = ()) -> Any
 
 
 def save_member(folder: Path, *, seed: int, special: Sequence[str] = (), added: Sequence[str] = (),
-                extra_rows: int = 0, dtype: torch.dtype = torch.float32, template: str | None = None) -> Path:
+                merges: Sequence[tuple[str, str]] = (), extra_rows: int = 0, dtype: torch.dtype = torch.float32,
+                template: str | None = None) -> Path:
     """A tiny Llama whose embedding and head have one row per token of its tokenizer (+ ``extra_rows`` padding),
     the shared rows equal across members up to a seeded perturbation."""
     import transformers as tf
 
-    tokenizer = bpe_tokenizer(special, added)
+    tokenizer = bpe_tokenizer(special, added, merges)
     if template is not None:
         tokenizer.chat_template = template
     rows = len(tokenizer) + extra_rows

@@ -155,7 +155,7 @@ def test_models_are_loaded_only_by_the_runtime() -> None:
     ``from_config`` after the runtime loaded it); ``io/vocabulary`` loads tokenizers only (files, no model),
     to build a merge's output vocabulary."""
     callers = [f"{module_name(path)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
-               if "runtime" not in path.relative_to(PACKAGE).parts 
+               if "runtime" not in path.relative_to(PACKAGE).parts
                and path.relative_to(PACKAGE).as_posix() != "io/vocabulary.py"
                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                if isinstance(node, ast.Attribute) and node.attr == "from_pretrained"]

@@ -30,7 +30,14 @@ def plan_table(plan: MergePlan, show: int, options: MergeOptions | None = None) 
     summary.add_row("method", plan.recipe.method)
     summary.add_row("inputs", ", ".join(plan.checkpoints))
     summary.add_row("config from", plan.reference)
-    summary.add_row("tokenizer from", plan.tokenizer or "none (no input has one)")
+    if plan.vocabulary is not None and plan.recipe.tokenizer is not None:
+        rows = f", {plan.vocabulary.rows} embedding rows" if plan.vocabulary.rows != plan.vocabulary.size else ""
+        summary.add_row("tokenizer", f"built ({plan.recipe.tokenizer.source}): {plan.vocabulary.size} tokens{rows}")
+    else:
+        summary.add_row("tokenizer from", plan.tokenizer or "none (no input has one)")
+    if plan.chat_template is not None:
+        summary.add_row("chat template", plan.recipe.chat_template if plan.recipe.chat_template != plan.chat_template
+                        else "given (Jinja)")
     summary.add_row("output tensors", str(len(plan.jobs)))
     summary.add_row("output layers", str(len(plan.layer_map)))
     summary.add_row("bytes read", format_bytes(plan.read_bytes))
