@@ -464,14 +464,16 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
     ]
     dare = parse_recipe({"merge_method": "dare_ties", "base_model": "b", "parameters": {"weight": 1},
                          "models": [{"model": "a"}]})
-    assert dare.parameters == {"weight": 1, "normalize": False, "lam": 1.0, "rescale": True, "density": 1.0}
-    assert dare.notes[-1] == (
-        "dare_ties: mergekit 0.1.5 draws the drop masks from torch's global generator (--random-seed) and rescales "
-        "the kept entries to keep each task vector's L1 norm; modelfuse draws them from its own seeded generator "
-        "('seed', --random-seed) and rescales by 1/density: the same method, a different random draw")
+    # mergekit's rescale keeps each task vector's L1 norm: rescale_l1 (the draws are the plan's to warn of)
+    assert dare.parameters == {"weight": 1, "normalize": False, "lam": 1.0, "rescale": True, "rescale_l1": True,
+                               "density": 1.0}
+    assert dare.notes == []
     unscaled = parse_recipe({"merge_method": "dare_linear", "base_model": "b", "parameters": {"weight": 1,
                              "rescale": False, "density": 0.5}, "models": [{"model": "a"}]})
-    assert unscaled.parameters["rescale"] is False and "rescales" not in unscaled.notes[-1]
+    assert unscaled.parameters["rescale"] is False and unscaled.parameters["rescale_l1"] is False
+    della = parse_recipe({"merge_method": "della", "base_model": "b", "parameters": {"weight": 1, "density": 0.5},
+                          "models": [{"model": "a"}]})
+    assert della.notes[-1].startswith("della: mergekit 0.1.5 draws the drop masks from torch's global generator")
     linear = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1,
                                                                                              "density": 0.5}}]})
     assert linear.models is not None and linear.models[0].parameters == {}

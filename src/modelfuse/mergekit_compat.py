@@ -194,11 +194,10 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
         _scale_per_slice(recipe)
     _require_weights(recipe, translation, base)
     _mergekit_defaults(recipe, translation)
-    if method in _RANDOM_DROPS:
+    if method in _RANDOM_DROPS - _DARE:  # (DARE's draws are mergekit's with --random-seed: the plan says so)
         rescaled = recipe["parameters"].get("rescale", True) is not False
         rescale = (" and rescales the kept entries to keep each task vector's L1 norm" if rescaled else "")
-        ours = (" and rescales by 1/density" if rescaled and method in _DARE else
-                " and rescales by the inverse keep probability" if rescaled else "")
+        ours = " and rescales by the inverse keep probability" if rescaled else ""
         translation.notes.append(
             f"{method}: mergekit 0.1.5 draws the drop masks from torch's global generator (--random-seed){rescale}; "
             f"modelfuse draws them from its own seeded generator ('seed', --random-seed){ours}: the same method, "
@@ -330,6 +329,9 @@ def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> Non
                                   "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
             elif name != "rescale":
                 scope[name] = value  # not mergekit's: the recipe's validation names it
+        if "rescale_l1" in spec.params and isinstance(scope.get("rescale"), bool):
+            # mergekit's rescale matches each task vector's L1 norm (modelfuse's rescale divides by density)
+            scope["rescale_l1"] = scope["rescale"]
 
 
 def _ignores_base(method: Any) -> bool:

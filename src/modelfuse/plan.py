@@ -79,6 +79,7 @@ class MergePlan:
     tokenizer: str | None = None  # the input whose tokenizer files the output gets (None: no input has any)
     vocabulary: Vocabulary | None = None  # the built output vocabulary (recipe ``tokenizer:``), written instead
     chat_template: str | None = None  # the Jinja chat template written into the output tokenizer
+    draw_states: dict[str, torch.Tensor] = field(default_factory=dict)  # random_draws torch: job -> generator state
 
     @property
     def read_bytes(self) -> int:
@@ -346,6 +347,17 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings.append(vocabulary_notes[0])
     half = sorted({str(job.dtype).removeprefix("torch.") for job in jobs if job.dtype in (torch.float16,
                                                                                             torch.bfloat16)})
+    if recipe.dialect == "mergekit" and recipe.random_draws != "torch" and any(
+            job.method.torch_draws for job in jobs):
+        warnings.append(f"{spec.name}: mergekit 0.1.5 draws the drop masks from torch's global generator, seeded only "
+                        "by its --random-seed flag; modelfuse draws them from its own generator ('seed'). Pass "
+                        "--random-seed N to both mergekit-yaml and modelfuse merge for the same masks")
+    repeated = _shared_draw_labels(jobs) if recipe.random_draws == "torch" else []
+    if repeated:
+        warnings.append(f"random_draws: {len(repeated)} tensor(s) ({', '.join(repeated[:3])}"
+                        f"{', ...' if len(repeated) > 3 else ''}) are drawn from the same input tensors as another "
+                        "(a repeated layer); mergekit orders such draws by its task graph, modelfuse by output "
+                        "position, so their masks may differ from mergekit's")
     if recipe.mergekit_input_dtype and half:
         warnings.append(f"dtype: not given, so mergekit computes in the checkpoints' {'/'.join(half)}; modelfuse "
                         "computes in float32 (tensors differ by rounding, and a top-k or random selection may keep "
@@ -355,6 +367,25 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings.append("chat_template: no tokenizer to write it into (no input has tokenizer files); not saved")
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics,
                      tokenizer=tokenizer, vocabulary=vocabulary, chat_template=chat_template)
+
+
+def mergekit_label(job: TensorJob) -> str:
+    """mergekit 0.1.5's scheduling label of a tensor: the largest name among its input tensors (it runs tensors
+    in the lexicographic order of these labels)."""
+    return max(source.name for source in [*job.sources, *([job.base] if job.base else [])])
+
+
+def _shared_draw_labels(jobs: list[TensorJob]) -> list[str]:
+    """Output tensors whose torch draws share a mergekit label with an earlier one (the same input tensors)."""
+    seen: set[str] = set()
+    repeated = []
+    for job in jobs:
+        if job.method.torch_draws:
+            label = mergekit_label(job)
+            if label in seen:
+                repeated.append(job.name)
+            seen.add(label)
+    return repeated
 
 
 def _build_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], base_dir: Path | None,

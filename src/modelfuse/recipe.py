@@ -160,6 +160,10 @@ class Recipe(BaseModel):
                                       "output tokenizer: a name (chatml, llama3, mistral, alpaca, exaone), 'auto' "
                                       "(the most common among the inputs) or a Jinja template")
     seed: int = 0
+    random_draws: Literal["modelfuse", "torch"] = Field(
+        default="modelfuse", description="where random masks (DARE) come from: modelfuse's counter-based generator "
+        "(any blocking, any thread count), or torch's CPU generator seeded with 'seed' and drawn tensor by tensor in "
+        "mergekit 0.1.5's order (mergekit-yaml --random-seed's masks; whole tensors, one replay pass first)")
     name: str | None = None
     post: PostSteps | None = Field(default=None, description="steps applied after the method (LiNeS scaling)")
     fallback: Fallback | None = Field(default=None, description="data-free method for the tensors a statistics "

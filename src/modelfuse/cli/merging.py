@@ -91,8 +91,9 @@ def merge(
         help="Where row blocks are computed: cpu, cuda, cuda:N, mps or auto (files are read and written on the "
              "CPU). Default cpu.")] = None,
     random_seed: Annotated[int | None, typer.Option(
-        help="Seed of random methods (DARE, DELLA): the recipe's 'seed'. modelfuse's generator is its own, so the "
-             "draw differs from mergekit's with the same seed.", rich_help_panel=_MERGEKIT)] = None,
+        help="Seed of random methods (DARE, DELLA): the recipe's 'seed'. For a mergekit YAML, DARE then draws its "
+             "masks as mergekit-yaml --random-seed does (torch's generator, mergekit's order): the same masks.",
+        rich_help_panel=_MERGEKIT)] = None,
     cuda: Annotated[bool, typer.Option(help="The same as --device cuda.", rich_help_panel=_MERGEKIT)] = False,
     copy_tokenizer: Annotated[bool, typer.Option(
         help="Copy the tokenizer files of the tokenizer source into the output.", rich_help_panel=_MERGEKIT)] = True,
@@ -150,7 +151,8 @@ def merge(
     options.memory_bytes()  # a bad budget fails before any work
     parsed = load_recipe(recipe)
     if random_seed is not None:
-        parsed = parsed.model_copy(update={"seed": random_seed})
+        draws = "torch" if parsed.dialect == "mergekit" else parsed.random_draws
+        parsed = parsed.model_copy(update={"seed": random_seed, "random_draws": draws})
     merge_plan = build_plan(parsed, base_dir=recipe.parent, allow_pickle=allow_pickle)
     if out_shard_size is not None:
         merge_plan.recipe = merge_plan.recipe.model_copy(update={"shard_size": _mergekit_shard_bytes(out_shard_size)})

@@ -12,11 +12,11 @@ import torch
 from modelfuse.engine.buffers import READ_BUFFER, RESULT_BUFFER
 from modelfuse.engine.finite import FiniteCheck
 from modelfuse.engine.prepass import topk_thresholds, whole_tensor_thresholds
-from modelfuse.engine.units import WorkUnit
+from modelfuse.engine.units import WorkUnit, rowwise, torch_draws
 from modelfuse.errors import ModelfuseError
 from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
-from modelfuse.kernels.random import RandomField
+from modelfuse.kernels.random import RandomField, TorchDraws
 from modelfuse.kernels.topk import TopkThreshold, sorted_topk_masks, topk_chunk_mask
 from modelfuse.kernels.vocabulary import align_vocabulary
 from modelfuse.methods import get_post_step
@@ -77,7 +77,7 @@ def compute_tensor(
         finite = FiniteCheck(job, plan, allow_nonfinite)
         return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite, device).to(
             "cpu", job.dtype))
-    if rows is None and job.method.rowwise and len(job.shape) >= 2:
+    if rows is None and rowwise(job, plan) and len(job.shape) >= 2:
         rows = (0, job.shape[0])
     if rows is None:
         raw = [plan.checkpoints[source.model].read(source.name) for source in inputs]
@@ -158,7 +158,9 @@ def _compute_piece(
     base = raw_base.to(device, compute_dtype) if raw_base is not None else None
     tensors, base = finite.inputs(tensors, base)
     kwargs = dict(job.params)
-    if job.method.random:
+    if job.method.random and torch_draws(job, plan):
+        kwargs["noise"] = TorchDraws(plan.draw_states[job.name], device=device)
+    elif job.method.random:
         noise = RandomField(tensor_seed(plan.recipe.seed, job.name), device=device)
         row_elements = int(torch.Size(job.shape[1:]).numel())
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise

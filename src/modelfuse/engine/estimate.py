@@ -12,7 +12,7 @@ from modelfuse.engine.schedule import (
     resident_bytes,
     tensor_budget,
 )
-from modelfuse.engine.units import work_units
+from modelfuse.engine.units import rowwise, work_units
 from modelfuse.kernels import fused
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan
@@ -58,7 +58,7 @@ def estimate(plan: MergePlan, options: MergeOptions) -> Estimate:
         inputs = len(unit.job.sources) + (1 if unit.job.base else 0)
         if unit.blocks is not None:  # a streamed top-k tensor
             compute_seconds += unit.elements * len(unit.job.sources) * TOPK_S_PER_MODEL_ELEMENT
-        elif unit.job.method.rowwise:
+        elif rowwise(unit.job, plan):
             rate = RANDOM_S_PER_INPUT_ELEMENT if unit.job.method.random else ROWWISE_S_PER_INPUT_ELEMENT
             compute_seconds += unit.elements * inputs * rate
         else:

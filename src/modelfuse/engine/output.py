@@ -15,6 +15,7 @@ from typing import Any
 
 from modelfuse._version import __version__
 from modelfuse.engine.card import PROVENANCE_FILE, model_card, provenance
+from modelfuse.engine.draws import draw_states
 from modelfuse.engine.schedule import execute
 from modelfuse.errors import OutputError, Terminated
 from modelfuse.io.checkpoint import TOKENIZER_FILES
@@ -86,6 +87,8 @@ def write_staged(
     copied += [tokenizer / name for name in TOKENIZER_FILES if tokenizer and (tokenizer / name).is_file()]
     remaining = sum(slot.nbytes for slot in slots if slot.name not in journal.done)
     check_free_space(staging.path, remaining + sum(path.stat().st_size for path in copied) + (1 << 20))
+    if plan.recipe.random_draws == "torch":
+        plan.draw_states = draw_states(plan)
     writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes(), resume=staging.resume)
     try:
         execute(plan, writer, options, on_tensor, journal)

@@ -37,12 +37,23 @@ def _mergekit_selection(job: TensorJob, plan: MergePlan) -> bool:
     return plan.recipe.dialect == "mergekit" and job.method.mergekit_order is not None and job.base is not None
 
 
+def torch_draws(job: TensorJob, plan: MergePlan) -> bool:
+    """Whether the job's random masks are torch's generator's (``random_draws: torch``): drawn whole, in order."""
+    return plan.recipe.random_draws == "torch" and job.method.torch_draws
+
+
+def rowwise(job: TensorJob, plan: MergePlan) -> bool:
+    """Whether the job may be computed in row blocks: a rowwise method, with parameters and draws that allow it."""
+    return (job.method.rowwise and not any(job.params.get(name) for name in job.method.whole_tensor_when)
+            and not torch_draws(job, plan) and job.vocabulary is None)
+
+
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
     if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan) or job.vocabulary is not None:
         return False
     if job.method.topk is not None:  # the streaming selection reads float32 task vectors
         return job.base is not None and plan.recipe.compute_dtype == "float32"
-    return job.method.rowwise
+    return rowwise(job, plan)
 
 
 def _statistics_bytes(job: TensorJob) -> int:

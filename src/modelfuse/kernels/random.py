@@ -112,3 +112,23 @@ class RandomField:
         keep = (words < np.uint32(limit)).astype(np.float32)
         # drawn on the CPU, so every device gets the same values
         return torch.from_numpy(keep).reshape(shape).to(self.device)
+
+
+class TorchDraws:
+    """Bernoulli draws from torch's CPU generator (mt19937) started at a saved state and consumed in call order,
+    as ``torch.bernoulli(torch.full(shape, p))`` draws them from the global generator (mergekit 0.1.5's masks).
+
+    Unlike a ``RandomField`` the values depend on the order of the calls, so a tensor is drawn whole, model by
+    model; ``engine.draws`` replays the draws of the tensors before it to find its state.
+    """
+
+    def __init__(self, state: torch.Tensor, device: torch.device = CPU) -> None:
+        self.generator = torch.Generator()
+        self.generator.set_state(state)
+        self.device = device
+
+    def bernoulli(self, model: int, shape: tuple[int, ...] | torch.Size, probability: float) -> torch.Tensor:
+        """The next ``prod(shape)`` draws, 1.0 with probability ``probability`` (float32); ``model`` unused."""
+        del model
+        return torch.bernoulli(torch.full(tuple(shape), probability, dtype=torch.float32),
+                               generator=self.generator).to(self.device)

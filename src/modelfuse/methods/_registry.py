@@ -141,6 +141,8 @@ class MethodSpec:
     statistics: tuple[str, ...] = ()
     working_bytes: WorkingBytes | None = None
     mergekit_order: MergekitOrder | None = None
+    torch_draws: bool = False
+    whole_tensor_when: tuple[str, ...] = ()
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -245,6 +247,8 @@ def register(
     statistics: tuple[str, ...] = (),
     working_bytes: WorkingBytes | None = None,
     mergekit_order: MergekitOrder | None = None,
+    torch_draws: bool = False,
+    whole_tensor_when: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -273,6 +277,10 @@ def register(
             output and statistics (a solver's float64 sums, say); the engine reserves it in the RAM budget.
         mergekit_order: For top-k methods that mergekit 0.1.5 has, the order its sort gives equal magnitudes
             (``MergekitOrder``); a mergekit-dialect recipe then gets mergekit's masks (whole tensors).
+        torch_draws: For random methods that draw only ``noise.bernoulli(model, shape, p)``, once per model in
+            model order: a recipe with ``random_draws: torch`` then gets a ``TorchDraws`` (mergekit's draws).
+        whole_tensor_when: Parameters of a rowwise method that, when true, make a call need the whole tensor
+            (a norm over all of it, say): the engine then computes it whole.
 
     Returns:
         A decorator registering the function.
@@ -293,7 +301,7 @@ def register(
                               "not rowwise")
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
-            bf16_kernel, statistics, working_bytes, mergekit_order,
+            bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
         )
         return fn
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import torch
 
 from modelfuse.kernels import fused
-from modelfuse.kernels.random import RandomField
+from modelfuse.kernels.random import RandomField, TorchDraws
 from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import drop_task_vector, weighted_sum
@@ -21,12 +21,33 @@ Density = Annotated[
 
 
 Rescale = Annotated[bool, Param("divide the kept entries by density (DARE); false keeps them as they are")]
+RescaleL1 = Annotated[bool, Param("instead, scale the kept entries so each task vector keeps its L1 norm "
+                                  "(mergekit's rescale)")]
+L1_EPSILON = 1e-7  # below this L1 norm (before or after the drop) a task vector is left unscaled, as mergekit
+
+
+def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` (a masked ``tau``) scaled by ``|tau|_1 / |kept|_1``, unscaled when either norm is below 1e-7."""
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < L1_EPSILON or after < L1_EPSILON:
+        return kept
+    return kept * (before / after)
 
 
 def _dropped(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField,
-    rescale: bool = True,
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField | TorchDraws,
+    rescale: bool = True, rescale_l1: bool = False,
 ) -> list[torch.Tensor]:
+    if rescale_l1 or isinstance(noise, TorchDraws):  # model by model, a draw for every density below 1
+        result = []
+        for model, (tensor, d) in enumerate(zip(tensors, density, strict=True)):
+            tau = tensor - base
+            if d >= 1.0:
+                result.append(tau)
+                continue
+            kept = tau * noise.bernoulli(model, tau.shape, d)
+            result.append(l1_rescaled(tau, kept) if rescale_l1 else kept / d if rescale and d > 0 else kept)
+        return result
     if not rescale:  # the same draws, the kept entries unscaled
         return [(tensor - base) * noise.bernoulli(model, tensor.shape, d) if 0.0 < d < 1.0
                 else (tensor - base) * (1.0 if d >= 1.0 else 0.0)
@@ -36,7 +57,8 @@ def _dropped(
 
 
 @register(name="dare_linear", description="DARE drop-and-rescale of task vectors, then task arithmetic.",
-          paper=_PAPER, base="required", random=True, rowwise=True)
+          paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=True,
+          whole_tensor_when=("rescale_l1",))
 def dare_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -46,7 +68,8 @@ def dare_linear(
     lam: MergedScale = 1.0,
     normalize: WeightMean = False,
     rescale: Rescale = True,
-    noise: RandomField,
+    rescale_l1: RescaleL1 = False,
+    noise: RandomField | TorchDraws,
 ) -> torch.Tensor:
     """DARE with a linear combination.
 
@@ -64,12 +87,14 @@ def dare_linear(
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Divide by the sum of the weights. Default False.
         rescale: Divide the kept entries by ``density_i`` (default True); False keeps them unscaled.
+        rescale_l1: Instead scale them by ``|tau_i|_1 / |tau_i'|_1`` (mergekit's ``rescale``). Default False.
         noise: Source of the random drop masks (seeded per tensor by the engine; model i uses stream i).
 
     Returns:
         The merged tensor.
     """
-    return base + lam * weighted_sum(_dropped(tensors, base, density, noise, rescale), weight, normalize=normalize)
+    dropped = _dropped(tensors, base, density, noise, rescale, rescale_l1)
+    return base + lam * weighted_sum(dropped, weight, normalize=normalize)
 
 
 def _dare_ties_bf16(
@@ -77,7 +102,7 @@ def _dare_ties_bf16(
     noise: RandomField,
 ) -> bool:
     """:func:`dare_ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
-    if not params["rescale"]:
+    if not params["rescale"] or params["rescale_l1"]:
         return False
     return fused.dare_ties_bf16(tensors, base, params["weight"], params["density"], params["lam"],
                                 params["normalize"], [noise.key(model) for model in range(len(tensors))],
@@ -85,7 +110,8 @@ def _dare_ties_bf16(
 
 
 @register(name="dare_ties", description="DARE drop-and-rescale of task vectors, then TIES sign election.",
-          paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16)
+          paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16, torch_draws=True,
+          whole_tensor_when=("rescale_l1",))
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -95,7 +121,8 @@ def dare_ties(
     lam: MergedScale = 1.0,
     normalize: DisjointMean = True,
     rescale: Rescale = True,
-    noise: RandomField,
+    rescale_l1: RescaleL1 = False,
+    noise: RandomField | TorchDraws,
 ) -> torch.Tensor:
     """DARE with TIES sign election and disjoint merge.
 
@@ -112,9 +139,11 @@ def dare_ties(
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Disjoint mean (True, default) or disjoint sum.
         rescale: Divide the kept entries by ``density_i`` (default True); False keeps them unscaled.
+        rescale_l1: Instead scale them by ``|tau_i|_1 / |tau_i'|_1`` (mergekit's ``rescale``). Default False.
         noise: Source of the random drop masks (seeded per tensor by the engine; model i uses stream i).
 
     Returns:
         The merged tensor.
     """
-    return ties_combine(_dropped(tensors, base, density, noise, rescale), base, weight, lam, normalize)
+    dropped = _dropped(tensors, base, density, noise, rescale, rescale_l1)
+    return ties_combine(dropped, base, weight, lam, normalize)
