@@ -60,6 +60,8 @@ _MERGEKIT_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "passthrough": ({}, {"scale": None}),
     "arcee_fusion": ({}, {}),
     "nearswap": ({"t": _REQUIRED}, {}),
+    "ram": ({"epsilon": 1e-5}, {}),
+    "ramplus_tl": ({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}),
 }
 # Methods whose weight mergekit resolves for every input, the base included (it merges the base as one more model).
 _WEIGHT_ON_BASE = {"linear"}
