@@ -12,7 +12,7 @@ from modelfuse.errors import RecipeError
 from modelfuse.mergekit_compat import from_mergekit
 from modelfuse.recipe import Recipe, load_recipe, parse_recipe
 
-TIES_PARAMS = "weight, density, lam, normalize"
+TIES_PARAMS = "weight, density, lam, normalize, rescale_l1"
 SIZE_HINT = "expected a size like '2GiB' (binary) or '5GB' (decimal)"
 VALUE_HINT = (
     "expected a number, a list of numbers (across depth) or a list of rules {match: <glob>, value: <number or list>}"
@@ -481,10 +481,9 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
                             "ignores it, and so does modelfuse"]
     assert _error({**MERGEKIT, "chat_template": "x", "modules": {}}, source="mk.yml") == (
         "mk.yml: modules: 'modules' (a merge per module of a multi-module model) is not supported yet")
-    assert _error({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1, "rescale": True},
-                   "models": [{"model": "a"}]}, source="mk.yml") == (
-        "mk.yml: parameters.rescale: True for 'ties' (mergekit's L1-norm rescale of the trimmed task vectors) "
-        "is not supported yet")
+    rescaled = parse_recipe({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1, "rescale": True},
+                             "models": [{"model": "a"}]})
+    assert rescaled.parameters["rescale_l1"] is True and "rescale" not in rescaled.parameters
 
 
 def test_mergekit_entry_without_model_and_bad_dtype() -> None:

@@ -321,6 +321,11 @@ def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> Non
                                      for i, piece in enumerate(recipe.get("slices", []))),
               *((f"{entry['path']}.parameters", entry.get("parameters", {})) for entry in entries)]
     for where, scope in scopes:
+        if "rescale_l1" in spec.params and isinstance(scope.get("rescale"), bool):
+            # mergekit's rescale keeps each sparsified task vector's L1 norm (modelfuse's DARE rescale: 1/density)
+            scope["rescale_l1"] = scope["rescale"]
+            if "rescale" not in spec.params:
+                del scope["rescale"]
         for name in [name for name in scope if name not in spec.params and name != "weight"]:
             value = scope.pop(name)
             if name in _NO_EFFECT.get(translation.method, ()):
@@ -331,9 +336,6 @@ def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> Non
                                   "(mergekit's L1-norm rescale of the trimmed task vectors) is not supported yet")
             elif name != "rescale":
                 scope[name] = value  # not mergekit's: the recipe's validation names it
-        if "rescale_l1" in spec.params and isinstance(scope.get("rescale"), bool):
-            # mergekit's rescale matches each task vector's L1 norm (modelfuse's rescale divides by density)
-            scope["rescale_l1"] = scope["rescale"]
 
 
 def _ignores_base(method: Any) -> bool:

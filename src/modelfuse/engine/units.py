@@ -42,14 +42,20 @@ def torch_draws(job: TensorJob, plan: MergePlan) -> bool:
     return plan.recipe.random_draws == "torch" and job.method.torch_draws
 
 
+def _whole(job: TensorJob, plan: MergePlan) -> bool:
+    """Whether this call needs the whole tensor at once, whatever the method's declarations: parameters that make
+    it so, torch's ordered draws, a vocabulary alignment."""
+    return (any(job.params.get(name) for name in job.method.whole_tensor_when) or torch_draws(job, plan)
+            or job.vocabulary is not None)
+
+
 def rowwise(job: TensorJob, plan: MergePlan) -> bool:
     """Whether the job may be computed in row blocks: a rowwise method, with parameters and draws that allow it."""
-    return (job.method.rowwise and not any(job.params.get(name) for name in job.method.whole_tensor_when)
-            and not torch_draws(job, plan) and job.vocabulary is None)
+    return job.method.rowwise and not _whole(job, plan)
 
 
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
-    if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan) or job.vocabulary is not None:
+    if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan) or _whole(job, plan):
         return False
     if job.method.topk is not None:  # the streaming selection reads float32 task vectors
         return job.base is not None and plan.recipe.compute_dtype == "float32"

@@ -75,6 +75,17 @@ def sparsify_magnitude(tau: torch.Tensor, density: float, mask: torch.Tensor | N
     return tau * mask
 
 
+L1_EPSILON = 1e-7  # below this L1 norm (before or after sparsifying) a task vector is left unscaled, as mergekit
+
+
+def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` (a sparsified ``tau``) scaled by ``|tau|_1 / |kept|_1``, unscaled when either norm is below 1e-7."""
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < L1_EPSILON or after < L1_EPSILON:
+        return kept
+    return kept * (before / after)
+
+
 def drop_and_rescale(tau: torch.Tensor, density: float, noise: RandomField, model: int) -> torch.Tensor:
     """DARE: drop each entry with probability ``1 - density``, rescale survivors by ``1 / density``.
 

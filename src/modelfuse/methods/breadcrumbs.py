@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import torch
 
-from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight, WeightMean
+from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import task_vectors, topk_mask, weighted_sum
+from modelfuse.methods._steps import l1_rescaled, task_vectors, topk_mask, weighted_sum
 from modelfuse.methods.ties import ties_combine
 
 _PAPER = (
@@ -78,18 +78,19 @@ def _crumbs(
     density: Sequence[float],
     gamma: Sequence[float],
     topk_masks: Sequence[Sequence[torch.Tensor]] | None,
+    rescale_l1: bool = False,
 ) -> list[torch.Tensor]:
     taus = task_vectors(tensors, base)
     masks = topk_masks if topk_masks is not None else [None] * len(taus)
-    return [
-        tau * breadcrumb_mask(tau, d, g, m)
-        for tau, d, g, m in zip(taus, density, gamma, masks, strict=True)
-    ]
+    kept = [tau * breadcrumb_mask(tau, d, g, m) for tau, d, g, m in zip(taus, density, gamma, masks, strict=True)]
+    if rescale_l1:
+        kept = [l1_rescaled(tau, k) if d < 1 else k for tau, k, d in zip(taus, kept, density, strict=True)]
+    return kept
 
 
 @register(name="breadcrumbs", description="Drop each task vector's outliers and small entries, then task arithmetic.",
           paper=_PAPER, base="required", topk=_topk_counts,
-          mergekit_order="sort_ascending")
+          mergekit_order="sort_ascending", whole_tensor_when=("rescale_l1",))
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -99,6 +100,7 @@ def breadcrumbs(
     gamma: Gamma,
     lam: MergedScale = 1.0,
     normalize: WeightMean = False,
+    rescale_l1: RescaleL1 = False,
     topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs with a linear (task arithmetic) combination.
@@ -119,19 +121,21 @@ def breadcrumbs(
             ``1 - density`` when ``density + gamma > 1``.
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Divide by the sum of the weights (unless it is ~0). Default False, as mergekit.
+        rescale_l1: Scale each masked task vector back to its L1 norm (mergekit's ``rescale``). Default False.
         topk_masks: Each task vector's two top-k masks (``breadcrumb_counts``) when the engine computed them
             for a row block; None (default) selects here over the whole tensor.
 
     Returns:
         The merged tensor.
     """
-    return base + lam * weighted_sum(_crumbs(tensors, base, density, gamma, topk_masks), weight, normalize=normalize)
+    crumbs = _crumbs(tensors, base, density, gamma, topk_masks, rescale_l1)
+    return base + lam * weighted_sum(crumbs, weight, normalize=normalize)
 
 
 @register(name="breadcrumbs_ties",
           description="Drop each task vector's outliers and small entries, then TIES sign election.",
           paper=_PAPER, base="required", topk=_topk_counts,
-          mergekit_order="sort_ascending")
+          mergekit_order="sort_ascending", whole_tensor_when=("rescale_l1",))
 def breadcrumbs_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -141,6 +145,7 @@ def breadcrumbs_ties(
     gamma: Gamma,
     lam: MergedScale = 1.0,
     normalize: DisjointMean = False,
+    rescale_l1: RescaleL1 = False,
     topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs masks followed by TIES sign election and disjoint merge.
@@ -161,9 +166,10 @@ def breadcrumbs_ties(
             ``1 - density`` when ``density + gamma > 1``.
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Disjoint mean (True) or disjoint sum (False, the default, as mergekit).
+        rescale_l1: As in ``breadcrumbs``.
         topk_masks: As in ``breadcrumbs``.
 
     Returns:
         The merged tensor.
     """
-    return ties_combine(_crumbs(tensors, base, density, gamma, topk_masks), base, weight, lam, normalize)
+    return ties_combine(_crumbs(tensors, base, density, gamma, topk_masks, rescale_l1), base, weight, lam, normalize)

@@ -9,9 +9,9 @@ import torch
 
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField, TorchDraws
-from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight, WeightMean
+from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import drop_task_vector, weighted_sum
+from modelfuse.methods._steps import drop_task_vector, l1_rescaled, weighted_sum
 from modelfuse.methods.ties import ties_combine
 
 _PAPER = "Language Models are Super Mario (Yu et al. 2024), https://arxiv.org/abs/2311.03099"
@@ -21,18 +21,6 @@ Density = Annotated[
 
 
 Rescale = Annotated[bool, Param("divide the kept entries by density (DARE); false keeps them as they are")]
-RescaleL1 = Annotated[bool, Param("instead, scale the kept entries so each task vector keeps its L1 norm "
-                                  "(mergekit's rescale)")]
-L1_EPSILON = 1e-7  # below this L1 norm (before or after the drop) a task vector is left unscaled, as mergekit
-
-
-def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``kept`` (a masked ``tau``) scaled by ``|tau|_1 / |kept|_1``, unscaled when either norm is below 1e-7."""
-    before, after = tau.abs().sum(), kept.abs().sum()
-    if before < L1_EPSILON or after < L1_EPSILON:
-        return kept
-    return kept * (before / after)
-
 
 def _dropped(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField | TorchDraws,

@@ -9,12 +9,13 @@ import torch
 
 from modelfuse.kernels import fused
 from modelfuse.kernels.topk import TopkThreshold
-from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight
+from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import (
     density_topk_counts,
     disjoint_sum,
     elect_sign,
+    l1_rescaled,
     sparsify_magnitude,
     task_vectors,
     weighted,
@@ -38,6 +39,8 @@ def _ties_bf16(
     thresholds: Sequence[Sequence[TopkThreshold]], equal_before: list[list[int]],
 ) -> bool:
     """:func:`ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    if params["rescale_l1"]:
+        return False
     before = [model[0] for model in equal_before]
     if not fused.ties_bf16(tensors, base, params["weight"], params["density"], params["lam"], params["normalize"],
                            [model[0] for model in thresholds], before, out):
@@ -56,6 +59,7 @@ def _ties_bf16(
     topk=density_topk_counts,
     bf16_kernel=_ties_bf16,
     mergekit_order="argsort_descending",
+    whole_tensor_when=("rescale_l1",),
 )
 def ties(
     tensors: Sequence[torch.Tensor],
@@ -67,6 +71,7 @@ def ties(
     ],
     lam: MergedScale = 1.0,
     normalize: DisjointMean = True,
+    rescale_l1: RescaleL1 = False,
     topk_masks: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """TIES-Merging.
@@ -85,6 +90,7 @@ def ties(
         density: Fraction in [0, 1] of entries kept per task vector; default 0.2 (the paper's top-20%).
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Use the disjoint mean (True, default) or the disjoint sum.
+        rescale_l1: Scale each trimmed task vector back to its L1 norm (mergekit's ``rescale``). Default False.
         topk_masks: Each task vector's trim mask when the engine computed it for a row block; None
             (default) selects here over the whole tensor.
 
@@ -94,4 +100,7 @@ def ties(
     masks = [m[0] for m in topk_masks] if topk_masks is not None else [None] * len(tensors)
     taus = task_vectors(tensors, base)
     trimmed = [sparsify_magnitude(tau, d, m) for tau, d, m in zip(taus, density, masks, strict=True)]
+    if rescale_l1:
+        trimmed = [l1_rescaled(tau, kept) if d < 1 else kept for tau, kept, d in zip(taus, trimmed, density,
+                                                                                      strict=True)]
     return ties_combine(trimmed, base, weight, lam, normalize)
