@@ -1,5 +1,5 @@
-"""DARE's random masks as mergekit 0.1.5 draws them (``--random-seed``): torch's generator, mergekit's tensor
-order, the L1-norm rescale; compared tensor by tensor with mergekit-yaml run on the same YAML and seed."""
+"""DARE's and DELLA's random masks as mergekit 0.1.5 draws them (``--random-seed``): torch's generator,
+mergekit's tensor order, the L1-norm rescale; compared tensor by tensor with mergekit-yaml on the same YAML."""
 
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ def _dare(family: dict[str, Path], method: str, **parameters: Any) -> dict[str, 
 
 @pytest.mark.parametrize(("method", "parameters"), [
     ("dare_ties", {}), ("dare_linear", {}), ("dare_linear", {"rescale": False}),
-    ("dare_ties", {"normalize": True, "lambda": 0.8})])
+    ("dare_ties", {"normalize": True, "lambda": 0.8}), ("della", {}), ("della_linear", {"epsilon": 0.1}),
+    ("della", {"rescale": False, "normalize": False})])
 def test_dare_with_a_seed_is_mergekits(pytest_mergekit: None, family: dict[str, Path], tmp_path: Path, run_cli: Cli,
                                        method: str, parameters: dict[str, Any]) -> None:
-    """The same masks, rescale and result, bit for bit, over tensors whose densities follow a gradient."""
+    """The same masks, rescale and result, bit for bit, over tensors whose densities follow a gradient (DELLA:
+    mergekit's rank normalisation and keep probabilities too)."""
     mk, mf, stderr = _both(tmp_path, run_cli, _dare(family, method, **parameters), "--random-seed", "7")
     MergekitParity.assert_equal(mk, mf, tol=0.0)
     assert "draws the drop masks" not in stderr

@@ -473,7 +473,7 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
     assert unscaled.parameters["rescale"] is False and unscaled.parameters["rescale_l1"] is False
     della = parse_recipe({"merge_method": "della", "base_model": "b", "parameters": {"weight": 1, "density": 0.5},
                           "models": [{"model": "a"}]})
-    assert della.notes[-1].startswith("della: mergekit 0.1.5 draws the drop masks from torch's global generator")
+    assert della.notes == [] and della.parameters["rescale_l1"] is True
     linear = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1,
                                                                                              "density": 0.5}}]})
     assert linear.models is not None and linear.models[0].parameters == {}

@@ -65,10 +65,9 @@ _MERGEKIT_PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 # Methods whose weight mergekit resolves for every input, the base included (it merges the base as one more model).
 _WEIGHT_ON_BASE = {"linear"}
-_DARE = {"dare_ties", "dare_linear"}
 # Parameters mergekit 0.1.5 declares for a method without using them (task arithmetic sparsifies nothing).
 _NO_EFFECT = {"task_arithmetic": ("density", "rescale")}
-_RANDOM_DROPS = {*_DARE, "della", "della_linear"}
+
 
 
 def _value(value: Any, where: str, notes: list[str], source: str) -> Any:
@@ -196,14 +195,6 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
         _scale_per_slice(recipe)
     _require_weights(recipe, translation, base)
     _mergekit_defaults(recipe, translation)
-    if method in _RANDOM_DROPS - _DARE:  # (DARE's draws are mergekit's with --random-seed: the plan says so)
-        rescaled = recipe["parameters"].get("rescale", True) is not False
-        rescale = (" and rescales the kept entries to keep each task vector's L1 norm" if rescaled else "")
-        ours = " and rescales by the inverse keep probability" if rescaled else ""
-        translation.notes.append(
-            f"{method}: mergekit 0.1.5 draws the drop masks from torch's global generator (--random-seed){rescale}; "
-            f"modelfuse draws them from its own seeded generator ('seed', --random-seed){ours}: the same method, "
-            "a different random draw")
     recipe["notes"] = translation.notes
     return recipe
 

@@ -174,4 +174,5 @@ def test_registered_specs() -> None:
         assert spec.fn is fn and spec.base == "required" and not spec.random
         assert spec.params["density"].per_model and spec.params["gamma"].per_model
         assert (spec.params["gamma"].ge, spec.params["gamma"].le) == (0.0, 1.0)
-        assert spec.defaults() == {"weight": 1.0, "density": 0.1, "gamma": 0.01, "lam": 1.0, "normalize": False}
+        assert spec.defaults() == {"weight": 1.0, "density": 0.1, "gamma": 0.01, "lam": 1.0, "normalize": False,
+                                   "rescale_l1": False}

@@ -271,7 +271,7 @@ def test_seed_reproducible_and_inputs_untouched() -> None:
 
 def test_registered_specs() -> None:
     """Both are random, need a base; normalize defaults follow mergekit (della True, della_linear False)."""
-    common = {"weight": 1.0, "density": 0.5, "epsilon": 0.15, "lam": 1.0, "rescale": True}
+    common = {"weight": 1.0, "density": 0.5, "epsilon": 0.15, "lam": 1.0, "rescale": True, "rescale_l1": False}
     for name, fn, normalize in (("della", della, True), ("della_linear", della_linear, False)):
         spec = get_method(name)
         assert spec.fn is fn and spec.base == "required" and spec.random and spec.rowwise

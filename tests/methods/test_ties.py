@@ -168,4 +168,4 @@ def test_registered_spec() -> None:
     assert spec.fn is ties and spec.base == "required"
     density = spec.params["density"]
     assert density.per_model and (density.ge, density.le, density.default) == (0.0, 1.0, 0.2)
-    assert spec.defaults() == {"weight": 1.0, "density": 0.2, "lam": 1.0, "normalize": True}
+    assert spec.defaults() == {"weight": 1.0, "density": 0.2, "lam": 1.0, "normalize": True, "rescale_l1": False}

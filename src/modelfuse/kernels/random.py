@@ -130,5 +130,9 @@ class TorchDraws:
     def bernoulli(self, model: int, shape: tuple[int, ...] | torch.Size, probability: float) -> torch.Tensor:
         """The next ``prod(shape)`` draws, 1.0 with probability ``probability`` (float32); ``model`` unused."""
         del model
-        return torch.bernoulli(torch.full(tuple(shape), probability, dtype=torch.float32),
-                               generator=self.generator).to(self.device)
+        return self.bernoulli_each(torch.full(tuple(shape), probability, dtype=torch.float32))
+
+    def bernoulli_each(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The next ``numel`` draws, entry ``j`` 1.0 with probability ``probabilities[j]`` (one draw per entry,
+        whatever the probabilities, so a replay need not know them)."""
+        return torch.bernoulli(probabilities.cpu(), generator=self.generator).to(self.device)

@@ -117,6 +117,8 @@ Bf16Kernel = Callable[..., bool]
 MergekitOrder = Literal["argsort_descending", "sort_ascending"]
 # working_bytes(shape, models) -> memory a whole-tensor call holds beyond its inputs, outputs and statistics.
 WorkingBytes = Callable[[tuple[int, ...], int], int]
+# Which models of a call draw one value per tensor entry from a TorchDraws, in model order (see register).
+DrawingModels = Callable[[dict[str, Any]], Sequence[bool]]
 # A post-step: step(merged, base, *, depth, **settings) -> the tensor after the step (see register_post_step).
 PostStep = Callable[..., torch.Tensor]
 
@@ -141,7 +143,7 @@ class MethodSpec:
     statistics: tuple[str, ...] = ()
     working_bytes: WorkingBytes | None = None
     mergekit_order: MergekitOrder | None = None
-    torch_draws: bool = False
+    torch_draws: DrawingModels | None = None
     whole_tensor_when: tuple[str, ...] = ()
 
     def defaults(self) -> dict[str, Any]:
@@ -247,7 +249,7 @@ def register(
     statistics: tuple[str, ...] = (),
     working_bytes: WorkingBytes | None = None,
     mergekit_order: MergekitOrder | None = None,
-    torch_draws: bool = False,
+    torch_draws: DrawingModels | None = None,
     whole_tensor_when: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
@@ -277,8 +279,9 @@ def register(
             output and statistics (a solver's float64 sums, say); the engine reserves it in the RAM budget.
         mergekit_order: For top-k methods that mergekit 0.1.5 has, the order its sort gives equal magnitudes
             (``MergekitOrder``); a mergekit-dialect recipe then gets mergekit's masks (whole tensors).
-        torch_draws: For random methods that draw only ``noise.bernoulli(model, shape, p)``, once per model in
-            model order: a recipe with ``random_draws: torch`` then gets a ``TorchDraws`` (mergekit's draws).
+        torch_draws: For random methods that can draw from a ``TorchDraws`` (one Bernoulli draw per entry of the
+            tensor, model by model): ``torch_draws(params)`` says which models draw. A recipe with
+            ``random_draws: torch`` then gets mergekit's draws.
         whole_tensor_when: Parameters of a rowwise method that, when true, make a call need the whole tensor
             (a norm over all of it, say): the engine then computes it whole.
 

@@ -22,6 +22,11 @@ Density = Annotated[
 
 Rescale = Annotated[bool, Param("divide the kept entries by density (DARE); false keeps them as they are")]
 
+def _drawing(params: dict[str, Any]) -> list[bool]:
+    """Which models draw a mask: every density below 1 (mergekit draws at density 0 too)."""
+    return [d < 1.0 for d in params["density"]]
+
+
 def _dropped(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField | TorchDraws,
     rescale: bool = True, rescale_l1: bool = False,
@@ -45,7 +50,7 @@ def _dropped(
 
 
 @register(name="dare_linear", description="DARE drop-and-rescale of task vectors, then task arithmetic.",
-          paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=True,
+          paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
           whole_tensor_when=("rescale_l1",))
 def dare_linear(
     tensors: Sequence[torch.Tensor],
@@ -98,7 +103,7 @@ def _dare_ties_bf16(
 
 
 @register(name="dare_ties", description="DARE drop-and-rescale of task vectors, then TIES sign election.",
-          paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16, torch_draws=True,
+          paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16, torch_draws=_drawing,
           whole_tensor_when=("rescale_l1",))
 def dare_ties(
     tensors: Sequence[torch.Tensor],

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
-from modelfuse.kernels.random import RandomField
-from modelfuse.methods._params import DisjointMean, MergedScale, TaskWeight, WeightMean
+from modelfuse.errors import ModelfuseError
+from modelfuse.kernels.random import RandomField, TorchDraws
+from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import task_vectors, weighted_sum
+from modelfuse.methods._steps import l1_rescaled, task_vectors, weighted_sum
 from modelfuse.methods.ties import ties_combine
 
 _PAPER = (
@@ -34,6 +35,40 @@ def _descending_rank(magnitude: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(magnitude, dim=1, descending=True, stable=True)  # [rows, n]
     positions = torch.arange(magnitude.shape[1], device=magnitude.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def _drawing(params: dict[str, Any]) -> list[bool]:
+    """Which models draw (mergekit): densities strictly between 0 and 1."""
+    return [0.0 < d < 1.0 for d in params["density"]]
+
+
+def mergekit_magprune(tau: torch.Tensor, density: float, epsilon: float, noise: TorchDraws, *, rescale: bool,
+                      rescale_l1: bool) -> torch.Tensor:
+    """MagPrune as mergekit 0.1.5 computes it, from torch's draws: along dim 1 (a vector is one row), ascending
+    magnitude ranks ``1..n`` (``argsort`` of ``argsort``) normalised to ``(r - 1) / (n - 1)``, keep probability
+    ``density - epsilon + 2 epsilon (r - 1) / (n - 1)``, one ``torch.bernoulli`` per entry; survivors scaled
+    back to the L1 norm (``rescale_l1``), by ``1 / keep probability`` (``rescale``), or not at all.
+
+    Raises:
+        ModelfuseError: If ``density +- epsilon`` leaves (0, 1), which mergekit refuses too.
+    """
+    if density >= 1.0:
+        return tau.clone()
+    if density <= 0.0:
+        return torch.zeros_like(tau)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ModelfuseError(f"della: density {density} +- epsilon {epsilon} must stay inside (0, 1), as mergekit "
+                             "requires; lower epsilon")
+    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(tau.dtype) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    keep = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
+    kept = rows * noise.bernoulli_each(keep)
+    if rescale_l1:
+        kept = l1_rescaled(rows, kept)
+    elif rescale:
+        kept = kept / keep
+    return kept.reshape(tau.shape)
 
 
 def magprune(
@@ -89,15 +124,24 @@ def _pruned(
     density: Sequence[float],
     epsilon: Sequence[float],
     rescale: bool,
-    noise: RandomField,
+    noise: RandomField | TorchDraws,
+    rescale_l1: bool = False,
 ) -> list[torch.Tensor]:
     taus = task_vectors(tensors, base)
-    triples = enumerate(zip(taus, density, epsilon, strict=True))
-    return [magprune(tau, d, e, noise, model, rescale=rescale) for model, (tau, d, e) in triples]
+    triples = list(zip(taus, density, epsilon, strict=True))
+    if isinstance(noise, TorchDraws):
+        return [mergekit_magprune(tau, d, e, noise, rescale=rescale, rescale_l1=rescale_l1) for tau, d, e in triples]
+    pruned = [magprune(tau, d, e, noise, model, rescale=rescale and not rescale_l1)
+              for model, (tau, d, e) in enumerate(triples)]
+    if rescale_l1:
+        pruned = [l1_rescaled(tau, kept) if 0.0 < d < 1.0 else kept
+                  for tau, kept, d in zip(taus, pruned, density, strict=True)]
+    return pruned
 
 
 @register(name="della", description="DELLA MagPrune (magnitude-ranked drop and rescale), then TIES sign election.",
-          paper=_PAPER, base="required", random=True, rowwise=True)
+          paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
+          whole_tensor_when=("rescale_l1",))
 def della(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -108,7 +152,8 @@ def della(
     lam: MergedScale = 1.0,
     normalize: DisjointMean = True,
     rescale: Rescale = True,
-    noise: RandomField,
+    rescale_l1: RescaleL1 = False,
+    noise: RandomField | TorchDraws,
 ) -> torch.Tensor:
     """DELLA-Merging: MagPrune, elect, disjoint merge.
 
@@ -129,16 +174,19 @@ def della(
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Disjoint mean (True, default) or disjoint sum.
         rescale: Rescale survivors by ``1 / (1 - p_j)`` (True, default).
+        rescale_l1: Instead scale each pruned task vector back to its L1 norm (mergekit's ``rescale``).
         noise: Source of the random drops (seeded per tensor by the engine; model i uses stream i).
 
     Returns:
         The merged tensor.
     """
-    return ties_combine(_pruned(tensors, base, density, epsilon, rescale, noise), base, weight, lam, normalize)
+    pruned = _pruned(tensors, base, density, epsilon, rescale, noise, rescale_l1)
+    return ties_combine(pruned, base, weight, lam, normalize)
 
 
 @register(name="della_linear", description="DELLA MagPrune (magnitude-ranked drop and rescale), then task arithmetic.",
-          paper=_PAPER, base="required", random=True, rowwise=True)
+          paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
+          whole_tensor_when=("rescale_l1",))
 def della_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -149,7 +197,8 @@ def della_linear(
     lam: MergedScale = 1.0,
     normalize: WeightMean = False,
     rescale: Rescale = True,
-    noise: RandomField,
+    rescale_l1: RescaleL1 = False,
+    noise: RandomField | TorchDraws,
 ) -> torch.Tensor:
     """DELLA's MagPrune with a linear combination.
 
@@ -167,10 +216,11 @@ def della_linear(
         lam: Scale of the merged task vector. Default 1.0.
         normalize: Divide by the sum of the weights. Default False.
         rescale: Rescale survivors by ``1 / (1 - p_j)`` (True, default).
+        rescale_l1: Instead scale each pruned task vector back to its L1 norm (mergekit's ``rescale``).
         noise: Source of the random drops (seeded per tensor by the engine; model i uses stream i).
 
     Returns:
         The merged tensor.
     """
-    return base + lam * weighted_sum(_pruned(tensors, base, density, epsilon, rescale, noise), weight,
-                                     normalize=normalize)
+    pruned = _pruned(tensors, base, density, epsilon, rescale, noise, rescale_l1)
+    return base + lam * weighted_sum(pruned, weight, normalize=normalize)
