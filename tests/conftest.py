@@ -94,8 +94,9 @@ class MergekitParity:
             tensors.update(load_file(file))
         return tensors
 
-    def run(self, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Write ``config`` once, merge it with mergekit and with modelfuse; return (mergekit, modelfuse)."""
+    def run(self, config: dict, *, seed: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Write ``config`` once, merge it with mergekit and with modelfuse (both with ``--random-seed seed`` when
+        given); return (mergekit, modelfuse)."""
         import subprocess
         import sys
 
@@ -111,10 +112,14 @@ class MergekitParity:
         mk_out, mf_out = work / "out_mergekit", work / "out_modelfuse"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
         command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe), str(mk_out),
-                   "--allow-crimes", "--no-copy-tokenizer", "--no-cuda", "--quiet"]
+                   "--allow-crimes", "--no-copy-tokenizer", "--no-cuda", "--quiet",
+                   *(["--random-seed", str(seed)] if seed is not None else [])]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, f"mergekit-yaml failed:\n{done.stdout}\n{done.stderr}"
-        modelfuse.merge(recipe, mf_out)
+        parsed = modelfuse.load_recipe(recipe)
+        if seed is not None:  # as `modelfuse merge --random-seed` does for a mergekit YAML
+            parsed = parsed.model_copy(update={"seed": seed, "random_draws": "torch"})
+        modelfuse.merge(parsed, mf_out)
         return self.load(mk_out), self.load(mf_out)
 
     @staticmethod

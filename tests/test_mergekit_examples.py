@@ -1,11 +1,11 @@
 """The YAMLs of mergekit's own ``examples/`` folder, adapted to tiny models, through mergekit 0.1.5 and modelfuse.
 
 Each keeps its example's method, parameters, gradients and slices; model names become a tiny family's folders
-and layer ranges are scaled to 5 layers. Where an example computes in half precision (``dtype: float16`` or
-``bfloat16``), which mergekit does and modelfuse does not (it computes in float32), the test checks the warning
-modelfuse prints and compares the same example with ``dtype: float32`` and ``out_dtype`` the example's dtype:
-then every tensor must be equal (linear and SLERP: within one unit in the last place on under 1% of the
-entries, where the two tools sum in a different float32 order before rounding to float16).
+and layer ranges are scaled to 5 layers. Examples that compute in half precision (``dtype: float16`` or
+``bfloat16``) run as they are: the task-arithmetic family computes in that dtype as mergekit does (equal tensors),
+linear and SLERP in float32 as mergekit does (within one unit in the last place on under 1% of the entries,
+where the two tools sum in a different float32 order before rounding to float16). Methods modelfuse still
+computes in float32 are compared with ``dtype: float32`` and ``out_dtype`` the example's dtype, and warned of.
 """
 
 from __future__ import annotations
@@ -77,11 +77,8 @@ def test_ties_example(make_family: Any, mergekit_parity: MergekitParity) -> None
         {"model": str(paths["e3"]), "parameters": {"density": [0.1, 0.2, 0.6], "weight": [0.5, 0.8, 1.0]}}],
         "merge_method": "ties", "base_model": str(paths["base"]), "parameters": {"normalize": True},
         "dtype": "bfloat16"}
-    _assert_same(mergekit_parity, _half_to_float32(config), torch.bfloat16)
-    assert _notes(config) == [
-        "dtype: bfloat16: mergekit computes the merge in bfloat16; modelfuse computes in float32 and writes bfloat16 "
-        "(closer to exact; tensors differ by rounding, and a top-k or random selection may keep other entries). For "
-        "the same computation in both, write 'dtype: float32' and 'out_dtype: bfloat16'"]
+    _assert_same(mergekit_parity, config, torch.bfloat16)  # computed in bfloat16 as mergekit computes it
+    assert _notes(config) == []
 
 
 def test_bio_merge_example(make_family: Any, mergekit_parity: MergekitParity) -> None:
@@ -92,12 +89,9 @@ def test_bio_merge_example(make_family: Any, mergekit_parity: MergekitParity) ->
                          {"model": str(paths["e2"]), "parameters": {"density": 0.5, "weight": 0.5}}],
               "merge_method": "ties", "base_model": str(paths["base"]),
               "parameters": {"normalize": False, "int8_mask": True}, "dtype": "float16"}
-    _assert_same(mergekit_parity, _half_to_float32(config), torch.float16)
-    import modelfuse
-
+    _assert_same(mergekit_parity, config, torch.float16)
     unset = {key: value for key, value in config.items() if key != "dtype"}  # mergekit: the checkpoints' float16
-    assert any(line.startswith("dtype: not given, so mergekit computes in the checkpoints' float16; modelfuse computes "
-                               "in float32") for line in modelfuse.plan(unset).warnings)
+    _assert_same(mergekit_parity, unset, torch.float16)
 
 
 def test_gradient_slerp_example(make_family: Any, mergekit_parity: MergekitParity) -> None:

@@ -378,10 +378,8 @@ def test_from_mergekit_maps_fields() -> None:
         ],
         "notes": [
             "dtype: 'bf16' is not a dtype name mergekit 0.1.5 accepts (it refuses this recipe); read as bfloat16",
-            "dtype: bfloat16: mergekit computes the merge in bfloat16; modelfuse computes in float32 and writes "
-            "bfloat16 (closer to exact; tensors differ by rounding, and a top-k or random selection may keep other "
-            "entries). For the same computation in both, write 'dtype: float32' and 'out_dtype: bfloat16'",
         ],
+        "mergekit_dtype": "bfloat16",  # ties computes in bfloat16 as mergekit does: nothing to warn of
     }
 
 
@@ -391,7 +389,7 @@ def test_mergekit_recipe_parses() -> None:
     assert recipe.method == "ties" and recipe.base == "org/base" and recipe.dtype == "bfloat16"
     assert recipe.parameters == {"lam": 0.9, "normalize": True, "density": 1.0} and recipe.dialect == "mergekit"
     assert recipe.input_paths() == ["org/base", "org/math", "org/code"]
-    assert len(recipe.notes) == 2 and "notes" not in recipe.to_yaml()
+    assert len(recipe.notes) == 1 and "notes" not in recipe.to_yaml()
 
 
 def test_mergekit_out_dtype_tokenizer_name_and_slices() -> None:

@@ -236,11 +236,21 @@ def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translat
         translation.notes.append(
             f"arcee_fusion: with dtype {compute} and no out_dtype, mergekit 0.1.5 saves float32 tensors (its mask "
             f"is float32); modelfuse saves {compute}")
-    if compute in _HALF and translation.method not in _UPCASTING:
+    if compute in _HALF:
+        recipe["mergekit_dtype"] = compute
+    if compute in _HALF and translation.method not in _UPCASTING and not _computes_half(translation.method):
         translation.notes.append(
             f"dtype: {compute}: mergekit computes the merge in {compute}; modelfuse computes in float32 and writes "
             f"{saved} (closer to exact; tensors differ by rounding, and a top-k or random selection may keep other "
             f"entries). For the same computation in both, write 'dtype: float32' and 'out_dtype: {saved}'")
+
+
+def _computes_half(method: Any) -> bool:
+    """Whether modelfuse computes the method in a half dtype as mergekit does (an unknown name: reported later)."""
+    try:
+        return get_method(str(method)).mergekit_half is not None
+    except RecipeError:
+        return False
 
 
 def _scale_per_slice(recipe: dict[str, Any]) -> None:

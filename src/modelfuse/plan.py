@@ -56,6 +56,7 @@ class TensorJob:
     params: dict[str, Any]
     depth: float
     vocabulary: VocabularyJob | None = None  # inputs aligned onto the output vocabulary first (embedding, head)
+    half: torch.dtype | None = None  # computed in this half dtype as mergekit does (its ``mergekit_half``), whole
 
     @property
     def nbytes(self) -> int:
@@ -273,6 +274,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         method, parameters = spec, recipe.parameters
         if recipe.fallback is not None and not _has_statistics(statistics, sources[: len(group.entries)], spec):
             method, parameters = recipe.fallback.method_spec, recipe.fallback.parameters
+        half = _mergekit_half(recipe, method, {checkpoints[s.model][s.name].dtype for s in sources})
         jobs.append(TensorJob(
             name=out_name,
             shape=tuple(shape),
@@ -283,6 +285,7 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
             params=_resolve_params(method, parameters, group, names, out_name, depth),
             depth=depth,
             vocabulary=token_job,
+            half=half,
         ))
 
     everyone = lambda group: [*group.entries, *([group.base] if group.base else [])]  # noqa: E731
@@ -345,8 +348,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                                           [checkpoints[label].folder for label in recipe.input_paths()])
     if vocabulary is not None and vocabulary_notes:
         warnings.append(vocabulary_notes[0])
-    half = sorted({str(job.dtype).removeprefix("torch.") for job in jobs if job.dtype in (torch.float16,
-                                                                                            torch.bfloat16)})
+    half = sorted({str(job.dtype).removeprefix("torch.") for job in jobs if job.half is None and job.dtype in (
+        torch.float16, torch.bfloat16)})
     if recipe.dialect == "mergekit" and recipe.random_draws != "torch" and any(
             job.method.torch_draws for job in jobs):
         warnings.append(f"{spec.name}: mergekit 0.1.5 draws the drop masks from torch's global generator, seeded only "
@@ -367,6 +370,18 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings.append("chat_template: no tokenizer to write it into (no input has tokenizer files); not saved")
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics,
                      tokenizer=tokenizer, vocabulary=vocabulary, chat_template=chat_template)
+
+
+def _mergekit_half(recipe: Recipe, method: MethodSpec, dtypes: set[torch.dtype]) -> torch.dtype | None:
+    """The half dtype a mergekit-dialect job is computed in as mergekit computes it: its ``dtype``, else the
+    inputs' own when they share one half dtype; None (float32) otherwise or when the method cannot."""
+    if recipe.dialect != "mergekit" or method.mergekit_half is None:
+        return None
+    if recipe.mergekit_dtype in ("bfloat16", "float16"):
+        return _DTYPES[recipe.mergekit_dtype]
+    if recipe.mergekit_input_dtype and len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16):
+        return next(iter(dtypes))
+    return None
 
 
 def mergekit_label(job: TensorJob) -> str:

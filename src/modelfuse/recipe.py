@@ -175,6 +175,8 @@ class Recipe(BaseModel):
                              description="what translating a mergekit YAML ignored or changed, one warning line each")
     mergekit_input_dtype: bool = Field(default=False, exclude=True, description="a mergekit YAML without 'dtype': "
                                        "mergekit computes in the checkpoints' own dtype")
+    mergekit_dtype: DType | None = Field(default=None, exclude=True, description="a mergekit YAML's 'dtype' when "
+                                         "half: mergekit computes in it (so does modelfuse, for the methods it can)")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -68,13 +68,16 @@ def compute_tensor(
     if not plan.checkpoints[first.model][first.name].dtype.is_floating_point:
         return plan.checkpoints[first.model].read(first.name, rows)  # integer buffers are copied, never averaged
     inputs = [*job.sources, *([job.base] if job.base else [])]
-    if job.vocabulary is not None:  # token-indexed (embedding, head): aligned onto the output vocabulary, whole
-        compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
-        vocab = job.vocabulary
-        raw = align_vocabulary([plan.checkpoints[source.model].read(source.name).to(compute_dtype)
-                                for source in inputs], vocab.index, vocab.sources, vocab.forced, vocab.rows)
+    if job.vocabulary is not None or job.half is not None:  # whole tensors, read and aligned first
+        compute_dtype = job.half or _COMPUTE_DTYPES[plan.recipe.compute_dtype]
+        raw = [plan.checkpoints[source.model].read(source.name).to(compute_dtype) for source in inputs]
+        if job.vocabulary is not None:  # token-indexed (embedding, head): aligned onto the output vocabulary
+            vocab = job.vocabulary
+            raw = align_vocabulary(raw, vocab.index, vocab.sources, vocab.forced, vocab.rows)
         raw_base = raw.pop() if job.base else None
         finite = FiniteCheck(job, plan, allow_nonfinite)
+        if job.half is not None:
+            return finite.output(_compute_half(job, plan, raw, raw_base, finite).to(job.dtype))
         return finite.output(_compute_piece(job, plan, raw, raw_base, None, None, None, finite, device).to(
             "cpu", job.dtype))
     if rows is None and rowwise(job, plan) and len(job.shape) >= 2:
@@ -193,6 +196,19 @@ def _compute_piece(
         for name, settings in plan.recipe.post.steps():
             result = get_post_step(name)(result, base, depth=job.depth, **settings)
     return result
+
+
+def _compute_half(job: TensorJob, plan: MergePlan, raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None,
+                  finite: FiniteCheck) -> torch.Tensor:
+    """The method as mergekit computes it in the job's half dtype (``MethodSpec.mergekit_half``), whole."""
+    assert job.method.mergekit_half is not None and job.half is not None
+    tensors, base = finite.inputs([tensor.to(job.half) for tensor in raw],
+                                  raw_base.to(job.half) if raw_base is not None else None)
+    kwargs = dict(job.params)
+    if job.method.random:
+        kwargs["noise"] = (TorchDraws(plan.draw_states[job.name]) if torch_draws(job, plan)
+                           else RandomField(tensor_seed(plan.recipe.seed, job.name)))
+    return job.method.mergekit_half(tensors, base, **kwargs)
 
 
 def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype, device: torch.device = CPU

@@ -46,7 +46,7 @@ def _whole(job: TensorJob, plan: MergePlan) -> bool:
     """Whether this call needs the whole tensor at once, whatever the method's declarations: parameters that make
     it so, torch's ordered draws, a vocabulary alignment."""
     return (any(job.params.get(name) for name in job.method.whole_tensor_when) or torch_draws(job, plan)
-            or job.vocabulary is not None)
+            or job.vocabulary is not None or job.half is not None)
 
 
 def rowwise(job: TensorJob, plan: MergePlan) -> bool:

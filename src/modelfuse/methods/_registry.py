@@ -145,6 +145,7 @@ class MethodSpec:
     mergekit_order: MergekitOrder | None = None
     torch_draws: DrawingModels | None = None
     whole_tensor_when: tuple[str, ...] = ()
+    mergekit_half: Callable[..., torch.Tensor] | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -251,6 +252,7 @@ def register(
     mergekit_order: MergekitOrder | None = None,
     torch_draws: DrawingModels | None = None,
     whole_tensor_when: tuple[str, ...] = (),
+    mergekit_half: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -284,6 +286,9 @@ def register(
             ``random_draws: torch`` then gets mergekit's draws.
         whole_tensor_when: Parameters of a rowwise method that, when true, make a call need the whole tensor
             (a norm over all of it, say): the engine then computes it whole.
+        mergekit_half: The method as mergekit 0.1.5 computes it in a half dtype (same parameters, inputs in that
+            dtype, every step rounded as mergekit rounds it): used for a mergekit-dialect recipe that computes in
+            bfloat16 or float16, on whole tensors.
 
     Returns:
         A decorator registering the function.
@@ -304,7 +309,7 @@ def register(
                               "not rowwise")
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
-            bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
+            bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when, mergekit_half,
         )
         return fn
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import torch
 
+from modelfuse.methods._mergekit_half import mergekit_half
 from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import l1_rescaled, task_vectors, topk_mask, weighted_sum
@@ -90,7 +91,8 @@ def _crumbs(
 
 @register(name="breadcrumbs", description="Drop each task vector's outliers and small entries, then task arithmetic.",
           paper=_PAPER, base="required", topk=_topk_counts,
-          mergekit_order="sort_ascending", whole_tensor_when=("rescale_l1",))
+          mergekit_order="sort_ascending", whole_tensor_when=("rescale_l1",),
+          mergekit_half=mergekit_half("outliers", consensus=False))
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -135,7 +137,8 @@ def breadcrumbs(
 @register(name="breadcrumbs_ties",
           description="Drop each task vector's outliers and small entries, then TIES sign election.",
           paper=_PAPER, base="required", topk=_topk_counts,
-          mergekit_order="sort_ascending", whole_tensor_when=("rescale_l1",))
+          mergekit_order="sort_ascending", whole_tensor_when=("rescale_l1",),
+          mergekit_half=mergekit_half("outliers", consensus=True))
 def breadcrumbs_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,

@@ -9,6 +9,7 @@ import torch
 
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField, TorchDraws
+from modelfuse.methods._mergekit_half import mergekit_half
 from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import drop_task_vector, l1_rescaled, weighted_sum
@@ -51,7 +52,7 @@ def _dropped(
 
 @register(name="dare_linear", description="DARE drop-and-rescale of task vectors, then task arithmetic.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=False))
 def dare_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -104,7 +105,7 @@ def _dare_ties_bf16(
 
 @register(name="dare_ties", description="DARE drop-and-rescale of task vectors, then TIES sign election.",
           paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=True))
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,

@@ -9,6 +9,7 @@ import torch
 
 from modelfuse.errors import ModelfuseError
 from modelfuse.kernels.random import RandomField, TorchDraws
+from modelfuse.methods._mergekit_half import mergekit_half
 from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import l1_rescaled, task_vectors, weighted_sum
@@ -141,7 +142,7 @@ def _pruned(
 
 @register(name="della", description="DELLA MagPrune (magnitude-ranked drop and rescale), then TIES sign election.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=True))
 def della(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -186,7 +187,7 @@ def della(
 
 @register(name="della_linear", description="DELLA MagPrune (magnitude-ranked drop and rescale), then task arithmetic.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=False))
 def della_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,

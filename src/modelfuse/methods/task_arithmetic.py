@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import torch
 
 from modelfuse.kernels import fused
+from modelfuse.methods._mergekit_half import mergekit_half
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import task_vectors, weight_divisor, weighted_sum
 
@@ -27,6 +28,7 @@ def _task_arithmetic_bf16(
     base="required",
     rowwise=True,
     bf16_kernel=_task_arithmetic_bf16,
+    mergekit_half=mergekit_half(None, consensus=False),
 )
 def task_arithmetic(
     tensors: Sequence[torch.Tensor],

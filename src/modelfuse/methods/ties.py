@@ -9,6 +9,7 @@ import torch
 
 from modelfuse.kernels import fused
 from modelfuse.kernels.topk import TopkThreshold
+from modelfuse.methods._mergekit_half import mergekit_half
 from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import (
@@ -60,6 +61,7 @@ def _ties_bf16(
     bf16_kernel=_ties_bf16,
     mergekit_order="argsort_descending",
     whole_tensor_when=("rescale_l1",),
+    mergekit_half=mergekit_half("magnitude", consensus=True),
 )
 def ties(
     tensors: Sequence[torch.Tensor],

@@ -1,0 +1,127 @@
+"""The task-arithmetic family as mergekit 0.1.5 computes it in a half dtype (its ``dtype: bfloat16`` or
+``float16``, or half checkpoints without a dtype): every step in the inputs' dtype, rounded where mergekit
+rounds, so a published half-precision mergekit merge is reproduced. modelfuse's own methods compute in float32.
+
+Per tensor: each model's delta ``x_i - b`` (half), sparsified (magnitude, Breadcrumbs band, Bernoulli drop or
+DELLA MagPrune, each with mergekit's optional L1 rescale), multiplied by its weight rounded to the half dtype;
+with sign consensus, the deltas agreeing with the sign of their sum; summed, divided by the summed weights
+(``normalize``), times ``lambda``, added to the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from modelfuse.errors import ModelfuseError
+from modelfuse.kernels.random import RandomField, TorchDraws
+from modelfuse.methods._steps import l1_rescaled
+
+Sparsifier = Literal["magnitude", "outliers", "random", "della"]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype mergekit draws random masks in on the CPU: bfloat16 stays, float16 goes to float32."""
+    return dtype if dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+
+
+def _rescaled(tau: torch.Tensor, mask: torch.Tensor, l1: bool) -> torch.Tensor:
+    kept = tau * mask
+    return l1_rescaled(tau, kept) if l1 else kept
+
+
+def _magnitude(tau: torch.Tensor, density: float, l1: bool) -> torch.Tensor:
+    if density >= 1:
+        return tau
+    if density <= 0 or tau.numel() == 0:
+        return torch.zeros_like(tau)
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype)
+    mask[torch.argsort(tau.abs().reshape(-1).float(), descending=True)[: max(1, int(density * tau.numel()))]] = 1
+    return _rescaled(tau, mask.reshape(tau.shape), l1)
+
+
+def _outliers(tau: torch.Tensor, density: float, gamma: float, l1: bool) -> torch.Tensor:
+    if density >= 1:
+        return tau
+    count = tau.numel()
+    kept, top = int(density * count), int(gamma * count)
+    bottom = max(0, count - kept - top)
+    mask = torch.zeros(count, dtype=tau.dtype)
+    mask[torch.sort(tau.abs().reshape(-1).float(), descending=False).indices[bottom: bottom + kept]] = 1
+    return _rescaled(tau, mask.reshape(tau.shape), l1)
+
+
+def _draw(noise: RandomField | TorchDraws, model: int, probabilities: torch.Tensor) -> torch.Tensor:
+    """One Bernoulli value per entry, in the probabilities' dtype."""
+    if isinstance(noise, TorchDraws):
+        return noise.bernoulli_each(probabilities)
+    return (noise.uniform(model, probabilities.shape) < probabilities.float()).to(probabilities.dtype)
+
+
+def _random(tau: torch.Tensor, density: float, l1: bool, noise: RandomField | TorchDraws, model: int) -> torch.Tensor:
+    if density >= 1:
+        return tau
+    work = _work_dtype(tau.dtype)
+    mask = _draw(noise, model, torch.full(tau.shape, density, dtype=work))
+    return _rescaled(tau.to(work), mask, l1).to(tau.dtype)
+
+
+def _della(tau: torch.Tensor, density: float, epsilon: float, l1: bool, noise: RandomField | TorchDraws,
+           model: int) -> torch.Tensor:
+    if density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ModelfuseError(f"della: density {density} +- epsilon {epsilon} must stay inside (0, 1), as mergekit "
+                             "requires; lower epsilon")
+    work = _work_dtype(tau.dtype)
+    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    keep = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
+    mask = _draw(noise, model, keep).to(work)
+    return _rescaled(rows.to(work), mask, l1).to(tau.dtype).reshape(tau.shape)
+
+
+def mergekit_half(sparsifier: Sparsifier | None, consensus: bool) -> Callable[..., torch.Tensor]:
+    """mergekit's generalized task arithmetic with one sparsifier and optional sign consensus, as a method's
+    ``mergekit_half`` computation (same parameters as the method; inputs in the half dtype)."""
+
+    def compute(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, weight: Sequence[float],
+                density: Sequence[float] | None = None, gamma: Sequence[float] | None = None,
+                epsilon: Sequence[float] | None = None, lam: float = 1.0, normalize: bool = False,
+                rescale_l1: bool = False, noise: RandomField | TorchDraws | None = None, **_: Any) -> torch.Tensor:
+        deltas = base.new_empty((len(tensors), *base.shape))
+        for index, tensor in enumerate(tensors):
+            delta = tensor - base
+            if sparsifier == "magnitude" and density is not None:
+                delta = _magnitude(delta, density[index], rescale_l1)
+            elif sparsifier == "outliers" and density is not None and gamma is not None:
+                delta = _outliers(delta, density[index], gamma[index], rescale_l1)
+            elif sparsifier == "random" and density is not None and noise is not None:
+                delta = _random(delta, density[index], rescale_l1, noise, index)
+            elif sparsifier == "della" and density is not None and epsilon is not None and noise is not None:
+                delta = _della(delta, density[index], epsilon[index], rescale_l1, noise, index)
+            deltas[index] = delta
+        weights = torch.tensor(list(weight), dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
+        deltas.mul_(weights)
+        if consensus:
+            majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+            agree = deltas.sign() == majority
+            mixed = (deltas * agree).sum(dim=0)
+            divisor = (weights * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        if lam != 1:
+            mixed *= lam
+        return (base + mixed).to(base.dtype)
+
+    return compute

@@ -1,0 +1,62 @@
+"""A mergekit YAML that computes in bfloat16 or float16 (its ``dtype``, or half checkpoints without one) gives
+mergekit's tensors bit for bit for the task-arithmetic family: every step in the half dtype as mergekit rounds it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import MergekitParity
+
+pytestmark = pytest.mark.integration
+
+
+def _config(paths: dict[str, Any], method: str, dtype: str | None, **parameters: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "merge_method": method, "base_model": str(paths["base"]), "parameters": parameters,
+        "models": [{"model": str(paths["e1"]), "parameters": {"weight": 0.7, "density": [0.3, 0.8]}},
+                   {"model": str(paths["e2"]), "parameters": {"weight": 0.45, "density": 0.6}}]}
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+@pytest.mark.parametrize(("method", "dtype", "parameters", "seed"), [
+    ("task_arithmetic", "bfloat16", {"lambda": 0.9, "int8_mask": True}, None),
+    ("ties", "bfloat16", {"normalize": True}, None),
+    ("ties", "float16", {"rescale": True}, None),
+    ("breadcrumbs_ties", "bfloat16", {"gamma": 0.02}, None),
+    ("dare_ties", "bfloat16", {}, 5),
+    ("dare_linear", "float16", {}, 5),
+    ("della", "bfloat16", {"epsilon": 0.1}, 5),
+])
+def test_half_dtype_is_computed_as_mergekit_computes_it(make_family: Any, mergekit_parity: MergekitParity,
+                                                        method: str, dtype: str, parameters: dict[str, Any],
+                                                        seed: int | None) -> None:
+    """float32 checkpoints merged with a half ``dtype``: the same tensors, and no warning that they differ."""
+    paths = make_family("llama", experts=2)
+    config = _config(paths, method, dtype, **parameters)
+    recipe = mergekit_parity.folder / "check.yml"
+    import yaml
+
+    import modelfuse
+
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert not any("computes the merge in" in note for note in modelfuse.load_recipe(recipe).notes)
+    mk, mf = mergekit_parity.run(config, seed=seed)
+    assert all(tensor.dtype == getattr(torch, dtype) for tensor in mf.values())
+    mergekit_parity.assert_equal(mk, mf, tol=0.0)
+
+
+def test_half_checkpoints_without_a_dtype(make_family: Any, mergekit_parity: MergekitParity) -> None:
+    """bfloat16 checkpoints and no dtype: mergekit computes in bfloat16, and so does modelfuse (no warning)."""
+    paths = make_family("llama", experts=2, dtype=torch.bfloat16)
+    config = _config(paths, "ties", None)
+    import modelfuse
+
+    plan = modelfuse.plan(config)
+    assert not any("mergekit computes in the checkpoints'" in line for line in plan.warnings)
+    mk, mf = mergekit_parity.run(config)
+    mergekit_parity.assert_equal(mk, mf, tol=0.0)
