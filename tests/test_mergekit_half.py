@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+import modelfuse
 from conftest import MergekitParity
 
 pytestmark = pytest.mark.integration
@@ -47,6 +48,23 @@ def test_half_dtype_is_computed_as_mergekit_computes_it(make_family: Any, mergek
     assert not any("computes the merge in" in note for note in modelfuse.load_recipe(recipe).notes)
     mk, mf = mergekit_parity.run(config, seed=seed)
     assert all(tensor.dtype == getattr(torch, dtype) for tensor in mf.values())
+    mergekit_parity.assert_equal(mk, mf, tol=0.0)
+
+
+@pytest.mark.parametrize(("method", "parameters"), [("ram", {"epsilon": 0.02}), ("ramplus_tl", {"epsilon": 0.02}),
+                                                    ("nearswap", {"t": 0.01})])
+def test_methods_whose_own_steps_are_mergekits(make_family: Any, mergekit_parity: MergekitParity, method: str,
+                                               parameters: dict[str, Any]) -> None:
+    """RAM, RAM+ and NearSwap run in bfloat16 are mergekit's computation (the same operations in the same order)."""
+    paths = make_family("llama", experts=2)
+    models = [{"model": str(paths["e1"])}] + ([] if method == "nearswap" else [{"model": str(paths["e2"])}])
+    config = {"merge_method": method, "base_model": str(paths["base"]), "dtype": "bfloat16",
+              "parameters": parameters, "models": models}
+    mk, mf = mergekit_parity.run(config)
+    if method == "ramplus_tl":  # mergekit saves its float32 result as it is (a note says so); rounded, the same
+        mk = {name: tensor.to(torch.bfloat16) for name, tensor in mk.items()}
+        assert any(note.startswith("ramplus_tl: with dtype bfloat16 and no out_dtype, mergekit 0.1.5 saves float32")
+                   for note in modelfuse.load_recipe(mergekit_parity.folder / "parity1" / "merge.yml").notes)
     mergekit_parity.assert_equal(mk, mf, tol=0.0)
 
 

@@ -33,6 +33,8 @@ _DTYPES = {"bfloat16", "float16", "float32"}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 _HALF = {"bfloat16", "float16"}
 _UPCASTING = {"linear", "slerp", "passthrough"}  # mergekit computes these in float32 whatever its dtype
+# Methods whose result mergekit leaves in float32 from half inputs (and saves so without an out_dtype): why.
+_FLOAT32_RESULTS = {"arcee_fusion": "its mask is float32", "ramplus_tl": "its scale factors are float32"}
 
 _REQUIRED = object()
 # Per method of mergekit 0.1.5: its shared parameters and its per-model parameters, with their defaults.
@@ -232,10 +234,10 @@ def _dtypes(data: dict[str, Any], recipe: dict[str, Any], translation: _Translat
         recipe["dtype"] = saved
     if compute is None and translation.method not in _UPCASTING:
         recipe["mergekit_input_dtype"] = True  # mergekit computes in the checkpoints' dtype: the plan checks it
-    if translation.method == "arcee_fusion" and compute in _HALF and "out_dtype" not in names:
+    if translation.method in _FLOAT32_RESULTS and compute in _HALF and "out_dtype" not in names:
         translation.notes.append(
-            f"arcee_fusion: with dtype {compute} and no out_dtype, mergekit 0.1.5 saves float32 tensors (its mask "
-            f"is float32); modelfuse saves {compute}")
+            f"{translation.method}: with dtype {compute} and no out_dtype, mergekit 0.1.5 saves float32 tensors "
+            f"({_FLOAT32_RESULTS[translation.method]}); modelfuse saves {compute}, the same values rounded")
     if compute in _HALF:
         recipe["mergekit_dtype"] = compute
     if compute in _HALF and translation.method not in _UPCASTING and not _computes_half(translation.method):

@@ -252,7 +252,7 @@ def register(
     mergekit_order: MergekitOrder | None = None,
     torch_draws: DrawingModels | None = None,
     whole_tensor_when: tuple[str, ...] = (),
-    mergekit_half: Callable[..., torch.Tensor] | None = None,
+    mergekit_half: Callable[..., torch.Tensor] | bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -288,7 +288,8 @@ def register(
             (a norm over all of it, say): the engine then computes it whole.
         mergekit_half: The method as mergekit 0.1.5 computes it in a half dtype (same parameters, inputs in that
             dtype, every step rounded as mergekit rounds it): used for a mergekit-dialect recipe that computes in
-            bfloat16 or float16, on whole tensors.
+            bfloat16 or float16, on whole tensors. True: the method itself, run in that dtype, is mergekit's
+            computation (the same operations in the same order).
 
     Returns:
         A decorator registering the function.
@@ -309,7 +310,8 @@ def register(
                               "not rowwise")
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
-            bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when, mergekit_half,
+            bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
+            fn if mergekit_half is True else mergekit_half or None,
         )
         return fn
 

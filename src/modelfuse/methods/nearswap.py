@@ -19,6 +19,7 @@ from modelfuse.methods._registry import Param, register
     min_models=1,
     max_models=1,
     rowwise=True,
+    mergekit_half=True,  # the same operations as mergekit's, in any dtype
 )
 def nearswap(
     tensors: Sequence[torch.Tensor],

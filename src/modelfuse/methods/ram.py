@@ -25,7 +25,7 @@ def _changed(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float
 
 
 @register(name="ram", description="RAM: entries several models change are averaged over them; entries one model "
-          "changes are kept whole.", paper=_PAPER, base="required", rowwise=True)
+          "changes are kept whole.", paper=_PAPER, base="required", rowwise=True, mergekit_half=True)
 def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: Epsilon = 1e-5) -> torch.Tensor:
     """Reinforced Agent Merging.
 
@@ -46,7 +46,8 @@ def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: Epsilon
 
 
 @register(name="ramplus_tl", description="RAM+ (tensor-local): RAM, with each model's unique entries scaled by "
-          "1 + r * min(alpha, its shared / unique entry ratio in the tensor).", paper=_PAPER, base="required")
+          "1 + r * min(alpha, its shared / unique entry ratio in the tensor).", paper=_PAPER, base="required",
+          mergekit_half=True)
 def ramplus_tl(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
