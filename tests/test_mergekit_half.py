@@ -10,6 +10,7 @@ import torch
 
 import modelfuse
 from conftest import MergekitParity
+from modelfuse.recipe import parse_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,6 @@ def test_half_dtype_is_computed_as_mergekit_computes_it(make_family: Any, mergek
     recipe = mergekit_parity.folder / "check.yml"
     import yaml
 
-    import modelfuse
 
     recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert not any("computes the merge in" in note for note in modelfuse.load_recipe(recipe).notes)
@@ -51,20 +51,26 @@ def test_half_dtype_is_computed_as_mergekit_computes_it(make_family: Any, mergek
     mergekit_parity.assert_equal(mk, mf, tol=0.0)
 
 
-@pytest.mark.parametrize(("method", "parameters"), [("ram", {"epsilon": 0.02}), ("ramplus_tl", {"epsilon": 0.02}),
-                                                    ("nearswap", {"t": 0.01})])
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ram", {"epsilon": 0.02}), ("ramplus_tl", {"epsilon": 0.02}), ("nearswap", {"t": 0.01}), ("nuslerp", {}),
+    ("multislerp", {}), ("model_stock", {}), ("arcee_fusion", {})])
 def test_methods_whose_own_steps_are_mergekits(make_family: Any, mergekit_parity: MergekitParity, method: str,
                                                parameters: dict[str, Any]) -> None:
-    """RAM, RAM+ and NearSwap run in bfloat16 are mergekit's computation (the same operations in the same order)."""
+    """RAM, RAM+, NearSwap, NuSLERP, Multi-SLERP, Model Stock and Arcee Fusion run in bfloat16 are mergekit's
+    computation (the same operations in the same order)."""
     paths = make_family("llama", experts=2)
-    models = [{"model": str(paths["e1"])}] + ([] if method == "nearswap" else [{"model": str(paths["e2"])}])
+    weighted = method in ("nuslerp", "multislerp")
+    models = [{"model": str(paths["e1"]), **({"parameters": {"weight": 0.6}} if weighted else {})}]
+    if method not in ("nearswap", "arcee_fusion"):
+        models.append({"model": str(paths["e2"]), **({"parameters": {"weight": 0.4}} if weighted else {})})
     config = {"merge_method": method, "base_model": str(paths["base"]), "dtype": "bfloat16",
-              "parameters": parameters, "models": models}
-    mk, mf = mergekit_parity.run(config)
-    if method == "ramplus_tl":  # mergekit saves its float32 result as it is (a note says so); rounded, the same
-        mk = {name: tensor.to(torch.bfloat16) for name, tensor in mk.items()}
+              "out_dtype": "bfloat16", "parameters": parameters, "models": models}
+    assert not any("computes the merge in" in note for note in parse_recipe(config).notes)
+    if method == "ramplus_tl":  # without out_dtype mergekit saves its float32 result: said in a note
+        unsaved = {key: value for key, value in config.items() if key != "out_dtype"}
         assert any(note.startswith("ramplus_tl: with dtype bfloat16 and no out_dtype, mergekit 0.1.5 saves float32")
-                   for note in modelfuse.load_recipe(mergekit_parity.folder / "parity1" / "merge.yml").notes)
+                   for note in parse_recipe(unsaved).notes)
+    mk, mf = mergekit_parity.run(config)
     mergekit_parity.assert_equal(mk, mf, tol=0.0)
 
 
@@ -72,7 +78,6 @@ def test_half_checkpoints_without_a_dtype(make_family: Any, mergekit_parity: Mer
     """bfloat16 checkpoints and no dtype: mergekit computes in bfloat16, and so does modelfuse (no warning)."""
     paths = make_family("llama", experts=2, dtype=torch.bfloat16)
     config = _config(paths, "ties", None)
-    import modelfuse
 
     plan = modelfuse.plan(config)
     assert not any("mergekit computes in the checkpoints'" in line for line in plan.warnings)

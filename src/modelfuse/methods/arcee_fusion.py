@@ -31,6 +31,7 @@ def fusion_importance(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     base="required",
     min_models=1,
     max_models=1,
+    mergekit_half=True,  # its own steps, run in a half dtype, are mergekit's (tested)
 )
 def arcee_fusion(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Arcee Fusion of the base ``b`` and one other model ``m``.

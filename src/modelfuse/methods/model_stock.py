@@ -42,6 +42,7 @@ def _mean_pairwise_cosine(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     "https://arxiv.org/abs/2403.19522",
     base="required",
     min_models=2,
+    mergekit_half=True,  # its own steps, run in a half dtype, are mergekit's (tested)
 )
 def model_stock(
     tensors: Sequence[torch.Tensor],

@@ -16,6 +16,7 @@ from modelfuse.methods._registry import Param, register
     description="Spherical interpolation of any number of models (or task vectors) in the tangent space of their mean.",
     paper="Multi-SLERP (Goddard 2025, blog post; no paper), https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     base="optional",
+    mergekit_half=True,  # its own steps, run in a half dtype, are mergekit's (tested)
 )
 def multislerp(
     tensors: Sequence[torch.Tensor],

@@ -34,6 +34,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     base="optional",
     min_models=2,
     max_models=2,
+    mergekit_half=True,  # its own steps, run in a half dtype, are mergekit's (tested)
 )
 def nuslerp(
     tensors: Sequence[torch.Tensor],
