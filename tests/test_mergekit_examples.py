@@ -128,3 +128,15 @@ def test_arcee_fusion_example(make_family: Any, mergekit_parity: MergekitParity)
     _assert_same(mergekit_parity, _half_to_float32(config), torch.bfloat16)
     assert any(note.startswith("arcee_fusion: with dtype bfloat16 and no out_dtype, mergekit 0.1.5 saves float32")
                for note in _notes(config))
+
+
+def test_single_module_recipe(make_family: Any, mergekit_parity: MergekitParity) -> None:
+    """``modules: {default: ...}`` (a single-module architecture's one module) with its own parameters, which
+    come before the top level's: mergekit's tensors."""
+    paths = make_family("llama", experts=2, layers=LAYERS)
+    config = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32",
+              "parameters": {"density": 0.9, "weight": 0.5, "normalize": False},
+              "modules": {"default": {
+                  "parameters": {"density": [{"filter": "mlp", "value": 0.3}]},
+                  "models": [{"model": str(paths["e1"])}, {"model": str(paths["e2"]), "parameters": {"weight": 0.8}}]}}}
+    _assert_same(mergekit_parity, config, torch.float32)

@@ -477,8 +477,13 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
     assert linear.models is not None and linear.models[0].parameters == {}
     assert linear.notes == ["models.0.parameters.density: method 'linear' has no parameter 'density'; mergekit "
                             "ignores it, and so does modelfuse"]
-    assert _error({**MERGEKIT, "chat_template": "x", "modules": {}}, source="mk.yml") == (
-        "mk.yml: modules: 'modules' (a merge per module of a multi-module model) is not supported yet")
+    assert _error({"merge_method": "linear", "modules": {"text_decoder": {}, "vision_tower": {}}},
+                  source="mk.yml") == (
+        "mk.yml: modules: 'text_decoder', 'vision_tower': merging a multi-module model module by module is not "
+        "supported yet (a single-module architecture's one module is 'default' in mergekit 0.1.5); use models or "
+        "slices")
+    assert _error({**MERGEKIT, "modules": {"default": {"models": [{"model": "a"}]}}}, source="mk.yml") == (
+        "mk.yml: modules: give exactly one of models, slices or modules (mergekit refuses both)")
     rescaled = parse_recipe({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1, "rescale": True},
                              "models": [{"model": "a"}]})
     assert rescaled.parameters["rescale_l1"] is True and "rescale" not in rescaled.parameters

@@ -19,7 +19,6 @@ from modelfuse.methods import get_method
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "name"}
 # mergekit keys that change its result, which modelfuse does not implement yet: refused, never dropped.
-_NOT_YET = {"modules": "'modules' (a merge per module of a multi-module model)"}
 # Keys mergekit 0.1.5 accepts and ignores (its configuration ignores unknown keys): ignored here too, with a word.
 _IGNORED_KEYS = {
     "random_seed": "mergekit 0.1.5 ignores a 'random_seed' key (only its --random-seed flag seeds it); modelfuse "
@@ -150,9 +149,9 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     Raises:
         RecipeError: For recipes mergekit refuses, and mergekit features modelfuse does not support yet.
     """
-    not_yet = [f"{key}: {what} is not supported yet" for key, what in _NOT_YET.items() if key in data]
-    if not_yet:
-        raise RecipeError("\n".join(f"{source}: {line}" for line in not_yet))
+    module_parameters = None
+    if "modules" in data:
+        data, module_parameters = _single_module(data, source)
     translation = _Translation(data, source)
     for key in sorted(set(data) - _TOP_KEYS):
         translation.notes.append(f"{key}: " + _IGNORED_KEYS.get(
@@ -161,6 +160,10 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     base = str(data["base_model"]) if data.get("base_model") else None
     recipe: dict[str, Any] = {"method": method, "dialect": "mergekit",
                               "parameters": translation.params(data.get("parameters"), "parameters", model=False)}
+    if module_parameters:  # a module's parameters come before the top level's (mergekit's scope order)
+        top = recipe["parameters"]
+        for name, value in translation.params(module_parameters, "modules.default.parameters", model=False).items():
+            top[name] = _with_fallback(value, top[name]) if name in top else value
     if base:
         recipe["base"] = base
     _dtypes(data, recipe, translation, source)
@@ -199,6 +202,30 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     _mergekit_defaults(recipe, translation)
     recipe["notes"] = translation.notes
     return recipe
+
+
+def _single_module(data: dict[str, Any], source: str) -> tuple[dict[str, Any], Any]:
+    """``modules: {default: {models|slices, parameters}}``, the one module of a single-module architecture in
+    mergekit 0.1.5, as a recipe without modules; and the module's parameters.
+
+    Raises:
+        RecipeError: For several modules (a multi-module model, not supported yet), another module name (mergekit
+            refuses it), or modules beside models/slices (mergekit refuses that too).
+    """
+    modules = data["modules"]
+    if not isinstance(modules, dict) or list(modules) != ["default"]:
+        names = ", ".join(map(repr, modules)) if isinstance(modules, dict) else repr(modules)
+        raise RecipeError(f"{source}: modules: {names}: merging a multi-module model module by module is not "
+                          "supported yet (a single-module architecture's one module is 'default' in mergekit 0.1.5); "
+                          "use models or slices")
+    if data.get("models") or data.get("slices"):
+        raise RecipeError(f"{source}: modules: give exactly one of models, slices or modules (mergekit refuses both)")
+    module = modules["default"] or {}
+    if not isinstance(module, dict) or bool(module.get("models")) == bool(module.get("slices")):
+        raise RecipeError(f"{source}: modules.default: give either models or slices, as mergekit requires")
+    flat = {key: value for key, value in data.items() if key != "modules"}
+    flat.update({key: module[key] for key in ("models", "slices") if module.get(key)})
+    return flat, module.get("parameters")
 
 
 def _tokenizer(data: dict[str, Any], recipe: dict[str, Any], source: str) -> None:
