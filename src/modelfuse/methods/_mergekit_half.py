@@ -68,8 +68,16 @@ def _random(tau: torch.Tensor, density: float, l1: bool, noise: RandomField | To
     return _rescaled(tau.to(work), mask, l1).to(tau.dtype)
 
 
-def _della(tau: torch.Tensor, density: float, epsilon: float, l1: bool, noise: RandomField | TorchDraws,
-           model: int) -> torch.Tensor:
+def mergekit_magprune(tau: torch.Tensor, density: float, epsilon: float, noise: RandomField | TorchDraws,
+                      model: int, *, rescale_l1: bool, rescale: bool = False) -> torch.Tensor:
+    """DELLA's MagPrune as mergekit 0.1.5 computes it: along dim 1 (a vector is one row), ascending magnitude
+    ranks ``1..n`` (``argsort`` of ``argsort``) normalised to ``(r - 1) / (n - 1)``, keep probability
+    ``density - epsilon + 2 epsilon (r - 1) / (n - 1)``, one Bernoulli draw per entry, in the draw dtype;
+    survivors scaled back to the L1 norm (``rescale_l1``), by ``1 / keep probability`` (``rescale``), or not.
+
+    Raises:
+        ModelfuseError: If ``density +- epsilon`` leaves (0, 1), which mergekit refuses too.
+    """
     if density >= 1:
         return tau
     if density <= 0:
@@ -82,8 +90,10 @@ def _della(tau: torch.Tensor, density: float, epsilon: float, l1: bool, noise: R
     ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     keep = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
-    mask = _draw(noise, model, keep).to(work)
-    return _rescaled(rows.to(work), mask, l1).to(tau.dtype).reshape(tau.shape)
+    kept = _rescaled(rows.to(work), _draw(noise, model, keep).to(work), rescale_l1)
+    if rescale and not rescale_l1:
+        kept = kept / keep
+    return kept.to(tau.dtype).reshape(tau.shape)
 
 
 def mergekit_half(sparsifier: Sparsifier | None, consensus: bool) -> Callable[..., torch.Tensor]:
@@ -104,7 +114,7 @@ def mergekit_half(sparsifier: Sparsifier | None, consensus: bool) -> Callable[..
             elif sparsifier == "random" and density is not None and noise is not None:
                 delta = _random(delta, density[index], rescale_l1, noise, index)
             elif sparsifier == "della" and density is not None and epsilon is not None and noise is not None:
-                delta = _della(delta, density[index], epsilon[index], rescale_l1, noise, index)
+                delta = mergekit_magprune(delta, density[index], epsilon[index], noise, index, rescale_l1=rescale_l1)
             deltas[index] = delta
         weights = torch.tensor(list(weight), dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
         deltas.mul_(weights)

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 import torch
 
-from modelfuse.errors import ModelfuseError
 from modelfuse.kernels.random import RandomField, TorchDraws
-from modelfuse.methods._mergekit_half import mergekit_half
+from modelfuse.methods._mergekit_half import mergekit_half, mergekit_magprune
 from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import l1_rescaled, task_vectors, weighted_sum
@@ -41,35 +40,6 @@ def _descending_rank(magnitude: torch.Tensor) -> torch.Tensor:
 def _drawing(params: dict[str, Any]) -> list[bool]:
     """Which models draw (mergekit): densities strictly between 0 and 1."""
     return [0.0 < d < 1.0 for d in params["density"]]
-
-
-def mergekit_magprune(tau: torch.Tensor, density: float, epsilon: float, noise: TorchDraws, *, rescale: bool,
-                      rescale_l1: bool) -> torch.Tensor:
-    """MagPrune as mergekit 0.1.5 computes it, from torch's draws: along dim 1 (a vector is one row), ascending
-    magnitude ranks ``1..n`` (``argsort`` of ``argsort``) normalised to ``(r - 1) / (n - 1)``, keep probability
-    ``density - epsilon + 2 epsilon (r - 1) / (n - 1)``, one ``torch.bernoulli`` per entry; survivors scaled
-    back to the L1 norm (``rescale_l1``), by ``1 / keep probability`` (``rescale``), or not at all.
-
-    Raises:
-        ModelfuseError: If ``density +- epsilon`` leaves (0, 1), which mergekit refuses too.
-    """
-    if density >= 1.0:
-        return tau.clone()
-    if density <= 0.0:
-        return torch.zeros_like(tau)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ModelfuseError(f"della: density {density} +- epsilon {epsilon} must stay inside (0, 1), as mergekit "
-                             "requires; lower epsilon")
-    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
-    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(tau.dtype) + 1
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    keep = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
-    kept = rows * noise.bernoulli_each(keep)
-    if rescale_l1:
-        kept = l1_rescaled(rows, kept)
-    elif rescale:
-        kept = kept / keep
-    return kept.reshape(tau.shape)
 
 
 def magprune(
@@ -131,7 +101,8 @@ def _pruned(
     taus = task_vectors(tensors, base)
     triples = list(zip(taus, density, epsilon, strict=True))
     if isinstance(noise, TorchDraws):
-        return [mergekit_magprune(tau, d, e, noise, rescale=rescale, rescale_l1=rescale_l1) for tau, d, e in triples]
+        return [mergekit_magprune(tau, d, e, noise, model, rescale=rescale, rescale_l1=rescale_l1)
+                for model, (tau, d, e) in enumerate(triples)]
     pruned = [magprune(tau, d, e, noise, model, rescale=rescale and not rescale_l1)
               for model, (tau, d, e) in enumerate(triples)]
     if rescale_l1:
