@@ -53,11 +53,11 @@ def test_half_dtype_is_computed_as_mergekit_computes_it(make_family: Any, mergek
 
 @pytest.mark.parametrize(("method", "parameters"), [
     ("ram", {"epsilon": 0.02}), ("ramplus_tl", {"epsilon": 0.02}), ("nearswap", {"t": 0.01}), ("nuslerp", {}),
-    ("multislerp", {}), ("model_stock", {}), ("arcee_fusion", {})])
+    ("multislerp", {}), ("model_stock", {}), ("arcee_fusion", {}), ("sce", {"select_topk": 0.5}), ("sce", {})])
 def test_methods_whose_own_steps_are_mergekits(make_family: Any, mergekit_parity: MergekitParity, method: str,
                                                parameters: dict[str, Any]) -> None:
     """RAM, RAM+, NearSwap, NuSLERP, Multi-SLERP, Model Stock and Arcee Fusion run in bfloat16 are mergekit's
-    computation (the same operations in the same order)."""
+    computation (the same operations in the same order); SCE has a half computation of its own."""
     paths = make_family("llama", experts=2)
     weighted = method in ("nuslerp", "multislerp")
     models = [{"model": str(paths["e1"]), **({"parameters": {"weight": 0.6}} if weighted else {})}]
@@ -83,3 +83,16 @@ def test_half_checkpoints_without_a_dtype(make_family: Any, mergekit_parity: Mer
     assert not any("mergekit computes in the checkpoints'" in line for line in plan.warnings)
     mk, mf = mergekit_parity.run(config)
     mergekit_parity.assert_equal(mk, mf, tol=0.0)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.4, 0.0])
+def test_mergekit_sce_in_float32_is_modelfuses_sce(select_topk: float) -> None:
+    """The half computation of SCE, run in float32, agrees with modelfuse's own SCE (an independent writing)."""
+    from modelfuse.methods._mergekit_half import mergekit_sce
+    from modelfuse.methods.sce import sce
+
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(9, 14, generator=generator)
+    tensors = [base + torch.randn(9, 14, generator=generator) * scale for scale in (0.1, 0.05, 0.2)]
+    torch.testing.assert_close(mergekit_sce(tensors, base, select_topk=select_topk),
+                               sce(tensors, base, select_topk=select_topk), rtol=1e-5, atol=1e-6)

@@ -135,3 +135,27 @@ def mergekit_half(sparsifier: Sparsifier | None, consensus: bool) -> Callable[..
         return (base + mixed).to(base.dtype)
 
     return compute
+
+
+def mergekit_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, select_topk: float = 1.0,
+                 **_: Any) -> torch.Tensor:
+    """SCE as mergekit 0.1.5 computes it in the inputs' dtype: task vectors masked to the ``select_topk``
+    fraction of the non-zero-variance entries with the largest variance (``torch.topk``), sign consensus, each
+    task vector weighted by its mean square over the sum of them (Python float), divided by the agreeing
+    weights (at least 1e-6)."""
+    taus = torch.stack([tensor - base for tensor in tensors])
+    if select_topk < 1:
+        mask = torch.zeros_like(taus[0])
+        if select_topk > 0:
+            variance = torch.var(taus, dim=0, unbiased=False)
+            count = int(torch.count_nonzero(variance) * select_topk)
+            if count:
+                mask.view(-1)[torch.topk(variance.abs().view(-1), k=count, largest=True).indices] = 1
+        taus = taus * mask.unsqueeze(0)
+    majority = (taus.sum(dim=0) >= 0).to(taus.dtype) * 2 - 1
+    agree = taus.sign() == majority
+    energy = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    weights = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    weights = weights.reshape(-1, *([1] * base.dim())) * agree
+    return base + (taus * weights).sum(dim=0) / torch.sum(weights, dim=0).clamp(min=1e-6)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import torch
 
+from modelfuse.methods._mergekit_half import mergekit_sce
 from modelfuse.methods._registry import Param, register
 from modelfuse.methods._steps import elect_sign, task_vectors, topk_mask
 
@@ -45,6 +46,7 @@ def _coefficients(deltas: Sequence[torch.Tensor]) -> list[float]:
     description="Keep the highest-variance entries, weight task vectors by their energy, drop minority signs.",
     paper="FuseChat: Knowledge Fusion of Chat Models (Wan et al. 2024), https://arxiv.org/abs/2408.07990",
     base="required",
+    mergekit_half=mergekit_sce,
 )
 def sce(
     tensors: Sequence[torch.Tensor],
