@@ -159,3 +159,43 @@ def mergekit_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, select_
     weights = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
     weights = weights.reshape(-1, *([1] * base.dim())) * agree
     return base + (taus * weights).sum(dim=0) / torch.sum(weights, dim=0).clamp(min=1e-6)
+
+
+def mergekit_karcher(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, max_iter: int = 10,
+                     tol: float = 1e-5, **_: Any) -> torch.Tensor:
+    """The Karcher mean as mergekit 0.1.5 computes it from half inputs: norms in float32, unit vectors, the mean
+    and the tangent steps in the inputs' dtype (equal weights, as mergekit uses), the result scaled by the mean
+    norm."""
+    del base
+    if len(tensors) == 1:
+        return tensors[0]
+    precise = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    alpha = 1.0 / len(tensors)
+    norms = [torch.linalg.vector_norm(tensor.to(precise)) for tensor in tensors]
+    units = [torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype)
+             for tensor, norm in zip(tensors, norms, strict=True)]
+    valid = [unit for unit, norm in zip(units, norms, strict=True) if norm.item() > tol]
+    if not valid:
+        return sum(tensor * 0 for tensor in tensors)  # type: ignore[return-value]
+    share = 1.0 / len(valid)  # equal weights renormalised over the non-zero tensors
+    mean = torch.zeros_like(valid[0])
+    for unit in valid:
+        mean += share * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(precise))
+    mean = valid[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for unit in valid:
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += share * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(precise))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(precise))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    return sum(alpha * norm for norm in norms) * mean

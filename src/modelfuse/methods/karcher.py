@@ -7,6 +7,7 @@ from typing import Annotated
 
 import torch
 
+from modelfuse.methods._mergekit_half import mergekit_karcher
 from modelfuse.methods._registry import Param, register
 
 
@@ -77,6 +78,7 @@ def spherical_mean(
     paper="Functionality-Oriented LLM Merging on the Fisher-Rao Manifold (Wang et al. 2026), "
     "https://arxiv.org/abs/2603.04972",
     base="unused",
+    mergekit_half=mergekit_karcher,
 )
 def karcher(
     tensors: Sequence[torch.Tensor],
