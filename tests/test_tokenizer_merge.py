@@ -189,6 +189,10 @@ def test_output_loads_in_transformers_and_encodes_the_new_tokens(members: dict[s
         "<|im_start|>user\nhi<|im_end|>\n")
     logits = model(torch.tensor([ids])).logits
     assert logits.shape[-1] == 39 and bool(torch.isfinite(logits).all())
+    # The built vocabulary is written even with --no-copy-tokenizer (as mergekit writes it): the rows follow it.
+    bare = tmp_path / "bare"
+    assert run_cli("merge", path, bare, "--no-copy-tokenizer").returncode == 0
+    assert (bare / "tokenizer.json").is_file()
 
 
 def test_tokenizer_problems_are_one_line_each(members: dict[str, Path], tmp_path: Path, run_cli: Cli) -> None:

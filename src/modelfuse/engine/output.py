@@ -99,17 +99,17 @@ def write_staged(
     for path in copied:
         shutil.copyfile(path, staging.path / path.name)
     (staging.path / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
-    if options.copy_tokenizer:
-        write_tokenizer(plan, staging.path)
+    write_tokenizer(plan, staging.path, options.copy_tokenizer)
     if options.write_model_card:
         (staging.path / "README.md").write_text(model_card(plan.recipe, __version__), encoding="utf-8")
 
 
-def write_tokenizer(plan: MergePlan, folder: Path) -> None:
-    """Write a built output vocabulary's tokenizer, or set the recipe's chat template on the copied one."""
+def write_tokenizer(plan: MergePlan, folder: Path, copied: bool) -> None:
+    """Write a built output vocabulary's tokenizer (always: the embedding follows it, as mergekit writes it even
+    with --no-copy-tokenizer), or set the recipe's chat template on the ``copied`` one."""
     if plan.vocabulary is not None:
         plan.vocabulary.save(folder, plan.chat_template)
-    elif plan.chat_template is not None and plan.tokenizer is not None:
+    elif copied and plan.chat_template is not None and plan.tokenizer is not None:
         set_chat_template(folder, plan.chat_template)
 
 
