@@ -218,17 +218,18 @@ def test_parameter_precedence(make_family: Builder) -> None:
     jobs = {job.name: job.params for job in plan.jobs}
     # First slice: e1 own density and weight; e2 own rule where it matches, else the slice's value.
     assert jobs["model.layers.0.mlp.up_proj.weight"] == {"weight": (0.4, 1.0), "density": (0.7, 0.9), "lam": 0.6,
-                                                         "normalize": True}
+                                                         "normalize": True, "rescale_l1": False}
     assert jobs["model.layers.1.self_attn.q_proj.weight"]["density"] == (0.7, 0.5)
     assert jobs["model.embed_tokens.weight"]["lam"] == 0.6  # embeddings follow the first slice
     # Second slice: recipe values, then method defaults.
     assert jobs["model.layers.2.mlp.up_proj.weight"] == {"weight": (1.0, 1.0), "density": (0.3, 0.3), "lam": 0.8,
-                                                         "normalize": True}
+                                                         "normalize": True, "rescale_l1": False}
     assert jobs["lm_head.weight"]["lam"] == 0.8  # the head follows the last slice
     # Whole models: model > recipe > default.
     models = modelfuse.plan({"base": base, "method": "ties", "parameters": {"density": 0.3},
                              "models": [{"path": e1, "parameters": {"density": 0.6}}, {"path": e2}]})
-    assert models.jobs[0].params == {"weight": (1.0, 1.0), "density": (0.6, 0.3), "lam": 1.0, "normalize": True}
+    assert models.jobs[0].params == {"weight": (1.0, 1.0), "density": (0.6, 0.3), "lam": 1.0, "normalize": True,
+                                     "rescale_l1": False}
 
 
 def _dare(family: Family, out: Path, seed: int) -> bytes:
