@@ -97,8 +97,6 @@ class MergekitParity:
     def run(self, config: dict, *, seed: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Write ``config`` once, merge it with mergekit and with modelfuse (both with ``--random-seed seed`` when
         given); return (mergekit, modelfuse)."""
-        import subprocess
-        import sys
 
         import yaml
 
@@ -110,12 +108,16 @@ class MergekitParity:
         recipe = work / "merge.yml"
         recipe.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         mk_out, mf_out = work / "out_mergekit", work / "out_modelfuse"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-        command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe), str(mk_out),
-                   "--allow-crimes", "--no-copy-tokenizer", "--no-cuda", "--quiet",
-                   *(["--random-seed", str(seed)] if seed is not None else [])]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert done.returncode == 0, f"mergekit-yaml failed:\n{done.stdout}\n{done.stderr}"
+        # mergekit runs in this process, as mergekit-yaml runs it (its CLI parses the YAML and calls run_merge):
+        # importing its CLI costs ~10 s a run as a subprocess.
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+
+        source = recipe.read_text(encoding="utf-8")
+        options = MergeOptions(allow_crimes=True, copy_tokenizer=False, quiet=True, random_seed=seed)
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), str(mk_out), options=options,
+                  config_source=source)
         parsed = modelfuse.load_recipe(recipe)
         if seed is not None:  # as `modelfuse merge --random-seed` does for a mergekit YAML
             parsed = parsed.model_copy(update={"seed": seed, "random_draws": "torch"})
