@@ -94,9 +94,10 @@ class MergekitParity:
             tensors.update(load_file(file))
         return tensors
 
-    def run(self, config: dict, *, seed: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def run(self, config: dict, *, seed: int | None = None, chunk_elements: int | None = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Write ``config`` once, merge it with mergekit and with modelfuse (both with ``--random-seed seed`` when
-        given); return (mergekit, modelfuse)."""
+        given; modelfuse in row blocks of ``chunk_elements`` when given); return (mergekit, modelfuse)."""
 
         import yaml
 
@@ -121,7 +122,8 @@ class MergekitParity:
         parsed = modelfuse.load_recipe(recipe)
         if seed is not None:  # as `modelfuse merge --random-seed` does for a mergekit YAML
             parsed = parsed.model_copy(update={"seed": seed, "random_draws": "torch"})
-        modelfuse.merge(parsed, mf_out)
+        options = None if chunk_elements is None else modelfuse.MergeOptions(chunk_elements=chunk_elements)
+        modelfuse.merge(parsed, mf_out, options=options)
         return self.load(mk_out), self.load(mf_out)
 
     @staticmethod

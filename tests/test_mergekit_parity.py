@@ -262,6 +262,7 @@ def _quantize_experts(paths: dict[str, Path], step: float = 0.01) -> None:
         save_file(tied, str(paths[name] / "model.safetensors"), metadata={"format": "pt"})
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 96], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize("inputs", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("method", "parameters"), [
     ("ties", {"density": 0.3}),
@@ -270,9 +271,11 @@ def _quantize_experts(paths: dict[str, Path], step: float = 0.01) -> None:
 ])
 def test_ties_at_the_cut_off_kept_as_mergekit_keeps_them(make_family: Any, mergekit_parity: MergekitParity,
                                                          method: str, parameters: dict[str, Any],
-                                                         inputs: torch.dtype) -> None:
+                                                         inputs: torch.dtype, chunk_elements: int | None) -> None:
     """Task vectors whose magnitudes tie at the top-k cut-off (float32, bfloat16 and float16 checkpoints, merged
-    in float32 and saved in their dtype): the entries kept are mergekit's (its sort order), every tensor equal."""
+    in float32 and saved in their dtype): the entries kept are mergekit's (its sort order), every tensor equal;
+    whether modelfuse computes whole tensors or row blocks (the flat-order rule's blocks, then the entries where
+    mergekit's order differs recomputed)."""
     paths = make_family("llama", dtype=inputs)
     _quantize_experts(paths)
     saved = str(inputs).removeprefix("torch.")
@@ -284,7 +287,7 @@ def test_ties_at_the_cut_off_kept_as_mergekit_keeps_them(make_family: Any, merge
         "dtype": "float32",
         "out_dtype": saved,
     }
-    mk, mf = mergekit_parity.run(config)
+    mk, mf = mergekit_parity.run(config, chunk_elements=chunk_elements)
     assert all(t.dtype == inputs for t in [*mk.values(), *mf.values()])
     mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)
 

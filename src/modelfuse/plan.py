@@ -355,6 +355,11 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings.append(f"{spec.name}: mergekit 0.1.5 draws the drop masks from torch's global generator, seeded only "
                         "by its --random-seed flag; modelfuse draws them from its own generator ('seed'). Pass "
                         "--random-seed N to both mergekit-yaml and modelfuse merge for the same masks")
+    if recipe.dialect == "mergekit" and not recipe.mergekit_ties and any(
+            job.method.mergekit_order and job.base is not None for job in jobs):
+        warnings.append(f"tie_order: position: among entries equal to a top-k cut-off, modelfuse keeps the lowest "
+                        f"positions, mergekit 0.1.5 those its sort puts first; {spec.name} tensors may differ there "
+                        "(leave tie_order unset for mergekit's)")
     repeated = _shared_draw_labels(jobs) if recipe.random_draws == "torch" else []
     if repeated:
         warnings.append(f"random_draws: {len(repeated)} tensor(s) ({', '.join(repeated[:3])}"

@@ -164,6 +164,10 @@ class Recipe(BaseModel):
         default="modelfuse", description="where random masks (DARE) come from: modelfuse's counter-based generator "
         "(any blocking, any thread count), or torch's CPU generator seeded with 'seed' and drawn tensor by tensor in "
         "mergekit 0.1.5's order (mergekit-yaml --random-seed's masks; whole tensors, one replay pass first)")
+    tie_order: Literal["mergekit", "position"] | None = Field(
+        default=None, description="which entries equal to a top-k cut-off (TIES, breadcrumbs) are kept: 'mergekit' "
+        "(those torch's sort puts first, as mergekit 0.1.5 keeps them; an extra pass per task vector) or 'position' "
+        "(the lowest flat positions; faster). Default: 'mergekit' for a mergekit YAML, else 'position'")
     name: str | None = None
     post: PostSteps | None = Field(default=None, description="steps applied after the method (LiNeS scaling)")
     fallback: Fallback | None = Field(default=None, description="data-free method for the tensors a statistics "
@@ -189,6 +193,11 @@ class Recipe(BaseModel):
     def method_spec(self) -> MethodSpec:
         """The registered method this recipe uses."""
         return get_method(self.method)
+
+    @property
+    def mergekit_ties(self) -> bool:
+        """Whether entries equal to a top-k cut-off are kept in mergekit's sort order (``tie_order``)."""
+        return self.tie_order == "mergekit" or (self.tie_order is None and self.dialect == "mergekit")
 
     def input_paths(self) -> list[str]:
         """Every referenced model path, base first, each once, in recipe order."""

@@ -94,6 +94,11 @@ def merge(
         help="Seed of random methods (DARE, DELLA): the recipe's 'seed'. For a mergekit YAML, DARE then draws its "
              "masks as mergekit-yaml --random-seed does (torch's generator, mergekit's order): the same masks.",
         rich_help_panel=_MERGEKIT)] = None,
+    tie_order: Annotated[str | None, typer.Option(
+        help="Entries equal to a top-k cut-off (TIES, breadcrumbs): 'mergekit' keeps those torch's sort puts first, "
+             "as mergekit does (a mergekit YAML's default; one more pass per task vector), 'position' the lowest "
+             "positions (faster; may differ from mergekit's output there). The recipe's 'tie_order'.",
+        rich_help_panel=_MERGEKIT)] = None,
     cuda: Annotated[bool, typer.Option(help="The same as --device cuda.", rich_help_panel=_MERGEKIT)] = False,
     copy_tokenizer: Annotated[bool, typer.Option(
         help="Copy the tokenizer files of the tokenizer source into the output.", rich_help_panel=_MERGEKIT)] = True,
@@ -153,6 +158,10 @@ def merge(
     if random_seed is not None:
         draws = "torch" if parsed.dialect == "mergekit" else parsed.random_draws
         parsed = parsed.model_copy(update={"seed": random_seed, "random_draws": draws})
+    if tie_order is not None:
+        if tie_order not in ("mergekit", "position"):
+            raise RecipeError(f"--tie-order {tie_order}: expected 'mergekit' or 'position'")
+        parsed = parsed.model_copy(update={"tie_order": tie_order})
     merge_plan = build_plan(parsed, base_dir=recipe.parent, allow_pickle=allow_pickle)
     if out_shard_size is not None:
         merge_plan.recipe = merge_plan.recipe.model_copy(update={"shard_size": _mergekit_shard_bytes(out_shard_size)})

@@ -7,17 +7,19 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from modelfuse.engine.buffers import READ_BUFFER, RESULT_BUFFER
 from modelfuse.engine.finite import FiniteCheck
-from modelfuse.engine.prepass import topk_thresholds, whole_tensor_thresholds
-from modelfuse.engine.units import WorkUnit, rowwise, torch_draws
+from modelfuse.engine.prepass import MergekitCuts, mergekit_cuts, topk_thresholds, whole_tensor_thresholds
+from modelfuse.engine.units import WorkUnit, mergekit_selection, rowwise, torch_draws
 from modelfuse.errors import ModelfuseError
 from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField, TorchDraws
-from modelfuse.kernels.topk import TopkThreshold, sorted_topk_masks, topk_chunk_mask
+from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
+from modelfuse.kernels.torch_sort import first_k_masks
 from modelfuse.kernels.vocabulary import align_vocabulary
 from modelfuse.methods import get_post_step
 from modelfuse.plan import MergePlan, TensorJob
@@ -48,6 +50,7 @@ def compute_tensor(
     *,
     allow_nonfinite: bool = False,
     device: torch.device = CPU,
+    cuts: MergekitCuts | None = None,
 ) -> torch.Tensor:
     """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype, on the CPU.
 
@@ -57,7 +60,9 @@ def compute_tensor(
     (``equal_before``, same layout, zeros when None), which is advanced in place past this block.
     A block (or a whole tensor of a rowwise method) is read once and computed in pieces of about
     ``PIECE_ELEMENTS`` elements; the result does not depend on the piece size. A blocked result goes into
-    ``out`` (a uint8 buffer of at least its size, which the result then shares) when given.
+    ``out`` (a uint8 buffer of at least its size, which the result then shares) when given. With ``cuts``
+    (mergekit's order at the thresholds), the block's entries where that order keeps other entries than the
+    flat-order rule are recomputed with mergekit's masks.
 
     Raises:
         CheckpointError: If an input holds NaN or Inf and ``allow_nonfinite`` is False (model, tensor, counts).
@@ -112,7 +117,8 @@ def compute_tensor(
         if thresholds is not None:
             before = equal_before if equal_before is not None else [[0] * len(model) for model in thresholds]
             if kernel(raw, raw_base, job.params, result, thresholds=thresholds, equal_before=before):
-                return result  # (``before`` advanced past the block, like the torch steps below advance it)
+                # (``before`` advanced past the block, like the torch steps below advance it)
+                return _recompute_cuts(job, plan, raw, raw_base, rows, thresholds, cuts, result, finite, device)
     # On the CPU, pieces that fit the cache; on an accelerator, the whole block in one go (each operation is one
     # kernel launch, so fewer, larger ones are faster).
     step = max(1, PIECE_ELEMENTS // max(1, row_elements)) if device.type == "cpu" else count
@@ -127,7 +133,46 @@ def compute_tensor(
         piece_rows = (rows[0] + start, rows[0] + stop)
         result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite,
                                                 device))
-    return finite.output(result)
+    return finite.output(_recompute_cuts(job, plan, raw, raw_base, rows, thresholds, cuts, result, finite, device))
+
+
+def _recompute_cuts(job: TensorJob, plan: MergePlan, raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None,
+                    rows: tuple[int, int], thresholds: Sequence[Sequence[TopkThreshold]] | None,
+                    cuts: MergekitCuts | None, result: torch.Tensor, finite: FiniteCheck, device: torch.device
+                    ) -> torch.Tensor:
+    """``result`` with the block's entries listed in ``cuts.positions`` recomputed with mergekit's masks: the
+    method applied to those entries alone (the methods with a ``mergekit_order`` are element-wise once their
+    masks are given)."""
+    if cuts is None or thresholds is None or raw_base is None:
+        return result
+    row_elements = int(torch.Size(job.shape[1:]).numel())
+    start, stop = rows[0] * row_elements, rows[1] * row_elements
+    first, last = np.searchsorted(cuts.positions, [start, stop])
+    if first == last:
+        return result
+    flat = cuts.positions[first:last]
+    local = torch.from_numpy(flat - start)
+    compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
+    tensors = [tensor.reshape(-1)[local].to(device, compute_dtype) for tensor in raw]
+    base = raw_base.reshape(-1)[local].to(device, compute_dtype)
+    tensors, base = finite.inputs(tensors, base)
+    masks = []
+    for tensor, model_thresholds, model_kept in zip(tensors, thresholds, cuts.kept, strict=True):
+        magnitude = (tensor - base).abs()
+        model_masks = []
+        for threshold, kept in zip(model_thresholds, model_kept, strict=True):
+            equal_kept = torch.from_numpy(np.isin(flat, kept, assume_unique=True)).to(device)
+            model_masks.append(((magnitude > threshold.value) | equal_kept).to(compute_dtype))
+        masks.append(model_masks)
+    kwargs = {**job.params, **{name: value for name, value in {"depth": job.depth, "tensor_name": job.name,
+                                                                 "topk_masks": masks, "statistics": None}.items()
+                               if name in job.method.context}}
+    values = job.method.fn(tensors, base, **kwargs)
+    if plan.recipe.post is not None:
+        for name, settings in plan.recipe.post.steps():
+            values = get_post_step(name)(values, base, depth=job.depth, **settings)
+    result.reshape(-1)[local] = values.to("cpu", result.dtype)
+    return result
 
 
 def _view_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -169,12 +214,11 @@ def _compute_piece(
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
                                    "statistics": _statistics(job, plan, compute_dtype, device)}
-    if (rows is None and job.method.topk is not None and job.method.mergekit_order is not None and base is not None
-            and plan.recipe.dialect == "mergekit"):
+    if rows is None and base is not None and mergekit_selection(job, plan):
         # A mergekit recipe: the entries equal to a cut-off are those mergekit's sort puts first (whole tensors).
         numel = base.numel()
         context["topk_masks"] = [
-            sorted_topk_masks((tensor - base).abs(), counts, job.method.mergekit_order)
+            first_k_masks((tensor - base).abs(), counts, job.method.mergekit_order)
             for tensor, counts in zip(tensors, job.method.topk(job.params, numel), strict=True)]
     elif (thresholds is None and rows is None and job.method.topk is not None and base is not None
             and compute_dtype == torch.float32):
@@ -256,11 +300,13 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfini
     if unit.blocks is not None:
         chunk = max(stop - start for start, stop in unit.blocks) * (row_bytes // job.dtype.itemsize)
         thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite)
+        cuts = mergekit_cuts(job, plan, thresholds, chunk, allow_nonfinite) if mergekit_selection(job, plan) else None
         equal_before = [[0] * len(model) for model in thresholds]
         for rows in unit.blocks:
             out = RESULT_BUFFER.get((rows[1] - rows[0]) * row_bytes)
             writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out,
-                                                                   allow_nonfinite=allow_nonfinite, device=device))
+                                                                   allow_nonfinite=allow_nonfinite, device=device,
+                                                                   cuts=cuts))
     elif unit.rows is None:
         writer.write_rows(job.name, 0, compute_tensor(job, plan, allow_nonfinite=allow_nonfinite, device=device))
     else:

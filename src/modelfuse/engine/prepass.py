@@ -4,7 +4,9 @@ passes before the tensor's element-wise pass."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from modelfuse.engine.buffers import SELECTION_BUFFER, SELECTION_READ_BUFFER
@@ -12,7 +14,8 @@ from modelfuse.engine.finite import FiniteCheck, all_finite
 from modelfuse.kernels import fused
 from modelfuse.kernels.topk import TopkThreshold
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
-from modelfuse.plan import MergePlan, TensorJob
+from modelfuse.kernels.torch_sort import equal_kept
+from modelfuse.plan import MergePlan, Source, TensorJob
 
 
 def topk_thresholds(
@@ -86,3 +89,62 @@ def whole_tensor_thresholds(job: TensorJob, tensors: Sequence[torch.Tensor], bas
     for (model, _), threshold in zip(streams, found, strict=True):
         per_model[model].append(threshold)
     return per_model
+
+
+@dataclass(frozen=True)
+class MergekitCuts:
+    """Where mergekit's sort order keeps other entries equal to a threshold than the flat-order rule does.
+
+    ``kept[model][index]``: sorted flat indices of the entries equal to ``thresholds[model][index]`` that
+    mergekit keeps (torch's sort puts them among the k largest); ``positions``: sorted flat indices where, for
+    any model and threshold, that differs from keeping the first ``equal_quota`` equal entries in flat order
+    (the engine computes every block by that rule, then recomputes these entries with mergekit's masks).
+    """
+
+    kept: list[list[np.ndarray]]
+    positions: np.ndarray
+
+
+def mergekit_cuts(job: TensorJob, plan: MergePlan, thresholds: Sequence[Sequence[TopkThreshold]],
+                  chunk_elements: int, replace_nonfinite: bool = False) -> MergekitCuts:
+    """The entries equal to each threshold that mergekit 0.1.5 keeps (``MethodSpec.mergekit_order``), found by
+    replaying torch's sort of each whole task vector |expert - base| (one model at a time: 8 bytes per entry)."""
+    assert job.base is not None and job.method.mergekit_order is not None
+    numel = int(torch.Size(job.shape).numel())
+    counts = job.method.topk(job.params, numel) if job.method.topk is not None else []
+    kept: list[list[np.ndarray]] = []
+    differ: list[np.ndarray] = []
+    for model, (source, model_thresholds) in enumerate(zip(job.sources, thresholds, strict=True)):
+        values = _task_vector_magnitude(plan, source, job.base, numel, chunk_elements, job, replace_nonfinite)
+        flat_order = []
+        for threshold in model_thresholds:  # the flat-order rule's equal entries, before the replay permutes
+            equal = np.flatnonzero(values == np.float32(threshold.value))
+            flat_order.append(equal[: threshold.equal_quota])
+        model_kept = equal_kept(values, list(zip(counts[model], (t.value for t in model_thresholds), strict=True)),
+                                job.method.mergekit_order)
+        del values
+        kept.append(model_kept)
+        differ += [np.setxor1d(ours, theirs, assume_unique=True) for ours, theirs in zip(flat_order, model_kept,
+                                                                                          strict=True)]
+    # each array is sorted: a stable (merging) sort of their concatenation, then duplicates dropped
+    positions = np.sort(np.concatenate(differ), kind="stable") if differ else np.empty(0, dtype=np.int64)
+    positions = positions[np.concatenate(([True], positions[1:] != positions[:-1]))] if positions.size else positions
+    return MergekitCuts(kept, positions.astype(np.int64))
+
+
+def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,
+                           job: TensorJob, replace_nonfinite: bool) -> np.ndarray:
+    """|expert - base| of a whole tensor in float32, read in chunks (as the pre-pass reads it)."""
+    values = np.empty(numel, dtype=np.float32)
+    expert_ckpt, base_ckpt = plan.checkpoints[source.model], plan.checkpoints[base.model]
+    for start in range(0, numel, max(1, chunk_elements)):
+        stop = min(numel, start + chunk_elements)
+        expert = expert_ckpt.read_elements(source.name, start, stop).float()
+        reference = base_ckpt.read_elements(base.name, start, stop).float()
+        if not (all_finite(expert) and all_finite(reference)):
+            if not replace_nonfinite:
+                FiniteCheck(job, plan, False).inputs([expert], reference)
+            reference = torch.where(torch.isfinite(reference), reference, 0.0)
+            expert = torch.where(torch.isfinite(expert), expert, reference)
+        torch.sub(expert, reference, out=torch.from_numpy(values[start:stop])).abs_()
+    return values

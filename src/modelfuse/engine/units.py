@@ -32,9 +32,10 @@ class WorkUnit:
         return numel // self.job.shape[0] * (self.rows[1] - self.rows[0])
 
 
-def _mergekit_selection(job: TensorJob, plan: MergePlan) -> bool:
-    """Whether the job selects top-k entries in mergekit's sort order (a mergekit-dialect recipe): whole tensors."""
-    return plan.recipe.dialect == "mergekit" and job.method.mergekit_order is not None and job.base is not None
+def mergekit_selection(job: TensorJob, plan: MergePlan) -> bool:
+    """Whether the job selects top-k entries in mergekit's sort order (``Recipe.tie_order``): the entries
+    equal to a threshold are those torch's sort of the whole task vector puts first (``prepass.mergekit_cuts``)."""
+    return plan.recipe.mergekit_ties and job.method.mergekit_order is not None and job.base is not None
 
 
 def torch_draws(job: TensorJob, plan: MergePlan) -> bool:
@@ -55,7 +56,7 @@ def rowwise(job: TensorJob, plan: MergePlan) -> bool:
 
 
 def _blockable(job: TensorJob, plan: MergePlan) -> bool:
-    if len(job.shape) < 2 or job.shape[0] <= 1 or _mergekit_selection(job, plan) or _whole(job, plan):
+    if len(job.shape) < 2 or job.shape[0] <= 1 or _whole(job, plan):
         return False
     if job.method.topk is not None:  # the streaming selection reads float32 task vectors
         return job.base is not None and plan.recipe.compute_dtype == "float32"
@@ -92,7 +93,7 @@ def work_units(
             block_elements = max(1, min(chunk_elements, budget_bytes // (per_element * (2 * workers + 1))))
         if not _blockable(job, plan) or numel <= block_elements:
             # mergekit's order: a sort of one task vector at a time (values and int64 indices)
-            selection = 16 * numel if _mergekit_selection(job, plan) else 0
+            selection = 16 * numel if mergekit_selection(job, plan) else 0
             yield WorkUnit(job, None, True, per_element * numel + _statistics_bytes(job) + selection)
             continue
         row_elements = numel // job.shape[0]
@@ -100,7 +101,9 @@ def work_units(
         starts = range(0, job.shape[0], rows_per_block)
         blocks = tuple((start, min(job.shape[0], start + rows_per_block)) for start in starts)
         if job.method.topk is not None:
-            yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block, blocks)
+            # mergekit's order: one whole task vector at a time, float32 values and int32 indices, replayed
+            selection = 8 * numel if mergekit_selection(job, plan) else 0
+            yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block + selection, blocks)
             continue
         for start, stop in blocks:
             yield WorkUnit(job, (start, stop), stop == job.shape[0], per_element * row_elements * (stop - start))

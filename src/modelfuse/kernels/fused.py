@@ -21,6 +21,7 @@ import torch
 
 from modelfuse.kernels.random import GOLDEN_GAMMA, MIX_1, MIX_2, keep_limit
 from modelfuse.kernels.topk import TopkThreshold
+from modelfuse.kernels.torch_sort import first_k_masks
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
 """Whether the fused kernels can run; tests set it to False to run the torch definitions."""
@@ -72,6 +73,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
     abs_deltas_bf16([half], half, torch.empty(1, 1))
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
     dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16))
+    first_k_masks(torch.arange(64.0), [8], "argsort_descending")  # mergekit's cut-off order (kernels/torch_sort)
     _warm.set()
 
 

@@ -270,30 +270,6 @@ def _chunk_mask_torch(flat: torch.Tensor, threshold: TopkThreshold, remaining: i
     return mask, equal_count
 
 
-def sorted_topk_masks(values: torch.Tensor, counts: tuple[int, ...], order: str) -> list[torch.Tensor]:
-    """float32 0/1 masks of the ``k`` largest of ``values`` for each ``k`` in ``counts``, equal values taken in
-    the order a torch sort of the whole flattened tensor gives them, as mergekit 0.1.5 takes them.
-
-    ``order`` "argsort_descending": the first ``k`` of ``torch.argsort(values, descending=True)``;
-    "sort_ascending": the last ``k`` of ``torch.sort(values).indices``. One sort serves every count, so the
-    sets are nested. Unlike :func:`topk_threshold`'s rule (equal values in flat index order), which entries
-    equal to the cut-off are kept then depends on torch's unstable sort (deterministic on the CPU).
-    """
-    flat = values.reshape(-1)
-    if order == "argsort_descending":
-        ranked = torch.argsort(flat, descending=True)
-    elif order == "sort_ascending":
-        ranked = torch.sort(flat).indices.flip(0)
-    else:
-        raise ValueError(f"unknown sort order {order!r}")
-    masks = []
-    for k in counts:
-        mask = torch.zeros_like(flat, dtype=torch.float32)
-        mask[ranked[: max(0, min(k, flat.numel()))]] = 1.0
-        masks.append(mask.reshape(values.shape))
-    return masks
-
-
 def topk_mask_chunked(
     values: torch.Tensor, k: int, chunk_elements: int = 1 << 20, *, sample_elements: int = 1 << 20
 ) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from modelfuse.errors import ModelfuseError
 from modelfuse.kernels.random import RandomField, TorchDraws
+from modelfuse.kernels.torch_sort import first_k_masks
 from modelfuse.methods._steps import l1_rescaled
 
 Sparsifier = Literal["magnitude", "outliers", "random", "della"]
@@ -37,9 +38,9 @@ def _magnitude(tau: torch.Tensor, density: float, l1: bool) -> torch.Tensor:
         return tau
     if density <= 0 or tau.numel() == 0:
         return torch.zeros_like(tau)
-    mask = torch.zeros(tau.numel(), dtype=tau.dtype)
-    mask[torch.argsort(tau.abs().reshape(-1).float(), descending=True)[: max(1, int(density * tau.numel()))]] = 1
-    return _rescaled(tau, mask.reshape(tau.shape), l1)
+    # mergekit: the first max(1, density * n) of torch.argsort(|tau|.float(), descending=True)
+    [mask] = first_k_masks(tau.abs().float(), [max(1, int(density * tau.numel()))], "argsort_descending")
+    return _rescaled(tau, mask.to(tau.dtype), l1)
 
 
 def _outliers(tau: torch.Tensor, density: float, gamma: float, l1: bool) -> torch.Tensor:
@@ -48,9 +49,10 @@ def _outliers(tau: torch.Tensor, density: float, gamma: float, l1: bool) -> torc
     count = tau.numel()
     kept, top = int(density * count), int(gamma * count)
     bottom = max(0, count - kept - top)
-    mask = torch.zeros(count, dtype=tau.dtype)
-    mask[torch.sort(tau.abs().reshape(-1).float(), descending=False).indices[bottom: bottom + kept]] = 1
-    return _rescaled(tau, mask.reshape(tau.shape), l1)
+    # mergekit: positions [bottom, bottom + kept) of torch.sort(|tau|.float()): the last count - bottom less the
+    # last count - bottom - kept
+    upto, beyond = first_k_masks(tau.abs().float(), [count - bottom, count - bottom - kept], "sort_ascending")
+    return _rescaled(tau, (upto - beyond).to(tau.dtype), l1)
 
 
 def _draw(noise: RandomField | TorchDraws, model: int, probabilities: torch.Tensor) -> torch.Tensor:
