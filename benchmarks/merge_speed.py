@@ -65,6 +65,8 @@ GB = 1e9  # decimal gigabytes in every report
 MIB = 1 << 20
 FORMAT_VERSION = 1  # bump when the generated checkpoints change, so caches are regenerated
 TOOLS = ("modelfuse", "mergekit")
+POSITION_TIES = "modelfuse --tie-order position"  # the flat-order rule at a top-k cut-off (--position-ties)
+CUT_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties")  # the methods whose cut-off order --tie-order sets
 DEFAULT_METHODS = (
     "linear",
     "task_arithmetic",
@@ -708,8 +710,9 @@ def render_report(
     head = ["method"]
     for tool in tools:
         head += [f"{tool} wall s (median)", f"{tool} peak RSS GB"]
-    if len(tools) == 2:
-        head.append("speedup (mergekit / modelfuse)")
+    ours = [tool for tool in tools if tool != "mergekit"]
+    if "mergekit" in tools:
+        head += [f"speedup (mergekit / {tool})" for tool in ours]
     head.append("I/O floor s")
     head += [f"{tool} / floor" for tool in tools]
     head += [f"{tool} − start-up / floor" for tool in tools]
@@ -727,9 +730,9 @@ def render_report(
                 row += [_failure(runs.get((tool, label), [])), "–"]
             else:
                 row += [_fmt(best[0], 2), _fmt(best[1] / GB, 2)]
-        if len(tools) == 2:
-            a, b = wall["modelfuse"], wall["mergekit"]
-            row.append(f"{b / a:.1f}x" if a and b else "–")
+        if "mergekit" in tools:
+            b = wall["mergekit"]
+            row += [f"{b / a:.1f}x" if (a := wall[tool]) and b else "–" for tool in ours]
         row.append(_fmt(floor, 2))
         row += [f"{w / floor:.1f}x" if (w := wall[tool]) else "–" for tool in tools]
         row += [f"{(w - io.startup_s) / floor:.1f}x" if (w := wall[tool]) else "–" for tool in tools]
@@ -827,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where the markdown table goes")
     parser.add_argument("--only", choices=TOOLS, help="run one tool only")
+    parser.add_argument("--position-ties", action="store_true",
+                        help=f"also run modelfuse with --tie-order position on {', '.join(CUT_METHODS)} (mergekit's "
+                             "YAML otherwise keeps mergekit's order at the cut-off, which costs a pass per task vector)")
     parser.add_argument("--skip-mergekit", action="store_true", help="same as --only modelfuse")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed (1800)")
     parser.add_argument("--rss-limit", type=float, help="kill a run whose process tree RSS exceeds this many GB")
@@ -863,6 +869,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tools.remove("mergekit")
     if not tools:
         raise SystemExit("nothing to run")
+    if args.position_ties and "modelfuse" in tools:
+        tools.insert(tools.index("modelfuse") + 1, POSITION_TIES)
     workdir: Path = args.workdir.resolve()
     if workdir == REPO or REPO in workdir.parents:
         raise SystemExit(f"--workdir must be outside the repository: {workdir}")
@@ -898,6 +906,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands = {
         "modelfuse": f"{sys.executable} -m modelfuse.cli merge RECIPE -o OUT --overwrite {args.modelfuse_args}".strip(),
+        **({POSITION_TIES: f"{sys.executable} -m modelfuse.cli merge RECIPE -o OUT --overwrite --tie-order position "
+                           f"{args.modelfuse_args}".strip()} if POSITION_TIES in tools else {}),
         "mergekit": f"HF_HUB_OFFLINE=1 {sys.executable} -m mergekit.scripts.run_yaml RECIPE OUT --no-cuda "
         f"--allow-crimes --no-copy-tokenizer --quiet {args.mergekit_args}".strip(),
     }
@@ -914,13 +924,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe_path = recipe_dir / f"{name}.yml"
         recipe_path.write_text(text)
         for tool in tools:
+            if tool == POSITION_TIES and name not in CUT_METHODS:
+                continue
             repeat = args.mergekit_repeat if tool == "mergekit" and args.mergekit_repeat else args.repeat
             for attempt in range(repeat):
-                out = out_root / f"{tool}-{name}"
+                out = out_root / f"{tool.replace(' ', '_')}-{name}"
                 shutil.rmtree(out, ignore_errors=True)
-                if tool == "modelfuse":
+                if tool != "mergekit":
                     command = [sys.executable, "-m", "modelfuse.cli", "merge", str(recipe_path), "-o", str(out)]
-                    command += ["--overwrite", *shlex.split(args.modelfuse_args)]
+                    command += ["--overwrite", *(["--tie-order", "position"] if tool == POSITION_TIES else []),
+                                *shlex.split(args.modelfuse_args)]
                 else:
                     command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(recipe_path), str(out)]
                     command += ["--no-cuda", "--allow-crimes", "--no-copy-tokenizer", "--quiet"]

@@ -101,14 +101,16 @@ def _ranked(flat: torch.Tensor, cuts: list[int], order: SortOrder) -> np.ndarray
 
 
 def _kernel() -> Any:
-    """The compiled replay, built on first use (numba imported only then). Its helpers are compiled first and
-    bound in this module's namespace, where the compiled replay looks them up."""
+    """The compiled replay, built on first use (numba imported only then). Its helpers stay plain Python
+    functions here, registered so that compiled code can call them."""
     with _lock:
         if not _compiled:
             import numba
+            from numba.extending import register_jitable
 
-            for name in _HELPERS:
-                globals()[name] = _jit(numba, globals()[name])
+            for helper in (_floor_log2, _cut_inside, _less, _swap, _partition_pivot, _insertion_sort, _heap_sort,
+                           _adjust_heap):
+                register_jitable(helper)
             _compiled["select"] = _jit(numba, _introselect)
     return _compiled["select"]
 
@@ -275,6 +277,3 @@ def _adjust_heap(values: np.ndarray, indices: np.ndarray, first: int, hole: int,
         parent = (hole - 1) // 2
     values[first + hole], indices[first + hole] = value, index
 
-
-_HELPERS = ("_floor_log2", "_cut_inside", "_less", "_swap", "_partition_pivot", "_insertion_sort", "_heap_sort",
-            "_adjust_heap")
