@@ -118,3 +118,19 @@ def test_l1_rescale_and_torch_draws_against_a_direct_computation() -> None:
 @pytest.fixture
 def pytest_mergekit() -> None:
     pytest.importorskip("mergekit")
+
+
+def test_a_della_window_mergekit_refuses_is_refused_before_merging(family: dict[str, Path], tmp_path: Path,
+                                                                   run_cli: Cli) -> None:
+    """DELLA with --random-seed follows mergekit's MagPrune, which refuses density +- epsilon outside (0, 1): the
+    plan refuses it, naming the model and the first tensor, before any tensor is written."""
+    config = _dare(family, "della", epsilon=0.35)  # e1's density gradient starts at 0.3: 0.3 - 0.35 <= 0
+    recipe = tmp_path / "della.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = run_cli("merge", recipe, tmp_path / "out", "--random-seed", "7")
+    assert result.returncode != 0
+    assert f"{family['e1']}: tensor 'lm_head.weight': density 0.3 +- epsilon 0.35 leaves (0, 1), which mergekit " \
+        "0.1.5 refuses; lower epsilon (and 20 more tensor(s))" in result.stderr.replace("\n", " ")
+    assert not (tmp_path / "out").exists()
+    result = run_cli("merge", recipe, tmp_path / "out")  # modelfuse's own draws: the paper's window, accepted
+    assert result.returncode == 0, result.stderr

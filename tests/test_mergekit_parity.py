@@ -292,6 +292,37 @@ def test_ties_at_the_cut_off_kept_as_mergekit_keeps_them(make_family: Any, merge
     mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)
 
 
+def test_tie_order_position_keeps_the_lowest_positions_and_says_so(make_family: Any, run_cli: Any,
+                                                                   tmp_path: Path) -> None:
+    """``--tie-order position`` on a mergekit YAML: the flat-order rule at the cut-off (the native recipe's
+    result, bit for bit), with a warning that mergekit keeps other equal entries; without it, mergekit's order."""
+    import yaml
+    from safetensors.torch import load_file
+
+    import modelfuse
+
+    paths = make_family("llama", dtype=torch.bfloat16)
+    _quantize_experts(paths)
+    config = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32", "out_dtype": "bfloat16",
+              "models": _models(paths, ("e1", {"weight": 0.7, "density": 0.3}), ("e2", {"weight": 0.5,
+                                                                                        "density": 0.3}))}
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = run_cli("merge", recipe, tmp_path / "position", "--tie-order", "position")
+    assert result.returncode == 0, result.stderr
+    assert "tie_order: position: among entries equal to a top-k cut-off" in result.stderr.replace("\n", " ")
+    native = {"method": "ties", "base": str(paths["base"]), "dtype": "bfloat16",
+              "parameters": {"density": 0.3, "lam": 1.0, "normalize": True},
+              "models": [{"path": str(paths["e1"]), "weight": 0.7}, {"path": str(paths["e2"]), "weight": 0.5}]}
+    modelfuse.merge(native, tmp_path / "native")
+    exact = run_cli("merge", recipe, tmp_path / "mergekit-order")
+    assert exact.returncode == 0 and "tie_order" not in exact.stderr
+    position, flat, mergekit_order = (load_file(tmp_path / name / "model.safetensors")
+                                      for name in ("position", "native", "mergekit-order"))
+    assert all(torch.equal(position[name], flat[name]) for name in flat)
+    assert any(not torch.equal(position[name], mergekit_order[name]) for name in flat)
+
+
 def test_passthrough_with_a_scale_per_source(make_family: Any, mergekit_parity: MergekitParity) -> None:
     """A frankenmerge whose second slice scales its model's o_proj by 0 and the rest by 0.5 (mergekit's per-source
     'scale', with a filter): the same tensors in both tools."""

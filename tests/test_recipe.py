@@ -206,13 +206,17 @@ def test_both_models_and_slices() -> None:
     """Giving both models and slices is refused."""
     data = {"method": "linear", "models": [{"path": "a"}],
             "slices": [{"sources": [{"path": "a", "layer_range": [0, 2]}]}]}
-    assert _error(data) == "recipe: models/slices: give exactly one of 'models' (merge whole models) or 'slices'"
+    assert _error(data) == (
+        "recipe: models/slices/modules: give exactly one of 'models' (merge whole models), 'slices' or 'modules' "
+        "(per module of a multi-module model)")
 
 
 def test_neither_models_nor_slices() -> None:
     """Giving neither models nor slices is refused."""
     message = _error({"method": "linear"})
-    assert message == "recipe: models/slices: give exactly one of 'models' (merge whole models) or 'slices'"
+    assert message == (
+        "recipe: models/slices/modules: give exactly one of 'models' (merge whole models), 'slices' or 'modules' "
+        "(per module of a multi-module model)")
 
 
 def test_slice_sources_with_different_layer_counts() -> None:
@@ -479,9 +483,13 @@ def test_mergekit_defaults_and_ignored_keys() -> None:
                             "ignores it, and so does modelfuse"]
     assert _error({"merge_method": "linear", "modules": {"text_decoder": {}, "vision_tower": {}}},
                   source="mk.yml") == (
-        "mk.yml: modules: 'text_decoder', 'vision_tower': merging a multi-module model module by module is not "
-        "supported yet (a single-module architecture's one module is 'default' in mergekit 0.1.5); use models or "
-        "slices")
+        "mk.yml: modules.text_decoder: give either models or slices, as mergekit requires")
+    multi = parse_recipe({"merge_method": "linear", "parameters": {"weight": 1.0}, "modules": {
+        "text_decoder": {"models": [{"model": "a"}, {"model": "b"}], "parameters": {"weight": 0.5}},
+        "vision_tower": {"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]}}})
+    assert multi.modules is not None and list(multi.modules) == ["text_decoder", "vision_tower"]
+    assert multi.modules["text_decoder"].parameters == {"weight": 0.5}
+    assert [e.path for e in multi.entries()] == ["a", "b", "a"] and multi.input_paths() == ["a", "b"]
     assert _error({**MERGEKIT, "modules": {"default": {"models": [{"model": "a"}]}}}, source="mk.yml") == (
         "mk.yml: modules: give exactly one of models, slices or modules (mergekit refuses both)")
     rescaled = parse_recipe({"merge_method": "ties", "base_model": "b", "parameters": {"weight": 1, "rescale": True},

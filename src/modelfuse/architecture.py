@@ -156,7 +156,7 @@ def _module(name: str, spec: dict[str, Any], names: list[str], default: dict[str
     used = {m.group("prefix") for m in map(_INDEXED.match, names) if m}
     layer_prefix = next((p for p in candidates if p in used), candidates[0] if candidates else "")
     section = spec.get("config")
-    within = (lambda key: f"{section}.{key}") if section else (lambda key: key)  # noqa: E731
+    within = (lambda key: f"{section}.{key}") if section else (lambda key: key)
     return Architecture(
         layer_prefix=layer_prefix,
         num_layers_key=within(spec["num_layers_key"]) if spec.get("num_layers_key") else None,
@@ -170,5 +170,11 @@ def _module(name: str, spec: dict[str, Any], names: list[str], default: dict[str
 
 
 def module_of(modules: dict[str, Architecture], name: str) -> Architecture:
-    """The module a tensor belongs to: the first whose prefixes it starts with, else the main (first) module."""
-    return next((module for module in modules.values() if module.owns(name)), next(iter(modules.values())))
+    """The module a tensor belongs to: the one with the longest prefix it starts with (``visual.merger.`` before
+    ``visual.``), else the main (first) module."""
+    best, length = next(iter(modules.values())), -1
+    for module in modules.values():
+        for prefix in module.prefixes:
+            if name.startswith(prefix) and len(prefix) > length:
+                best, length = module, len(prefix)
+    return best

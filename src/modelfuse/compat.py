@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from modelfuse.architecture import module_of
 from modelfuse.io.checkpoint import Checkpoint
 
 # Relative size |expert - base| / |base| of sampled weight matrices above which the base is probably not the
@@ -85,13 +86,14 @@ def extra_tensor_problems(checkpoints: dict[str, Checkpoint], reference: str) ->
 
 
 def _tensor_kinds(ckpt: Checkpoint) -> set[str]:
-    """Tensor names, with layer tensors reduced to ``layers.*.<rest>``."""
+    """Tensor names, with layer tensors reduced to ``<module>:layers.*.<rest>``."""
     kinds = set()
     for name in ckpt:
-        if ckpt.architecture.is_buffer(name):
+        module = module_of(ckpt.modules, name)
+        if module.is_buffer(name):
             continue
-        parts = ckpt.architecture.split(name)
-        kinds.add(name if parts is None else f"layers.*.{parts.rest}")
+        parts = module.split(name)
+        kinds.add(name if parts is None else f"{module.name}:layers.*.{parts.rest}")
     return kinds
 
 

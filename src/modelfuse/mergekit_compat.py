@@ -150,8 +150,9 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
         RecipeError: For recipes mergekit refuses, and mergekit features modelfuse does not support yet.
     """
     module_parameters = None
+    modules = None
     if "modules" in data:
-        data, module_parameters = _single_module(data, source)
+        data, module_parameters, modules = _modules(data, source)
     translation = _Translation(data, source)
     for key in sorted(set(data) - _TOP_KEYS):
         translation.notes.append(f"{key}: " + _IGNORED_KEYS.get(
@@ -170,32 +171,13 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     _tokenizer(data, recipe, source)
     if data.get("name"):
         recipe["name"] = data["name"]
-    if "models" in data:
-        entries = [translation.entry(item, f"models.{i}", slices=False) for i, item in enumerate(data["models"] or [])]
-        if base and _ignores_base(method):
-            # mergekit merges base_model as one more input of a method without a base role (karcher, linear):
-            # list it among the models, once.
-            if all(e["path"] != base for e in entries):
-                entries.append({"path": base})
-            recipe["models"] = entries
-        else:
-            # mergekit lists the base among the models without parameters; modelfuse keeps it apart.
-            recipe["models"] = [e for e in entries if not (e["path"] == base and len(e) == 1)]
-    if "slices" in data:
-        recipe["slices"] = []
-        for index, piece in enumerate(data["slices"] or []):
-            where = f"slices.{index}"
-            if piece.get("base_model"):
-                raise RecipeError(f"{source}: {where}.base_model: a base model per slice is not supported yet; use "
-                                  "the top-level base_model")
-            for key in sorted(set(piece) - {"sources", "parameters", "base_model"}):
-                translation.notes.append(f"{where}.{key}: " + (
-                    "accepted by mergekit 0.1.5 but unused there; ignored" if key == "residual_weight" else
-                    "not a key of a mergekit slice; mergekit ignores it, and so does modelfuse"))
-            sources = [translation.entry(item, f"{where}.sources.{j}", slices=True)
-                       for j, item in enumerate(piece.get("sources") or [])]
-            recipe["slices"].append({"sources": sources, "parameters": translation.params(
-                piece.get("parameters"), f"{where}.parameters", model=False)})
+    recipe.update(_inputs(data, "", translation, base, source))
+    if modules is not None:
+        recipe["modules"] = {
+            name: {**_inputs(module, f"modules.{name}.", translation, base, source),
+                   "parameters": translation.params(module.get("parameters"), f"modules.{name}.parameters",
+                                                    model=False)}
+            for name, module in modules.items()}
     if method == "passthrough":
         _scale_per_slice(recipe)
     _require_weights(recipe, translation, base)
@@ -204,28 +186,63 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
     return recipe
 
 
-def _single_module(data: dict[str, Any], source: str) -> tuple[dict[str, Any], Any]:
-    """``modules: {default: {models|slices, parameters}}``, the one module of a single-module architecture in
-    mergekit 0.1.5, as a recipe without modules; and the module's parameters.
+def _inputs(data: dict[str, Any], where: str, translation: _Translation, base: str | None, source: str
+            ) -> dict[str, Any]:
+    """``models`` or ``slices`` of the top level or of a module (``where``: its field prefix), translated."""
+    method = translation.method
+    found: dict[str, Any] = {}
+    if "models" in data:
+        entries = [translation.entry(item, f"{where}models.{i}", slices=False)
+                   for i, item in enumerate(data["models"] or [])]
+        if base and _ignores_base(method):
+            # mergekit merges base_model as one more input of a method without a base role (karcher, linear):
+            # list it among the models, once.
+            if all(e["path"] != base for e in entries):
+                entries.append({"path": base})
+            found["models"] = entries
+        else:
+            # mergekit lists the base among the models without parameters; modelfuse keeps it apart.
+            found["models"] = [e for e in entries if not (e["path"] == base and len(e) == 1)]
+    if "slices" in data:
+        found["slices"] = []
+        for index, piece in enumerate(data["slices"] or []):
+            here = f"{where}slices.{index}"
+            if piece.get("base_model"):
+                raise RecipeError(f"{source}: {here}.base_model: a base model per slice is not supported yet; use "
+                                  "the top-level base_model")
+            for key in sorted(set(piece) - {"sources", "parameters", "base_model"}):
+                translation.notes.append(f"{here}.{key}: " + (
+                    "accepted by mergekit 0.1.5 but unused there; ignored" if key == "residual_weight" else
+                    "not a key of a mergekit slice; mergekit ignores it, and so does modelfuse"))
+            sources = [translation.entry(item, f"{here}.sources.{j}", slices=True)
+                       for j, item in enumerate(piece.get("sources") or [])]
+            found["slices"].append({"sources": sources, "parameters": translation.params(
+                piece.get("parameters"), f"{here}.parameters", model=False)})
+    return found
+
+
+def _modules(data: dict[str, Any], source: str) -> tuple[dict[str, Any], Any, dict[str, dict[str, Any]] | None]:
+    """``modules:``: the recipe without it, and either the one module of a single-module architecture
+    (``default`` in mergekit 0.1.5) merged into the top level with its parameters, or the modules of a
+    multi-module model (a vision-language model) each with its models or slices.
 
     Raises:
-        RecipeError: For several modules (a multi-module model, not supported yet), another module name (mergekit
-            refuses it), or modules beside models/slices (mergekit refuses that too).
+        RecipeError: For modules beside models/slices, or a module with neither or both (mergekit refuses them).
     """
     modules = data["modules"]
-    if not isinstance(modules, dict) or list(modules) != ["default"]:
-        names = ", ".join(map(repr, modules)) if isinstance(modules, dict) else repr(modules)
-        raise RecipeError(f"{source}: modules: {names}: merging a multi-module model module by module is not "
-                          "supported yet (a single-module architecture's one module is 'default' in mergekit 0.1.5); "
-                          "use models or slices")
     if data.get("models") or data.get("slices"):
         raise RecipeError(f"{source}: modules: give exactly one of models, slices or modules (mergekit refuses both)")
-    module = modules["default"] or {}
-    if not isinstance(module, dict) or bool(module.get("models")) == bool(module.get("slices")):
-        raise RecipeError(f"{source}: modules.default: give either models or slices, as mergekit requires")
+    if not isinstance(modules, dict) or not modules:
+        raise RecipeError(f"{source}: modules: expected a mapping of module names to {{models|slices, parameters}}")
+    for name, module in modules.items():
+        if not isinstance(module, dict) or bool(module.get("models")) == bool(module.get("slices")):
+            raise RecipeError(f"{source}: modules.{name}: give either models or slices, as mergekit requires")
     flat = {key: value for key, value in data.items() if key != "modules"}
-    flat.update({key: module[key] for key in ("models", "slices") if module.get(key)})
-    return flat, module.get("parameters")
+    if list(modules) == ["default"]:
+        module = modules["default"]
+        flat.update({key: module[key] for key in ("models", "slices") if module.get(key)})
+        return flat, module.get("parameters"), None
+    return flat, None, modules
 
 
 def _tokenizer(data: dict[str, Any], recipe: dict[str, Any], source: str) -> None:
@@ -282,19 +299,30 @@ def _computes_half(method: Any) -> bool:
         return False
 
 
+def _containers(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Where the recipe's models / slices are, as (field prefix, mapping holding them, module parameters): the top
+    level, and each module of a multi-module recipe."""
+    found = [("", recipe, {})] if "models" in recipe or "slices" in recipe else []
+    for name, module in recipe.get("modules", {}).items():
+        found.append((f"modules.{name}.", module, module["parameters"]))
+    return found
+
+
 def _scale_per_slice(recipe: dict[str, Any]) -> None:
     """Passthrough takes one model per slice, so mergekit's per-source ``scale`` is the slice's (a model's own
     value wins over the slice's, as in mergekit)."""
-    pieces = recipe.get("slices") or [{"sources": recipe.get("models", []), "parameters": recipe["parameters"]}]
-    for piece in pieces:
-        for source in piece["sources"]:
-            own = source.get("parameters", {})
-            if "scale" in own:
-                scale = own.pop("scale")
-                slice_scale = piece["parameters"].get("scale")
-                piece["parameters"]["scale"] = scale if slice_scale is None else _with_fallback(scale, slice_scale)
-                if not own:
-                    source.pop("parameters")
+    for prefix, container, module_parameters in _containers(recipe):
+        scope = module_parameters if prefix else recipe["parameters"]
+        pieces = container.get("slices") or [{"sources": container.get("models", []), "parameters": scope}]
+        for piece in pieces:
+            for source in piece["sources"]:
+                own = source.get("parameters", {})
+                if "scale" in own:
+                    scale = own.pop("scale")
+                    slice_scale = piece["parameters"].get("scale")
+                    piece["parameters"]["scale"] = scale if slice_scale is None else _with_fallback(scale, slice_scale)
+                    if not own:
+                        source.pop("parameters")
 
 
 def _has(scopes: list[dict[str, Any]], name: str) -> bool:
@@ -305,15 +333,16 @@ def _require_weights(recipe: dict[str, Any], translation: _Translation, base: st
     """Refuse, as mergekit does, a model of a weighted method that has no weight at any level."""
     if translation.per_model.get("weight") is not _REQUIRED:
         return
-    groups = ([("models", recipe["models"], {})] if "models" in recipe else
-              [(f"slices.{i}.sources", piece["sources"], piece["parameters"])
-               for i, piece in enumerate(recipe.get("slices", []))])
-    for where, entries, slice_parameters in groups:
+    groups = []
+    for prefix, container, module_parameters in _containers(recipe):
+        groups += ([(f"{prefix}models", container["models"], [module_parameters])] if "models" in container else
+                   [(f"{prefix}slices.{i}.sources", piece["sources"], [piece["parameters"], module_parameters])
+                    for i, piece in enumerate(container.get("slices", []))])
+    for where, entries, scopes in groups:
         for index, entry in enumerate(entries):
             if entry["path"] == base and translation.method not in _WEIGHT_ON_BASE:
                 continue
-            if "weight" in entry or _has([entry.get("parameters", {}), slice_parameters, recipe["parameters"]],
-                                         "weight"):
+            if "weight" in entry or _has([entry.get("parameters", {}), *scopes, recipe["parameters"]], "weight"):
                 continue
             who = (f"base_model {entry['path']!r}, which {translation.method!r} merges as one more model"
                    if entry["path"] == base else f"{where}.{index} ({entry['path']!r})")
@@ -346,10 +375,14 @@ def _mergekit_defaults(recipe: dict[str, Any], translation: _Translation) -> Non
         if default is _REQUIRED or default is None or name in _MEMORY_ONLY or ours not in spec.params:
             continue
         top[ours] = _with_fallback(top[ours], default) if ours in top else default
-    entries = recipe.get("models") or [e for piece in recipe.get("slices", []) for e in piece["sources"]]
-    scopes = [("parameters", top), *((f"slices.{i}.parameters", piece["parameters"])
-                                     for i, piece in enumerate(recipe.get("slices", []))),
-              *((f"{entry['path']}.parameters", entry.get("parameters", {})) for entry in entries)]
+    scopes = [("parameters", top)]
+    for prefix, container, module_parameters in _containers(recipe):
+        if prefix:
+            scopes.append((f"{prefix}parameters", module_parameters))
+        scopes += [(f"{prefix}slices.{i}.parameters", piece["parameters"])
+                   for i, piece in enumerate(container.get("slices", []))]
+        entries = container.get("models") or [e for piece in container.get("slices", []) for e in piece["sources"]]
+        scopes += [(f"{entry['path']}.parameters", entry.get("parameters", {})) for entry in entries]
     for where, scope in scopes:
         if "rescale_l1" in spec.params and isinstance(scope.get("rescale"), bool):
             # mergekit's rescale keeps each sparsified task vector's L1 norm (modelfuse's DARE rescale: 1/density)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from modelfuse import compat
+from modelfuse.architecture import config_value, module_of, set_config_value
 from modelfuse.errors import RecipeError, ShapeMismatchError, summary
 from modelfuse.io.chat_templates import resolve_chat_template
 from modelfuse.io.checkpoint import Checkpoint
@@ -20,7 +21,7 @@ from modelfuse.io.vocabulary import Vocabulary, build_vocabulary, config_vocab_s
 from modelfuse.kernels.vocabulary import RowSource, default_sources
 from modelfuse.methods import MethodSpec
 from modelfuse.params import ParamValue, resolve_value
-from modelfuse.recipe import ModelEntry, Recipe
+from modelfuse.recipe import ModelEntry, Recipe, Slice
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -81,6 +82,7 @@ class MergePlan:
     vocabulary: Vocabulary | None = None  # the built output vocabulary (recipe ``tokenizer:``), written instead
     chat_template: str | None = None  # the Jinja chat template written into the output tokenizer
     draw_states: dict[str, torch.Tensor] = field(default_factory=dict)  # random_draws torch: job -> generator state
+    module_layers: dict[str, int] = field(default_factory=dict)  # a multi-module model: output layers per module
 
     @property
     def read_bytes(self) -> int:
@@ -106,20 +108,25 @@ class _Group:
     parameters: dict[str, ParamValue]
     start: dict[str, int]
     length: int
+    module_parameters: dict[str, ParamValue] = field(default_factory=dict)
 
 
-def _groups(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) -> list[_Group]:
+def _groups(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str, module: str,
+            models: list[ModelEntry] | None, slices: list[Slice] | None,
+            module_parameters: dict[str, ParamValue]) -> list[_Group]:
+    """One module's groups: its whole models (over the module's layers), or its slices."""
     spec = recipe.method_spec
     fallback = recipe.fallback.method_spec if recipe.fallback is not None else None
     uses_base = recipe.base is not None and (spec.base != "unused" or (fallback is not None and
                                                                       fallback.base != "unused"))
-    if recipe.models is not None:
-        entries = [e for e in recipe.models if not (uses_base and e.path == recipe.base)]
+    if models is not None:
+        entries = [e for e in models if not (uses_base and e.path == recipe.base)]
         base = ModelEntry(path=recipe.base) if uses_base else None
         everyone = entries + ([base] if base else [])
-        return [_Group(entries, base, {}, {e.path: 0 for e in everyone}, checkpoints[reference].num_layers)]
+        return [_Group(entries, base, {}, {e.path: 0 for e in everyone}, checkpoints[reference].module_layers(module),
+                       module_parameters)]
     groups = []
-    for piece in recipe.slices or []:
+    for piece in slices or []:
         entries = [e for e in piece.sources if not (uses_base and e.path == recipe.base)]
         base = next((e for e in piece.sources if uses_base and e.path == recipe.base), None)
         if uses_base and base is None:
@@ -127,19 +134,48 @@ def _groups(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) 
         start = {e.path: e.layer_range[0] for e in [*entries, *([base] if base else [])] if e.layer_range}
         first = piece.sources[0].layer_range
         assert first is not None  # validated by the recipe
-        groups.append(_Group(entries, base, piece.parameters, start, first[1] - first[0]))
+        groups.append(_Group(entries, base, piece.parameters, start, first[1] - first[0], module_parameters))
     return groups
+
+
+def _module_groups(recipe: Recipe, checkpoints: dict[str, Checkpoint], reference: str) -> dict[str, list[_Group]]:
+    """Each module's groups, main module first: the recipe's ``modules``, or its models / slices for every module.
+
+    Raises:
+        RecipeError: For modules the reference model does not have or that the recipe leaves out, and for slices
+            of a multi-module model without ``modules`` (which module's layers would they slice?).
+    """
+    modules = checkpoints[reference].modules
+    names = ", ".join(modules)
+    if recipe.modules is None:
+        if recipe.slices is not None and len(modules) > 1:
+            raise RecipeError(f"slices: {reference} has several modules ({names}), each with its own layers; give "
+                              "the slices per module under 'modules: {NAME: {slices: ...}}' (mergekit requires the "
+                              "same)")
+        return {name: _groups(recipe, checkpoints, reference, name, recipe.models, recipe.slices, {})
+                for name in modules}
+    unknown = [name for name in recipe.modules if name not in modules]
+    if unknown:
+        raise RecipeError(f"modules: {', '.join(map(repr, unknown))}: {reference} has no such module (its modules: "
+                          f"{names})")
+    missing = [name for name in modules if name not in recipe.modules]
+    if missing:
+        raise RecipeError(f"modules: {', '.join(map(repr, missing))} of {reference} not given; every module's "
+                          "tensors must come from somewhere (mergekit 0.1.5 would write a model without them): add "
+                          "each, e.g. with the same models")
+    return {name: _groups(recipe, checkpoints, reference, name, recipe.modules[name].models,
+                          recipe.modules[name].slices, recipe.modules[name].parameters) for name in modules}
 
 
 def _resolve_params(
     spec: MethodSpec, parameters: dict[str, ParamValue], group: _Group, names: dict[str, str], out_name: str,
     depth: float
 ) -> dict[str, Any]:
-    """Resolved parameter values for one tensor: per-model values > slice > ``parameters`` (the recipe's, or its
-    fallback's) > method default."""
+    """Resolved parameter values for one tensor: per-model values > slice > module > ``parameters`` (the recipe's,
+    or its fallback's) > method default."""
     params: dict[str, Any] = {}
     for pname, pspec in spec.params.items():
-        scopes = [group.parameters, parameters]
+        scopes = [group.parameters, group.module_parameters, parameters]
         if pspec.per_model:
             values = []
             for entry in group.entries:
@@ -179,7 +215,7 @@ def _open_statistics(recipe: Recipe, base_dir: Path | None) -> dict[str, Calibra
         CheckpointError: If a calibration folder is not one.
     """
     spec = recipe.method_spec
-    entries = recipe.models if recipe.models is not None else [e for s in recipe.slices or [] for e in s.sources]
+    entries = recipe.entries()
     opened = {}
     for entry in entries:
         if entry.calibration is None:
@@ -225,15 +261,17 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                    for path in recipe.input_paths()}
     spec = recipe.method_spec
     statistics = _open_statistics(recipe, base_dir)
-    groups_probe = recipe.models if recipe.models is not None else (recipe.slices or [])[0].sources
+    first_entries = recipe.scopes()[0]
+    groups_probe = first_entries[1] if first_entries[1] is not None else (first_entries[2] or [])[0].sources
     reference = recipe.tokenizer_source or recipe.base or groups_probe[0].path
     if reference not in checkpoints:
         checkpoints[reference] = open_checkpoint(reference, base_dir=base_dir, allow_pickle=allow_pickle)
     ref = checkpoints[reference]
     arch = ref.architecture
-    groups = _groups(recipe, checkpoints, reference)
+    module_groups = _module_groups(recipe, checkpoints, reference)
     # The embedding and head come from the first and last groups' models: only theirs must share a vocabulary.
-    ends = {entry.path for group in (groups[0], groups[-1]) for entry in [*group.entries, *filter(None, [group.base])]}
+    ends = {entry.path for groups in module_groups.values() for group in (groups[0], groups[-1])
+            for entry in [*group.entries, *filter(None, [group.base])]}
     architectures = compat.architecture_difference(checkpoints)
     vocabulary = _build_vocabulary(recipe, checkpoints, base_dir, allow_pickle) if recipe.tokenizer else None
     token_tensors = {name for head, embeds in arch.tied_head.items() for name in (head, *embeds)}
@@ -290,44 +328,31 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
 
     everyone = lambda group: [*group.entries, *([group.base] if group.base else [])]  # noqa: E731
     heads = compat.untied_heads(checkpoints, reference)
-    outside = [name for name in ref if arch.position(name) != "layer" and not arch.is_buffer(name)] + heads
-    for name in outside:
-        if arch.position(name) == "pre":
-            group, depth = groups[0], 0.0
-        else:  # mergekit 0.1.5 evaluates gradients at t = 0 for the final norm and head too
-            group, depth = groups[-1], 0.0 if recipe.dialect == "mergekit" else 1.0
-        add(name, group, {e.path: name for e in everyone(group)}, depth)
-
-    layer_map: list[tuple[str, int]] = []
-    out_layer = 0
-    for group in groups:
-        first = group.entries[0] if group.entries else group.base
-        assert first is not None
-        for offset in range(group.length):
-            depth = _layer_depth(offset, group.length)
-            template_model = checkpoints[first.path]
-            source_layer = group.start[first.path] + offset
-            if source_layer >= template_model.num_layers:
-                problems.append(f"{first.path}: has {template_model.num_layers} layers, layer {source_layer} asked")
+    modules = ref.modules
+    layer_maps: dict[str, list[tuple[str, int]]] = {}
+    for module_name, module in modules.items():
+        groups = module_groups[module_name]
+        mine = [name for name in [*ref, *heads] if module_of(modules, name) is module]
+        for name in mine:
+            if module.position(name) == "layer" or module.is_buffer(name):
                 continue
-            layer_map.append((first.path, source_layer))
-            for name in template_model:
-                parts = template_model.architecture.split(name)
-                if parts is None or parts.index != source_layer or template_model.architecture.is_buffer(name):
-                    continue
-                names = {}
-                for entry in everyone(group):
-                    entry_arch = checkpoints[entry.path].architecture
-                    names[entry.path] = f"{entry_arch.layer_prefix}.{group.start[entry.path] + offset}.{parts.rest}"
-                add(f"{arch.layer_prefix}.{out_layer}.{parts.rest}", group, names, depth)
-            out_layer += 1
+            if module.position(name) == "pre":
+                group, depth = groups[0], 0.0
+            else:  # mergekit 0.1.5 evaluates gradients at t = 0 for the final norm and head too
+                group, depth = groups[-1], 0.0 if recipe.dialect == "mergekit" else 1.0
+            add(name, group, {e.path: name for e in everyone(group)}, depth)
+        layer_maps[module_name] = _plan_layers(module_name, groups, checkpoints, reference, add, problems)
     if problems:
         raise ShapeMismatchError(summary(_fit_head(architectures), problems), details=problems)
     zero_sums = _zero_weight_sums(jobs)
     if zero_sums:
         raise RecipeError(zero_sums)
+    refused = _mergekit_refusals(recipe, jobs)
+    if refused:
+        raise RecipeError(refused)
     jobs.sort(key=lambda job: _order_key(arch, job.name))
-    config = _output_config(ref, recipe, layer_map, out_layer)
+    layer_map = next(iter(layer_maps.values()))
+    config = _output_config(ref, recipe, layer_maps)
     if vocabulary is not None:
         _set_vocab_size(config, vocabulary.rows)
     if heads:
@@ -337,7 +362,8 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
                 "stores the merged head and is saved untied" for name in heads
                 for label, ckpt in checkpoints.items() if name in ckpt]
     if recipe.base and spec.base != "unused":
-        experts = [path for path in dict.fromkeys(e.path for g in groups for e in g.entries) if path != recipe.base]
+        experts = [path for path in dict.fromkeys(e.path for groups in module_groups.values() for g in groups
+                                                  for e in g.entries) if path != recipe.base]
         warnings += compat.ancestry_warnings(checkpoints, recipe.base, experts)
     tokenizer, note = _tokenizer_source(recipe, checkpoints, reference)
     warnings += [note] if note else []
@@ -374,7 +400,41 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
     if chat_template is not None and vocabulary is None and tokenizer is None:
         warnings.append("chat_template: no tokenizer to write it into (no input has tokenizer files); not saved")
     return MergePlan(recipe, checkpoints, reference, jobs, config, layer_map, warnings, statistics=statistics,
-                     tokenizer=tokenizer, vocabulary=vocabulary, chat_template=chat_template)
+                     tokenizer=tokenizer, vocabulary=vocabulary, chat_template=chat_template,
+                     module_layers={name: len(found) for name, found in layer_maps.items()} if len(layer_maps) > 1
+                     else {})
+
+
+def _plan_layers(module_name: str, groups: list[_Group], checkpoints: dict[str, Checkpoint], reference: str,
+                 add: Any, problems: list[str]) -> list[tuple[str, int]]:
+    """Plan one module's layer tensors group by group (``add(out_name, group, names, depth)``, output names with
+    the reference's layer prefix); the module's layer map: (model, source layer) of each output layer."""
+    out_prefix = checkpoints[reference].modules[module_name].layer_prefix
+    layer_map: list[tuple[str, int]] = []
+    for group in groups:
+        first = group.entries[0] if group.entries else group.base
+        assert first is not None
+        template_model = checkpoints[first.path]
+        template = template_model.modules[module_name]
+        layers = template_model.module_layers(module_name)
+        for offset in range(group.length):
+            depth = _layer_depth(offset, group.length)
+            source_layer = group.start[first.path] + offset
+            if source_layer >= layers:
+                problems.append(f"{first.path}: has {layers} layers, layer {source_layer} asked")
+                continue
+            out_layer = len(layer_map)
+            layer_map.append((first.path, source_layer))
+            for name in template_model:
+                parts = template.split(name)
+                if parts is None or parts.index != source_layer or template.is_buffer(name):
+                    continue
+                sources = {}
+                for entry in [*group.entries, *([group.base] if group.base else [])]:
+                    prefix = checkpoints[entry.path].modules[module_name].layer_prefix
+                    sources[entry.path] = f"{prefix}.{group.start[entry.path] + offset}.{parts.rest}"
+                add(f"{out_prefix}.{out_layer}.{parts.rest}", group, sources, depth)
+    return layer_map
 
 
 def _mergekit_half(recipe: Recipe, method: MethodSpec, dtypes: set[torch.dtype]) -> torch.dtype | None:
@@ -509,6 +569,20 @@ def _fit_head(architectures: str | None) -> str:
     return "the input models do not fit together" + (f" ({architectures})" if architectures else "")
 
 
+def _mergekit_refusals(recipe: Recipe, jobs: list[TensorJob]) -> str | None:
+    """Tensors whose parameters mergekit 0.1.5 refuses in the computation followed for them (its draws or its half
+    precision; ``MethodSpec.mergekit_refuses``), named with the first reason."""
+    refused = []
+    for job in jobs:
+        follows = job.half is not None or (recipe.random_draws == "torch" and job.method.torch_draws is not None)
+        found = job.method.mergekit_refuses(job.params) if follows and job.method.mergekit_refuses else None
+        if found is not None:
+            refused.append(f"{job.sources[found[0]].model}: tensor {job.name!r}: {found[1]}")
+    if not refused:
+        return None
+    return refused[0] + (f" (and {len(refused) - 1} more tensor(s))" if len(refused) > 1 else "")
+
+
 def _zero_weight_sums(jobs: list[TensorJob]) -> str | None:
     """The problem when a method divides by the models' weights (normalize) and they sum to 0 for some tensors."""
     divisors = [(job.name, job.method.weight_divisor(job.params)) for job in jobs]
@@ -526,15 +600,17 @@ def _order_key(arch: Any, name: str) -> tuple[int, int, str]:
     return ({"pre": 0, "layer": 1, "post": 2}[position], parts.index if parts else 0, name)
 
 
-def _output_config(ref: Checkpoint, recipe: Recipe, layer_map: list[tuple[str, int]], count: int) -> dict[str, Any]:
+def _output_config(ref: Checkpoint, recipe: Recipe, layer_maps: dict[str, list[tuple[str, int]]]) -> dict[str, Any]:
+    """The reference's config with each module's layer count (and per-layer lists) set to the output's."""
     config = copy.deepcopy(ref.config)
-    arch = ref.architecture
-    if arch.num_layers_key and arch.num_layers_key in config:
-        config[arch.num_layers_key] = count
-    for key in arch.per_layer_config_keys:
-        values = config.get(key)
-        if isinstance(values, list) and len(values) == ref.num_layers:
-            config[key] = [values[index] for _, index in layer_map]
+    for module_name, layer_map in layer_maps.items():
+        module = ref.modules[module_name]
+        if module.num_layers_key and config_value(config, module.num_layers_key) is not None:
+            set_config_value(config, module.num_layers_key, len(layer_map))
+        for key in module.per_layer_config_keys:
+            values = config_value(config, key)
+            if isinstance(values, list) and len(values) == ref.module_layers(module_name):
+                set_config_value(config, key, [values[index] for _, index in layer_map])
     if recipe.dtype:
         config["torch_dtype"] = recipe.dtype
         if "dtype" in config:

@@ -72,6 +72,22 @@ class Slice(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class ModuleRecipe(BaseModel):
+    """One module of a multi-module model (a vision-language model's ``text_decoder``, ``vision_tower``,
+    ``multi_modal_projector``): its models or slices (layer ranges of that module's stack) and parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    def entries(self) -> list[ModelEntry]:
+        """All model entries, from ``models`` or from every slice's sources."""
+        if self.models is not None:
+            return list(self.models)
+        return [source for piece in self.slices or [] for source in piece.sources]
+
+
 class LinesPost(BaseModel):
     """LiNeS post-step: the merged task vector of depth ``d`` is scaled by ``alpha + beta * d``."""
 
@@ -149,6 +165,9 @@ class Recipe(BaseModel):
     base: str | None = None
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
+    modules: dict[str, ModuleRecipe] | None = Field(
+        default=None, description="per module of a multi-module model (a vision-language model): its models or "
+        "slices and parameters, by module name (modelfuse plan lists them); instead of models/slices")
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: DType | None = Field(default=None, description="output dtype; default: each input tensor's dtype")
     compute_dtype: Literal["float32", "float64"] = "float32"
@@ -207,10 +226,20 @@ class Recipe(BaseModel):
         return list(dict.fromkeys(paths))
 
     def entries(self) -> list[ModelEntry]:
-        """All model entries, from ``models`` or from every slice's sources."""
+        """All model entries, from ``models``, from every slice's sources, or from every module's."""
         if self.models is not None:
             return list(self.models)
+        if self.modules is not None:
+            return [entry for module in self.modules.values() for entry in module.entries()]
         return [source for piece in self.slices or [] for source in piece.sources]
+
+    def scopes(self) -> list[tuple[str, list[ModelEntry] | None, list[Slice] | None, dict[str, ParamValue]]]:
+        """The recipe's groups of inputs as (field, models, slices, module parameters): the top level's, or one per
+        module."""
+        if self.modules is not None:
+            return [(f"modules.{name}", module.models, module.slices, module.parameters)
+                    for name, module in self.modules.items()]
+        return [("", self.models, self.slices, {})]
 
     def shard_bytes(self) -> int:
         """The maximum shard size in bytes."""
@@ -228,8 +257,13 @@ def _problems(recipe: Recipe) -> list[str]:
     except RecipeError as error:
         return [str(error)]
     problems: list[str] = []
-    if (recipe.models is None) == (recipe.slices is None):
-        problems.append("models/slices: give exactly one of 'models' (merge whole models) or 'slices'")
+    given = [key for key in ("models", "slices", "modules") if getattr(recipe, key) is not None]
+    if len(given) != 1:
+        problems.append("models/slices/modules: give exactly one of 'models' (merge whole models), 'slices' or "
+                        "'modules' (per module of a multi-module model)")
+    for name, module in (recipe.modules or {}).items():
+        if (module.models is None) == (module.slices is None):
+            problems.append(f"modules.{name}: give exactly one of 'models' or 'slices'")
     try:
         parse_bytes(recipe.shard_size, field="shard_size")
     except RecipeError as error:
@@ -237,15 +271,18 @@ def _problems(recipe: Recipe) -> list[str]:
     if spec.base == "required" and not recipe.base:
         problems.append(f"base: method {spec.name!r} needs a base model; add 'base: <path>'")
     problems += _check_params(spec, recipe.parameters, "parameters", allow_per_model=True)
-    if recipe.models is not None:
-        problems += _check_group(spec, recipe.models, recipe.base, "models", slices=False)
-    for index, piece in enumerate(recipe.slices or []):
-        where = f"slices.{index}"
-        problems += _check_params(spec, piece.parameters, f"{where}.parameters", allow_per_model=True)
-        problems += _check_group(spec, piece.sources, recipe.base, f"{where}.sources", slices=True)
-        lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources if s.layer_range}
-        if len(lengths) > 1:
-            problems.append(f"{where}.sources: every source of a slice needs the same number of layers")
+    for scope, models, slices, module_parameters in recipe.scopes():
+        prefix = f"{scope}." if scope else ""
+        problems += _check_params(spec, module_parameters, f"{prefix}parameters", allow_per_model=True)
+        if models is not None:
+            problems += _check_group(spec, models, recipe.base, f"{prefix}models", slices=False)
+        for index, piece in enumerate(slices or []):
+            where = f"{prefix}slices.{index}"
+            problems += _check_params(spec, piece.parameters, f"{where}.parameters", allow_per_model=True)
+            problems += _check_group(spec, piece.sources, recipe.base, f"{where}.sources", slices=True)
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources if s.layer_range}
+            if len(lengths) > 1:
+                problems.append(f"{where}.sources: every source of a slice needs the same number of layers")
     if recipe.tokenizer_source and recipe.tokenizer:
         problems.append("tokenizer_source/tokenizer: give one of them (tokenizer_source copies a model's tokenizer, "
                         "tokenizer: builds the output vocabulary)")
@@ -345,6 +382,10 @@ def _check_required(spec: MethodSpec, recipe: Recipe) -> list[str]:
     problems = []
     for name, param in spec.params.items():
         if not param.required or name in recipe.parameters:
+            continue
+        scopes = recipe.scopes()
+        if all(name in parameters or (slices and all(name in piece.parameters for piece in slices))
+               for _, _, slices, parameters in scopes):
             continue
         if any(name in piece.parameters for piece in recipe.slices or []):
             continue

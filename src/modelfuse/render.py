@@ -39,7 +39,10 @@ def plan_table(plan: MergePlan, show: int, options: MergeOptions | None = None) 
         summary.add_row("chat template", plan.recipe.chat_template if plan.recipe.chat_template != plan.chat_template
                         else "given (Jinja)")
     summary.add_row("output tensors", str(len(plan.jobs)))
-    summary.add_row("output layers", str(len(plan.layer_map)))
+    if plan.module_layers:
+        summary.add_row("output layers", ", ".join(f"{name} {count}" for name, count in plan.module_layers.items()))
+    else:
+        summary.add_row("output layers", str(len(plan.layer_map)))
     summary.add_row("bytes read", format_bytes(plan.read_bytes))
     summary.add_row("bytes written", format_bytes(plan.write_bytes))
     summary.add_row("predicted peak memory", f"{format_bytes(predicted.peak_memory_bytes)} "

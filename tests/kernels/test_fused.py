@@ -326,7 +326,8 @@ def test_ties_bf16_loop_runs_uncompiled() -> None:
     bits = tuple(e.view(torch.int16).numpy().view(np.uint16) for e in experts)
     arguments = (np.asarray([0.5, 1.0], dtype=np.float32), np.asarray([0, 3], dtype=np.int64),
                  np.asarray([0.01, 0.0], dtype=np.float32), np.asarray([3, 0], dtype=np.int64),
-                 np.asarray([0.5, 0.4], dtype=np.float32), np.asarray([0, 12345], dtype=np.uint64),
+                 np.asarray([0.5, 0.4], dtype=np.float32), np.asarray([1.0, 1.0], dtype=np.float32),
+                 np.asarray([0, 12345], dtype=np.uint64),
                  np.asarray([0, keep_limit(0.4)], dtype=np.uint64), np.uint64(7), np.float32(0.9), True)
     plain, plain_counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
     with np.errstate(over="ignore"):  # the random words wrap modulo 2**64 on purpose

@@ -59,3 +59,31 @@ def test_rescale_matches_mergekit(make_family: Any, mergekit_parity: MergekitPar
               "models": [{"model": str(paths["e1"])}, {"model": str(paths["e2"])}]}
     mk, mf = mergekit_parity.run(config)
     mergekit_parity.assert_equal(mk, mf, tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_rescale_l1_in_row_blocks_equals_the_whole_tensor(make_family: Any, tmp_path: Any, method: str,
+                                                          dtype: torch.dtype) -> None:
+    """DARE and DELLA with ``rescale_l1`` merged in row blocks (the engine sums the norms in a pre-pass, float64;
+    bfloat16 blocks through the fused kernel) equal the whole-tensor computation (float32 sums) up to the rounding
+    of the norm ratio."""
+    from safetensors.torch import load_file
+
+    import modelfuse
+
+    paths = make_family("llama", dtype=dtype)
+    recipe = {"method": method, "base": str(paths["base"]), "seed": 5,
+              "parameters": {"rescale_l1": True, "density": [0.3, 0.7], **({"epsilon": 0.1} if "della" in method
+                                                                             else {})},
+              "models": [{"path": str(paths["e1"]), "weight": 0.7}, {"path": str(paths["e2"]), "weight": 0.5}]}
+    modelfuse.merge(recipe, tmp_path / "blocks", options=modelfuse.MergeOptions(chunk_elements=96))
+    modelfuse.merge(recipe, tmp_path / "whole", options=modelfuse.MergeOptions(chunk_elements=1 << 24))
+    blocks, whole = (load_file(tmp_path / name / "model.safetensors") for name in ("blocks", "whole"))
+    base = load_file(paths["base"] / "model.safetensors")
+    for name, value in whole.items():
+        moved = (value.float() - base[name].float()).abs().max()
+        tol = 1e-6 if dtype == torch.float32 else float(value.float().abs().max()) * 2**-7  # one bfloat16 step
+        torch.testing.assert_close(blocks[name].float(), value.float(), rtol=0, atol=max(tol, 1e-6))
+        if name.endswith("q_proj.weight") and "della" not in method:
+            assert float(moved) > 0  # the merge did something

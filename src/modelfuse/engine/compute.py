@@ -12,8 +12,14 @@ import torch
 
 from modelfuse.engine.buffers import READ_BUFFER, RESULT_BUFFER
 from modelfuse.engine.finite import FiniteCheck
-from modelfuse.engine.prepass import MergekitCuts, mergekit_cuts, topk_thresholds, whole_tensor_thresholds
-from modelfuse.engine.units import WorkUnit, mergekit_selection, rowwise, torch_draws
+from modelfuse.engine.prepass import (
+    MergekitCuts,
+    l1_scales,
+    mergekit_cuts,
+    topk_thresholds,
+    whole_tensor_thresholds,
+)
+from modelfuse.engine.units import WorkUnit, l1_prepass, mergekit_selection, rowwise, torch_draws
 from modelfuse.errors import ModelfuseError
 from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
@@ -51,6 +57,7 @@ def compute_tensor(
     allow_nonfinite: bool = False,
     device: torch.device = CPU,
     cuts: MergekitCuts | None = None,
+    scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """The merged value of one output tensor, or of its row block ``rows``, in the job's output dtype, on the CPU.
 
@@ -62,7 +69,8 @@ def compute_tensor(
     ``PIECE_ELEMENTS`` elements; the result does not depend on the piece size. A blocked result goes into
     ``out`` (a uint8 buffer of at least its size, which the result then shares) when given. With ``cuts``
     (mergekit's order at the thresholds), the block's entries where that order keeps other entries than the
-    flat-order rule are recomputed with mergekit's masks.
+    flat-order rule are recomputed with mergekit's masks. ``scales``: the whole tensor's L1 rescale factors
+    (``prepass.l1_scales``) for a block of a method with ``rescale_l1``.
 
     Raises:
         CheckpointError: If an input holds NaN or Inf and ``allow_nonfinite`` is False (model, tensor, counts).
@@ -109,7 +117,7 @@ def compute_tensor(
         result = torch.empty(shape, dtype=job.dtype) if out is None else _view_out(out, shape, job.dtype)
         # The kernel accepts only a result that is finite (so were its inputs: NaN and Inf propagate to the
         # result); any other block is recomputed below, where the inputs and the result are checked.
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {} if scales is None else {"l1_scales": scales}
         if job.method.random:  # the block's view of the tensor's random field, as the torch steps get it
             extra["noise"] = RandomField(tensor_seed(plan.recipe.seed, job.name)).shifted(rows[0] * row_elements)
         if thresholds is None and kernel(raw, raw_base, job.params, result, **extra):
@@ -132,7 +140,7 @@ def compute_tensor(
         piece_base = raw_base[start:stop] if raw_base is not None else None
         piece_rows = (rows[0] + start, rows[0] + stop)
         result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite,
-                                                device))
+                                                device, scales))
     return finite.output(_recompute_cuts(job, plan, raw, raw_base, rows, thresholds, cuts, result, finite, device))
 
 
@@ -195,6 +203,7 @@ def _compute_piece(
     equal_before: list[list[int]] | None,
     finite: FiniteCheck,
     device: torch.device = CPU,
+    scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
 
@@ -213,7 +222,7 @@ def _compute_piece(
         row_elements = int(torch.Size(job.shape[1:]).numel())
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
-                                   "statistics": _statistics(job, plan, compute_dtype, device)}
+                                   "statistics": _statistics(job, plan, compute_dtype, device), "l1_scales": scales}
     if rows is None and base is not None and mergekit_selection(job, plan):
         # A mergekit recipe: the entries equal to a cut-off are those mergekit's sort puts first (whole tensors).
         numel = base.numel()
@@ -299,14 +308,17 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfini
     row_bytes = int(torch.Size(job.shape[1:]).numel()) * job.dtype.itemsize
     if unit.blocks is not None:
         chunk = max(stop - start for start, stop in unit.blocks) * (row_bytes // job.dtype.itemsize)
-        thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite)
-        cuts = mergekit_cuts(job, plan, thresholds, chunk, allow_nonfinite) if mergekit_selection(job, plan) else None
-        equal_before = [[0] * len(model) for model in thresholds]
+        thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite) if job.method.topk is not None else None
+        cuts = (mergekit_cuts(job, plan, thresholds, chunk, allow_nonfinite)
+                if thresholds is not None and mergekit_selection(job, plan) else None)
+        noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
+        scales = l1_scales(job, plan, unit.blocks, noise, allow_nonfinite) if l1_prepass(job, plan) else None
+        equal_before = [[0] * len(model) for model in thresholds] if thresholds is not None else None
         for rows in unit.blocks:
             out = RESULT_BUFFER.get((rows[1] - rows[0]) * row_bytes)
             writer.write_rows(job.name, rows[0], compute_tensor(job, plan, rows, thresholds, equal_before, out,
                                                                    allow_nonfinite=allow_nonfinite, device=device,
-                                                                   cuts=cuts))
+                                                                   cuts=cuts, scales=scales))
     elif unit.rows is None:
         writer.write_rows(job.name, 0, compute_tensor(job, plan, allow_nonfinite=allow_nonfinite, device=device))
     else:

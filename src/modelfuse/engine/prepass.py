@@ -12,9 +12,11 @@ import torch
 from modelfuse.engine.buffers import SELECTION_BUFFER, SELECTION_READ_BUFFER
 from modelfuse.engine.finite import FiniteCheck, all_finite
 from modelfuse.kernels import fused
+from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.kernels.torch_sort import equal_kept
+from modelfuse.methods import l1_scale
 from modelfuse.plan import MergePlan, Source, TensorJob
 
 
@@ -148,3 +150,25 @@ def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel:
             expert = torch.where(torch.isfinite(expert), expert, reference)
         torch.sub(expert, reference, out=torch.from_numpy(values[start:stop])).abs_()
     return values
+
+
+def l1_scales(job: TensorJob, plan: MergePlan, blocks: Sequence[tuple[int, int]], noise: RandomField,
+              replace_nonfinite: bool = False) -> list[float]:
+    """Per model, the L1 rescale of the job's sparsified task vector over the whole tensor: ``|tau_i|_1 /
+    |kept_i|_1`` (``MethodSpec.l1_kept``; ``methods.l1_scale``: 1.0 where either norm is below its epsilon),
+    summed block by block in float64 before the blocks are computed. ``noise``: the tensor's random field."""
+    assert job.base is not None and job.method.l1_kept is not None
+    inputs = [*job.sources, job.base]
+    row_elements = int(torch.Size(job.shape[1:]).numel())
+    before = [0.0] * len(job.sources)
+    after = [0.0] * len(job.sources)
+    finite = FiniteCheck(job, plan, replace_nonfinite)
+    for rows in blocks:
+        raw = [plan.checkpoints[source.model].read(source.name, rows).float() for source in inputs]
+        tensors, base = finite.inputs(raw[:-1], raw[-1])
+        assert base is not None
+        kept = job.method.l1_kept(tensors, base, job.params, noise.shifted(rows[0] * row_elements))
+        for model, (tensor, sparse) in enumerate(zip(tensors, kept, strict=True)):
+            before[model] += float((tensor - base).abs().sum(dtype=torch.float64))
+            after[model] += float(sparse.abs().sum(dtype=torch.float64))
+    return [l1_scale(b, a) for b, a in zip(before, after, strict=True)]

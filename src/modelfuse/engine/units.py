@@ -14,8 +14,9 @@ from modelfuse.plan import MergePlan, TensorJob
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """One piece of work: a whole tensor, one row block of a rowwise method's tensor, or a top-k method's
-    tensor streamed block by block (``blocks``) by one thread after it found the exact thresholds."""
+    """One piece of work: a whole tensor, one row block of a rowwise method's tensor, or a tensor streamed block by
+    block (``blocks``) by one thread after a pre-pass over it (a top-k method's exact thresholds, an L1 rescale's
+    norms)."""
 
     job: TensorJob
     rows: tuple[int, int] | None
@@ -43,11 +44,18 @@ def torch_draws(job: TensorJob, plan: MergePlan) -> bool:
     return plan.recipe.random_draws == "torch" and job.method.torch_draws
 
 
+def l1_prepass(job: TensorJob, plan: MergePlan) -> bool:
+    """Whether the job's L1-norm rescale (``rescale_l1``) is found by a pre-pass over row blocks
+    (``MethodSpec.l1_kept``) rather than by computing the tensor whole."""
+    return bool(job.params.get("rescale_l1")) and job.method.l1_kept is not None and not torch_draws(job, plan)
+
+
 def _whole(job: TensorJob, plan: MergePlan) -> bool:
     """Whether this call needs the whole tensor at once, whatever the method's declarations: parameters that make
-    it so, torch's ordered draws, a vocabulary alignment."""
-    return (any(job.params.get(name) for name in job.method.whole_tensor_when) or torch_draws(job, plan)
-            or job.vocabulary is not None or job.half is not None)
+    it so (an L1 rescale the engine can sum beforehand excepted), torch's ordered draws, a vocabulary alignment."""
+    return (any(job.params.get(name) for name in job.method.whole_tensor_when
+                if not (name == "rescale_l1" and l1_prepass(job, plan)))
+            or torch_draws(job, plan) or job.vocabulary is not None or job.half is not None)
 
 
 def rowwise(job: TensorJob, plan: MergePlan) -> bool:
@@ -100,7 +108,7 @@ def work_units(
         rows_per_block = max(1, block_elements // max(1, row_elements))
         starts = range(0, job.shape[0], rows_per_block)
         blocks = tuple((start, min(job.shape[0], start + rows_per_block)) for start in starts)
-        if job.method.topk is not None:
+        if job.method.topk is not None or l1_prepass(job, plan):
             # mergekit's order: one whole task vector at a time, float32 values and int32 indices, replayed
             selection = 8 * numel if mergekit_selection(job, plan) else 0
             yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block + selection, blocks)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modelfuse.architecture import Architecture, detect_architecture
+from modelfuse.architecture import Architecture, detect_modules
 from modelfuse.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -229,8 +229,17 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     @cached_property
     def architecture(self) -> Architecture:
-        """Layer structure of this model."""
-        return detect_architecture(self.config, self._tensors)
+        """Layer structure of this model (of its main module, for a multi-module model)."""
+        return next(iter(self.modules.values()))
+
+    @cached_property
+    def modules(self) -> dict[str, Architecture]:
+        """Layer structure of each module, main module first (one, ``default``, for a single-module model)."""
+        return detect_modules(self.config, self._tensors)
+
+    def module_layers(self, module: str) -> int:
+        """Number of layers in a module's stack."""
+        return self.modules[module].num_layers(self.config, self._tensors)
 
     @cached_property
     def num_layers(self) -> int:

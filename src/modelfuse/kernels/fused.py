@@ -73,6 +73,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
     abs_deltas_bf16([half], half, torch.empty(1, 1))
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
     dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16))
+    dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16), [1.0])
     first_k_masks(torch.arange(64.0), [8], "argsort_descending")  # mergekit's cut-off order (kernels/torch_sort)
     _warm.set()
 
@@ -242,20 +243,22 @@ def dare_ties_bf16(
     keys: Sequence[int],
     start: int,
     out: torch.Tensor,
+    l1_scales: Sequence[float] | None = None,
 ) -> bool:
     """DARE-TIES of one row block from bfloat16 inputs straight into the bfloat16 ``out``, in one pass.
 
     Per model ``i``: ``tau_i = x_i - b`` dropped and rescaled as :func:`drop_and_rescale` does (``tau / density``
     where the word of stream ``keys[i]`` at flat element ``start + j`` is below ``keep_limit(density)``; all
-    kept at ``density >= 1``, none at ``<= 0``), then TIES' sign election and disjoint mean, ``b + lam * ...``,
-    rounded to bfloat16, all in float32 in the order of the torch steps. Returns False when it does not apply or
-    a result is NaN or infinite (the caller then runs the torch steps).
+    kept at ``density >= 1``, none at ``<= 0``; with ``l1_scales``, ``(tau * keep) * l1_scales[i]`` instead), then
+    TIES' sign election and disjoint mean, ``b + lam * ...``, rounded to bfloat16, all in float32 in the order of
+    the torch steps. Returns False when it does not apply or a result is NaN or infinite (the caller then runs the
+    torch steps).
     """
     if len(keys) != len(tensors):
         return False
-    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 3 for d in densities]
+    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 3 if l1_scales is None else 4 for d in densities]
     return _trimmed_ties_bf16(tensors, base, weights, densities, lam, normalize, out, modes=modes, keys=keys,
-                              start=start) is not None
+                              start=start, scales=l1_scales) is not None
 
 
 def _trimmed_ties_bf16(
@@ -272,6 +275,7 @@ def _trimmed_ties_bf16(
     quota: Sequence[int] | None = None,
     keys: Sequence[int] | None = None,
     start: int = 0,
+    scales: Sequence[float] | None = None,
 ) -> list[int] | None:
     """Run the fused trim + TIES loop; per model the count of entries equal to its threshold, or None when
     the loop does not apply or gave a non-finite result."""
@@ -288,7 +292,9 @@ def _trimmed_ties_bf16(
         np.asarray(modes, dtype=np.int64),
         np.asarray(thresholds if thresholds is not None else [0.0] * count, dtype=np.float32),
         np.asarray(quota if quota is not None else [0] * count, dtype=np.int64),
-        np.asarray(densities, dtype=np.float32), np.asarray(keys if keys is not None else [0] * count, dtype=np.uint64),
+        np.asarray(densities, dtype=np.float32),
+        np.asarray(scales if scales is not None else [1.0] * count, dtype=np.float32),
+        np.asarray(keys if keys is not None else [0] * count, dtype=np.uint64),
         np.asarray(limits, dtype=np.uint64), np.uint64(start), np.float32(lam), bool(normalize), _bf16_bits(out),
         equal_counts)
     return None if nonfinite else [int(value) for value in equal_counts]
@@ -487,6 +493,7 @@ def _ties_bf16_loop(
     thresholds: np.ndarray,
     quota: np.ndarray,
     densities: np.ndarray,
+    scales: np.ndarray,
     keys: np.ndarray,
     limits: np.ndarray,
     start: np.uint64,
@@ -500,7 +507,8 @@ def _ties_bf16_loop(
 
     Per model ``i``, ``modes[i]`` trims its task vector: 0 by ``thresholds[i]`` (``quota[i]`` entries equal to
     it still kept; ``equal_counts[i]`` counts those met), 1 keeps all, 2 keeps none, 3 drops and rescales
-    (``densities[i]``) with the words of stream ``keys[i]`` from flat element ``start`` below ``limits[i]``.
+    (``densities[i]``) with the words of stream ``keys[i]`` from flat element ``start`` below ``limits[i]``,
+    4 drops the same way and multiplies the kept entries by ``scales[i]`` (an L1-norm rescale found beforehand).
     """
     batch = 4096
     count = len(inputs)
@@ -547,8 +555,9 @@ def _ties_bf16_loop(
                             if seen > left:
                                 delta[j] = delta[j] * zero
                 equal_counts[i] += equal
-            elif modes[i] == 3:  # as _drop_and_rescale_loop, element first + j of the block
+            elif modes[i] >= 3:  # as _drop_and_rescale_loop, element first + j of the block
                 density = densities[i]
+                scale = scales[i]
                 limit = limits[i]
                 counter = keys[i] + (start + np.uint64(1)) * gamma  # uint64 arithmetic wraps modulo 2**64
                 for j in range(size):
@@ -556,7 +565,10 @@ def _ties_bf16_loop(
                     z = (z ^ (z >> np.uint64(30))) * mix_1
                     z = (z ^ (z >> np.uint64(27))) * mix_2
                     word = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
-                    delta[j] = (delta[j] / density) * (one if word < limit else zero)
+                    if modes[i] == 3:
+                        delta[j] = (delta[j] / density) * (one if word < limit else zero)
+                    else:
+                        delta[j] = (delta[j] * (one if word < limit else zero)) * scale
         for j in range(size):  # ties_combine, as _ties_combine_loop
             total_sum = deltas[0, j] * weights[0]
             for i in range(1, count):

@@ -16,10 +16,11 @@ from modelfuse.methods._registry import (
     register,
     register_post_step,
 )
+from modelfuse.methods._steps import l1_scale
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["MethodSpec", "Param", "ParamSpec", "all_methods", "get_method", "get_post_step", "register",
+__all__ = ["MethodSpec", "Param", "ParamSpec", "all_methods", "get_method", "get_post_step", "l1_scale", "register",
            "register_post_step"]

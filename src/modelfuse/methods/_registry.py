@@ -146,6 +146,8 @@ class MethodSpec:
     torch_draws: DrawingModels | None = None
     whole_tensor_when: tuple[str, ...] = ()
     mergekit_half: Callable[..., torch.Tensor] | None = None
+    mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None
+    l1_kept: Callable[..., list[torch.Tensor]] | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -170,7 +172,7 @@ _METHODS: dict[str, MethodSpec] = {}
 # entries equal to it are kept in flat index order until k are kept), and statistics (per model, a dict of the
 # calibration statistics the method declares, each the model's statistic of this tensor or None where it has
 # none; see modelfuse.calibrate).
-CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks", "statistics")
+CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks", "statistics", "l1_scales")
 
 
 def _scalar_kind(hint: Any, name: str, method: str) -> tuple[type, bool]:
@@ -253,6 +255,8 @@ def register(
     torch_draws: DrawingModels | None = None,
     whole_tensor_when: tuple[str, ...] = (),
     mergekit_half: Callable[..., torch.Tensor] | bool = False,
+    mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None,
+    l1_kept: Callable[..., list[torch.Tensor]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -280,7 +284,9 @@ def register(
         working_bytes: ``working_bytes(shape, models)``: the memory a whole-tensor call holds beyond its inputs,
             output and statistics (a solver's float64 sums, say); the engine reserves it in the RAM budget.
         mergekit_order: For top-k methods that mergekit 0.1.5 has, the order its sort gives equal magnitudes
-            (``MergekitOrder``); a mergekit-dialect recipe then gets mergekit's masks (whole tensors).
+            (``MergekitOrder``); a recipe with ``tie_order: mergekit`` (a mergekit YAML's default) then gets
+            mergekit's masks: the engine computes row blocks by the flat-order rule and recomputes the entries where
+            mergekit's order differs, so ``fn`` must be element-wise once its ``topk_masks`` are given.
         torch_draws: For random methods that can draw from a ``TorchDraws`` (one Bernoulli draw per entry of the
             tensor, model by model): ``torch_draws(params)`` says which models draw. A recipe with
             ``random_draws: torch`` then gets mergekit's draws.
@@ -290,6 +296,14 @@ def register(
             dtype, every step rounded as mergekit rounds it): used for a mergekit-dialect recipe that computes in
             bfloat16 or float16, on whole tensors. True: the method itself, run in that dtype, is mergekit's
             computation (the same operations in the same order).
+        mergekit_refuses: ``mergekit_refuses(params)``: (model index, why) when mergekit 0.1.5 refuses a tensor's
+            resolved parameters in the computation modelfuse follows for ``torch_draws`` or ``mergekit_half``
+            (None when it accepts them); the plan then refuses the recipe, naming the model and tensor.
+        l1_kept: For a rowwise method with ``rescale_l1`` (each sparsified task vector scaled back to its L1
+            norm, a sum over the whole tensor): ``l1_kept(tensors, base, params, noise)`` gives the sparsified
+            task vectors of a row block, unscaled. The engine then sums ``|tau_i|`` and ``|l1_kept_i|`` over the
+            blocks first and computes the blocks with ``l1_scales`` (``|tau_i|_1 / |kept_i|_1``, 1 where a norm
+            is below ``L1_EPSILON``), which the method uses instead of its own whole-tensor sums.
 
     Returns:
         A decorator registering the function.
@@ -311,7 +325,7 @@ def register(
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
             bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
-            fn if mergekit_half is True else mergekit_half or None,
+            fn if mergekit_half is True else mergekit_half or None, mergekit_refuses, l1_kept,
         )
         return fn
 

@@ -78,6 +78,12 @@ def sparsify_magnitude(tau: torch.Tensor, density: float, mask: torch.Tensor | N
 L1_EPSILON = 1e-7  # below this L1 norm (before or after sparsifying) a task vector is left unscaled, as mergekit
 
 
+def l1_scale(before: float, after: float) -> float:
+    """The L1 rescale factor ``before / after`` of a sparsified task vector from its norms before and after
+    (summed elsewhere, a row block at a time), 1.0 when either is below ``L1_EPSILON`` (as ``l1_rescaled``)."""
+    return before / after if before >= L1_EPSILON and after >= L1_EPSILON else 1.0
+
+
 def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``kept`` (a sparsified ``tau``) scaled by ``|tau|_1 / |kept|_1``, unscaled when either norm is below 1e-7."""
     before, after = tau.abs().sum(), kept.abs().sum()

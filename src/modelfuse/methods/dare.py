@@ -12,7 +12,7 @@ from modelfuse.kernels.random import RandomField, TorchDraws
 from modelfuse.methods._mergekit_half import mergekit_half
 from modelfuse.methods._params import DisjointMean, MergedScale, RescaleL1, TaskWeight, WeightMean
 from modelfuse.methods._registry import Param, register
-from modelfuse.methods._steps import drop_task_vector, l1_rescaled, weighted_sum
+from modelfuse.methods._steps import drop_task_vector, l1_rescaled, task_vectors, weighted_sum
 from modelfuse.methods.ties import ties_combine
 
 _PAPER = "Language Models are Super Mario (Yu et al. 2024), https://arxiv.org/abs/2311.03099"
@@ -23,6 +23,19 @@ Density = Annotated[
 
 Rescale = Annotated[bool, Param("divide the kept entries by density (DARE); false keeps them as they are")]
 
+def _kept(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float],
+          noise: RandomField | TorchDraws) -> list[torch.Tensor]:
+    """Each task vector times its drop mask, unscaled (a density of 1 or more keeps it whole)."""
+    return [tensor - base if d >= 1.0 else (tensor - base) * noise.bernoulli(model, tensor.shape, d)
+            for model, (tensor, d) in enumerate(zip(tensors, density, strict=True))]
+
+
+def _l1_kept(tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], noise: RandomField
+             ) -> list[torch.Tensor]:
+    """The engine's L1 pre-pass: a block's dropped task vectors before any rescale (``MethodSpec.l1_kept``)."""
+    return _kept(tensors, base, params["density"], noise)
+
+
 def _drawing(params: dict[str, Any]) -> list[bool]:
     """Which models draw a mask: every density below 1 (mergekit draws at density 0 too)."""
     return [d < 1.0 for d in params["density"]]
@@ -30,17 +43,19 @@ def _drawing(params: dict[str, Any]) -> list[bool]:
 
 def _dropped(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence[float], noise: RandomField | TorchDraws,
-    rescale: bool = True, rescale_l1: bool = False,
+    rescale: bool = True, rescale_l1: bool = False, l1_scales: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     if rescale_l1 or isinstance(noise, TorchDraws):  # model by model, a draw for every density below 1
         result = []
-        for model, (tensor, d) in enumerate(zip(tensors, density, strict=True)):
-            tau = tensor - base
+        for model, (tau, kept) in enumerate(zip(task_vectors(tensors, base), _kept(tensors, base, density, noise),
+                                                strict=True)):
+            d = density[model]
             if d >= 1.0:
                 result.append(tau)
-                continue
-            kept = tau * noise.bernoulli(model, tau.shape, d)
-            result.append(l1_rescaled(tau, kept) if rescale_l1 else kept / d if rescale and d > 0 else kept)
+            elif rescale_l1:  # the whole tensor's norms: given (a row block), else summed here
+                result.append(kept * l1_scales[model] if l1_scales is not None else l1_rescaled(tau, kept))
+            else:
+                result.append(kept / d if rescale and d > 0 else kept)
         return result
     if not rescale:  # the same draws, the kept entries unscaled
         return [(tensor - base) * noise.bernoulli(model, tensor.shape, d) if 0.0 < d < 1.0
@@ -52,7 +67,7 @@ def _dropped(
 
 @register(name="dare_linear", description="DARE drop-and-rescale of task vectors, then task arithmetic.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=False))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=False), l1_kept=_l1_kept)
 def dare_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -64,6 +79,7 @@ def dare_linear(
     rescale: Rescale = True,
     rescale_l1: RescaleL1 = False,
     noise: RandomField | TorchDraws,
+    l1_scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """DARE with a linear combination.
 
@@ -83,29 +99,32 @@ def dare_linear(
         rescale: Divide the kept entries by ``density_i`` (default True); False keeps them unscaled.
         rescale_l1: Instead scale them by ``|tau_i|_1 / |tau_i'|_1`` (mergekit's ``rescale``). Default False.
         noise: Source of the random drop masks (seeded per tensor by the engine; model i uses stream i).
+        l1_scales: With ``rescale_l1``, the whole tensor's ``|tau_i|_1 / |tau_i'|_1`` when the engine computes
+            row blocks (it sums them first); None: summed here over the tensor given.
 
     Returns:
         The merged tensor.
     """
-    dropped = _dropped(tensors, base, density, noise, rescale, rescale_l1)
+    dropped = _dropped(tensors, base, density, noise, rescale, rescale_l1, l1_scales)
     return base + lam * weighted_sum(dropped, weight, normalize=normalize)
 
 
 def _dare_ties_bf16(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], out: torch.Tensor, *,
-    noise: RandomField,
+    noise: RandomField, l1_scales: Sequence[float] | None = None,
 ) -> bool:
-    """:func:`dare_ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
-    if not params["rescale"] or params["rescale_l1"]:
+    """:func:`dare_ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path;
+    with ``rescale_l1``, the engine's ``l1_scales``)."""
+    if params["rescale_l1"] != (l1_scales is not None) or (not params["rescale"] and not params["rescale_l1"]):
         return False
     return fused.dare_ties_bf16(tensors, base, params["weight"], params["density"], params["lam"],
                                 params["normalize"], [noise.key(model) for model in range(len(tensors))],
-                                noise.offset, out)
+                                noise.offset, out, l1_scales)
 
 
 @register(name="dare_ties", description="DARE drop-and-rescale of task vectors, then TIES sign election.",
           paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=True))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=True), l1_kept=_l1_kept)
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -117,6 +136,7 @@ def dare_ties(
     rescale: Rescale = True,
     rescale_l1: RescaleL1 = False,
     noise: RandomField | TorchDraws,
+    l1_scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """DARE with TIES sign election and disjoint merge.
 
@@ -135,9 +155,11 @@ def dare_ties(
         rescale: Divide the kept entries by ``density_i`` (default True); False keeps them unscaled.
         rescale_l1: Instead scale them by ``|tau_i|_1 / |tau_i'|_1`` (mergekit's ``rescale``). Default False.
         noise: Source of the random drop masks (seeded per tensor by the engine; model i uses stream i).
+        l1_scales: With ``rescale_l1``, the whole tensor's ``|tau_i|_1 / |tau_i'|_1`` when the engine computes
+            row blocks (it sums them first); None: summed here over the tensor given.
 
     Returns:
         The merged tensor.
     """
-    dropped = _dropped(tensors, base, density, noise, rescale, rescale_l1)
+    dropped = _dropped(tensors, base, density, noise, rescale, rescale_l1, l1_scales)
     return ties_combine(dropped, base, weight, lam, normalize)

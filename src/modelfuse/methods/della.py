@@ -97,6 +97,7 @@ def _pruned(
     rescale: bool,
     noise: RandomField | TorchDraws,
     rescale_l1: bool = False,
+    l1_scales: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
     taus = task_vectors(tensors, base)
     triples = list(zip(taus, density, epsilon, strict=True))
@@ -105,15 +106,33 @@ def _pruned(
                 for model, (tau, d, e) in enumerate(triples)]
     pruned = [magprune(tau, d, e, noise, model, rescale=rescale and not rescale_l1)
               for model, (tau, d, e) in enumerate(triples)]
-    if rescale_l1:
-        pruned = [l1_rescaled(tau, kept) if 0.0 < d < 1.0 else kept
-                  for tau, kept, d in zip(taus, pruned, density, strict=True)]
+    if rescale_l1:  # the whole tensor's norms: given (a row block), else summed here
+        pruned = [kept if not 0.0 < d < 1.0 else kept * l1_scales[model] if l1_scales is not None
+                  else l1_rescaled(tau, kept) for model, (tau, kept, d) in enumerate(zip(taus, pruned, density,
+                                                                                         strict=True))]
     return pruned
+
+
+def _l1_kept(tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], noise: RandomField
+             ) -> list[torch.Tensor]:
+    """The engine's L1 pre-pass: a block's pruned task vectors before any rescale (``MethodSpec.l1_kept``)."""
+    return [magprune(tau, d, e, noise, model, rescale=False) for model, (tau, d, e) in enumerate(
+        zip(task_vectors(tensors, base), params["density"], params["epsilon"], strict=True))]
+
+
+def _mergekit_window(params: dict[str, Any]) -> tuple[int, str] | None:
+    """mergekit 0.1.5 refuses a drop-probability window ``density +- epsilon`` that leaves (0, 1)."""
+    for model, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"], strict=True)):
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            return model, (f"density {density} +- epsilon {epsilon} leaves (0, 1), which mergekit 0.1.5 refuses; "
+                           "lower epsilon")
+    return None
 
 
 @register(name="della", description="DELLA MagPrune (magnitude-ranked drop and rescale), then TIES sign election.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=True))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=True),
+          mergekit_refuses=_mergekit_window, l1_kept=_l1_kept)
 def della(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -126,6 +145,7 @@ def della(
     rescale: Rescale = True,
     rescale_l1: RescaleL1 = False,
     noise: RandomField | TorchDraws,
+    l1_scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """DELLA-Merging: MagPrune, elect, disjoint merge.
 
@@ -148,17 +168,19 @@ def della(
         rescale: Rescale survivors by ``1 / (1 - p_j)`` (True, default).
         rescale_l1: Instead scale each pruned task vector back to its L1 norm (mergekit's ``rescale``).
         noise: Source of the random drops (seeded per tensor by the engine; model i uses stream i).
+        l1_scales: With ``rescale_l1``, the whole tensor's norm ratios when the engine computes row blocks.
 
     Returns:
         The merged tensor.
     """
-    pruned = _pruned(tensors, base, density, epsilon, rescale, noise, rescale_l1)
+    pruned = _pruned(tensors, base, density, epsilon, rescale, noise, rescale_l1, l1_scales)
     return ties_combine(pruned, base, weight, lam, normalize)
 
 
 @register(name="della_linear", description="DELLA MagPrune (magnitude-ranked drop and rescale), then task arithmetic.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=False))
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=False),
+          mergekit_refuses=_mergekit_window, l1_kept=_l1_kept)
 def della_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -171,6 +193,7 @@ def della_linear(
     rescale: Rescale = True,
     rescale_l1: RescaleL1 = False,
     noise: RandomField | TorchDraws,
+    l1_scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """DELLA's MagPrune with a linear combination.
 
@@ -190,9 +213,10 @@ def della_linear(
         rescale: Rescale survivors by ``1 / (1 - p_j)`` (True, default).
         rescale_l1: Instead scale each pruned task vector back to its L1 norm (mergekit's ``rescale``).
         noise: Source of the random drops (seeded per tensor by the engine; model i uses stream i).
+        l1_scales: With ``rescale_l1``, the whole tensor's norm ratios when the engine computes row blocks.
 
     Returns:
         The merged tensor.
     """
-    pruned = _pruned(tensors, base, density, epsilon, rescale, noise, rescale_l1)
+    pruned = _pruned(tensors, base, density, epsilon, rescale, noise, rescale_l1, l1_scales)
     return base + lam * weighted_sum(pruned, weight, normalize=normalize)
