@@ -358,3 +358,22 @@ def test_dare_ties_bf16_kernel_equals_dare_ties(densities: list[float], normaliz
     reference = _with_torch_only(lambda: dare_ties([e.float() for e in experts], base.float(), weight=weights,
                                                    density=densities, lam=0.8, normalize=normalize, noise=noise))
     assert torch.equal(out, reference.to(torch.bfloat16))
+
+
+def test_dropped_l1_bf16_equals_the_torch_sums() -> None:
+    """The L1 pre-pass kernel: per model (|tau|_1, |tau * keep|_1) with DARE's masks (densities inside, at and
+    beyond (0, 1)) equal float64 sums of the torch steps' task vectors and masks."""
+    experts, base = _bf16_models(3, 999, seed=9)
+    noise = RandomField(21).shifted(77)
+    densities = [0.3, 1.0, 0.0]
+    got = fused.dropped_l1_bf16(experts, base, densities, [noise.key(m) for m in range(3)], noise.offset)
+    if not fused.AVAILABLE:
+        assert got is None
+        return
+    assert got is not None
+    for model, (expert, density) in enumerate(zip(experts, densities, strict=True)):
+        tau = expert.float() - base.float()
+        keep = noise.bernoulli(model, tau.shape, density) if 0 < density < 1 else torch.full_like(tau, density >= 1)
+        want = (float(tau.abs().double().sum()), float((tau * keep).abs().double().sum()))
+        assert got[model] == pytest.approx(want, rel=1e-12)
+    assert got[1][0] == got[1][1] and got[2][1] == 0.0 and 0 < got[0][1] < got[0][0]

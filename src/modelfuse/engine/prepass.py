@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from modelfuse.engine.buffers import SELECTION_BUFFER, SELECTION_READ_BUFFER
+from modelfuse.engine.buffers import READ_BUFFER, SELECTION_BUFFER, SELECTION_READ_BUFFER
 from modelfuse.engine.finite import FiniteCheck, all_finite
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
@@ -155,20 +155,25 @@ def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel:
 def l1_scales(job: TensorJob, plan: MergePlan, blocks: Sequence[tuple[int, int]], noise: RandomField,
               replace_nonfinite: bool = False) -> list[float]:
     """Per model, the L1 rescale of the job's sparsified task vector over the whole tensor: ``|tau_i|_1 /
-    |kept_i|_1`` (``MethodSpec.l1_kept``; ``methods.l1_scale``: 1.0 where either norm is below its epsilon),
+    |kept_i|_1`` (``MethodSpec.l1_norms``, ``methods.l1_scale``: 1.0 where either norm is below its epsilon),
     summed block by block in float64 before the blocks are computed. ``noise``: the tensor's random field."""
-    assert job.base is not None and job.method.l1_kept is not None
+    assert job.base is not None and job.method.l1_norms is not None
     inputs = [*job.sources, job.base]
     row_elements = int(torch.Size(job.shape[1:]).numel())
-    before = [0.0] * len(job.sources)
-    after = [0.0] * len(job.sources)
+    sums = [[0.0, 0.0] for _ in job.sources]
     finite = FiniteCheck(job, plan, replace_nonfinite)
-    for rows in blocks:
-        raw = [plan.checkpoints[source.model].read(source.name, rows).float() for source in inputs]
-        tensors, base = finite.inputs(raw[:-1], raw[-1])
-        assert base is not None
-        kept = job.method.l1_kept(tensors, base, job.params, noise.shifted(rows[0] * row_elements))
-        for model, (tensor, sparse) in enumerate(zip(tensors, kept, strict=True)):
-            before[model] += float((tensor - base).abs().sum(dtype=torch.float64))
-            after[model] += float(sparse.abs().sum(dtype=torch.float64))
-    return [l1_scale(b, a) for b, a in zip(before, after, strict=True)]
+    for rows in blocks:  # read into this thread's reusable buffer (no page faults per block)
+        sizes = [plan.checkpoints[source.model].nbytes(source.name, rows) for source in inputs]
+        buffer = READ_BUFFER.get(sum(sizes))
+        offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+        raw = [plan.checkpoints[source.model].read(source.name, rows, buffer[offset:])
+               for source, offset in zip(inputs, offsets, strict=True)]
+        if not all(all_finite(tensor) for tensor in raw):  # replaced as the merge replaces them, or refused
+            replaced, base = finite.inputs([tensor.float() for tensor in raw[:-1]], raw[-1].float())
+            assert base is not None
+            raw = [*replaced, base]
+        norms = job.method.l1_norms(raw[:-1], raw[-1], job.params, noise.shifted(rows[0] * row_elements))
+        for total, (before, after) in zip(sums, norms, strict=True):
+            total[0] += before
+            total[1] += after
+    return [l1_scale(before, after) for before, after in sums]

@@ -46,8 +46,8 @@ def torch_draws(job: TensorJob, plan: MergePlan) -> bool:
 
 def l1_prepass(job: TensorJob, plan: MergePlan) -> bool:
     """Whether the job's L1-norm rescale (``rescale_l1``) is found by a pre-pass over row blocks
-    (``MethodSpec.l1_kept``) rather than by computing the tensor whole."""
-    return bool(job.params.get("rescale_l1")) and job.method.l1_kept is not None and not torch_draws(job, plan)
+    (``MethodSpec.l1_norms``) rather than by computing the tensor whole."""
+    return bool(job.params.get("rescale_l1")) and job.method.l1_norms is not None and not torch_draws(job, plan)
 
 
 def _whole(job: TensorJob, plan: MergePlan) -> bool:

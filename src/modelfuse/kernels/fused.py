@@ -40,11 +40,13 @@ def _kernels() -> dict[str, Any]:
     with _compile_lock:
         if not _compiled:
             import numba
+            from numba.extending import register_jitable
 
+            register_jitable(_sum4)  # called from the compiled loops; a plain function here
             loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
                      "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
                      "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop,
-                     "ties_bf16": _ties_bf16_loop}
+                     "ties_bf16": _ties_bf16_loop, "dropped_l1_bf16": _dropped_l1_bf16_loop}
             for name, loop in loops.items():
                 try:
                     _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
@@ -74,6 +76,7 @@ def warm_up(model_counts: Iterable[int]) -> None:
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
     dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16))
     dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16), [1.0])
+    dropped_l1_bf16([half], half, [0.5], [0], 0)
     first_k_masks(torch.arange(64.0), [8], "argsort_descending")  # mergekit's cut-off order (kernels/torch_sort)
     _warm.set()
 
@@ -298,6 +301,90 @@ def _trimmed_ties_bf16(
         np.asarray(limits, dtype=np.uint64), np.uint64(start), np.float32(lam), bool(normalize), _bf16_bits(out),
         equal_counts)
     return None if nonfinite else [int(value) for value in equal_counts]
+
+
+def dropped_l1_bf16(tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float],
+                    keys: Sequence[int], start: int) -> list[tuple[float, float]] | None:
+    """Per model, ``(sum |tau_i|, sum |tau_i * keep_i|)`` of a row block from bfloat16 inputs, in float64, with
+    ``tau_i = x_i - b`` in float32 and ``keep_i`` DARE's drop mask (the words of stream ``keys[i]`` from flat element
+    ``start`` below ``keep_limit(density)``, as :func:`dare_ties_bf16` draws them; all kept at ``density >= 1``, none
+    at ``<= 0``). None when it does not apply or an input is not finite."""
+    count = len(tensors)
+    if not AVAILABLE or not count or len(densities) != count or len(keys) != count:
+        return None
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != base.numel()
+           for t in [*tensors, base]):
+        return None
+    sums = np.zeros((count, 2), dtype=np.float64)
+    limits = [keep_limit(d) if 0.0 < d < 1.0 else 0 for d in densities]
+    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 3 for d in densities]
+    nonfinite = _kernels()["dropped_l1_bf16"](
+        tuple(_bf16_bits(t) for t in tensors), _bf16_bits(base), np.asarray(modes, dtype=np.int64),
+        np.asarray(keys, dtype=np.uint64), np.asarray(limits, dtype=np.uint64), np.uint64(start), sums)
+    return None if nonfinite else [(float(before), float(after)) for before, after in sums]
+
+
+def _dropped_l1_bf16_loop(inputs: tuple[np.ndarray, ...], base: np.ndarray, modes: np.ndarray, keys: np.ndarray,
+                          limits: np.ndarray, start: np.uint64, sums: np.ndarray) -> int:
+    """The loop of :func:`dropped_l1_bf16` on bfloat16 bit patterns; returns how many task-vector entries are not
+    finite. ``modes[i]``: 1 keeps all, 2 keeps none, 3 keeps where the word is below ``limits[i]``."""
+    shift = np.uint32(16)
+    gamma, mix_1, mix_2 = np.uint64(GOLDEN_GAMMA), np.uint64(MIX_1), np.uint64(MIX_2)
+    batch = 4096
+    wide = np.empty(batch, dtype=np.uint32)
+    magnitudes = wide.view(np.float32)
+    kept = np.empty(batch, dtype=np.float32)
+    base_wide = np.empty(batch, dtype=np.uint32)
+    base_values = base_wide.view(np.float32)
+    zero = np.float32(0.0)
+    nonfinite = 0
+    for i in range(len(inputs)):
+        source = inputs[i]
+        counter = keys[i] + (start + np.uint64(1)) * gamma  # uint64 arithmetic wraps modulo 2**64
+        before = 0.0
+        after = 0.0
+        for first in range(0, source.size, batch):
+            size = min(batch, source.size - first)
+            for j in range(size):  # separate loops, each simple enough to vectorize
+                wide[j] = np.uint32(source[first + j]) << shift
+                base_wide[j] = np.uint32(base[first + j]) << shift
+            for j in range(size):
+                magnitudes[j] = abs(magnitudes[j] - base_values[j])
+            if modes[i] == 3:
+                for j in range(size):
+                    z = counter + np.uint64(first + j) * gamma
+                    z = (z ^ (z >> np.uint64(30))) * mix_1
+                    z = (z ^ (z >> np.uint64(27))) * mix_2
+                    word = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+                    kept[j] = magnitudes[j] if word < limits[i] else zero
+            # float64 sums in four lanes (each a fixed order, so the result does not depend on the machine)
+            block_before = _sum4(magnitudes, size)
+            if not np.isfinite(block_before):
+                nonfinite += 1
+            before += block_before
+            if modes[i] == 1:
+                after += block_before
+            elif modes[i] == 3:
+                after += _sum4(kept, size)
+        sums[i, 0] = before
+        sums[i, 1] = after
+    return nonfinite
+
+
+def _sum4(values: np.ndarray, size: int) -> float:
+    """The float64 sum of ``values[:size]`` in four interleaved lanes, added pairwise at the end."""
+    lane_0 = lane_1 = lane_2 = lane_3 = 0.0
+    j = 0
+    while j + 4 <= size:
+        lane_0 += values[j]
+        lane_1 += values[j + 1]
+        lane_2 += values[j + 2]
+        lane_3 += values[j + 3]
+        j += 4
+    while j < size:
+        lane_0 += values[j]
+        j += 1
+    return (lane_0 + lane_1) + (lane_2 + lane_3)
 
 
 def _bf16_bits(tensor: torch.Tensor) -> np.ndarray:

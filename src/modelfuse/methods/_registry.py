@@ -147,7 +147,7 @@ class MethodSpec:
     whole_tensor_when: tuple[str, ...] = ()
     mergekit_half: Callable[..., torch.Tensor] | None = None
     mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None
-    l1_kept: Callable[..., list[torch.Tensor]] | None = None
+    l1_norms: Callable[..., list[tuple[float, float]]] | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -256,7 +256,7 @@ def register(
     whole_tensor_when: tuple[str, ...] = (),
     mergekit_half: Callable[..., torch.Tensor] | bool = False,
     mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None,
-    l1_kept: Callable[..., list[torch.Tensor]] | None = None,
+    l1_norms: Callable[..., list[tuple[float, float]]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -299,11 +299,11 @@ def register(
         mergekit_refuses: ``mergekit_refuses(params)``: (model index, why) when mergekit 0.1.5 refuses a tensor's
             resolved parameters in the computation modelfuse follows for ``torch_draws`` or ``mergekit_half``
             (None when it accepts them); the plan then refuses the recipe, naming the model and tensor.
-        l1_kept: For a rowwise method with ``rescale_l1`` (each sparsified task vector scaled back to its L1
-            norm, a sum over the whole tensor): ``l1_kept(tensors, base, params, noise)`` gives the sparsified
-            task vectors of a row block, unscaled. The engine then sums ``|tau_i|`` and ``|l1_kept_i|`` over the
-            blocks first and computes the blocks with ``l1_scales`` (``|tau_i|_1 / |kept_i|_1``, 1 where a norm
-            is below ``L1_EPSILON``), which the method uses instead of its own whole-tensor sums.
+        l1_norms: For a rowwise method with ``rescale_l1`` (each sparsified task vector scaled back to its L1
+            norm, a sum over the whole tensor): ``l1_norms(tensors, base, params, noise)`` gives, for a row block
+            (inputs as read, finite), per model ``(|tau_i|_1, |kept_i|_1)`` of the sparsified task vector before
+            any rescale. The engine sums them over the blocks first and computes the blocks with ``l1_scales``
+            (``l1_scale`` of the sums), which the method uses instead of its own whole-tensor sums.
 
     Returns:
         A decorator registering the function.
@@ -325,7 +325,7 @@ def register(
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
             bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
-            fn if mergekit_half is True else mergekit_half or None, mergekit_refuses, l1_kept,
+            fn if mergekit_half is True else mergekit_half or None, mergekit_refuses, l1_norms,
         )
         return fn
 

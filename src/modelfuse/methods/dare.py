@@ -30,10 +30,17 @@ def _kept(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: Sequence
             for model, (tensor, d) in enumerate(zip(tensors, density, strict=True))]
 
 
-def _l1_kept(tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], noise: RandomField
-             ) -> list[torch.Tensor]:
-    """The engine's L1 pre-pass: a block's dropped task vectors before any rescale (``MethodSpec.l1_kept``)."""
-    return _kept(tensors, base, params["density"], noise)
+def _l1_norms(tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], noise: RandomField
+              ) -> list[tuple[float, float]]:
+    """The engine's L1 pre-pass over a block (``MethodSpec.l1_norms``): per model ``(|tau_i|_1, |kept_i|_1)`` of the
+    dropped task vectors before any rescale; fused from bfloat16 inputs where it can."""
+    fast = fused.dropped_l1_bf16(tensors, base, params["density"], [noise.key(m) for m in range(len(tensors))],
+                                 noise.offset)
+    if fast is not None:
+        return fast
+    tensors, base = [tensor.float() for tensor in tensors], base.float()
+    return [(float((tensor - base).abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64)))
+            for tensor, kept in zip(tensors, _kept(tensors, base, params["density"], noise), strict=True)]
 
 
 def _drawing(params: dict[str, Any]) -> list[bool]:
@@ -67,7 +74,7 @@ def _dropped(
 
 @register(name="dare_linear", description="DARE drop-and-rescale of task vectors, then task arithmetic.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=False), l1_kept=_l1_kept)
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=False), l1_norms=_l1_norms)
 def dare_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -124,7 +131,7 @@ def _dare_ties_bf16(
 
 @register(name="dare_ties", description="DARE drop-and-rescale of task vectors, then TIES sign election.",
           paper=_PAPER, base="required", random=True, rowwise=True, bf16_kernel=_dare_ties_bf16, torch_draws=_drawing,
-          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=True), l1_kept=_l1_kept)
+          whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("random", consensus=True), l1_norms=_l1_norms)
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,

@@ -113,11 +113,14 @@ def _pruned(
     return pruned
 
 
-def _l1_kept(tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], noise: RandomField
-             ) -> list[torch.Tensor]:
-    """The engine's L1 pre-pass: a block's pruned task vectors before any rescale (``MethodSpec.l1_kept``)."""
-    return [magprune(tau, d, e, noise, model, rescale=False) for model, (tau, d, e) in enumerate(
-        zip(task_vectors(tensors, base), params["density"], params["epsilon"], strict=True))]
+def _l1_norms(tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], noise: RandomField
+              ) -> list[tuple[float, float]]:
+    """The engine's L1 pre-pass over a block (``MethodSpec.l1_norms``): per model ``(|tau_i|_1, |kept_i|_1)`` of the
+    pruned task vectors before any rescale."""
+    taus = task_vectors([tensor.float() for tensor in tensors], base.float())
+    return [(float(tau.abs().sum(dtype=torch.float64)),
+             float(magprune(tau, d, e, noise, model, rescale=False).abs().sum(dtype=torch.float64)))
+            for model, (tau, d, e) in enumerate(zip(taus, params["density"], params["epsilon"], strict=True))]
 
 
 def _mergekit_window(params: dict[str, Any]) -> tuple[int, str] | None:
@@ -132,7 +135,7 @@ def _mergekit_window(params: dict[str, Any]) -> tuple[int, str] | None:
 @register(name="della", description="DELLA MagPrune (magnitude-ranked drop and rescale), then TIES sign election.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
           whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=True),
-          mergekit_refuses=_mergekit_window, l1_kept=_l1_kept)
+          mergekit_refuses=_mergekit_window, l1_norms=_l1_norms)
 def della(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -180,7 +183,7 @@ def della(
 @register(name="della_linear", description="DELLA MagPrune (magnitude-ranked drop and rescale), then task arithmetic.",
           paper=_PAPER, base="required", random=True, rowwise=True, torch_draws=_drawing,
           whole_tensor_when=("rescale_l1",), mergekit_half=mergekit_half("della", consensus=False),
-          mergekit_refuses=_mergekit_window, l1_kept=_l1_kept)
+          mergekit_refuses=_mergekit_window, l1_norms=_l1_norms)
 def della_linear(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
