@@ -177,3 +177,16 @@ def test_cli_merges_a_vlm_module_by_module_and_transformers_loads_it(vlm_family:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 96) and torch.isfinite(logits).all()
+
+
+def test_dare_with_a_seed_on_a_vlm_draws_mergekits_masks(vlm_family: dict[str, Path],
+                                                         mergekit_parity: MergekitParity) -> None:
+    """DARE-TIES with ``--random-seed`` over a ``modules`` recipe: the same masks as mergekit's, bit for bit (the
+    draws follow mergekit's order across modules too)."""
+    p = vlm_family
+    models = [_entry(p["e1"], {"weight": 0.6, "density": 0.5}), _entry(p["e2"], {"weight": 0.4, "density": 0.7})]
+    config = {"merge_method": "dare_ties", "base_model": str(p["base"]), "dtype": "float32",
+              "modules": {name: {"models": models} for name in ("text_decoder", "multi_modal_projector",
+                                                                "vision_tower")}}
+    mk, mf = mergekit_parity.run(config, seed=11)
+    mergekit_parity.assert_equal(mk, mf, tol=0.0)
