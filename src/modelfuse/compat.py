@@ -86,14 +86,17 @@ def extra_tensor_problems(checkpoints: dict[str, Checkpoint], reference: str) ->
 
 
 def _tensor_kinds(ckpt: Checkpoint) -> set[str]:
-    """Tensor names, with layer tensors reduced to ``<module>:layers.*.<rest>``."""
+    """Tensor names, with layer tensors reduced to ``layers.*.<rest>`` (another module's to
+    ``<its layer prefix>.*.<rest>``)."""
     kinds = set()
+    main = ckpt.architecture
     for name in ckpt:
         module = module_of(ckpt.modules, name)
         if module.is_buffer(name):
             continue
         parts = module.split(name)
-        kinds.add(name if parts is None else f"{module.name}:layers.*.{parts.rest}")
+        stack = "layers" if module is main else module.layer_prefix
+        kinds.add(name if parts is None else f"{stack}.*.{parts.rest}")
     return kinds
 
 
