@@ -190,3 +190,35 @@ def test_dare_with_a_seed_on_a_vlm_draws_mergekits_masks(vlm_family: dict[str, P
                                                                 "vision_tower")}}
     mk, mf = mergekit_parity.run(config, seed=11)
     mergekit_parity.assert_equal(mk, mf, tol=0.0)
+
+
+def test_qwen2_vl_modules_and_the_projector_difference_is_warned(tmp_path: Path) -> None:
+    """Qwen2-VL's modules are read off its tensor names (text ``model.layers``, vision ``visual.blocks``, projector
+    ``visual.merger``), and a mergekit YAML with a gradient is warned that mergekit plans the merger MLP twice."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from modelfuse.io.checkpoint import Checkpoint
+
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                     "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2})
+    for name in ("a", "b"):
+        torch.manual_seed(len(name))
+        Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / name)
+    checkpoint = Checkpoint(tmp_path / "a")
+    assert list(checkpoint.modules) == ["text_decoder", "multi_modal_projector", "vision_tower"]
+    assert [checkpoint.module_layers(name) for name in checkpoint.modules] == [3, 0, 2]
+    assert [checkpoint.modules[name].layer_prefix for name in ("text_decoder", "vision_tower")] == [
+        "model.layers", "visual.blocks"]
+    models = [{"model": str(tmp_path / "a"), "parameters": {"weight": 0.5}},
+              {"model": str(tmp_path / "b"), "parameters": {"weight": 0.5}}]
+    flat = build_plan(parse_recipe({"merge_method": "linear", "models": models}))
+    assert not any("merger MLP" in line for line in flat.warnings)
+    assert flat.module_layers == {"text_decoder": 3, "multi_modal_projector": 0, "vision_tower": 2}
+    models[0]["parameters"] = {"weight": [0.2, 0.8]}
+    graded = build_plan(parse_recipe({"merge_method": "linear", "models": models}))
+    assert any(line.startswith("multi_modal_projector: mergekit 0.1.5 plans Qwen2-VL's merger MLP")
+               for line in graded.warnings)

@@ -76,6 +76,7 @@ class Architecture:
     buffer_patterns: tuple[str, ...] = ()
     name: str = "default"
     prefixes: tuple[str, ...] = ()  # tensor-name prefixes the module owns (unused for a single-module model)
+    mergekit_differs: str = ""  # what mergekit 0.1.5 does otherwise with this module under a gradient
 
     def owns(self, name: str) -> bool:
         """Whether ``name`` starts with one of this module's prefixes."""
@@ -166,6 +167,7 @@ def _module(name: str, spec: dict[str, Any], names: list[str], default: dict[str
         buffer_patterns=tuple(default["buffer_patterns"]),
         name=name,
         prefixes=tuple(spec["prefixes"]),
+        mergekit_differs=spec.get("mergekit_differs", ""),
     )
 
 

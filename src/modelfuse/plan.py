@@ -386,6 +386,9 @@ def build_plan(recipe: Recipe, *, base_dir: Path | None = None, allow_pickle: bo
         warnings.append(f"tie_order: position: among entries equal to a top-k cut-off, modelfuse keeps the lowest "
                         f"positions, mergekit 0.1.5 those its sort puts first; {spec.name} tensors may differ there "
                         "(leave tie_order unset for mergekit's)")
+    if recipe.dialect == "mergekit" and _has_gradient(recipe):
+        warnings += [f"{module.name}: {module.mergekit_differs}" for module in ref.modules.values()
+                     if module.mergekit_differs]
     repeated = _shared_draw_labels(jobs) if recipe.random_draws == "torch" else []
     if repeated:
         warnings.append(f"random_draws: {len(repeated)} tensor(s) ({', '.join(repeated[:3])}"
@@ -567,6 +570,18 @@ def _tokenizer_source(recipe: Recipe, checkpoints: dict[str, Checkpoint], refere
 
 def _fit_head(architectures: str | None) -> str:
     return "the input models do not fit together" + (f" ({architectures})" if architectures else "")
+
+
+def _has_gradient(recipe: Recipe) -> bool:
+    """Whether any parameter, at any level of the recipe, is a gradient (a list of numbers, or rules holding one)."""
+    scopes = [recipe.parameters, *(module.parameters for module in (recipe.modules or {}).values())]
+    for _, models, slices, _ in recipe.scopes():
+        scopes += [piece.parameters for piece in slices or []]
+        scopes += [entry.parameter_values() for entry in [*(models or []), *(s for p in slices or []
+                                                                            for s in p.sources)]]
+    return any(isinstance(value, list) and any(isinstance(item, (int, float)) or (
+        isinstance(getattr(item, "value", None), list)) for item in value)
+        for scope in scopes for value in scope.values())
 
 
 def _mergekit_refusals(recipe: Recipe, jobs: list[TensorJob]) -> str | None:
