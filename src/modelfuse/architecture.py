@@ -118,12 +118,6 @@ def _infer_prefix(names: Iterable[str]) -> str:
     return prefixes.most_common(1)[0][0] if prefixes else "model.layers"
 
 
-def detect_architecture(config: dict[str, Any], names: Iterable[str]) -> Architecture:
-    """The architecture description for a model (its main module, the text decoder of a multi-module model), from
-    its config's ``architectures`` or its tensor names."""
-    return next(iter(detect_modules(config, names).values()))
-
-
 def detect_modules(config: dict[str, Any], names: Iterable[str]) -> dict[str, Architecture]:
     """Every module of a model, main module first: ``{"default": ...}`` for a single-module model, the modules of
     ``architectures.json`` (mergekit's module names: ``text_decoder``, ``vision_tower``, ...) for a known
