@@ -292,6 +292,31 @@ def test_ties_at_the_cut_off_kept_as_mergekit_keeps_them(make_family: Any, merge
     mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 96], ids=["whole", "row-blocks"])
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"density": 0.9}),
+    ("breadcrumbs_ties", {"density": 0.9, "gamma": 0.05}),
+])
+def test_a_cut_off_at_zero_magnitude_equals_mergekit(make_family: Any, mergekit_parity: MergekitParity,
+                                                     method: str, parameters: dict[str, Any],
+                                                     chunk_elements: int | None) -> None:
+    """A cut-off that falls among the entries the experts left unchanged (20% of the deltas are 0, 90% kept):
+    modelfuse keeps the zeros in flat order without replaying mergekit's sort (``prepass.mergekit_cuts``), and
+    every tensor still equals mergekit's bit for bit, because a kept zero and a dropped one add the same."""
+    paths = make_family("llama", dtype=torch.bfloat16)
+    _quantize_experts(paths)
+    config = {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": _models(paths, ("e1", {"weight": 0.7}), ("e2", {"weight": 0.5})),
+        "parameters": parameters,
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    mk, mf = mergekit_parity.run(config, chunk_elements=chunk_elements)
+    mergekit_parity.assert_equal(mk, mf, tol=0.0)
+
+
 def test_tie_order_position_keeps_the_lowest_positions_and_says_so(make_family: Any, run_cli: Any,
                                                                    tmp_path: Path) -> None:
     """``--tie-order position`` on a mergekit YAML: the flat-order rule at the cut-off (the native recipe's

@@ -90,7 +90,7 @@ def _adversary_input(size: int, monkeypatch: pytest.MonkeyPatch) -> tuple[np.nda
     frozen = np.full(size, gas)
     state = {"solid": 0, "candidate": 0}
 
-    def less(a: float, b: float, direction: int) -> bool:  # a, b are item ids; descending: a before b if larger
+    def less(a: float, b: float) -> bool:  # a, b are item ids; descending: a before b if larger
         x, y = int(a), int(b)
         if frozen[x] == gas and frozen[y] == gas:
             if x == state["candidate"]:
@@ -108,13 +108,12 @@ def _adversary_input(size: int, monkeypatch: pytest.MonkeyPatch) -> tuple[np.nda
     original_heap = torch_sort._heap_sort
 
     def heap_sort(*args: Any) -> None:
-        heaps.append(args[3] - args[2])
+        heaps.append(args[2] - args[1])
         original_heap(*args)
 
     monkeypatch.setattr(torch_sort, "_less", less)
     monkeypatch.setattr(torch_sort, "_heap_sort", heap_sort)
-    items = np.arange(size, dtype=np.float32)
-    torch_sort._introselect(items, items, np.empty(size, dtype=np.int64), np.arange(1, size, dtype=np.int64), 0)
+    torch_sort._introselect(np.arange(size), np.arange(1, size, dtype=np.int64), np.zeros(1, dtype=np.int64))
     monkeypatch.undo()
     return frozen.astype(np.float32), len(heaps)
 
@@ -129,3 +128,24 @@ def test_the_depth_limit_path_equals_torchs_sort(monkeypatch: pytest.MonkeyPatch
     for mask, expected in zip(torch_sort.first_k_masks(tensor, counts, "argsort_descending"),
                               _torch_sets(tensor, counts, "argsort_descending"), strict=True):
         assert torch.equal(mask, expected)
+
+
+def test_eight_byte_keys_and_values_the_replay_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors too large for 4-byte tagged keys replay with 8-byte keys; negative or NaN values go to torch's sort:
+    the sets equal torch's either way."""
+    monkeypatch.setattr(torch_sort, "INT32_CODES", 16)
+    for values, counts in _cases(seed=7, count=30):
+        for order in ORDERS:
+            for mask, expected in zip(torch_sort.first_k_masks(values, counts, order),
+                                      _torch_sets(values, counts, order), strict=True):
+                assert torch.equal(mask, expected)
+    monkeypatch.undo()
+    generator = torch.Generator().manual_seed(1)
+    signed = (torch.randn(3000, generator=generator) * 0.01).bfloat16().float()
+    with_nan = signed.abs().clone()
+    with_nan[::97] = float("nan")
+    for values in (signed, with_nan):
+        for order in ORDERS:
+            for mask, expected in zip(torch_sort.first_k_masks(values, [5, 1500, 2990], order),
+                                      _torch_sets(values, [5, 1500, 2990], order), strict=True):
+                assert torch.equal(mask, expected)

@@ -98,7 +98,8 @@ class MergekitCuts:
     """Where mergekit's sort order keeps other entries equal to a threshold than the flat-order rule does.
 
     ``kept[model][index]``: sorted flat indices of the entries equal to ``thresholds[model][index]`` that
-    mergekit keeps (torch's sort puts them among the k largest); ``positions``: sorted flat indices where, for
+    mergekit keeps (torch's sort puts them among the k largest; empty for a threshold of 0, where which entries
+    are kept makes no difference); ``positions``: sorted flat indices where, for
     any model and threshold, that differs from keeping the first ``equal_quota`` equal entries in flat order
     (the engine computes every block by that rule, then recomputes these entries with mergekit's masks).
     """
@@ -110,23 +111,37 @@ class MergekitCuts:
 def mergekit_cuts(job: TensorJob, plan: MergePlan, thresholds: Sequence[Sequence[TopkThreshold]],
                   chunk_elements: int, replace_nonfinite: bool = False) -> MergekitCuts:
     """The entries equal to each threshold that mergekit 0.1.5 keeps (``MethodSpec.mergekit_order``), found by
-    replaying torch's sort of each whole task vector |expert - base| (one model at a time: 8 bytes per entry)."""
+    replaying torch's sort of each whole task vector |expert - base| (one model at a time: 4 bytes per entry,
+    and the indices of the entries equal to a threshold).
+
+    A threshold of 0 needs no replay: the methods apply their masks as ``tau * mask``, so whichever entries of
+    zero magnitude are kept, the output is the same (bit for bit), and the flat-order rule stands for mergekit's.
+    With bfloat16 checkpoints that is the common case: most small fine-tuning updates round to no change.
+    """
     assert job.base is not None and job.method.mergekit_order is not None
     numel = int(torch.Size(job.shape).numel())
     counts = job.method.topk(job.params, numel) if job.method.topk is not None else []
     kept: list[list[np.ndarray]] = []
     differ: list[np.ndarray] = []
     for model, (source, model_thresholds) in enumerate(zip(job.sources, thresholds, strict=True)):
+        active = [index for index, (k, threshold) in enumerate(zip(counts[model], model_thresholds, strict=True))
+                  if threshold.value > 0 and 0 < k < numel]
+        cuts = [(counts[model][index], model_thresholds[index]) for index in active]
+        if not cuts:
+            kept.append([np.empty(0, dtype=np.int64) for _ in model_thresholds])
+            continue
         values = _task_vector_magnitude(plan, source, job.base, numel, chunk_elements, job, replace_nonfinite)
         flat_order = []
-        for threshold in model_thresholds:  # the flat-order rule's equal entries, before the replay permutes
+        for _, threshold in cuts:  # the flat-order rule's equal entries, before the replay permutes
             equal = np.flatnonzero(values == np.float32(threshold.value))
             flat_order.append(equal[: threshold.equal_quota])
-        model_kept = equal_kept(values, list(zip(counts[model], (t.value for t in model_thresholds), strict=True)),
-                                job.method.mergekit_order)
+        found = equal_kept(values, [(k, threshold.value) for k, threshold in cuts], job.method.mergekit_order)
         del values
+        model_kept = [np.empty(0, dtype=np.int64) for _ in model_thresholds]
+        for index, indices in zip(active, found, strict=True):
+            model_kept[index] = indices
         kept.append(model_kept)
-        differ += [np.setxor1d(ours, theirs, assume_unique=True) for ours, theirs in zip(flat_order, model_kept,
+        differ += [np.setxor1d(ours, theirs, assume_unique=True) for ours, theirs in zip(flat_order, found,
                                                                                           strict=True)]
     # each array is sorted: a stable (merging) sort of their concatenation, then duplicates dropped
     positions = np.sort(np.concatenate(differ), kind="stable") if differ else np.empty(0, dtype=np.int64)
@@ -136,19 +151,27 @@ def mergekit_cuts(job: TensorJob, plan: MergePlan, thresholds: Sequence[Sequence
 
 def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,
                            job: TensorJob, replace_nonfinite: bool) -> np.ndarray:
-    """|expert - base| of a whole tensor in float32, read in chunks (as the pre-pass reads it)."""
+    """|expert - base| of a whole tensor in float32, read in chunks into this thread's buffers (as the pre-pass
+    reads it)."""
     values = np.empty(numel, dtype=np.float32)
     expert_ckpt, base_ckpt = plan.checkpoints[source.model], plan.checkpoints[base.model]
-    for start in range(0, numel, max(1, chunk_elements)):
+    chunk_elements = max(1, chunk_elements)
+    for start in range(0, numel, chunk_elements):
         stop = min(numel, start + chunk_elements)
-        expert = expert_ckpt.read_elements(source.name, start, stop).float()
-        reference = base_ckpt.read_elements(base.name, start, stop).float()
+        expert_bytes = (stop - start) * expert_ckpt[source.name].dtype.itemsize
+        raw = SELECTION_READ_BUFFER.get(expert_bytes + (stop - start) * base_ckpt[base.name].dtype.itemsize)
+        expert = expert_ckpt.read_elements(source.name, start, stop, raw)
+        reference = base_ckpt.read_elements(base.name, start, stop, raw[expert_bytes:])
+        out = torch.from_numpy(values[start:stop])
+        if fused.abs_deltas_bf16([expert], reference, out[None]):  # one pass; False where an input is not finite
+            continue
+        expert, reference = expert.float(), reference.float()
         if not (all_finite(expert) and all_finite(reference)):
             if not replace_nonfinite:
                 FiniteCheck(job, plan, False).inputs([expert], reference)
             reference = torch.where(torch.isfinite(reference), reference, 0.0)
             expert = torch.where(torch.isfinite(expert), expert, reference)
-        torch.sub(expert, reference, out=torch.from_numpy(values[start:stop])).abs_()
+        torch.sub(expert, reference, out=out).abs_()
     return values
 
 

@@ -109,8 +109,9 @@ def work_units(
         starts = range(0, job.shape[0], rows_per_block)
         blocks = tuple((start, min(job.shape[0], start + rows_per_block)) for start in starts)
         if job.method.topk is not None or l1_prepass(job, plan):
-            # mergekit's order: one whole task vector at a time, float32 values and int32 indices, replayed
-            selection = 8 * numel if mergekit_selection(job, plan) else 0
+            # mergekit's order: one whole task vector at a time, replayed as 4-byte keys (and the indices of the
+            # entries equal to a cut-off, usually few)
+            selection = 4 * numel if mergekit_selection(job, plan) else 0
             yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block + selection, blocks)
             continue
         for start, stop in blocks:

@@ -17,7 +17,13 @@ This module replays the introsort's steps exactly, but only where they decide wh
 So the set of entries before a position ``k`` is fixed as soon as ``k`` falls on a segment boundary: a segment
 without a cut inside is left unsorted (its order does not change the sets), which makes the replay a
 quickselect, O(n) expected. The sets equal torch's for every input (tests compare them on arrays with many
-equal values and on the depth-limit path); where numba is missing the wrappers sort with torch itself.
+equal values and on the depth-limit path); where numba is missing, or a value is negative or NaN, the wrappers
+sort with torch itself.
+
+The replay moves one 4-byte key per entry instead of a (value, index) pair: only the entries equal to a cut's
+value need their identity tracked (every other entry's set membership follows from its value), so those carry
+``-(1 + index * T + which)`` (``which`` of the ``T`` cut values) and compare as that value; the others carry
+their float32 bit pattern, which orders non-negative floats as integers do.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import torch
 SortOrder = Literal["argsort_descending", "sort_ascending"]
 
 _THRESHOLD = 16  # libstdc++'s _S_threshold: segments this small are left to the final insertion sort
-_DESCENDING, _ASCENDING = 0, 1
+_KEY_MAX = 0x7FFFFFFF  # keys of non-negative float32 values are their bit patterns, 0 to 0x7F800000 (inf)
 _compiled: dict[str, Any] = {}
 _lock = threading.Lock()
+INT32_CODES = 2**31 - 1
+"""Tagged entries fit 4-byte keys while ``numel * cut values`` stays below this; beyond, keys take 8 bytes."""
 AVAILABLE = importlib.util.find_spec("numba") is not None
 """Whether the replay can run compiled; tests set it to False to check the torch fallback."""
 
@@ -46,58 +54,79 @@ def first_k_masks(values: torch.Tensor, counts: Sequence[int], order: SortOrder)
     ``order`` "argsort_descending": the first ``k`` of ``torch.argsort(values.flatten(), descending=True)``;
     "sort_ascending": the last ``k`` of ``torch.sort(values.flatten()).indices``. The sets are nested.
     """
+    if order not in ("argsort_descending", "sort_ascending"):
+        raise ValueError(f"unknown sort order {order!r}")
     flat = values.detach().reshape(-1).to("cpu", torch.float32).contiguous()
     numel = flat.numel()
     cuts = [max(0, min(int(k), numel)) for k in counts]
-    if order not in ("argsort_descending", "sort_ascending"):
-        raise ValueError(f"unknown sort order {order!r}")
-    ranked = _ranked(flat, cuts, order)
+    array = flat.numpy()
     masks = []
-    for k in cuts:
-        mask = np.zeros(numel, dtype=np.float32)
-        mask[ranked[:k] if order == "argsort_descending" else ranked[numel - k:]] = 1.0
-        masks.append(torch.from_numpy(mask).reshape(values.shape).to(values.device))
-    return masks
+    if not _replayable(array):
+        ranked = (torch.argsort(flat, descending=True) if order == "argsort_descending"
+                  else torch.sort(flat).indices.flip(0)).numpy()
+        for k in cuts:
+            mask = np.zeros(numel, dtype=np.float32)
+            mask[ranked[:k]] = 1.0
+            masks.append(mask)
+    else:
+        cut_values = _kth_largest(array, cuts)
+        kept_equal = equal_kept(array.copy(), list(zip(cuts, cut_values, strict=True)), order)
+        for k, value, kept in zip(cuts, cut_values, kept_equal, strict=True):
+            mask = (array > value).astype(np.float32) if k else np.zeros(numel, dtype=np.float32)
+            mask[kept] = 1.0
+            masks.append(mask)
+    return [torch.from_numpy(mask).reshape(values.shape).to(values.device) for mask in masks]
 
 
 def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: SortOrder) -> list[np.ndarray]:
     """For each ``(k, value)`` (a top-k count and the k-th largest value): the sorted flat indices of the entries
     equal to ``value`` that torch's sort counts among the ``k`` largest (the first ``k`` of a descending argsort,
-    or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is permuted in place."""
+    or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is overwritten."""
     numel = values.shape[0]
+    if not _replayable(values):  # torch's sort itself
+        flat = torch.from_numpy(values)
+        ranked = (torch.argsort(flat, descending=True) if order == "argsort_descending"
+                  else torch.sort(flat).indices.flip(0)).numpy()
+        return [np.sort(ranked[:k][values[ranked[:k]] == np.float32(value)]).astype(np.int64) for k, value in cuts]
+    np.abs(values, out=values)  # -0.0 compares equal to +0.0: one key for both
+    tag_values = sorted({np.float32(value) for k, value in cuts if k > 0 and np.isfinite(value)})
+    bits = max(0, len(tag_values) - 1).bit_length()  # a tagged entry's code: index << bits | which
+    keys = values.view(np.int32) if numel << bits < INT32_CODES else values.view(np.int32).astype(np.int64)
+    equal = [np.flatnonzero(values == value) for value in tag_values]  # before `values` (aliasing keys) changes
+    tags = np.zeros(1 << bits, dtype=np.int64)
+    tags[: len(tag_values)] = np.asarray(tag_values, dtype=np.float32).view(np.int32)
+    if order == "sort_ascending":  # ascending = descending on reversed keys (non-negative still)
+        np.subtract(_KEY_MAX, keys, out=keys)
+        tags = _KEY_MAX - tags
+    for which, index in enumerate(equal):
+        keys[index] = -1 - ((index << bits) | which)
     positions = sorted({k if order == "argsort_descending" else numel - k for k, _ in cuts} - {0, numel})
-    if not AVAILABLE:
-        ranked = _ranked(torch.from_numpy(values), [k for k, _ in cuts], order)
-        values[:] = values[ranked]
-    else:
-        ranked = np.empty(numel, dtype=np.int32 if numel < 2**31 else np.int64)
-        if positions:
-            _kernel()(values, values, ranked, np.asarray(positions, dtype=np.int64),
-                      _DESCENDING if order == "argsort_descending" else _ASCENDING)
-        else:
-            ranked[:] = np.arange(numel)
+    if positions:
+        _kernel()(keys, np.asarray(positions, dtype=np.int64), tags)
     kept = []
     for k, value in cuts:
-        span = slice(0, k) if order == "argsort_descending" else slice(numel - k, numel)
-        kept.append(np.sort(ranked[span][values[span] == np.float32(value)]).astype(np.int64))
+        if not k or not np.isfinite(value):
+            kept.append(np.empty(0, dtype=np.int64))
+            continue
+        span = keys[:k] if order == "argsort_descending" else keys[numel - k:]
+        codes = -1 - span[span < 0].astype(np.int64)
+        which = tag_values.index(np.float32(value))
+        kept.append(np.sort(codes[codes & ((1 << bits) - 1) == which] >> bits))
     return kept
 
 
-def _ranked(flat: torch.Tensor, cuts: list[int], order: SortOrder) -> np.ndarray:
-    """Indices in an order whose every prefix ending at a cut holds the same set as torch's sort (ascending
-    positions counted from the end for "sort_ascending")."""
-    numel = flat.numel()
-    positions = sorted({k if order == "argsort_descending" else numel - k for k in cuts} - {0, numel})
-    if not positions:
-        return np.arange(numel)
-    if not AVAILABLE or numel <= _THRESHOLD:
-        ranked = torch.argsort(flat, descending=True) if order == "argsort_descending" else torch.sort(flat).indices
-        return ranked.numpy()
-    values = np.empty(numel, dtype=np.float32)
-    indices = np.empty(numel, dtype=np.int32 if numel < 2**31 else np.int64)
-    _kernel()(flat.numpy(), values, indices, np.asarray(positions, dtype=np.int64),
-              _DESCENDING if order == "argsort_descending" else _ASCENDING)
-    return indices
+def _replayable(values: np.ndarray) -> bool:
+    """Whether the compiled replay takes these float32 values: numba present, none negative or NaN (``>= 0``
+    is False for NaN), more than a segment's worth."""
+    return AVAILABLE and values.shape[0] > _THRESHOLD and bool((values >= 0).all())
+
+
+def _kth_largest(values: np.ndarray, cuts: Sequence[int]) -> list[float]:
+    """The ``k``-th largest of ``values`` for each ``k`` (``+inf`` for 0)."""
+    numel = values.shape[0]
+    positions = sorted({numel - k for k in cuts if k})
+    ordered = np.partition(values, positions) if positions else values
+    return [float(ordered[numel - k]) if k else float("inf") for k in cuts]
 
 
 def _kernel() -> Any:
@@ -108,8 +137,8 @@ def _kernel() -> Any:
             import numba
             from numba.extending import register_jitable
 
-            for helper in (_floor_log2, _cut_inside, _less, _swap, _partition_pivot, _insertion_sort, _heap_sort,
-                           _adjust_heap):
+            for helper in (_floor_log2, _cut_inside, _key, _less, _partition_pivot, _partition, _insertion_sort,
+                           _heap_sort, _adjust_heap):
                 register_jitable(helper)
             _compiled["select"] = _jit(numba, _introselect)
     return _compiled["select"]
@@ -122,24 +151,19 @@ def _jit(numba: Any, function: Any) -> Any:
         return numba.njit(nogil=True)(function)
 
 
-def _introselect(source: np.ndarray, values: np.ndarray, indices: np.ndarray, positions: np.ndarray,
-                 direction: int) -> None:
-    """Replay libstdc++'s ``std::sort`` of (``source``, its indices) into ``values`` and ``indices``, skipping the
-    segments with no cut inside.
+def _introselect(keys: np.ndarray, positions: np.ndarray, tags: np.ndarray) -> None:
+    """Replay libstdc++'s ``std::sort`` of ``keys`` (in place), skipping the segments with no cut inside.
 
-    ``positions`` (sorted) are the cut positions; ``direction`` 0 compares as torch's descending sort (NaN
-    first, then larger values), 1 as its ascending sort (smaller values first, NaN last).
+    ``positions`` (sorted) are the cut positions; keys compare as torch's descending sort (larger values first),
+    a negative (tagged) key as its tag (``_key``).
     """
-    for i in range(source.shape[0]):
-        values[i] = source[i]
-        indices[i] = i
     # Segments still to do, as (first, last, depth limit); libstdc++ recurses right and loops left, and since the
     # segments are disjoint the order in which they are done does not change the result. At most one pending
     # segment per partition level, and the depth limit bounds the levels (2 * 63).
     stack_lo = np.empty(128, dtype=np.int64)
     stack_hi = np.empty(128, dtype=np.int64)
     stack_depth = np.empty(128, dtype=np.int64)
-    stack_lo[0], stack_hi[0], stack_depth[0] = 0, values.shape[0], 2 * _floor_log2(values.shape[0])
+    stack_lo[0], stack_hi[0], stack_depth[0] = 0, keys.shape[0], 2 * _floor_log2(keys.shape[0])
     top = 1
     while top > 0:
         top -= 1
@@ -148,17 +172,17 @@ def _introselect(source: np.ndarray, values: np.ndarray, indices: np.ndarray, po
             if not _cut_inside(positions, lo, hi):
                 break
             if limit == 0:
-                _heap_sort(values, indices, lo, hi, direction)
+                _heap_sort(keys, lo, hi, tags)
                 break
             limit -= 1
-            cut = _partition_pivot(values, indices, lo, hi, direction)
+            cut = _partition_pivot(keys, lo, hi, tags)
             # [lo, cut) waits with the same depth limit; [cut, hi) goes on
             stack_lo[top], stack_hi[top], stack_depth[top] = lo, cut, limit
             top += 1
             lo = cut
         else:
             if _cut_inside(positions, lo, hi):
-                _insertion_sort(values, indices, lo, hi, direction)
+                _insertion_sort(keys, lo, hi, tags)
 
 
 def _floor_log2(n: int) -> int:
@@ -181,99 +205,136 @@ def _cut_inside(positions: np.ndarray, lo: int, hi: int) -> bool:
     return left < positions.shape[0] and positions[left] < hi
 
 
-def _less(a: float, b: float, direction: int) -> bool:
-    """torch's KeyValueCompDesc (direction 0) or KeyValueCompAsc (1) on two values."""
-    if direction == 0:
-        return (np.isnan(a) and not np.isnan(b)) or a > b
-    return (not np.isnan(a) and np.isnan(b)) or a < b
+def _key(key: int, tags: np.ndarray) -> int:
+    """The value a key compares as: itself, or for a tagged entry its cut's value (looked up either way, so the
+    choice compiles without a branch; ``len(tags)`` is a power of two)."""
+    tag = tags[(-1 - key) & (tags.shape[0] - 1)]
+    return key if key >= 0 else tag
 
 
-def _swap(values: np.ndarray, indices: np.ndarray, i: int, j: int) -> None:
-    values[i], values[j] = values[j], values[i]
-    indices[i], indices[j] = indices[j], indices[i]
+def _less(a: int, b: int) -> bool:
+    """torch's KeyValueCompDesc on two NaN-free values (its ascending sort is this on reversed keys)."""
+    return a > b
 
 
-def _partition_pivot(values: np.ndarray, indices: np.ndarray, first: int, last: int, direction: int) -> int:
+def _partition_pivot(keys: np.ndarray, first: int, last: int, tags: np.ndarray) -> int:
     """``std::__unguarded_partition_pivot``: median of (first + 1, middle, last - 1) moved to first, then an
     unguarded Hoare partition of [first + 1, last) around it; returns the cut."""
     a, b, c = first + 1, first + (last - first) // 2, last - 1
-    if _less(values[a], values[b], direction):
-        if _less(values[b], values[c], direction):
-            _swap(values, indices, first, b)
-        elif _less(values[a], values[c], direction):
-            _swap(values, indices, first, c)
+    ka, kb, kc = _key(keys[a], tags), _key(keys[b], tags), _key(keys[c], tags)
+    if _less(ka, kb):
+        if _less(kb, kc):
+            keys[first], keys[b] = keys[b], keys[first]
+        elif _less(ka, kc):
+            keys[first], keys[c] = keys[c], keys[first]
         else:
-            _swap(values, indices, first, a)
-    elif _less(values[a], values[c], direction):
-        _swap(values, indices, first, a)
-    elif _less(values[b], values[c], direction):
-        _swap(values, indices, first, c)
+            keys[first], keys[a] = keys[a], keys[first]
+    elif _less(ka, kc):
+        keys[first], keys[a] = keys[a], keys[first]
+    elif _less(kb, kc):
+        keys[first], keys[c] = keys[c], keys[first]
     else:
-        _swap(values, indices, first, b)
-    pivot = values[first]
-    left, right = first + 1, last
+        keys[first], keys[b] = keys[b], keys[first]
+    return _partition(keys, first + 1, last, _key(keys[first], tags), tags)
+
+
+_BLOCK = 64  # positions scanned per branch-free step of the partition
+
+
+def _partition(keys: np.ndarray, first: int, last: int, pivot: int, tags: np.ndarray) -> int:
+    """``std::__unguarded_partition(first, last, pivot)``, the same swaps found branch-free in blocks.
+
+    Hoare's loop swaps its i-th left stop (the i-th position from ``first`` up whose value is not before the
+    pivot) with its i-th right stop (from ``last - 1`` down, not after it) while the left one is lower, and returns
+    the left scan's last stop: the next left stop, or the previous right stop if that comes first (the value the
+    right scan swapped there stops it). Only positions not yet swapped decide a stop before the pair that
+    crosses, so stops are listed a block at a time, in order, from the values as they lie (BlockQuicksort).
+    """
+    left_stops = np.empty(_BLOCK, dtype=np.int64)
+    right_stops = np.empty(_BLOCK, dtype=np.int64)
+    left_next, right_next = first, last - 1  # the next positions to scan (the pivot lies at first - 1)
+    left_count = left_used = right_count = right_used = 0
+    previous_right = last
     while True:
-        while _less(values[left], pivot, direction):
-            left += 1
-        right -= 1
-        while _less(pivot, values[right], direction):
-            right -= 1
-        if not left < right:
-            return left
-        _swap(values, indices, left, right)
-        left += 1
+        if left_used == left_count:
+            left_count = left_used = 0
+            stop = min(left_next + _BLOCK, last)
+            for position in range(left_next, stop):
+                left_stops[left_count] = position
+                left_count += not _less(_key(keys[position], tags), pivot)
+            left_next = stop
+            if left_count == 0:
+                if left_next >= last:  # no stop left of the array's end: the right scan's last swap stops it
+                    return previous_right
+                continue
+        if right_used == right_count:
+            right_count = right_used = 0
+            stop = max(right_next - _BLOCK, first - 2)  # down to the pivot at first - 1, which stops the scan
+            for position in range(right_next, stop, -1):
+                right_stops[right_count] = position
+                right_count += not _less(pivot, _key(keys[position], tags))
+            right_next = stop
+            if right_count == 0:
+                continue
+        while left_used < left_count and right_used < right_count:
+            left, right = left_stops[left_used], right_stops[right_used]
+            if left >= right:
+                return min(left, previous_right)
+            keys[left], keys[right] = keys[right], keys[left]
+            previous_right = right
+            left_used += 1
+            right_used += 1
 
 
-def _insertion_sort(values: np.ndarray, indices: np.ndarray, first: int, last: int, direction: int) -> None:
+def _insertion_sort(keys: np.ndarray, first: int, last: int, tags: np.ndarray) -> None:
     """A stable insertion sort of [first, last), as ``__final_insertion_sort`` leaves each segment."""
     for i in range(first + 1, last):
-        value, index = values[i], indices[i]
+        key = keys[i]
+        value = _key(key, tags)
         j = i
-        while j > first and _less(value, values[j - 1], direction):
-            values[j], indices[j] = values[j - 1], indices[j - 1]
+        while j > first and _less(value, _key(keys[j - 1], tags)):
+            keys[j] = keys[j - 1]
             j -= 1
-        values[j], indices[j] = value, index
+        keys[j] = key
 
 
-def _heap_sort(values: np.ndarray, indices: np.ndarray, first: int, last: int, direction: int) -> None:
+def _heap_sort(keys: np.ndarray, first: int, last: int, tags: np.ndarray) -> None:
     """``std::__partial_sort(first, last, last)``: ``__make_heap`` then ``__sort_heap``, step by step."""
     length = last - first
     if length < 2:
         return
     parent = (length - 2) // 2
     while True:
-        _adjust_heap(values, indices, first, parent, length, values[first + parent], indices[first + parent],
-                     direction)
+        _adjust_heap(keys, first, parent, length, keys[first + parent], tags)
         if parent == 0:
             break
         parent -= 1
     end = last
     while end - first > 1:
         end -= 1
-        value, index = values[end], indices[end]
-        values[end], indices[end] = values[first], indices[first]
-        _adjust_heap(values, indices, first, 0, end - first, value, index, direction)
+        key = keys[end]
+        keys[end] = keys[first]
+        _adjust_heap(keys, first, 0, end - first, key, tags)
 
 
-def _adjust_heap(values: np.ndarray, indices: np.ndarray, first: int, hole: int, length: int, value: float,
-                 index: int, direction: int) -> None:
-    """``std::__adjust_heap`` followed by its ``std::__push_heap`` of (value, index)."""
+def _adjust_heap(keys: np.ndarray, first: int, hole: int, length: int, key: int, tags: np.ndarray) -> None:
+    """``std::__adjust_heap`` followed by its ``std::__push_heap`` of ``key``."""
     top = hole
     child = hole
     while child < (length - 1) // 2:
         child = 2 * (child + 1)
-        if _less(values[first + child], values[first + child - 1], direction):
+        if _less(_key(keys[first + child], tags), _key(keys[first + child - 1], tags)):
             child -= 1
-        values[first + hole], indices[first + hole] = values[first + child], indices[first + child]
+        keys[first + hole] = keys[first + child]
         hole = child
     if length % 2 == 0 and child == (length - 2) // 2:
         child = 2 * (child + 1)
-        values[first + hole], indices[first + hole] = values[first + child - 1], indices[first + child - 1]
+        keys[first + hole] = keys[first + child - 1]
         hole = child - 1
+    value = _key(key, tags)
     parent = (hole - 1) // 2
-    while hole > top and _less(values[first + parent], value, direction):
-        values[first + hole], indices[first + hole] = values[first + parent], indices[first + parent]
+    while hole > top and _less(_key(keys[first + parent], tags), value):
+        keys[first + hole] = keys[first + parent]
         hole = parent
         parent = (hole - 1) // 2
-    values[first + hole], indices[first + hole] = value, index
-
+    keys[first + hole] = key
