@@ -301,7 +301,7 @@ def test_a_cut_off_at_zero_magnitude_equals_mergekit(make_family: Any, mergekit_
                                                      method: str, parameters: dict[str, Any],
                                                      chunk_elements: int | None) -> None:
     """A cut-off that falls among the entries the experts left unchanged (20% of the deltas are 0, 90% kept):
-    modelfuse keeps the zeros in flat order without replaying mergekit's sort (``prepass.mergekit_cuts``), and
+    modelfuse keeps the zeros in flat order without replaying mergekit's sort (``prepass.mergekit_selection``), and
     every tensor still equals mergekit's bit for bit, because a kept zero and a dropped one add the same."""
     paths = make_family("llama", dtype=torch.bfloat16)
     _quantize_experts(paths)

@@ -15,11 +15,12 @@ from modelfuse.engine.finite import FiniteCheck
 from modelfuse.engine.prepass import (
     MergekitCuts,
     l1_scales,
-    mergekit_cuts,
+    mergekit_selection,
+    sorted_member,
     topk_thresholds,
     whole_tensor_thresholds,
 )
-from modelfuse.engine.units import WorkUnit, l1_prepass, mergekit_selection, rowwise, torch_draws
+from modelfuse.engine.units import WorkUnit, l1_prepass, mergekit_order, rowwise, torch_draws
 from modelfuse.errors import ModelfuseError
 from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
@@ -169,7 +170,7 @@ def _recompute_cuts(job: TensorJob, plan: MergePlan, raw: Sequence[torch.Tensor]
         magnitude = (tensor - base).abs()
         model_masks = []
         for threshold, kept in zip(model_thresholds, model_kept, strict=True):
-            equal_kept = torch.from_numpy(np.isin(flat, kept, assume_unique=True)).to(device)
+            equal_kept = torch.from_numpy(sorted_member(kept, flat)).to(device)
             model_masks.append(((magnitude > threshold.value) | equal_kept).to(compute_dtype))
         masks.append(model_masks)
     kwargs = {**job.params, **{name: value for name, value in {"depth": job.depth, "tensor_name": job.name,
@@ -223,7 +224,7 @@ def _compute_piece(
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
                                    "statistics": _statistics(job, plan, compute_dtype, device), "l1_scales": scales}
-    if rows is None and base is not None and mergekit_selection(job, plan):
+    if rows is None and base is not None and mergekit_order(job, plan):
         # A mergekit recipe: the entries equal to a cut-off are those mergekit's sort puts first (whole tensors).
         numel = base.numel()
         context["topk_masks"] = [
@@ -308,9 +309,11 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfini
     row_bytes = int(torch.Size(job.shape[1:]).numel()) * job.dtype.itemsize
     if unit.blocks is not None:
         chunk = max(stop - start for start, stop in unit.blocks) * (row_bytes // job.dtype.itemsize)
-        thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite) if job.method.topk is not None else None
-        cuts = (mergekit_cuts(job, plan, thresholds, chunk, allow_nonfinite)
-                if thresholds is not None and mergekit_selection(job, plan) else None)
+        cuts = None
+        if job.method.topk is not None and mergekit_order(job, plan):
+            thresholds, cuts = mergekit_selection(job, plan, chunk, allow_nonfinite)
+        else:
+            thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite) if job.method.topk is not None else None
         noise = RandomField(tensor_seed(plan.recipe.seed, job.name))
         scales = l1_scales(job, plan, unit.blocks, noise, allow_nonfinite) if l1_prepass(job, plan) else None
         equal_before = [[0] * len(model) for model in thresholds] if thresholds is not None else None

@@ -108,45 +108,58 @@ class MergekitCuts:
     positions: np.ndarray
 
 
-def mergekit_cuts(job: TensorJob, plan: MergePlan, thresholds: Sequence[Sequence[TopkThreshold]],
-                  chunk_elements: int, replace_nonfinite: bool = False) -> MergekitCuts:
-    """The entries equal to each threshold that mergekit 0.1.5 keeps (``MethodSpec.mergekit_order``), found by
-    replaying torch's sort of each whole task vector |expert - base| (one model at a time: 4 bytes per entry,
-    and the indices of the entries equal to a threshold).
+def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, replace_nonfinite: bool = False
+                       ) -> tuple[list[list[TopkThreshold]], MergekitCuts]:
+    """The thresholds of :func:`topk_thresholds`, and the entries equal to each that mergekit 0.1.5 keeps
+    (``MethodSpec.mergekit_order``), from each whole task vector |expert - base| held in memory (one model at a
+    time: 4 bytes per entry, and the indices of the entries equal to a threshold): the threshold found in it,
+    then torch's sort replayed on it.
 
     A threshold of 0 needs no replay: the methods apply their masks as ``tau * mask``, so whichever entries of
     zero magnitude are kept, the output is the same (bit for bit), and the flat-order rule stands for mergekit's.
-    With bfloat16 checkpoints that is the common case: most small fine-tuning updates round to no change.
+    With bfloat16 checkpoints that is common: small fine-tuning updates round to no change.
     """
-    assert job.base is not None and job.method.mergekit_order is not None
+    assert job.base is not None and job.method.mergekit_order is not None and job.method.topk is not None
     numel = int(torch.Size(job.shape).numel())
-    counts = job.method.topk(job.params, numel) if job.method.topk is not None else []
+    counts = job.method.topk(job.params, numel)
+    thresholds: list[list[TopkThreshold]] = []
     kept: list[list[np.ndarray]] = []
     differ: list[np.ndarray] = []
-    for model, (source, model_thresholds) in enumerate(zip(job.sources, thresholds, strict=True)):
-        active = [index for index, (k, threshold) in enumerate(zip(counts[model], model_thresholds, strict=True))
-                  if threshold.value > 0 and 0 < k < numel]
-        cuts = [(counts[model][index], model_thresholds[index]) for index in active]
-        if not cuts:
-            kept.append([np.empty(0, dtype=np.int64) for _ in model_thresholds])
-            continue
+    for source, model_counts in zip(job.sources, counts, strict=True):
         values = _task_vector_magnitude(plan, source, job.base, numel, chunk_elements, job, replace_nonfinite)
-        flat_order = []
-        for _, threshold in cuts:  # the flat-order rule's equal entries, before the replay permutes
-            equal = np.flatnonzero(values == np.float32(threshold.value))
-            flat_order.append(equal[: threshold.equal_quota])
-        found = equal_kept(values, [(k, threshold.value) for k, threshold in cuts], job.method.mergekit_order)
-        del values
+        whole = torch.from_numpy(values)
+        model_thresholds = topk_kernel_thresholds(
+            lambda start, stop, whole=whole: whole[None, start:stop], numel, list(model_counts),
+            chunk_elements=chunk_elements, sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
+            sample_blocks=_SAMPLE_BLOCKS, rows=[0] * len(model_counts))
+        thresholds.append(model_thresholds)
+        active = [index for index, (k, threshold) in enumerate(zip(model_counts, model_thresholds, strict=True))
+                  if threshold.value > 0 and 0 < k < numel]
         model_kept = [np.empty(0, dtype=np.int64) for _ in model_thresholds]
-        for index, indices in zip(active, found, strict=True):
-            model_kept[index] = indices
+        if active:
+            equal = [np.flatnonzero(values == np.float32(model_thresholds[index].value)) for index in active]
+            found = equal_kept(values, [(model_counts[index], model_thresholds[index].value) for index in active],
+                               job.method.mergekit_order, equal)
+            for index, entries, indices in zip(active, equal, found, strict=True):
+                model_kept[index] = indices  # where the flat-order rule (the first equal_quota) differs:
+                differ.append(_symmetric_difference(entries[: model_thresholds[index].equal_quota], indices))
         kept.append(model_kept)
-        differ += [np.setxor1d(ours, theirs, assume_unique=True) for ours, theirs in zip(flat_order, found,
-                                                                                          strict=True)]
-    # each array is sorted: a stable (merging) sort of their concatenation, then duplicates dropped
-    positions = np.sort(np.concatenate(differ), kind="stable") if differ else np.empty(0, dtype=np.int64)
-    positions = positions[np.concatenate(([True], positions[1:] != positions[:-1]))] if positions.size else positions
-    return MergekitCuts(kept, positions.astype(np.int64))
+        del values, whole
+    positions = np.unique(np.concatenate(differ)) if differ else np.empty(0, dtype=np.int64)
+    return thresholds, MergekitCuts(kept, positions.astype(np.int64))
+
+
+def sorted_member(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Whether each of ``queries`` is in ``sorted_values`` (sorted, unique): a binary search each."""
+    if not sorted_values.size:
+        return np.zeros(queries.shape, dtype=bool)
+    found = np.minimum(np.searchsorted(sorted_values, queries), sorted_values.size - 1)
+    return sorted_values[found] == queries
+
+
+def _symmetric_difference(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The sorted entries of exactly one of two sorted, unique arrays."""
+    return np.sort(np.concatenate((first[~sorted_member(second, first)], second[~sorted_member(first, second)])))
 
 
 def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,

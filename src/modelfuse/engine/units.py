@@ -33,9 +33,9 @@ class WorkUnit:
         return numel // self.job.shape[0] * (self.rows[1] - self.rows[0])
 
 
-def mergekit_selection(job: TensorJob, plan: MergePlan) -> bool:
+def mergekit_order(job: TensorJob, plan: MergePlan) -> bool:
     """Whether the job selects top-k entries in mergekit's sort order (``Recipe.tie_order``): the entries
-    equal to a threshold are those torch's sort of the whole task vector puts first (``prepass.mergekit_cuts``)."""
+    equal to a threshold are those torch's sort of the whole task vector puts first (``prepass.mergekit_selection``)."""
     return plan.recipe.mergekit_ties and job.method.mergekit_order is not None and job.base is not None
 
 
@@ -101,7 +101,7 @@ def work_units(
             block_elements = max(1, min(chunk_elements, budget_bytes // (per_element * (2 * workers + 1))))
         if not _blockable(job, plan) or numel <= block_elements:
             # mergekit's order: a sort of one task vector at a time (values and int64 indices)
-            selection = 16 * numel if mergekit_selection(job, plan) else 0
+            selection = 16 * numel if mergekit_order(job, plan) else 0
             yield WorkUnit(job, None, True, per_element * numel + _statistics_bytes(job) + selection)
             continue
         row_elements = numel // job.shape[0]
@@ -111,7 +111,7 @@ def work_units(
         if job.method.topk is not None or l1_prepass(job, plan):
             # mergekit's order: one whole task vector at a time, replayed as 4-byte keys (and the indices of the
             # entries equal to a cut-off, usually few)
-            selection = 4 * numel if mergekit_selection(job, plan) else 0
+            selection = 4 * numel if mergekit_order(job, plan) else 0
             yield WorkUnit(job, None, True, per_element * row_elements * rows_per_block + selection, blocks)
             continue
         for start, stop in blocks:

@@ -78,10 +78,12 @@ def first_k_masks(values: torch.Tensor, counts: Sequence[int], order: SortOrder)
     return [torch.from_numpy(mask).reshape(values.shape).to(values.device) for mask in masks]
 
 
-def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: SortOrder) -> list[np.ndarray]:
+def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: SortOrder,
+               equal: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """For each ``(k, value)`` (a top-k count and the k-th largest value): the sorted flat indices of the entries
     equal to ``value`` that torch's sort counts among the ``k`` largest (the first ``k`` of a descending argsort,
-    or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is overwritten."""
+    or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is overwritten; ``equal``,
+    where the caller has them, the flat indices of the entries equal to each cut's value."""
     numel = values.shape[0]
     if not _replayable(values):  # torch's sort itself
         flat = torch.from_numpy(values)
@@ -92,13 +94,16 @@ def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: Sor
     tag_values = sorted({np.float32(value) for k, value in cuts if k > 0 and np.isfinite(value)})
     bits = max(0, len(tag_values) - 1).bit_length()  # a tagged entry's code: index << bits | which
     keys = values.view(np.int32) if numel << bits < INT32_CODES else values.view(np.int32).astype(np.int64)
-    equal = [np.flatnonzero(values == value) for value in tag_values]  # before `values` (aliasing keys) changes
+    given = {} if equal is None else {np.float32(value): indices for (_, value), indices in zip(cuts, equal,
+                                                                                              strict=True)}
+    # before `values` (aliasing the keys) changes
+    entries = [given[value] if value in given else np.flatnonzero(values == value) for value in tag_values]
     tags = np.zeros(1 << bits, dtype=np.int64)
     tags[: len(tag_values)] = np.asarray(tag_values, dtype=np.float32).view(np.int32)
     if order == "sort_ascending":  # ascending = descending on reversed keys (non-negative still)
         np.subtract(_KEY_MAX, keys, out=keys)
         tags = _KEY_MAX - tags
-    for which, index in enumerate(equal):
+    for which, index in enumerate(entries):
         keys[index] = -1 - ((index << bits) | which)
     positions = sorted({k if order == "argsort_descending" else numel - k for k, _ in cuts} - {0, numel})
     if positions:
