@@ -145,7 +145,9 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
                 differ.append(_symmetric_difference(entries[: model_thresholds[index].equal_quota], indices))
         kept.append(model_kept)
         del values, whole
-    positions = np.unique(np.concatenate(differ)) if differ else np.empty(0, dtype=np.int64)
+    # each array is sorted: a stable (run-merging) sort of their concatenation, then duplicates dropped
+    positions = np.sort(np.concatenate(differ), kind="stable") if differ else np.empty(0, dtype=np.int64)
+    positions = positions[np.concatenate(([True], positions[1:] != positions[:-1]))] if positions.size else positions
     return thresholds, MergekitCuts(kept, positions.astype(np.int64))
 
 
@@ -159,7 +161,8 @@ def sorted_member(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 def _symmetric_difference(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """The sorted entries of exactly one of two sorted, unique arrays."""
-    return np.sort(np.concatenate((first[~sorted_member(second, first)], second[~sorted_member(first, second)])))
+    both = np.concatenate((first[~sorted_member(second, first)], second[~sorted_member(first, second)]))
+    return np.sort(both, kind="stable")  # two sorted runs, merged
 
 
 def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,
