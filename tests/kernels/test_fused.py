@@ -329,15 +329,50 @@ def test_ties_bf16_loop_runs_uncompiled() -> None:
                  np.asarray([0.5, 0.4], dtype=np.float32), np.asarray([1.0, 1.0], dtype=np.float32),
                  np.asarray([0, 12345], dtype=np.uint64),
                  np.asarray([0, keep_limit(0.4)], dtype=np.uint64), np.uint64(7), np.float32(0.9), True)
-    plain, plain_counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
-    with np.errstate(over="ignore"):  # the random words wrap modulo 2**64 on purpose
-        assert fused._ties_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
-                                     plain.view(torch.int16).numpy().view(np.uint16), plain_counts) == 0
-    if fused.AVAILABLE:
-        compiled, counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
-        fused._kernels()["ties_bf16"](bits, base.view(torch.int16).numpy().view(np.uint16), *arguments,
-                                      compiled.view(torch.int16).numpy().view(np.uint16), counts)
-        assert torch.equal(plain, compiled) and (plain_counts == counts).all()
+    magnitudes = (experts[0].float() - base.float()).abs()
+    value = float(magnitudes.median())
+    equal = np.flatnonzero((magnitudes == value).numpy()) + 7  # the block starts at flat index 7
+    listed, bounds = equal[::2].astype(np.int64), np.asarray([[0, len(equal[::2])], [0, 0]], dtype=np.int64)
+    listed_mode = (arguments[0], np.asarray([5, 3], dtype=np.int64), np.asarray([value, 0.0], dtype=np.float32),
+                   *arguments[3:])
+    for args, extra in ((arguments, (np.zeros(0, dtype=np.int64), np.zeros((2, 2), dtype=np.int64))),
+                        (listed_mode, (listed, bounds))):
+        plain, plain_counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
+        with np.errstate(over="ignore"):  # the random words wrap modulo 2**64 on purpose
+            assert fused._ties_bf16_loop(bits, base.view(torch.int16).numpy().view(np.uint16), *args,
+                                         plain.view(torch.int16).numpy().view(np.uint16), plain_counts, *extra) == 0
+        if fused.AVAILABLE:
+            compiled, counts = torch.empty(300, dtype=torch.bfloat16), np.zeros(2, dtype=np.int64)
+            fused._kernels()["ties_bf16"](bits, base.view(torch.int16).numpy().view(np.uint16), *args,
+                                          compiled.view(torch.int16).numpy().view(np.uint16), counts, *extra)
+            assert torch.equal(plain, compiled) and (plain_counts == counts).all()
+
+
+@needs_numba
+def test_ties_bf16_keeps_the_listed_equal_entries() -> None:
+    """``kept_equal``: entries above the threshold kept, and of those equal to it exactly the listed ones (by
+    flat index, the block starting at ``start``), as TIES with those masks computes it in torch."""
+    generator = torch.Generator().manual_seed(9)
+    base = torch.randn(5000, generator=generator).bfloat16()
+    experts = [(base.float() + torch.randint(-2, 3, (5000,), generator=generator) * 0.01).bfloat16()
+               for _ in range(3)]
+    start = 123_000
+    thresholds, listed, masks = [], [], []
+    for index, expert in enumerate(experts):
+        magnitude = (expert.float() - base.float()).abs()
+        value = float(magnitude.kthvalue(2000 + 500 * index).values)
+        equal = np.flatnonzero((magnitude == value).numpy())
+        chosen = np.sort(np.random.default_rng(index).choice(equal, size=len(equal) // 3, replace=False))
+        thresholds.append(TopkThreshold(value, 0))
+        listed.append(chosen + start)
+        mask = (magnitude > value).float()
+        mask[torch.from_numpy(chosen)] = 1.0
+        masks.append(mask)
+    out = torch.empty(5000, dtype=torch.bfloat16)
+    assert fused.ties_bf16(experts, base, [0.5, 0.3, 0.2], [0.5, 0.5, 0.5], 0.9, True, thresholds, [0, 0, 0], out,
+                           listed, start)
+    trimmed = [(expert.float() - base.float()) * mask for expert, mask in zip(experts, masks, strict=True)]
+    assert torch.equal(out, ties_combine(trimmed, base.float(), [0.5, 0.3, 0.2], 0.9, True).bfloat16())
 
 
 @needs_numba

@@ -69,9 +69,9 @@ def compute_tensor(
     A block (or a whole tensor of a rowwise method) is read once and computed in pieces of about
     ``PIECE_ELEMENTS`` elements; the result does not depend on the piece size. A blocked result goes into
     ``out`` (a uint8 buffer of at least its size, which the result then shares) when given. With ``cuts``
-    (mergekit's order at the thresholds), the block's entries where that order keeps other entries than the
-    flat-order rule are recomputed with mergekit's masks. ``scales``: the whole tensor's L1 rescale factors
-    (``prepass.l1_scales``) for a block of a method with ``rescale_l1``.
+    (mergekit's order at the thresholds), the entries equal to a threshold that are kept are those it lists.
+    ``scales``: the whole tensor's L1 rescale factors (``prepass.l1_scales``) for a block of a method with
+    ``rescale_l1``.
 
     Raises:
         CheckpointError: If an input holds NaN or Inf and ``allow_nonfinite`` is False (model, tensor, counts).
@@ -125,9 +125,11 @@ def compute_tensor(
             return result
         if thresholds is not None:
             before = equal_before if equal_before is not None else [[0] * len(model) for model in thresholds]
-            if kernel(raw, raw_base, job.params, result, thresholds=thresholds, equal_before=before):
-                # (``before`` advanced past the block, like the torch steps below advance it)
-                return _recompute_cuts(job, plan, raw, raw_base, rows, thresholds, cuts, result, finite, device)
+            listed: dict[str, Any] = {} if cuts is None else {
+                "kept_equal": cuts.block(rows[0] * row_elements, rows[1] * row_elements),
+                "start": rows[0] * row_elements}
+            if kernel(raw, raw_base, job.params, result, thresholds=thresholds, equal_before=before, **listed):
+                return result  # (``before`` advanced past the block, like the torch steps below advance it)
     # On the CPU, pieces that fit the cache; on an accelerator, the whole block in one go (each operation is one
     # kernel launch, so fewer, larger ones are faster).
     step = max(1, PIECE_ELEMENTS // max(1, row_elements)) if device.type == "cpu" else count
@@ -141,47 +143,8 @@ def compute_tensor(
         piece_base = raw_base[start:stop] if raw_base is not None else None
         piece_rows = (rows[0] + start, rows[0] + stop)
         result[start:stop].copy_(_compute_piece(job, plan, piece, piece_base, piece_rows, thresholds, before, finite,
-                                                device, scales))
-    return finite.output(_recompute_cuts(job, plan, raw, raw_base, rows, thresholds, cuts, result, finite, device))
-
-
-def _recompute_cuts(job: TensorJob, plan: MergePlan, raw: Sequence[torch.Tensor], raw_base: torch.Tensor | None,
-                    rows: tuple[int, int], thresholds: Sequence[Sequence[TopkThreshold]] | None,
-                    cuts: MergekitCuts | None, result: torch.Tensor, finite: FiniteCheck, device: torch.device
-                    ) -> torch.Tensor:
-    """``result`` with the block's entries listed in ``cuts.positions`` recomputed with mergekit's masks: the
-    method applied to those entries alone (the methods with a ``mergekit_order`` are element-wise once their
-    masks are given)."""
-    if cuts is None or thresholds is None or raw_base is None:
-        return result
-    row_elements = int(torch.Size(job.shape[1:]).numel())
-    start, stop = rows[0] * row_elements, rows[1] * row_elements
-    first, last = np.searchsorted(cuts.positions, [start, stop])
-    if first == last:
-        return result
-    flat = cuts.positions[first:last]
-    local = torch.from_numpy(flat - start)
-    compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
-    tensors = [tensor.reshape(-1)[local].to(device, compute_dtype) for tensor in raw]
-    base = raw_base.reshape(-1)[local].to(device, compute_dtype)
-    tensors, base = finite.inputs(tensors, base)
-    masks = []
-    for tensor, model_thresholds, model_kept in zip(tensors, thresholds, cuts.kept, strict=True):
-        magnitude = (tensor - base).abs()
-        model_masks = []
-        for threshold, kept in zip(model_thresholds, model_kept, strict=True):
-            equal_kept = torch.from_numpy(sorted_member(kept, flat)).to(device)
-            model_masks.append(((magnitude > threshold.value) | equal_kept).to(compute_dtype))
-        masks.append(model_masks)
-    kwargs = {**job.params, **{name: value for name, value in {"depth": job.depth, "tensor_name": job.name,
-                                                                 "topk_masks": masks, "statistics": None}.items()
-                               if name in job.method.context}}
-    values = job.method.fn(tensors, base, **kwargs)
-    if plan.recipe.post is not None:
-        for name, settings in plan.recipe.post.steps():
-            values = get_post_step(name)(values, base, depth=job.depth, **settings)
-    result.reshape(-1)[local] = values.to("cpu", result.dtype)
-    return result
+                                                device, scales, cuts))
+    return finite.output(result)
 
 
 def _view_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -205,11 +168,13 @@ def _compute_piece(
     finite: FiniteCheck,
     device: torch.device = CPU,
     scales: Sequence[float] | None = None,
+    cuts: MergekitCuts | None = None,
 ) -> torch.Tensor:
     """Apply the method to inputs as read (rows ``rows`` of the tensor, or all of it when None); compute dtype.
 
     With ``thresholds``, the top-k masks of this piece are passed to the method and ``equal_before`` (per
-    model and threshold, the ties counted before this piece) is advanced past it.
+    model and threshold, the ties counted before this piece) is advanced past it; with ``cuts``, the entries
+    equal to a threshold that are kept are those it lists (mergekit's order).
     """
     compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
     tensors = [tensor.to(device, compute_dtype) for tensor in raw]
@@ -237,9 +202,12 @@ def _compute_piece(
         thresholds = whole_tensor_thresholds(job, tensors, base)
         equal_before = [[0] * len(model) for model in thresholds]
     if thresholds is not None and equal_before is not None and base is not None:
-        context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before)
-                                 for tensor, model_thresholds, model_before in zip(tensors, thresholds, equal_before,
-                                                                                   strict=True)]
+        origin = rows[0] * int(torch.Size(job.shape[1:]).numel()) if rows is not None else 0
+        listed = (cuts.block(origin, origin + base.numel()) if cuts is not None
+                  else [[None] * len(model) for model in thresholds])
+        context["topk_masks"] = [_piece_masks(tensor, base, model_thresholds, model_before, model_listed, origin)
+                                 for tensor, model_thresholds, model_before, model_listed
+                                 in zip(tensors, thresholds, equal_before, listed, strict=True)]
     kwargs.update({name: context[name] for name in job.method.context})
     result = job.method.fn(tensors, base, **kwargs)
     expected = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
@@ -279,15 +247,26 @@ def _statistics(job: TensorJob, plan: MergePlan, dtype: torch.dtype, device: tor
 
 
 def _piece_masks(
-    tensor: torch.Tensor, base: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int]
+    tensor: torch.Tensor, base: torch.Tensor, thresholds: Sequence[TopkThreshold], equal_before: list[int],
+    listed: Sequence[np.ndarray | None], origin: int,
 ) -> list[torch.Tensor]:
     """A piece's top-k masks (float32 ones and zeros) of one task vector ``|tensor - base|``, one per threshold.
 
-    Advances ``equal_before`` past the piece.
+    Entries equal to a threshold are kept by the flat-order rule, or where ``listed`` gives that threshold's
+    kept flat indices (the piece starts at flat index ``origin``), those. Advances ``equal_before`` past the piece.
     """
     masks = []
     magnitude = None
     for index, threshold in enumerate(thresholds):
+        if listed[index] is not None:
+            magnitude = (tensor - base).abs() if magnitude is None else magnitude
+            value = torch.tensor(threshold.value, dtype=magnitude.dtype, device=magnitude.device)
+            equal = (magnitude == value).reshape(-1)
+            where = torch.nonzero(equal.cpu()).reshape(-1).numpy()
+            mask = (magnitude > value).reshape(-1)
+            mask[torch.from_numpy(where[sorted_member(listed[index], where + origin)]).to(mask.device)] = True
+            masks.append(mask.reshape(magnitude.shape).to(magnitude.dtype))
+            continue
         kept = fused.topk_keep(tensor, base, threshold, equal_before[index])
         if kept is None:
             magnitude = (tensor - base).abs() if magnitude is None else magnitude

@@ -95,17 +95,27 @@ def whole_tensor_thresholds(job: TensorJob, tensors: Sequence[torch.Tensor], bas
 
 @dataclass(frozen=True)
 class MergekitCuts:
-    """Where mergekit's sort order keeps other entries equal to a threshold than the flat-order rule does.
+    """The entries equal to each threshold that mergekit 0.1.5 keeps.
 
     ``kept[model][index]``: sorted flat indices of the entries equal to ``thresholds[model][index]`` that
-    mergekit keeps (torch's sort puts them among the k largest; empty for a threshold of 0, where which entries
-    are kept makes no difference); ``positions``: sorted flat indices where, for
-    any model and threshold, that differs from keeping the first ``equal_quota`` equal entries in flat order
-    (the engine computes every block by that rule, then recomputes these entries with mergekit's masks).
+    mergekit keeps (torch's sort puts them among the k largest), or None where the flat-order rule gives the same
+    output (a threshold of 0, a count of 0 or of every entry).
     """
 
-    kept: list[list[np.ndarray]]
-    positions: np.ndarray
+    kept: list[list[np.ndarray | None]]
+
+    def block(self, start: int, stop: int) -> list[list[np.ndarray | None]]:
+        """``kept`` restricted to the flat indices ``[start, stop)`` (views)."""
+        return [[None if entries is None else entries[slice(*np.searchsorted(entries, [start, stop]))]
+                 for entries in model] for model in self.kept]
+
+
+def sorted_member(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Whether each of ``queries`` is in ``sorted_values`` (sorted, unique): a binary search each."""
+    if not sorted_values.size:
+        return np.zeros(queries.shape, dtype=bool)
+    found = np.minimum(np.searchsorted(sorted_values, queries), sorted_values.size - 1)
+    return sorted_values[found] == queries
 
 
 def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, replace_nonfinite: bool = False
@@ -123,8 +133,7 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
     numel = int(torch.Size(job.shape).numel())
     counts = job.method.topk(job.params, numel)
     thresholds: list[list[TopkThreshold]] = []
-    kept: list[list[np.ndarray]] = []
-    differ: list[np.ndarray] = []
+    kept: list[list[np.ndarray | None]] = []
     for source, model_counts in zip(job.sources, counts, strict=True):
         values = _task_vector_magnitude(plan, source, job.base, numel, chunk_elements, job, replace_nonfinite)
         whole = torch.from_numpy(values)
@@ -135,34 +144,15 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
         thresholds.append(model_thresholds)
         active = [index for index, (k, threshold) in enumerate(zip(model_counts, model_thresholds, strict=True))
                   if threshold.value > 0 and 0 < k < numel]
-        model_kept = [np.empty(0, dtype=np.int64) for _ in model_thresholds]
+        model_kept: list[np.ndarray | None] = [None] * len(model_thresholds)
         if active:
-            equal = [np.flatnonzero(values == np.float32(model_thresholds[index].value)) for index in active]
             found = equal_kept(values, [(model_counts[index], model_thresholds[index].value) for index in active],
-                               job.method.mergekit_order, equal)
-            for index, entries, indices in zip(active, equal, found, strict=True):
-                model_kept[index] = indices  # where the flat-order rule (the first equal_quota) differs:
-                differ.append(_symmetric_difference(entries[: model_thresholds[index].equal_quota], indices))
+                               job.method.mergekit_order)
+            for index, indices in zip(active, found, strict=True):
+                model_kept[index] = indices
         kept.append(model_kept)
         del values, whole
-    # each array is sorted: a stable (run-merging) sort of their concatenation, then duplicates dropped
-    positions = np.sort(np.concatenate(differ), kind="stable") if differ else np.empty(0, dtype=np.int64)
-    positions = positions[np.concatenate(([True], positions[1:] != positions[:-1]))] if positions.size else positions
-    return thresholds, MergekitCuts(kept, positions.astype(np.int64))
-
-
-def sorted_member(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Whether each of ``queries`` is in ``sorted_values`` (sorted, unique): a binary search each."""
-    if not sorted_values.size:
-        return np.zeros(queries.shape, dtype=bool)
-    found = np.minimum(np.searchsorted(sorted_values, queries), sorted_values.size - 1)
-    return sorted_values[found] == queries
-
-
-def _symmetric_difference(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """The sorted entries of exactly one of two sorted, unique arrays."""
-    both = np.concatenate((first[~sorted_member(second, first)], second[~sorted_member(first, second)]))
-    return np.sort(both, kind="stable")  # two sorted runs, merged
+    return thresholds, MergekitCuts(kept)
 
 
 def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,

@@ -74,6 +74,8 @@ def warm_up(model_counts: Iterable[int]) -> None:
     affine_bf16([half], None, [1.0], 1.0, 1.0, torch.empty(1, dtype=torch.bfloat16))
     abs_deltas_bf16([half], half, torch.empty(1, 1))
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
+    ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16),
+              [np.zeros(1, dtype=np.int64)])
     dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16))
     dare_ties_bf16([half], half, [1.0], [0.5], 1.0, True, [0], 0, torch.empty(1, dtype=torch.bfloat16), [1.0])
     dropped_l1_bf16([half], half, [0.5], [0], 0)
@@ -212,12 +214,15 @@ def ties_bf16(
     thresholds: Sequence[TopkThreshold],
     equal_before: list[int],
     out: torch.Tensor,
+    kept_equal: Sequence[np.ndarray | None] | None = None,
+    start: int = 0,
 ) -> bool:
     """TIES of one row block from bfloat16 inputs straight into the bfloat16 ``out``, in one pass.
 
     Per model ``i``: ``tau_i = x_i - b``, trimmed by the engine's streamed top-k threshold (entries above it
-    kept, entries equal to it kept while the tensor's quota lasts, counted on from ``equal_before[i]``;
-    everything kept when ``densities[i] >= 1``, nothing when ``<= 0``, as ``sparsify_magnitude``), then the
+    kept, entries equal to it kept while the tensor's quota lasts, counted on from ``equal_before[i]``, or, where
+    ``kept_equal[i]`` is given, those whose flat index in the tensor (the block starts at ``start``) it lists,
+    sorted; everything kept when ``densities[i] >= 1``, nothing when ``<= 0``, as ``sparsify_magnitude``), then the
     sign election and disjoint mean of :func:`ties_combine`, ``b + lam * ...``, rounded to bfloat16, all in
     float32 in the order of the torch steps. On success ``equal_before`` is advanced past the block.
     Returns False, with ``out`` unspecified and ``equal_before`` untouched, when it does not apply (numba
@@ -225,10 +230,15 @@ def ties_bf16(
     """
     if len(thresholds) != len(tensors) or len(equal_before) != len(tensors):
         return False
-    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 0 for d in densities]
+    listed = list(kept_equal) if kept_equal is not None else [None] * len(tensors)
+    if len(listed) != len(tensors):
+        return False
+    modes = [1 if d >= 1.0 else 2 if d <= 0.0 else 0 if entries is None else 5
+             for d, entries in zip(densities, listed, strict=True)]
     quota = [t.equal_quota - before for t, before in zip(thresholds, equal_before, strict=True)]
     equal_counts = _trimmed_ties_bf16(tensors, base, weights, densities, lam, normalize, out, modes=modes,
-                                      thresholds=[t.value for t in thresholds], quota=quota)
+                                      thresholds=[t.value for t in thresholds], quota=quota, start=start,
+                                      listed=listed)
     if equal_counts is None:
         return False
     for i, counted in enumerate(equal_counts):
@@ -279,6 +289,7 @@ def _trimmed_ties_bf16(
     keys: Sequence[int] | None = None,
     start: int = 0,
     scales: Sequence[float] | None = None,
+    listed: Sequence[np.ndarray | None] | None = None,
 ) -> list[int] | None:
     """Run the fused trim + TIES loop; per model the count of entries equal to its threshold, or None when
     the loop does not apply or gave a non-finite result."""
@@ -290,6 +301,13 @@ def _trimmed_ties_bf16(
         return None
     equal_counts = np.zeros(count, dtype=np.int64)
     limits = [keep_limit(d) if 0.0 < d < 1.0 else 0 for d in densities]
+    pieces = [np.asarray(entries, dtype=np.int64) for entries in (listed or []) if entries is not None]
+    bounds = np.zeros((count, 2), dtype=np.int64)  # model i's entries: listed[bounds[i, 0]:bounds[i, 1]]
+    offset = 0
+    for i, entries in enumerate(listed or []):
+        if entries is not None:
+            bounds[i] = offset, offset + len(entries)
+            offset += len(entries)
     nonfinite = _kernels()["ties_bf16"](
         tuple(_bf16_bits(t) for t in tensors), _bf16_bits(base), np.asarray(weights, dtype=np.float32),
         np.asarray(modes, dtype=np.int64),
@@ -299,7 +317,7 @@ def _trimmed_ties_bf16(
         np.asarray(scales if scales is not None else [1.0] * count, dtype=np.float32),
         np.asarray(keys if keys is not None else [0] * count, dtype=np.uint64),
         np.asarray(limits, dtype=np.uint64), np.uint64(start), np.float32(lam), bool(normalize), _bf16_bits(out),
-        equal_counts)
+        equal_counts, np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64), bounds)
     return None if nonfinite else [int(value) for value in equal_counts]
 
 
@@ -588,6 +606,8 @@ def _ties_bf16_loop(
     normalize: bool,
     out: np.ndarray,
     equal_counts: np.ndarray,
+    listed: np.ndarray,
+    bounds: np.ndarray,
 ) -> int:
     """The loop of :func:`ties_bf16` and :func:`dare_ties_bf16` on bfloat16 bit patterns; returns how many
     results are not finite (in float32, or once rounded to bfloat16).
@@ -595,7 +615,9 @@ def _ties_bf16_loop(
     Per model ``i``, ``modes[i]`` trims its task vector: 0 by ``thresholds[i]`` (``quota[i]`` entries equal to
     it still kept; ``equal_counts[i]`` counts those met), 1 keeps all, 2 keeps none, 3 drops and rescales
     (``densities[i]``) with the words of stream ``keys[i]`` from flat element ``start`` below ``limits[i]``,
-    4 drops the same way and multiplies the kept entries by ``scales[i]`` (an L1-norm rescale found beforehand).
+    4 drops the same way and multiplies the kept entries by ``scales[i]`` (an L1-norm rescale found beforehand),
+    5 trims by ``thresholds[i]`` keeping the entries equal to it whose flat index (``start`` + position in the
+    block) is in ``listed[bounds[i, 0]:bounds[i, 1]]`` (sorted).
     """
     batch = 4096
     count = len(inputs)
@@ -609,6 +631,9 @@ def _ties_bf16_loop(
     deltas_bits = deltas.view(np.uint32)
     total = np.empty(batch, dtype=np.float32)
     total_bits = total.view(np.uint32)
+    equal_at = np.empty(batch, dtype=np.int64)
+    cursors = bounds[:, 0].copy()
+    origin = np.int64(start)
     nonfinite = 0
     for first in range(0, out.size, batch):
         size = min(batch, out.size - first)
@@ -641,6 +666,25 @@ def _ties_bf16_loop(
                             seen += 1
                             if seen > left:
                                 delta[j] = delta[j] * zero
+                equal_counts[i] += equal
+            elif modes[i] == 5:
+                value = thresholds[i]
+                equal = 0
+                for j in range(size):  # entries above the threshold kept; the equal ones' positions noted
+                    magnitude = abs(delta[j])
+                    equal_at[equal] = j
+                    equal += 1 if magnitude == value else 0
+                    delta[j] = delta[j] * (one if magnitude > value else zero)
+                cursor, stop = cursors[i], bounds[i, 1]
+                for e in range(equal):  # the listed ones restored: |tau| == value, so tau = value * sign
+                    j = equal_at[e]
+                    flat = origin + first + j
+                    while cursor < stop and listed[cursor] < flat:
+                        cursor += 1
+                    if cursor < stop and listed[cursor] == flat:
+                        delta[j] = value if delta_bits[j] < np.uint32(0x80000000) else -value
+                        cursor += 1
+                cursors[i] = cursor
                 equal_counts[i] += equal
             elif modes[i] >= 3:  # as _drop_and_rescale_loop, element first + j of the block
                 density = densities[i]

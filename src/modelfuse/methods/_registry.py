@@ -109,7 +109,9 @@ TopkCounts = Callable[[dict[str, Any], int], list[tuple[int, ...]]]
 # bf16_kernel(tensors, base, params, out) -> whether it computed the method on bfloat16 inputs into ``out`` and
 # every result is finite (on False the engine recomputes the block with the checked torch steps). A top-k
 # method's kernel also takes ``thresholds`` and ``equal_before`` (as the engine's masks use them) by keyword and
-# advances ``equal_before`` past the block only when it returns True.
+# advances ``equal_before`` past the block only when it returns True; one with a ``mergekit_order`` also takes
+# ``kept_equal`` (per model and count: the sorted flat indices of the entries equal to the threshold that are
+# kept, or None for the flat-order rule) and ``start`` (the block's first flat index).
 Bf16Kernel = Callable[..., bool]
 # How mergekit 0.1.5 orders a top-k method's magnitudes, which decides the entries kept among those equal at a
 # cut-off: "argsort_descending" (the first k of torch.argsort(descending=True)), "sort_ascending" (the last k of
@@ -285,8 +287,9 @@ def register(
             output and statistics (a solver's float64 sums, say); the engine reserves it in the RAM budget.
         mergekit_order: For top-k methods that mergekit 0.1.5 has, the order its sort gives equal magnitudes
             (``MergekitOrder``); a recipe with ``tie_order: mergekit`` (a mergekit YAML's default) then gets
-            mergekit's masks: the engine computes row blocks by the flat-order rule and recomputes the entries where
-            mergekit's order differs, so ``fn`` must be element-wise once its ``topk_masks`` are given.
+            mergekit's masks (the engine lists, per tensor, the entries equal to each threshold that mergekit
+            keeps). The method must apply its masks as ``tau * mask``: at a threshold of 0 the engine keeps the
+            flat-order rule, which then gives the same output.
         torch_draws: For random methods that can draw from a ``TorchDraws`` (one Bernoulli draw per entry of the
             tensor, model by model): ``torch_draws(params)`` says which models draw. A recipe with
             ``random_draws: torch`` then gets mergekit's draws.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 
 from modelfuse.kernels import fused
@@ -38,13 +39,17 @@ def ties_combine(
 def _ties_bf16(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, params: dict[str, Any], out: torch.Tensor, *,
     thresholds: Sequence[Sequence[TopkThreshold]], equal_before: list[list[int]],
+    kept_equal: Sequence[Sequence[np.ndarray | None]] | None = None, start: int = 0,
 ) -> bool:
-    """:func:`ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path)."""
+    """:func:`ties` of a row block fused from bfloat16 inputs into a bfloat16 ``out`` (the engine's fast path);
+    ``kept_equal``: per model, the flat indices of the entries equal to its threshold that are kept (mergekit's
+    order), or None for the flat-order rule; the block starts at flat index ``start``."""
     if params["rescale_l1"]:
         return False
     before = [model[0] for model in equal_before]
+    listed = [model[0] for model in kept_equal] if kept_equal is not None else None
     if not fused.ties_bf16(tensors, base, params["weight"], params["density"], params["lam"], params["normalize"],
-                           [model[0] for model in thresholds], before, out):
+                           [model[0] for model in thresholds], before, out, listed, start):
         return False
     for model, count in zip(equal_before, before, strict=True):
         model[0] = count
