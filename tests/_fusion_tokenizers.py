@@ -1,0 +1,52 @@
+"""Small tokenizers of the three spelling kinds, trained here with `tokenizers` (nothing downloaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+CORPUS = [
+    "the cat sat on the mat", "the dog ate 1234 apples", "a caf\u00e9 in the city", "12 + 34 = 46",
+    "tokenizers split words differently", "the theory of the thermal thing", "newline\nand\ttab",
+] * 20
+
+
+def byte_level(vocab_size: int = 300, corpus: Sequence[str] = CORPUS) -> Any:
+    """A byte-level BPE (GPT-2 style: ``Ġ`` for a space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+
+
+def metaspace(vocab_size: int = 200, corpus: Sequence[str] = CORPUS) -> Any:
+    """A SentencePiece-style BPE (``▁`` for a space, bytes as ``<0x..>`` tokens)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    core.normalizer = normalizers.Replace(" ", "\u2581")
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 259, special_tokens=specials)
+    core.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def wordpiece(vocab_size: int = 150, corpus: Sequence[str] = CORPUS) -> Any:
+    """A WordPiece (``##`` inside a word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece()
+    core.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
