@@ -50,3 +50,21 @@ def wordpiece(vocab_size: int = 150, corpus: Sequence[str] = CORPUS) -> Any:
     core.decoder = decoders.WordPiece()
     core.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"]))
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+
+
+def save_tiny_model(folder: Any, tokenizer: Any, *, seed: int = 0, layers: int = 2) -> Any:
+    """A tiny random Llama whose vocabulary is ``tokenizer``'s, saved with it into ``folder``."""
+    import torch
+    import transformers as tf
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from modelfuse.devices import DeviceSpec, DtypeName
 from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CONFIG, FORMAT
-from modelfuse.io.writer import StagingFolder, check_output_location
+from modelfuse.io.writer import StagingFolder, check_output_location, read_progress, write_json
 from modelfuse.runtime import input_device, load_model
 from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 
@@ -165,7 +164,7 @@ def calibrate(
         progress = None
         if staging is not None:
             progress = _read_progress(staging.path, identity) if resume else {"identity": identity, "groups": {}}
-            _write_json(staging.path / _PROGRESS, progress)
+            write_json(staging.path / _PROGRESS, progress)
         progress = ranks.gather(progress)[0]  # every rank skips the passes an interrupted run finished
         for index, group in enumerate(groups):
             file = f"stats-{index:05d}.safetensors"
@@ -189,12 +188,12 @@ def calibrate(
                 continue
             save_file({key: value.to(torch.float32).contiguous() for key, value in stats.items()},
                       staging.path / file, metadata={"format": "pt"})
-            _write_json(staging.path / _PROGRESS, progress)
+            write_json(staging.path / _PROGRESS, progress)
         index_map = {key: file for file, keys in progress["groups"].items() for key in keys}
         if staging is not None:
             config = {**identity, "examples": len(texts), "tokens": tokens, "passes": len(groups),
                       "index": index_map}
-            _write_json(staging.path / CONFIG, config)
+            write_json(staging.path / CONFIG, config)
             (staging.path / _PROGRESS).unlink()
             staging.commit()
     ranks.barrier()  # the other ranks return once the output is in place
@@ -222,23 +221,10 @@ def _digest(texts: Sequence[CalibrationText]) -> str:
     return hashlib.sha256(json.dumps([[t.context, t.continuation] for t in texts]).encode()).hexdigest()
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _read_progress(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """The interrupted run's progress, if it gathered the same statistics of the same model and data."""
-    try:
-        progress = json.loads((folder / _PROGRESS).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        progress = None
-    if not isinstance(progress, dict) or progress.get("identity") != identity:
+    progress = read_progress(folder / _PROGRESS, identity)
+    if progress is None:
         raise RecipeError(f"{folder}: the interrupted calibration used another model, data or settings; "
                           "run with --overwrite to start over")
     return progress

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -514,3 +515,23 @@ def _take_lock(out: Path) -> int:
         raise OutputError(f"{out}: another modelfuse process is writing this output ({partial_folder(out)}); wait "
                           "for it or stop it", path=str(out)) from None
     return descriptor
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename), so a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_progress(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress file an interrupted run wrote (a JSON object), if it records the same ``identity``."""
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return progress if isinstance(progress, dict) and progress.get("identity") == identity else None
+
