@@ -1,0 +1,105 @@
+"""The fusion functions and the training loss of FuseLLM, as pure functions on tensors.
+
+* ``min_ce`` (FuseLLM's default): per text, the distribution of the candidate (each source, and the target's own
+  initial distribution when given) with the least cross-entropy on the text; ties go to the first candidate.
+* ``avg_ce``: per text, the candidates' distributions mixed with weights ``softmax_s(exp(-CE_s))``: FuseLLM's code
+  (``distill_weighted_as_gt``) takes the softmax of the rewards ``exp(-CE)``, not of ``-CE``, so the weights stay
+  close to uniform (CE 1 and 3 give 0.58 and 0.42).
+
+A candidate's distribution at a position is its kept top-k, renormalised: ``softmax(logprobs / T)`` over the
+entries it has (T = 1 by default, as FuseLLM), the rest 0. A candidate whose cross-entropy is NaN (a text
+with nothing scored) is never chosen, and weighs 0 in ``avg_ce``.
+
+The loss: ``lambda * CE(text) + (1 - lambda) * L_fuse``, with ``L_fuse`` the cross-entropy
+``-sum_v P(v) log softmax(z)(v)`` between the fused distribution ``P`` and the model's (``"ce"``, FuseLLM's default)
+or the KL divergence ``sum_v P(v) (log P(v) - log softmax(z)(v))`` (``"kl"``), averaged over the positions whose
+next token is scored. lambda = 0.9 as FuseLLM's and FuseChat's READMEs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+FusionKind = Literal["min_ce", "avg_ce"]
+LossKind = Literal["ce", "kl"]
+
+
+def candidate_weights(ce: torch.Tensor, kind: FusionKind) -> torch.Tensor:
+    """``[candidates, texts]`` weights of each candidate's distribution per text, from their cross-entropies
+    ``ce`` ``[candidates, texts]`` (see the module)."""
+    valid = ~torch.isnan(ce)
+    if kind == "min_ce":
+        scores = torch.where(valid, ce, torch.inf)
+        chosen = scores.argmin(dim=0)  # the first of equal minima
+        weights = torch.zeros_like(ce, dtype=torch.float32)
+        weights[chosen, torch.arange(ce.shape[1])] = 1.0
+        return weights * valid.any(dim=0)
+    if kind == "avg_ce":
+        rewards = torch.where(valid, torch.exp(-ce.double()), torch.nan)
+        logits = torch.where(valid, rewards, -torch.inf)
+        weights = torch.softmax(logits, dim=0)
+        return torch.nan_to_num(weights, nan=0.0).float()
+    raise ValueError(f"unknown fusion function {kind!r}; use min_ce or avg_ce")
+
+
+def fused_distribution(ids: torch.Tensor, logprobs: torch.Tensor, weights: torch.Tensor,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted mixture of the candidates' top-k distributions at each position.
+
+    Args:
+        ids: ``[candidates, positions, k]`` target token ids, -1 for none.
+        logprobs: ``[candidates, positions, k]`` their log-probabilities.
+        weights: ``[candidates]`` (one text) or ``[candidates, positions]``.
+        temperature: Divides the log-probabilities before the renormalising softmax.
+
+    Returns:
+        ``(ids, probabilities)``, each ``[positions, candidates * k]``: an id appears once (the mixture of every
+        candidate's probability of it), -1 and 0 pad the rest. A position where no weighted candidate has an entry
+        has no entries.
+    """
+    candidates, positions, k = ids.shape
+    per_position = weights if weights.dim() == 2 else weights[:, None].expand(candidates, positions)
+    valid = ids >= 0
+    scaled = torch.where(valid, logprobs.float() / temperature, -torch.inf)
+    probabilities = torch.softmax(scaled, dim=-1)
+    probabilities = torch.nan_to_num(probabilities, nan=0.0) * per_position[..., None]  # a row of no entries: 0
+    flat_ids = ids.permute(1, 0, 2).reshape(positions, candidates * k)
+    flat_probabilities = probabilities.permute(1, 0, 2).reshape(positions, candidates * k)
+    flat_probabilities = torch.where(flat_ids >= 0, flat_probabilities, 0.0)
+    # merge equal ids: sort each row by id, sum runs of equals into their first slot
+    order = flat_ids.argsort(dim=-1, stable=True)
+    sorted_ids = flat_ids.gather(-1, order)
+    sorted_probabilities = flat_probabilities.gather(-1, order)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    run = first.cumsum(dim=-1) - 1
+    merged = torch.zeros_like(sorted_probabilities).scatter_add_(-1, run, sorted_probabilities)
+    merged_ids = torch.full_like(sorted_ids, -1).scatter_(-1, run, sorted_ids)
+    keep = (merged_ids >= 0) & (merged > 0)
+    return torch.where(keep, merged_ids, -1), torch.where(keep, merged, 0.0)
+
+
+def fusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_probabilities: torch.Tensor,
+                mask: torch.Tensor, kind: LossKind = "ce") -> torch.Tensor:
+    """Mean over the masked positions of the cross-entropy (or KL divergence) from the fused distribution to the
+    model's: ``logits`` ``[batch, positions, vocab]``, ``target_ids``/``target_probabilities``
+    ``[batch, positions, entries]`` (-1/0 padded), ``mask`` ``[batch, positions]``."""
+    logprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    present = target_ids >= 0
+    picked = logprobs.gather(-1, target_ids.clamp(min=0)) * present
+    per_position = -(target_probabilities * picked).sum(dim=-1)
+    if kind == "kl":
+        entropy_term = torch.where(present & (target_probabilities > 0),
+                                   target_probabilities * torch.log(target_probabilities.clamp(min=1e-30)), 0.0)
+        per_position = per_position + entropy_term.sum(dim=-1)
+    elif kind != "ce":
+        raise ValueError(f"unknown fusion loss {kind!r}; use ce or kl")
+    weight = mask.float() * present.any(dim=-1)
+    return (per_position * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def combined_loss(language_model_loss: torch.Tensor, fused_loss: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * CE(text) + (1 - lam) * L_fuse``."""
+    return lam * language_model_loss + (1.0 - lam) * fused_loss

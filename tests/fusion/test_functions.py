@@ -1,0 +1,82 @@
+"""fusion/functions against direct computations: MinCE and AvgCE weights, the fused mixture, the losses and
+their gradients."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from modelfuse.fusion.functions import candidate_weights, combined_loss, fused_distribution, fusion_loss
+
+
+def test_min_ce_and_avg_ce_weights() -> None:
+    ce = torch.tensor([[1.0, 2.0, float("nan"), 0.5], [3.0, 2.0, 1.0, float("nan")], [2.0, 0.5, 4.0, float("nan")]])
+    minimum = candidate_weights(ce, "min_ce")
+    assert minimum.T.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    ties = candidate_weights(torch.tensor([[1.0], [1.0]]), "min_ce")
+    assert ties[:, 0].tolist() == [1.0, 0.0]  # the first of equal minima
+    average = candidate_weights(ce, "avg_ce")
+    for text in range(4):
+        rewards = {s: math.exp(-float(ce[s, text])) for s in range(3) if not math.isnan(float(ce[s, text]))}
+        total = sum(math.exp(value) for value in rewards.values())
+        for s in range(3):
+            want = math.exp(rewards[s]) / total if s in rewards else 0.0
+            assert abs(float(average[s, text]) - want) < 1e-6
+    two = candidate_weights(torch.tensor([[1.0], [3.0]]), "avg_ce")[:, 0]
+    assert [round(float(value), 2) for value in two] == [0.58, 0.42]  # FuseLLM's softmax of exp(-CE)
+
+
+def test_fused_distribution_is_the_weighted_mixture() -> None:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (3, 5, 4), generator=generator)
+    ids[0, 1, 2:] = -1
+    ids[2, 3] = -1  # a candidate with no entry at a position
+    for candidate in range(3):  # each candidate's top-k has distinct ids, as a top-k does
+        for position in range(5):
+            row = ids[candidate, position]
+            seen: set[int] = set()
+            for slot in range(4):
+                if int(row[slot]) in seen:
+                    row[slot] = -1
+                seen.add(int(row[slot]))
+    logprobs = -torch.rand(3, 5, 4, generator=generator) * 5
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    got_ids, got = fused_distribution(ids, logprobs, weights, temperature=0.7)
+    for position in range(5):
+        want: dict[int, float] = {}
+        for candidate in range(3):
+            entries = [(int(i), float(v)) for i, v in zip(ids[candidate, position], logprobs[candidate, position],
+                                                           strict=True) if int(i) >= 0]
+            if not entries:
+                continue
+            total = sum(math.exp(v / 0.7) for _, v in entries)
+            for token, value in entries:
+                want[token] = want.get(token, 0.0) + float(weights[candidate]) * math.exp(value / 0.7) / total
+        have = {int(i): float(p) for i, p in zip(got_ids[position], got[position], strict=True) if int(i) >= 0}
+        assert have.keys() == want.keys()
+        assert all(abs(have[token] - want[token]) < 1e-6 for token in want)
+
+
+def test_losses_equal_direct_sums_and_their_gradients_check() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[[1, 4, -1], [0, -1, -1], [2, 3, 6]], [[5, -1, -1], [-1, -1, -1], [1, 2, 3]]])
+    probabilities = torch.where(ids >= 0, torch.rand(2, 3, 3, generator=generator, dtype=torch.float64), 0.0)
+    probabilities = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-9)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    logq = torch.log_softmax(logits.detach(), -1)
+    terms_ce, terms_kl = [], []
+    for b in range(2):
+        for t in range(3):
+            entries = [(int(i), float(p)) for i, p in zip(ids[b, t], probabilities[b, t], strict=True) if int(i) >= 0]
+            if not mask[b, t] or not entries:
+                continue
+            terms_ce.append(-sum(p * float(logq[b, t, i]) for i, p in entries))
+            terms_kl.append(sum(p * (math.log(p) - float(logq[b, t, i])) for i, p in entries if p > 0))
+    with torch.no_grad():
+        assert abs(float(fusion_loss(logits, ids, probabilities, mask, "ce")) - sum(terms_ce) / len(terms_ce)) < 1e-9
+        assert abs(float(fusion_loss(logits, ids, probabilities, mask, "kl")) - sum(terms_kl) / len(terms_kl)) < 1e-9
+    for kind in ("ce", "kl"):
+        assert torch.autograd.gradcheck(lambda z, kind=kind: fusion_loss(z, ids, probabilities, mask, kind), (logits,))
+    assert abs(float(combined_loss(torch.tensor(2.0), torch.tensor(4.0), 0.9)) - 2.2) < 1e-6
