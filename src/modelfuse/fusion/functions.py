@@ -56,8 +56,8 @@ def fused_distribution(ids: torch.Tensor, logprobs: torch.Tensor, weights: torch
 
     Returns:
         ``(ids, probabilities)``, each ``[positions, candidates * k]``: an id appears once (the mixture of every
-        candidate's probability of it), -1 and 0 pad the rest. A position where no weighted candidate has an entry
-        has no entries.
+        candidate's probability of it), the entries first in id order, then -1 and 0 padding. A position where no
+        weighted candidate has an entry has no entries.
     """
     candidates, positions, k = ids.shape
     per_position = weights if weights.dim() == 2 else weights[:, None].expand(candidates, positions)
@@ -78,7 +78,8 @@ def fused_distribution(ids: torch.Tensor, logprobs: torch.Tensor, weights: torch
     merged = torch.zeros_like(sorted_probabilities).scatter_add_(-1, run, sorted_probabilities)
     merged_ids = torch.full_like(sorted_ids, -1).scatter_(-1, run, sorted_ids)
     keep = (merged_ids >= 0) & (merged > 0)
-    return torch.where(keep, merged_ids, -1), torch.where(keep, merged, 0.0)
+    front = (~keep).to(torch.int8).argsort(dim=-1, stable=True)  # the entries first, in id order, then padding
+    return torch.where(keep, merged_ids, -1).gather(-1, front), torch.where(keep, merged, 0.0).gather(-1, front)
 
 
 def fusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_probabilities: torch.Tensor,

@@ -1,0 +1,268 @@
+"""Stage 3 of a fusion: training the target on its texts with ``lambda * CE + (1 - lambda) * L_fuse``.
+
+Built on transformers' ``Trainer``, so one command runs on a CPU, a GPU, or several (``torchrun`` /
+``accelerate launch`` / DeepSpeed through ``--deepspeed`` settings of the Trainer) unchanged. The fused target of
+each text is made once from the aligned folder (``aligned``): the candidates' distributions (every source, and
+the target's own when its logits were aligned too) weighed by ``functions.candidate_weights``. ``lam = 1`` trains
+on the text alone: plain fine-tuning on the same data and steps, the honest baseline a fusion must beat.
+
+Checkpoints go into the partial output (``.OUT.modelfuse-partial/checkpoints``) every ``save_steps``; ``resume``
+continues from the last one. The result is an HF folder (full fine-tune) or a PEFT adapter (``lora_rank``), with
+a model card naming the sources, the data digest and the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from modelfuse.errors import RecipeError
+from modelfuse.fusion.aligned import FORMAT as ALIGNED_FORMAT
+from modelfuse.fusion.functions import FusionKind, LossKind, candidate_weights, combined_loss, fused_distribution
+from modelfuse.fusion.functions import fusion_loss as fused_loss
+from modelfuse.fusion.logits import MANIFEST
+from modelfuse.io.writer import StagingFolder, check_output_location, write_json
+from modelfuse.runtime import load_model, save_model
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the target is trained."""
+
+    fusion: FusionKind = "min_ce"
+    loss: LossKind = "ce"
+    lam: float = 0.9
+    temperature: float = 1.0
+    steps: int | None = None  # optimizer steps; None: ``epochs`` passes over the texts
+    epochs: float = 1.0
+    lr: float = 1e-5
+    batch_size: int = 4
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0
+    eval_fraction: float = 0.0  # held-out texts, scored every ``eval_steps``
+    eval_steps: int = 50
+    save_steps: int = 50
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises RecipeError for a value out of range."""
+        if not 0.0 <= self.lam <= 1.0:
+            raise RecipeError(f"--lambda: must lie in [0, 1], got {self.lam}")
+        if self.temperature <= 0:
+            raise RecipeError(f"--temperature: must be positive, got {self.temperature}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise RecipeError(f"--eval-fraction: must lie in [0, 1), got {self.eval_fraction}")
+        if (self.steps is not None and self.steps < 1) or self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
+            raise RecipeError("--steps, --epochs, --batch-size and --lr must be positive")
+
+
+@dataclass(frozen=True)
+class FusedText:
+    """One training example: the target's tokens, which predictions count, and the fused next-token targets."""
+
+    input_ids: list[int]
+    label_scored: list[bool]
+    fused_ids: torch.Tensor  # [tokens, entries] int64, -1 padded
+    fused_probabilities: torch.Tensor  # [tokens, entries]
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What training did."""
+
+    out: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    eval_loss: float | None
+    chosen: list[float]  # per candidate, the share of texts MinCE chose it for (mean weight for AvgCE)
+
+
+def fused_texts(folder: str | Path, settings: TrainSettings) -> tuple[list[FusedText], list[float], dict[str, Any]]:
+    """The aligned folder's texts with their fused targets, each candidate's mean weight, and the manifest.
+
+    Raises:
+        RecipeError: If ``folder`` is not a finished ``modelfuse fuse align`` output.
+    """
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise RecipeError(f"{folder}: not a finished `modelfuse fuse align` output (no readable {MANIFEST})") \
+            from error
+    if manifest.get("format") != ALIGNED_FORMAT:
+        raise RecipeError(f"{folder}: {MANIFEST} is not a `modelfuse fuse align` manifest")
+    candidates = len(manifest["sources"])
+    texts: list[FusedText] = []
+    weight_sums = [0.0] * candidates
+    for name in manifest["shards"]:
+        shard = load_file(folder / name)
+        ce = torch.stack([shard[f"source{s}.ce"] for s in range(candidates)])  # [candidates, texts]
+        weights = candidate_weights(ce, settings.fusion)
+        starts = shard["starts"].tolist()
+        for row in range(len(starts) - 1):
+            first, last = starts[row], starts[row + 1]
+            ids = torch.stack([shard[f"source{s}.ids"][first:last].long() for s in range(candidates)])
+            logprobs = torch.stack([shard[f"source{s}.logprobs"][first:last].float() for s in range(candidates)])
+            fused_ids, probabilities = fused_distribution(ids, logprobs, weights[:, row], settings.temperature)
+            width = int((fused_ids >= 0).sum(dim=-1).max()) if fused_ids.numel() else 0
+            texts.append(FusedText(shard["input_ids"][first:last].tolist(),
+                                   [bool(flag) for flag in shard["label_scored"][first:last].tolist()],
+                                   fused_ids[:, : max(1, width)], probabilities[:, : max(1, width)]))
+            for s in range(candidates):
+                weight_sums[s] += float(weights[s, row])
+    return texts, [total / max(1, len(texts)) for total in weight_sums], manifest
+
+
+def collate(examples: Sequence[FusedText], pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 where a token is not scored),
+    ``fused_ids``/``fused_probabilities`` ``[batch, tokens, entries]`` and ``fusion_mask`` (position ``t`` counts
+    when token ``t + 1`` is scored)."""
+    width = max(len(example.input_ids) for example in examples)
+    entries = max(example.fused_ids.shape[1] for example in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    labels = torch.full((batch, width), -100, dtype=torch.long)
+    fused_ids = torch.full((batch, width, entries), -1, dtype=torch.long)
+    probabilities = torch.zeros((batch, width, entries))
+    mask = torch.zeros((batch, width), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        attention[row, :length] = 1
+        scored = torch.tensor(example.label_scored)
+        labels[row, :length] = torch.where(scored, input_ids[row, :length], -100)
+        fused_ids[row, :length, : example.fused_ids.shape[1]] = example.fused_ids
+        probabilities[row, :length, : example.fused_ids.shape[1]] = example.fused_probabilities
+        mask[row, : length - 1] = scored[1:]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "fused_ids": fused_ids,
+            "fused_probabilities": probabilities, "fusion_mask": mask}
+
+
+def train_target(target_path: str | Path, aligned_folder: str | Path, out: str | Path, settings: TrainSettings,
+                 *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", resume: bool = False,
+                 overwrite: bool = False, on_log: Callable[[dict[str, float]], None] | None = None) -> TrainReport:
+    """Train the target on the aligned folder's texts and fused targets into ``out`` (see the module).
+
+    Raises:
+        RecipeError: For bad settings, an unusable aligned folder, or one made for another target.
+        OutputError: For an unusable ``out``.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    settings.check()
+    target_path, out = Path(target_path), Path(out)
+    check_output_location(out, [target_path, Path(aligned_folder)], overwrite=overwrite or resume)
+    texts, chosen, manifest = fused_texts(aligned_folder, settings)
+    if Path(manifest["target"]) != target_path.resolve():
+        raise RecipeError(f"{aligned_folder}: aligned onto {manifest['target']}, not {target_path}; align the "
+                          "sources onto this target first")
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(texts), generator=generator).tolist()
+    held = int(len(texts) * settings.eval_fraction)
+    evaluation, training = [texts[i] for i in order[:held]], [texts[i] for i in order[held:]]
+    model, tokenizer = load_model(target_path, device=device, dtype=dtype)
+    if settings.lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses: list[dict[str, float]] = []
+
+    class Fusion(Trainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            fused_ids = inputs.pop("fused_ids")
+            probabilities = inputs.pop("fused_probabilities")
+            mask = inputs.pop("fusion_mask")
+            outputs = model(**inputs)
+            if settings.lam >= 1.0:
+                loss = outputs.loss
+            else:
+                loss = combined_loss(outputs.loss, fused_loss(outputs.logits, fused_ids, probabilities, mask,
+                                                              settings.loss), settings.lam)
+            return (loss, outputs) if return_outputs else loss
+
+    class Record(TrainerCallback):  # type: ignore[misc]
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                   **_: Any) -> None:
+            if logs:
+                losses.append(dict(logs))
+                if on_log is not None:
+                    on_log(dict(logs))
+
+    with StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) as staging:
+        where = next(model.parameters()).device
+        arguments = TrainingArguments(
+            output_dir=str(staging.path / "checkpoints"), per_device_train_batch_size=settings.batch_size,
+            per_device_eval_batch_size=settings.batch_size, learning_rate=settings.lr,
+            num_train_epochs=settings.epochs, max_steps=settings.steps if settings.steps is not None else -1,
+            logging_steps=1, save_steps=settings.save_steps, save_total_limit=2, seed=settings.seed,
+            eval_strategy="steps" if evaluation else "no", eval_steps=settings.eval_steps,
+            remove_unused_columns=False, report_to=[], use_cpu=where.type == "cpu",
+            bf16=model.dtype == torch.bfloat16 and where.type != "cpu", disable_tqdm=True,
+            dataloader_drop_last=False, lr_scheduler_type="linear", warmup_steps=0)
+        trainer = Fusion(model=model, args=arguments, train_dataset=_Listing(training),
+                         eval_dataset=_Listing(evaluation) if evaluation else None,
+                         data_collator=lambda batch: collate(batch, pad), callbacks=[Record()])
+        trainer.train(resume_from_checkpoint=resume and _has_checkpoint(staging.path / "checkpoints"))
+        evaluated = float(trainer.evaluate()["eval_loss"]) if evaluation else None
+        final = staging.path / "model"
+        if settings.lora_rank is not None:
+            trainer.model.save_pretrained(str(final))
+            tokenizer.save_pretrained(str(final))
+        else:
+            save_model(trainer.model, tokenizer, final)
+        for item in final.iterdir():
+            item.rename(staging.path / item.name)
+        final.rmdir()
+        shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
+        steps = [entry["loss"] for entry in losses if "loss" in entry]
+        write_json(staging.path / "fusion.json", {"target": str(target_path.resolve()), "aligned": manifest,
+                                                  "settings": asdict(settings), "chosen": chosen,
+                                                  "eval_loss": evaluated, "losses": steps})
+        (staging.path / "README.md").write_text(_card(target_path, manifest, settings, chosen, evaluated),
+                                                encoding="utf-8")
+        staging.commit()
+    return TrainReport(out, int(trainer.state.global_step), steps[0] if steps else math.nan,
+                       sum(steps[-10:]) / max(1, len(steps[-10:])) if steps else math.nan, evaluated, chosen)
+
+
+class _Listing(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A list as a torch dataset."""
+
+    def __init__(self, items: Sequence[FusedText]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> FusedText:
+        return self.items[index]
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(child.name.startswith("checkpoint-") for child in folder.iterdir())
+
+
+def _card(target: Path, manifest: dict[str, Any], settings: TrainSettings, chosen: list[float],
+          evaluated: float | None) -> str:
+    sources = "\n".join(f"- {item['source']} (aligned rate {item['aligned_rate']:.3f}, vocabulary coverage "
+                        f"{item['coverage']:.3f}, chosen/weight {weight:.3f})"
+                        for item, weight in zip(manifest["sources"], chosen, strict=True))
+    return (f"# Fused from {target.name}\n\nmodelfuse knowledge fusion (FuseLLM): the target {target} trained with "
+            f"lambda * CE + (1 - lambda) * {settings.loss} to the fused distributions ({settings.fusion}).\n\n"
+            f"## Sources\n{sources}\n\n## Data\n{manifest['data']['data']} (split {manifest['data']['split']}), "
+            f"digest {manifest['data_digest']}, {manifest['texts']} texts, {manifest['tokens']} target tokens\n\n"
+            f"## Settings\n```json\n{json.dumps(asdict(settings), indent=1)}\n```\n"
+            + (f"\nHeld-out loss: {evaluated:.4f}\n" if evaluated is not None else ""))

@@ -1,0 +1,89 @@
+"""fusion/train end to end on tiny models with different tokenizers: the output loads in transformers, the loss
+falls, an interrupted run resumes to the same weights, and lambda = 1 is plain fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import _fusion_tokenizers as tokenizers
+from modelfuse.errors import ModelfuseError
+from modelfuse.fusion.aligned import align_sources
+from modelfuse.fusion.logits import LogitsSettings, source_distributions
+from modelfuse.fusion.train import TrainSettings, collate, fused_texts, train_target
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    data = root / "tasks.jsonl"
+    rows = [{"prompt": f"the cat sat on {a}", "answer": f" the mat {a}", "split": "train"} for a in range(16)]
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    paths = {"source": tokenizers.save_tiny_model(root / "source", tokenizers.byte_level(), seed=1),
+             "target": tokenizers.save_tiny_model(root / "target", tokenizers.metaspace(), seed=2)}
+    for name in ("source", "target"):
+        source_distributions(paths[name], paths["target"], root / f"logits-{name}", LogitsSettings(str(data), top_k=4))
+    align_sources([root / "logits-source", root / "logits-target"], paths["target"], root / "aligned")
+    paths["aligned"] = root / "aligned"
+    return paths
+
+
+def test_fused_targets_and_batches(aligned: dict[str, Path]) -> None:
+    texts, chosen, manifest = fused_texts(aligned["aligned"], TrainSettings(fusion="min_ce"))
+    assert len(texts) == 16 and abs(sum(chosen) - 1.0) < 1e-6 and len(manifest["sources"]) == 2
+    for text in texts:
+        present = text.fused_ids >= 0
+        totals = torch.where(present, text.fused_probabilities, 0.0).sum(-1)[:-1]
+        assert torch.allclose(totals, torch.ones_like(totals), atol=1e-5)  # every predicting position sums to 1
+    batch = collate(texts[:3], pad_id=0)
+    length = len(texts[0].input_ids)
+    assert batch["input_ids"].shape[0] == 3 and batch["fusion_mask"][0, : length - 1].tolist() == \
+        texts[0].label_scored[1:]
+    assert (batch["labels"][0, :length] >= 0).tolist() == texts[0].label_scored
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_model(aligned: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    report = train_target(aligned["target"], aligned["aligned"], tmp_path / "fused",
+                          TrainSettings(steps=24, lr=3e-3, batch_size=4, lam=0.5, eval_fraction=0.25, eval_steps=12,
+                                        save_steps=100))
+    assert report.steps == 24 and report.last_loss < report.first_loss and report.eval_loss is not None
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+    card = (tmp_path / "fused" / "README.md").read_text()
+    assert "logits-source" not in card and str(aligned["source"]) in card and "digest" in card
+    assert not (tmp_path / "fused" / "checkpoints").exists()
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(aligned: dict[str, Path], tmp_path: Path) -> None:
+    settings = TrainSettings(steps=10, lr=3e-3, batch_size=4, save_steps=5, lam=0.7)
+    train_target(aligned["target"], aligned["aligned"], tmp_path / "whole", settings)
+
+    def stop(logs: dict[str, float]) -> None:
+        if logs.get("epoch", 0) and len(stopped) == 7:
+            raise KeyboardInterrupt
+        stopped.append(1)
+
+    stopped: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_target(aligned["target"], aligned["aligned"], tmp_path / "resumed", settings, on_log=stop)
+    assert not (tmp_path / "resumed").exists()
+    train_target(aligned["target"], aligned["aligned"], tmp_path / "resumed", settings, resume=True)
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "resumed"))
+    assert all(torch.allclose(whole[key], resumed[key], atol=1e-6) for key in whole)
+
+
+def test_plain_fine_tuning_and_bad_settings(aligned: dict[str, Path], tmp_path: Path) -> None:
+    """lambda = 1 is the baseline (the fused targets play no part); a lambda outside [0, 1] is refused."""
+    report = train_target(aligned["target"], aligned["aligned"], tmp_path / "sft",
+                          TrainSettings(steps=4, lr=1e-3, lam=1.0))
+    assert report.steps == 4
+    with pytest.raises(ModelfuseError, match="--lambda: must lie in"):
+        train_target(aligned["target"], aligned["aligned"], tmp_path / "bad", TrainSettings(lam=1.5))
+    with pytest.raises(ModelfuseError, match="not a finished `modelfuse fuse align` output"):
+        train_target(aligned["target"], aligned["source"], tmp_path / "bad2", TrainSettings())
