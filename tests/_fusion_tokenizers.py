@@ -68,3 +68,10 @@ def save_tiny_model(folder: Any, tokenizer: Any, *, seed: int = 0, layers: int =
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def wordpiece_with_specials(vocab_size: int = 150) -> Any:
+    """A WordPiece with BOS/EOS tokens, as a causal LM needs them."""
+    tokenizer = wordpiece(vocab_size)
+    tokenizer.add_special_tokens({"bos_token": "[BOS]", "eos_token": "[EOS]"})
+    return tokenizer

@@ -133,8 +133,48 @@ def test_zero_deltas_give_base_and_inputs_untouched() -> None:
 
 
 def test_registered_spec() -> None:
-    """sce needs a base; select_topk in [0, 1] defaults to 1 (mergekit's default)."""
+    """sce needs a base; select_topk in [0, 1] defaults to 1 (mergekit's default); mergekit's masking of the task
+    vectors by default."""
     spec = get_method("sce")
     assert spec.fn is sce and spec.base == "required"
-    assert spec.defaults() == {"select_topk": 1.0}
+    assert spec.defaults() == {"select_topk": 1.0, "mask_deltas": True}
     assert (spec.params["select_topk"].ge, spec.params["select_topk"].le) == (0.0, 1.0)
+
+
+def _fusechat_reference(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: float) -> torch.Tensor:
+    deltas = [(tensor - base).double().flatten().tolist() for tensor in tensors]
+    size = len(deltas[0])
+    variances = []
+    for j in range(size):
+        column = [delta[j] for delta in deltas]
+        mean = sum(column) / len(column)
+        variances.append(sum((value - mean) ** 2 for value in column) / len(column))
+    nonzero = [j for j in range(size) if variances[j] != 0]
+    count = int(len(nonzero) * select_topk) if select_topk < 1 else size
+    chosen = set(sorted(range(size), key=lambda j: (-variances[j], j))[:count]) if select_topk < 1 else set(range(size))
+    energy = [sum((delta[j] if j in chosen else 0.0) ** 2 for j in range(size)) / size for delta in deltas]
+    total = sum(energy)
+    weights = [value / total for value in energy] if abs(total) >= 1e-6 else [1 / len(deltas)] * len(deltas)
+    merged = []
+    for j in range(size):
+        summed = sum(delta[j] for delta in deltas)
+        sign = 1.0 if summed >= 0 else -1.0
+        agree = [w if (delta[j] > 0) - (delta[j] < 0) == sign else 0.0 for w, delta in zip(weights, deltas,
+                                                                                          strict=True)]
+        divisor = sum(agree) or 1.0
+        merged.append(sum(a * delta[j] for a, delta in zip(agree, deltas, strict=True)) / divisor)
+    return base.double() + torch.tensor(merged, dtype=torch.float64).reshape(base.shape)
+
+
+def test_fusechat_variant_equals_the_reference() -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 7, generator=generator, dtype=torch.float64)
+    tensors = [base + 0.1 * torch.randn(6, 7, generator=generator, dtype=torch.float64) for _ in range(3)]
+    tensors[1][0, :3] = base[0, :3]  # some zero deltas
+    for select_topk in (1.0, 0.5, 0.1):
+        got = sce(tensors, base, select_topk=select_topk, mask_deltas=False)
+        assert torch.allclose(got, _fusechat_reference(tensors, base, select_topk), atol=1e-12), select_topk
+    # the two variants agree when everything is selected, and differ when not
+    assert torch.allclose(sce(tensors, base, select_topk=1.0), sce(tensors, base, select_topk=1.0, mask_deltas=False))
+    assert not torch.allclose(sce(tensors, base, select_topk=0.3), sce(tensors, base, select_topk=0.3,
+                                                                       mask_deltas=False))

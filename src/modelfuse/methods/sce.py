@@ -55,6 +55,10 @@ def sce(
     select_topk: Annotated[
         float, Param("fraction of the varying entries kept (those with the largest variance)", ge=0.0, le=1.0)
     ] = 1.0,
+    mask_deltas: Annotated[
+        bool, Param("zero the unselected entries of every task vector (mergekit); false: the selection only "
+                    "weighs the task vectors (FuseChat's own code)")
+    ] = True,
 ) -> torch.Tensor:
     """SCE merging.
 
@@ -71,12 +75,18 @@ def sce(
 
     Result: ``theta_base + sum_i eta_i m_i tau_i / max(sum_i eta_i m_i, 1e-6)``.
 
+    ``mask_deltas=False`` is the variant of FuseChat's own repository (``sce_merging.py``): the selection enters
+    only the coefficients (step 2 on the masked task vectors); the sign election and the merge use the whole
+    task vectors, and a zero divisor becomes 1. Both agree at ``select_topk = 1`` (FuseO1's configurations).
+
     Args:
         tensors: One fine-tuned tensor per model, shaped like ``base``.
         base: The base model's tensor.
         select_topk: Fraction in [0, 1] of the entries with non-zero variance kept; default 1.0 (keep all, as
             mergekit). 0 keeps none and returns the base. With one model the variance is zero everywhere, so
             any value below 1 returns the base.
+        mask_deltas: True (default, mergekit's SCE): the unselected entries are zeroed in every task vector.
+            False: FuseChat's repository's SCE, where the selection only weighs the task vectors.
 
     Returns:
         The merged tensor.
@@ -85,8 +95,10 @@ def sce(
         return base.clone()
     deltas = task_vectors(tensors, base)
     keep = _select_by_variance(deltas, select_topk)
-    deltas = [torch.where(keep, delta, 0.0) for delta in deltas]
-    eta = _coefficients(deltas)
+    selected = [torch.where(keep, delta, 0.0) for delta in deltas]
+    eta = _coefficients(selected)
+    if mask_deltas:
+        deltas = selected
     sign = elect_sign(deltas)
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base)
@@ -94,4 +106,6 @@ def sce(
         agrees = (torch.sign(delta) == sign).to(base.dtype) * coefficient
         merged += agrees * delta
         divisor += agrees
+    if not mask_deltas:
+        return base + merged / torch.where(divisor == 0, 1.0, divisor)
     return base + merged / divisor.clamp(min=_FLOOR)
