@@ -36,6 +36,7 @@ from modelfuse.fusion.logits import MANIFEST, encode, tokenizer_digest
 from modelfuse.fusion.tokens import TokenTexts, token_texts
 from modelfuse.fusion.vocab_map import MapKind, build_map, special_pairs
 from modelfuse.io.writer import StagingFolder, check_output_location, write_json
+from modelfuse.runtime import load_tokenizer
 
 FORMAT = "modelfuse-fusion-aligned"
 
@@ -68,8 +69,6 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
         RecipeError: For folders that are not complete ``logits`` outputs, or made from other data or texts.
         OutputError: For an unusable ``out``.
     """
-    from transformers import AutoTokenizer
-
     folders = [Path(folder) for folder in logits_folders]
     out = Path(out)
     check_output_location(out, [*folders, Path(target_path)], overwrite=overwrite)
@@ -79,7 +78,7 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
         if manifest["data_digest"] != manifests[0]["data_digest"] or manifest["shards"] != manifests[0]["shards"]:
             raise RecipeError(f"{folder}: made from other data than {folders[0]} (its texts differ); compute every "
                               "source's logits from the same --data, --split and --limit")
-    target_tokenizer = AutoTokenizer.from_pretrained(str(target_path))
+    target_tokenizer = load_tokenizer(target_path)
     texts = read_fusion_texts(data["data"], target_tokenizer, split=data["split"], limit=data["limit"],
                               seed=data["seed"])
     if texts_digest(texts) != manifests[0]["data_digest"]:
@@ -88,7 +87,7 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
     target = token_texts(target_tokenizer)
     sources = []
     for folder, manifest in zip(folders, manifests, strict=True):
-        tokenizer = AutoTokenizer.from_pretrained(manifest["model"])
+        tokenizer = load_tokenizer(manifest["model"])
         if tokenizer_digest(tokenizer) != manifest["tokenizer_digest"]:
             raise RecipeError(f"{folder}: the tokenizer of {manifest['model']} changed since its logits were made")
         sources.append((tokenizer, token_texts(tokenizer)))

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from modelfuse.errors import RecipeError
 from modelfuse.fusion.data import FusionText, read_fusion_texts, texts_digest
 from modelfuse.io.writer import StagingFolder, check_output_location, read_progress, write_json
-from modelfuse.runtime import input_device, load_model
+from modelfuse.runtime import input_device, load_model, load_tokenizer
 from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 
 FORMAT = "modelfuse-fusion-logits"
@@ -116,13 +116,11 @@ def source_distributions(model_path: str | Path, target_path: str | Path, out: s
         OutputError: For an unusable ``out``.
         CheckpointError: For a model or target that cannot be loaded.
     """
-    from transformers import AutoTokenizer
-
     settings.check()
     model_path, out = Path(model_path), Path(out)
     if ranks.main:
         check_output_location(out, [model_path, Path(target_path)], overwrite=overwrite or resume)
-    target_tokenizer = AutoTokenizer.from_pretrained(str(target_path))
+    target_tokenizer = load_tokenizer(target_path)
     texts = read_fusion_texts(settings.data, target_tokenizer, split=settings.split, limit=settings.limit,
                               seed=settings.seed)
     model, tokenizer = load_model(model_path, device=device, dtype=dtype)

@@ -90,6 +90,25 @@ def load_model(path: str | Path, *, device: DeviceSpec | torch.device = "cpu", d
     return model, tokenizer
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a model folder, a ``.gguf`` file, or ``BASE+ADAPTER`` (the base's), without the model.
+
+    Raises:
+        CheckpointError: If no tokenizer can be loaded from the path.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    try:
+        if folder.suffix == ".gguf" and folder.is_file():
+            return AutoTokenizer.from_pretrained(str(folder.parent), gguf_file=folder.name)
+        if not folder.exists() and "+" in str(path):
+            folder = Path(str(path).split("+", 1)[0])
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, ImportError) as error:
+        raise CheckpointError(f"{path}: cannot load a tokenizer ({error})", path=str(path)) from error
+
+
 def _with_adapter(reference: str, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
     """``BASE+ADAPTER``: the base with the PEFT adapter merged in (its tokenizer from the adapter if it has one)."""
     from peft import PeftModel  # optional: the [eval] and [dev] extras install it
