@@ -97,3 +97,29 @@ def test_output_inside_an_input_is_refused(models: dict[str, Path], data: Path) 
     with pytest.raises(ModelfuseError, match="must not be, contain or lie inside an input"):
         source_distributions(models["source"], models["target"], models["source"] / "logits",
                              LogitsSettings(str(data)))
+
+
+@pytest.mark.integration
+def test_two_processes_write_what_one_writes(models: dict[str, Path], data: Path, tmp_path: Path) -> None:
+    """`fuse logits` under torchrun with two ranks (gloo): each rank computes every other shard, rank 0 writes;
+    the shards equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    binaries = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = ["fuse", "logits", str(models["source"]), "--target", str(models["target"]), "--data", str(data),
+               "--top-k", "3", "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "--shard-texts", "5"]
+    for world in (1, 2):
+        launcher = [] if world == 1 else [str(binaries / "torchrun"), "--standalone", f"--nproc-per-node={world}",
+                                          "--no-python"]
+        done = subprocess.run([*launcher, str(binaries / "modelfuse"), *command, "-o", str(tmp_path / f"w{world}")],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+    one = json.loads((tmp_path / "w1" / "manifest.json").read_text())
+    two = json.loads((tmp_path / "w2" / "manifest.json").read_text())
+    assert one["shards"] == two["shards"] and one["tokens"] == two["tokens"]
+    for name in one["shards"]:
+        a, b = load_file(tmp_path / "w1" / name), load_file(tmp_path / "w2" / name)
+        assert all(torch.equal(a[key], b[key]) for key in a)

@@ -125,6 +125,8 @@ def fuse_logits_command(
     limit: LimitOption = None,
     split: Annotated[str, typer.Option(help="Split of a task's examples.")] = "train",
     seed: Annotated[int, typer.Option(help="Seed of generated tasks.")] = 0,
+    shard_texts: Annotated[int, typer.Option(min=1, help="Texts per output shard (the unit of resume and of "
+                                                         "work per rank).")] = 256,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: DeviceOption = "auto",
@@ -136,8 +138,8 @@ def fuse_logits_command(
     from modelfuse.runtime.distributed import finish, init_from_environment
 
     ranks, where = init_from_environment(resolve_device(device))
-    report = source_distributions(model, target, out, LogitsSettings(data, top_k, max_tokens, batch_size, limit, split,
-                                                                     seed), device=where, dtype=dtype, resume=resume,
+    settings = LogitsSettings(data, top_k, max_tokens, batch_size, limit, split, seed, shard_texts)
+    report = source_distributions(model, target, out, settings, device=where, dtype=dtype, resume=resume,
                                   overwrite=overwrite, ranks=ranks)
     finish()
     if ranks.main:
