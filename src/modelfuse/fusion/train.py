@@ -13,6 +13,7 @@ a model card naming the sources, the data digest and the settings.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -157,6 +158,8 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
         RecipeError: For bad settings, an unusable aligned folder, or one made for another target.
         OutputError: For an unusable ``out``.
     """
+    if importlib.util.find_spec("accelerate") is None:
+        raise RecipeError("fuse train: transformers' Trainer needs accelerate: pip install 'modelfuse[fuse]'")
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     settings.check()
