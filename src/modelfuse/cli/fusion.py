@@ -198,4 +198,32 @@ def fuse_train_command(
                       f"{report.first_loss:.4f} -> {report.last_loss:.4f}")
 
 
+tokenizer_app = typer.Typer(help="Give a model another tokenizer.", no_args_is_help=True)
+
+
+@tokenizer_app.command(name="transplant", epilog="Example: modelfuse tokenizer transplant ./smollm --tokenizer "
+                       "./gemma -o ./smollm-gemma-vocab")
+def transplant_command(
+    model: Annotated[Path, typer.Argument(help="The model that gets the new tokenizer.")],
+    tokenizer: Annotated[Path, typer.Option(help="The donor: a model folder (its tokenizer, and its embeddings "
+                                                 "for --init omp).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    init: Annotated[str, typer.Option(help="omp (sparse codes over shared tokens in the donor's embedding space) "
+                                           "or mean (of the model's pieces).")] = "omp",
+    k: Annotated[int, typer.Option(min=1, help="Shared tokens per OMP code.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """MODEL with the donor's tokenizer: shared tokens keep their rows, the others are built (OMP or mean)."""
+    from modelfuse.fusion.transplant import transplant
+
+    report = transplant(model, tokenizer, out, init=init, k=k, overwrite=overwrite)  # type: ignore[arg-type]
+    if report.numerals_split_differently:
+        shown = ", ".join(report.numerals_split_differently[:10])
+        console.print(f"[yellow]warning:[/] {len(report.numerals_split_differently)} numbers below 1000 are split "
+                      f"differently by the two tokenizers ({shown}...): arithmetic may suffer")
+    out_console.print(f"[green]transplanted[/] {tokenizer}'s tokenizer into {model}: {report.copied} rows kept, "
+                      f"{report.built} built ({init}) -> {report.out}")
+
+
 app.add_typer(fuse_app, name="fuse")
+app.add_typer(tokenizer_app, name="tokenizer")
