@@ -80,3 +80,33 @@ def test_losses_equal_direct_sums_and_their_gradients_check() -> None:
     for kind in ("ce", "kl"):
         assert torch.autograd.gradcheck(lambda z, kind=kind: fusion_loss(z, ids, probabilities, mask, kind), (logits,))
     assert abs(float(combined_loss(torch.tensor(2.0), torch.tensor(4.0), 0.9)) - 2.2) < 1e-6
+
+
+def test_uld_is_the_sorted_probability_distance() -> None:
+    """ULD on the top-k: entry by entry over the sorted probabilities, plus the remaining masses; positions
+    without a teacher (all-zero rows) or masked do not count; gradients check."""
+    from modelfuse.fusion.functions import sorted_teacher, uld_loss
+
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    raw = torch.log(torch.rand(2, 2, 3, 4, generator=generator, dtype=torch.float64) * 0.2)  # [cand, batch...]
+    raw[0, 1, 2] = -torch.inf  # no teacher at (1, 2) from candidate 0
+    raw[1, 1, 2] = -torch.inf
+    weights = torch.tensor([0.7, 0.3])
+    teacher = torch.stack([sorted_teacher(raw[:, b], weights) for b in range(2)])  # [batch, positions, k]
+    want_teacher = (torch.exp(raw).sort(dim=-1, descending=True).values * weights[:, None, None, None]).sum(0)
+    assert torch.allclose(teacher.double(), want_teacher, atol=1e-6)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]])
+    probabilities = torch.softmax(logits.detach(), -1)
+    terms = []
+    for b in range(2):
+        for t in range(3):
+            row = teacher[b, t].double()
+            if not mask[b, t] or float(row.sum()) == 0:
+                continue
+            top = sorted(probabilities[b, t].tolist(), reverse=True)[:4]
+            terms.append(sum(abs(s - float(r)) for s, r in zip(top, row, strict=True))
+                         + abs(sum(top) - float(row.sum())))
+    with torch.no_grad():
+        assert abs(float(uld_loss(logits, teacher.double(), mask)) - sum(terms) / len(terms)) < 1e-9
+    assert torch.autograd.gradcheck(lambda z: uld_loss(z, teacher.double(), mask), (logits,))

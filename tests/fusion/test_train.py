@@ -78,11 +78,15 @@ def test_an_interrupted_training_resumes_to_the_same_weights(aligned: dict[str, 
     assert all(torch.allclose(whole[key], resumed[key], atol=1e-6) for key in whole)
 
 
-def test_plain_fine_tuning_and_bad_settings(aligned: dict[str, Path], tmp_path: Path) -> None:
-    """lambda = 1 is the baseline (the fused targets play no part); a lambda outside [0, 1] is refused."""
+def test_plain_fine_tuning_uld_and_bad_settings(aligned: dict[str, Path], tmp_path: Path) -> None:
+    """lambda = 1 is the baseline (the fused targets play no part); ULD trains; a lambda outside [0, 1] is
+    refused."""
     report = train_target(aligned["target"], aligned["aligned"], tmp_path / "sft",
                           TrainSettings(steps=4, lr=1e-3, lam=1.0))
     assert report.steps == 4
+    uld = train_target(aligned["target"], aligned["aligned"], tmp_path / "uld",
+                       TrainSettings(steps=4, lr=1e-3, lam=0.5, loss="uld"))
+    assert uld.steps == 4 and uld.first_loss == uld.first_loss  # ULD trains (a finite loss)
     with pytest.raises(ModelfuseError, match="--lambda: must lie in"):
         train_target(aligned["target"], aligned["aligned"], tmp_path / "bad", TrainSettings(lam=1.5))
     with pytest.raises(ModelfuseError, match="not a finished `modelfuse fuse align` output"):

@@ -10,7 +10,9 @@ position predicts nothing.
 Written as ``shard-NNNNN.safetensors`` (the sources' shards, text for text): ``input_ids``, ``label_scored``,
 ``starts``, ``text_index`` of the target, and per source ``s``: ``source{s}.ids`` int32 ``[tokens, k]`` (target
 ids, -1 for none), ``source{s}.logprobs`` float16 ``[tokens, k]``, ``source{s}.ce`` float32 ``[texts]``,
-``source{s}.mapped`` uint8 ``[tokens]`` (1 where the source's distribution was carried over); and
+``source{s}.mapped`` uint8 ``[tokens]`` (1 where the source's distribution was carried over),
+``source{s}.raw_logprobs`` float32 ``[tokens, k]`` (the chosen source position's top-k log-probabilities before
+the vocabulary map, -inf where no position was chosen: what ULD compares); and
 ``manifest.json`` with, per source, the share of positions carried over (aligned-token rate) and of its top-k
 entries whose id maps (vocabulary coverage).
 """
@@ -187,6 +189,7 @@ def _aligned_shard(source_shards: Sequence[dict[str, torch.Tensor]], encoded: di
         ids = np.full((int(starts[-1]), k), -1, dtype=np.int32)
         logprobs = np.zeros((int(starts[-1]), k), dtype=np.float16)
         carried = np.zeros(int(starts[-1]), dtype=np.uint8)
+        raw = np.full((int(starts[-1]), k), -np.inf, dtype=np.float32)  # the chosen position's top-k, unmapped
         ce = shard["ce"].numpy().copy()
         for row, ((index, first, last), item) in enumerate(zip(_texts_of(shard), target_rows, strict=True)):
             if index != order[row][0]:
@@ -201,6 +204,7 @@ def _aligned_shard(source_shards: Sequence[dict[str, torch.Tensor]], encoded: di
                 j = int(chosen[position])
                 kept: list[tuple[int, float]] = []
                 if j >= 0:
+                    raw[base + position] = top_values[j]
                     seen: set[int] = set()
                     for source_id, value in zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True):
                         total["entries"] += 1
@@ -222,4 +226,5 @@ def _aligned_shard(source_shards: Sequence[dict[str, torch.Tensor]], encoded: di
         result[f"source{s}.logprobs"] = torch.from_numpy(logprobs)
         result[f"source{s}.ce"] = torch.from_numpy(ce)
         result[f"source{s}.mapped"] = torch.from_numpy(carried)
+        result[f"source{s}.raw_logprobs"] = torch.from_numpy(raw)
     return result

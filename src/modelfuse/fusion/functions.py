@@ -14,6 +14,14 @@ The loss: ``lambda * CE(text) + (1 - lambda) * L_fuse``, with ``L_fuse`` the cro
 ``-sum_v P(v) log softmax(z)(v)`` between the fused distribution ``P`` and the model's (``"ce"``, FuseLLM's default)
 or the KL divergence ``sum_v P(v) (log P(v) - log softmax(z)(v))`` (``"kl"``), averaged over the positions whose
 next token is scored. lambda = 0.9 as FuseLLM's and FuseChat's READMEs.
+
+``"uld"`` (Universal Logit Distillation, Boizard et al. 2024, https://arxiv.org/abs/2402.12030): the L1 distance
+between the two distributions' probabilities sorted in decreasing order, which needs no vocabulary map. Only the
+sources' top-k is stored, so the first ``k`` sorted probabilities are compared entry by entry and the rest of
+each distribution as one mass (``|(1 - sum s_top) - (1 - sum t_top)|``, a lower bound of the tail's L1). The
+teacher's sorted vector is the candidates' weighted mix (MinCE: the chosen one's). ULD pairs the i-th answer
+token of both models; here positions are paired by the token alignment (the same chosen source positions as
+the other losses).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Literal
 import torch
 
 FusionKind = Literal["min_ce", "avg_ce"]
-LossKind = Literal["ce", "kl"]
+LossKind = Literal["ce", "kl", "uld"]
 
 
 def candidate_weights(ce: torch.Tensor, kind: FusionKind) -> torch.Tensor:
@@ -104,3 +112,21 @@ def fusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_probabili
 def combined_loss(language_model_loss: torch.Tensor, fused_loss: torch.Tensor, lam: float) -> torch.Tensor:
     """``lam * CE(text) + (1 - lam) * L_fuse``."""
     return lam * language_model_loss + (1.0 - lam) * fused_loss
+
+
+def sorted_teacher(raw_logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[positions, k]``: the candidates' top-k probabilities (``raw_logprobs`` ``[candidates, positions, k]``,
+    sorted in decreasing order, -inf for none) mixed with ``weights`` (``[candidates]``)."""
+    probabilities = torch.exp(raw_logprobs.float()).sort(dim=-1, descending=True).values
+    return (probabilities * weights.float()[:, None, None]).sum(dim=0)
+
+
+def uld_loss(logits: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked positions (with a teacher) of the sorted-probability L1 distance (see the module):
+    ``logits`` ``[batch, positions, vocab]``, ``teacher`` ``[batch, positions, k]`` sorted probabilities."""
+    probabilities = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    top = probabilities.topk(min(teacher.shape[-1], probabilities.shape[-1]), dim=-1).values
+    teacher = teacher[..., : top.shape[-1]].to(top.dtype)
+    distance = (top - teacher).abs().sum(dim=-1) + (top.sum(dim=-1) - teacher.sum(dim=-1)).abs()
+    weight = mask.to(top.dtype) * (teacher.sum(dim=-1) > 0)
+    return (distance * weight).sum() / weight.sum().clamp(min=1.0)

@@ -27,7 +27,15 @@ from safetensors.torch import load_file
 
 from modelfuse.errors import RecipeError
 from modelfuse.fusion.aligned import FORMAT as ALIGNED_FORMAT
-from modelfuse.fusion.functions import FusionKind, LossKind, candidate_weights, combined_loss, fused_distribution
+from modelfuse.fusion.functions import (
+    FusionKind,
+    LossKind,
+    candidate_weights,
+    combined_loss,
+    fused_distribution,
+    sorted_teacher,
+    uld_loss,
+)
 from modelfuse.fusion.functions import fusion_loss as fused_loss
 from modelfuse.fusion.logits import MANIFEST
 from modelfuse.io.writer import StagingFolder, check_output_location, write_json
@@ -73,6 +81,7 @@ class FusedText:
     label_scored: list[bool]
     fused_ids: torch.Tensor  # [tokens, entries] int64, -1 padded
     fused_probabilities: torch.Tensor  # [tokens, entries]
+    uld_teacher: torch.Tensor | None = None  # [tokens, k] sorted probabilities (loss "uld")
 
 
 @dataclass(frozen=True)
@@ -115,9 +124,13 @@ def fused_texts(folder: str | Path, settings: TrainSettings) -> tuple[list[Fused
             logprobs = torch.stack([shard[f"source{s}.logprobs"][first:last].float() for s in range(candidates)])
             fused_ids, probabilities = fused_distribution(ids, logprobs, weights[:, row], settings.temperature)
             width = int((fused_ids >= 0).sum(dim=-1).max()) if fused_ids.numel() else 0
+            teacher = None
+            if settings.loss == "uld":
+                raw = torch.stack([shard[f"source{s}.raw_logprobs"][first:last] for s in range(candidates)])
+                teacher = sorted_teacher(raw, weights[:, row])
             texts.append(FusedText(shard["input_ids"][first:last].tolist(),
                                    [bool(flag) for flag in shard["label_scored"][first:last].tolist()],
-                                   fused_ids[:, : max(1, width)], probabilities[:, : max(1, width)]))
+                                   fused_ids[:, : max(1, width)], probabilities[:, : max(1, width)], teacher))
             for s in range(candidates):
                 weight_sums[s] += float(weights[s, row])
     return texts, [total / max(1, len(texts)) for total in weight_sums], manifest
@@ -145,8 +158,16 @@ def collate(examples: Sequence[FusedText], pad_id: int) -> dict[str, torch.Tenso
         fused_ids[row, :length, : example.fused_ids.shape[1]] = example.fused_ids
         probabilities[row, :length, : example.fused_ids.shape[1]] = example.fused_probabilities
         mask[row, : length - 1] = scored[1:]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "fused_ids": fused_ids,
-            "fused_probabilities": probabilities, "fusion_mask": mask}
+    batch_inputs = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "fused_ids": fused_ids,
+                    "fused_probabilities": probabilities, "fusion_mask": mask}
+    if all(example.uld_teacher is not None for example in examples):
+        k = max(example.uld_teacher.shape[1] for example in examples)  # type: ignore[union-attr]
+        teacher = torch.zeros((batch, width, k))
+        for row, example in enumerate(examples):
+            assert example.uld_teacher is not None
+            teacher[row, : example.uld_teacher.shape[0], : example.uld_teacher.shape[1]] = example.uld_teacher
+        batch_inputs["uld_teacher"] = teacher
+    return batch_inputs
 
 
 def train_target(target_path: str | Path, aligned_folder: str | Path, out: str | Path, settings: TrainSettings,
@@ -188,9 +209,12 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
             fused_ids = inputs.pop("fused_ids")
             probabilities = inputs.pop("fused_probabilities")
             mask = inputs.pop("fusion_mask")
+            teacher = inputs.pop("uld_teacher", None)
             outputs = model(**inputs)
             if settings.lam >= 1.0:
                 loss = outputs.loss
+            elif teacher is not None:
+                loss = combined_loss(outputs.loss, uld_loss(outputs.logits, teacher, mask), settings.lam)
             else:
                 loss = combined_loss(outputs.loss, fused_loss(outputs.logits, fused_ids, probabilities, mask,
                                                               settings.loss), settings.lam)
