@@ -19,7 +19,6 @@ entries whose id maps (vocabulary coverage).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ from modelfuse.errors import RecipeError
 from modelfuse.fusion.alignment import AlignMode, chosen_positions, dtw_alignment, offset_alignment
 from modelfuse.fusion.data import read_fusion_texts, texts_digest
 from modelfuse.fusion.logits import FORMAT as LOGITS_FORMAT
-from modelfuse.fusion.logits import MANIFEST, encode, tokenizer_digest
+from modelfuse.fusion.logits import MANIFEST, encode, read_manifest, tokenizer_digest
 from modelfuse.fusion.tokens import TokenTexts, token_texts
 from modelfuse.fusion.vocab_map import MapKind, build_map, special_pairs
 from modelfuse.io.writer import StagingFolder, check_output_location, write_json
@@ -74,7 +73,7 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
     folders = [Path(folder) for folder in logits_folders]
     out = Path(out)
     check_output_location(out, [*folders, Path(target_path)], overwrite=overwrite)
-    manifests = [_manifest(folder) for folder in folders]
+    manifests = [read_manifest(folder, LOGITS_FORMAT, "modelfuse fuse logits") for folder in folders]
     data = manifests[0]["settings"]
     for folder, manifest in zip(folders[1:], manifests[1:], strict=True):
         if manifest["data_digest"] != manifests[0]["data_digest"] or manifest["shards"] != manifests[0]["shards"]:
@@ -123,17 +122,6 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
             "sources": [asdict(report) for report in reports]})
         staging.commit()
     return reports
-
-
-def _manifest(folder: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise RecipeError(f"{folder}: not a finished `modelfuse fuse logits` output (no readable {MANIFEST}); "
-                          "run or resume that stage first") from error
-    if manifest.get("format") != LOGITS_FORMAT:
-        raise RecipeError(f"{folder}: {MANIFEST} is not a `modelfuse fuse logits` manifest")
-    return manifest
 
 
 def _texts_of(shard: dict[str, torch.Tensor]) -> list[tuple[int, int, int]]:

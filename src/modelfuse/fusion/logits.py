@@ -17,6 +17,7 @@ interrupted run keeps its finished shards. Data parallel: under ``torchrun`` eac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -129,7 +130,7 @@ def source_distributions(model_path: str | Path, target_path: str | Path, out: s
     shards = [range(start, min(len(texts), start + settings.shard_sequences))
               for start in range(0, len(texts), settings.shard_sequences)]
     writing = StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) if ranks.main else None
-    with writing if writing is not None else _nothing() as staging:
+    with writing if writing is not None else contextlib.nullcontext() as staging:
         done: dict[str, Any] = {"identity": identity, "shards": {}}
         if staging is not None:
             done = _read_progress(staging.path, identity) if resume else done
@@ -158,6 +159,23 @@ def source_distributions(model_path: str | Path, target_path: str | Path, out: s
             staging.commit()
     ranks.barrier()
     return LogitsReport(out, len(texts), tokens, len(shards), size / max(1, tokens))
+
+
+def read_manifest(folder: Path, kind: str, command: str) -> dict[str, Any]:
+    """A finished stage's ``manifest.json`` (its ``format`` is ``kind``).
+
+    Raises:
+        RecipeError: Naming the folder and the command that makes it, when it is missing, unreadable or another
+            stage's.
+    """
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise RecipeError(f"{folder}: not a finished `{command}` output (no readable {MANIFEST}); run or resume "
+                          "that stage first") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != kind:
+        raise RecipeError(f"{folder}: {MANIFEST} is not a `{command}` manifest")
+    return manifest
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -206,16 +224,6 @@ def _shard(model: Any, tokenizer: Any, texts: Sequence[FusionText], indices: ran
 
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-class _nothing:
-    """A context manager that yields None (the non-writing ranks)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 def _read_progress(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from modelfuse.fusion.functions import (
     uld_loss,
 )
 from modelfuse.fusion.functions import fusion_loss as fused_loss
-from modelfuse.fusion.logits import MANIFEST
+from modelfuse.fusion.logits import read_manifest
 from modelfuse.io.writer import StagingFolder, check_output_location, write_json
 from modelfuse.runtime import load_model, save_model
 
@@ -103,13 +103,7 @@ def fused_texts(folder: str | Path, settings: TrainSettings) -> tuple[list[Fused
         RecipeError: If ``folder`` is not a finished ``modelfuse fuse align`` output.
     """
     folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise RecipeError(f"{folder}: not a finished `modelfuse fuse align` output (no readable {MANIFEST})") \
-            from error
-    if manifest.get("format") != ALIGNED_FORMAT:
-        raise RecipeError(f"{folder}: {MANIFEST} is not a `modelfuse fuse align` manifest")
+    manifest = read_manifest(folder, ALIGNED_FORMAT, "modelfuse fuse align")
     candidates = len(manifest["sources"])
     texts: list[FusedText] = []
     weight_sums = [0.0] * candidates
