@@ -199,6 +199,27 @@ def fuse_train_command(
                       f"{report.first_loss:.4f} -> {report.last_loss:.4f}")
 
 
+@fuse_app.command(name="logit-fusion", epilog="Example: modelfuse fuse logit-fusion --large ./13b --base ./1b "
+                  "--expert ./1b-math -o ./fused-at-inference && modelfuse eval ./fused-at-inference --task rg:...")
+def logit_fusion_command(
+    large: Annotated[Path, typer.Option(help="The large model steered at inference.")],
+    base: Annotated[Path, typer.Option(help="The small base the experts were tuned from.")],
+    expert: Annotated[list[Path], typer.Option(help="A small expert, repeated (same tokenizer as the others).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (eval loads it).")],
+    mode: Annotated[str, typer.Option(help="dynamic (alpha per token by KL matching, Dynamic Logits Fusion) or "
+                                           "static (fixed --alpha, proxy-tuning).")] = "dynamic",
+    alpha: Annotated[list[float] | None, typer.Option(help="Static weight per expert (default 1).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write a bundle that runs LARGE steered by the experts' logit offsets (expert - base) at every token."""
+    from modelfuse.fusion.logit_fusion import LogitFusionSpec, write_bundle
+
+    spec = LogitFusionSpec(str(large), str(base), [str(path) for path in expert], mode,  # type: ignore[arg-type]
+                           list(alpha or []))
+    out_console.print(f"[green]logit fusion[/] ({mode}, {len(expert)} expert(s)) -> "
+                      f"{write_bundle(spec, out, overwrite=overwrite)}")
+
+
 tokenizer_app = typer.Typer(help="Give a model another tokenizer.", no_args_is_help=True)
 
 
