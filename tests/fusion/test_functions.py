@@ -110,3 +110,28 @@ def test_uld_is_the_sorted_probability_distance() -> None:
     with torch.no_grad():
         assert abs(float(uld_loss(logits, teacher.double(), mask)) - sum(terms) / len(terms)) < 1e-9
     assert torch.autograd.gradcheck(lambda z: uld_loss(z, teacher.double(), mask), (logits,))
+
+
+def test_graph_strengths_and_distance_equal_the_dense_graph() -> None:
+    """InfiGFusion's node strengths are the row sums of A = Z^T Z (Z: each position's top-k probabilities), over
+    the counted positions, divided by their number; the distance is the L1 of the sorted strengths; gradients
+    check."""
+    from modelfuse.fusion.functions import graph_distance, node_strengths
+
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[0, 3, 5], [3, 4, -1], [1, 0, 2], [5, 5, 5]])
+    ids[3] = torch.tensor([2, 4, 1])
+    values = torch.rand(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([1, 1, 0, 1])
+    dense = torch.zeros(4, 6, dtype=torch.float64)
+    for t in range(4):
+        for slot in range(3):
+            if ids[t, slot] >= 0 and mask[t]:
+                dense[t, ids[t, slot]] = values.detach()[t, slot]
+    want = (dense.T @ dense).sum(dim=1) / 3
+    assert torch.allclose(node_strengths(ids, values.detach(), mask, 6), want)
+    teacher = torch.tensor([0.5, 0.0, 0.2, 0.9], dtype=torch.float64)
+    got = graph_distance(teacher, want, 3)
+    pairs = zip(sorted(teacher.tolist(), reverse=True)[:3], sorted(want.tolist(), reverse=True)[:3], strict=True)
+    assert abs(float(got) - sum(abs(a - b) for a, b in pairs)) < 1e-12
+    assert torch.autograd.gradcheck(lambda v: graph_distance(teacher, node_strengths(ids, v, mask, 6), 4), (values,))

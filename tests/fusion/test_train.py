@@ -87,6 +87,9 @@ def test_plain_fine_tuning_uld_and_bad_settings(aligned: dict[str, Path], tmp_pa
     uld = train_target(aligned["target"], aligned["aligned"], tmp_path / "uld",
                        TrainSettings(steps=4, lr=1e-3, lam=0.5, loss="uld"))
     assert uld.steps == 4 and uld.first_loss == uld.first_loss  # ULD trains (a finite loss)
+    gld = train_target(aligned["target"], aligned["aligned"], tmp_path / "gld",
+                       TrainSettings(steps=3, lr=1e-3, lam=0.5, loss="gld", fusion="avg_ce"))
+    assert gld.steps == 3 and gld.first_loss == gld.first_loss
     with pytest.raises(ModelfuseError, match="--lambda: must lie in"):
         train_target(aligned["target"], aligned["aligned"], tmp_path / "bad", TrainSettings(lam=1.5))
     with pytest.raises(ModelfuseError, match="not a finished `modelfuse fuse align` output"):

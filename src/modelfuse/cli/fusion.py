@@ -25,8 +25,9 @@ AlignOption = Annotated[str, typer.Option(help="dtw (FuseLLM: edit distance over
 MapOption = Annotated[str, typer.Option(help="exact, min_edit (FuseLLM's MinED) or statistics (FuseChat).")]
 FusionOption = Annotated[str, typer.Option(help="min_ce (the candidate with the least cross-entropy per text) or "
                                                 "avg_ce (weights softmax(exp(-CE))).")]
-LossOption = Annotated[str, typer.Option(help="ce (FuseLLM) or kl to the fused distribution, or uld (sorted "
-                                              "probabilities, no vocabulary map).")]
+LossOption = Annotated[str, typer.Option(help="ce (FuseLLM) or kl to the fused distribution, uld (sorted "
+                                              "probabilities, no vocabulary map) or gld (InfiGFusion: uld plus "
+                                              "the graph-on-logits term).")]
 LambdaOption = Annotated[float, typer.Option("--lambda", help="Weight of the text's own cross-entropy; 1 is plain "
                                                              "fine-tuning (the baseline).")]
 
@@ -35,8 +36,8 @@ def _train_settings(fusion: str, loss: str, lam: float, steps: int | None, epoch
                     lora_rank: int | None, eval_fraction: float, seed: int) -> Any:
     from modelfuse.fusion.train import TrainSettings
 
-    if fusion not in ("min_ce", "avg_ce") or loss not in ("ce", "kl", "uld"):
-        raise RecipeError(f"--fusion {fusion!r} / --loss {loss!r}: use min_ce or avg_ce, and ce, kl or uld")
+    if fusion not in ("min_ce", "avg_ce") or loss not in ("ce", "kl", "uld", "gld"):
+        raise RecipeError(f"--fusion {fusion!r} / --loss {loss!r}: use min_ce or avg_ce, and ce, kl, uld or gld")
     return TrainSettings(fusion=fusion, loss=loss, lam=lam, steps=steps, epochs=epochs, lr=lr,  # type: ignore[arg-type]
                          batch_size=batch_size, lora_rank=lora_rank, eval_fraction=eval_fraction, seed=seed)
 

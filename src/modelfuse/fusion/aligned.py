@@ -12,7 +12,8 @@ Written as ``shard-NNNNN.safetensors`` (the sources' shards, text for text): ``i
 ids, -1 for none), ``source{s}.logprobs`` float16 ``[tokens, k]``, ``source{s}.ce`` float32 ``[texts]``,
 ``source{s}.mapped`` uint8 ``[tokens]`` (1 where the source's distribution was carried over),
 ``source{s}.raw_logprobs`` float32 ``[tokens, k]`` (the chosen source position's top-k log-probabilities before
-the vocabulary map, -inf where no position was chosen: what ULD compares); and
+the vocabulary map, -inf where no position was chosen: what ULD compares) and ``source{s}.raw_ids`` int32 (their
+source-vocabulary ids, -1 for none: the nodes of InfiGFusion's graph); and
 ``manifest.json`` with, per source, the share of positions carried over (aligned-token rate) and of its top-k
 entries whose id maps (vocabulary coverage).
 """
@@ -178,6 +179,7 @@ def _aligned_shard(source_shards: Sequence[dict[str, torch.Tensor]], encoded: di
         logprobs = np.zeros((int(starts[-1]), k), dtype=np.float16)
         carried = np.zeros(int(starts[-1]), dtype=np.uint8)
         raw = np.full((int(starts[-1]), k), -np.inf, dtype=np.float32)  # the chosen position's top-k, unmapped
+        raw_ids = np.full((int(starts[-1]), k), -1, dtype=np.int32)
         ce = shard["ce"].numpy().copy()
         for row, ((index, first, last), item) in enumerate(zip(_texts_of(shard), target_rows, strict=True)):
             if index != order[row][0]:
@@ -193,6 +195,7 @@ def _aligned_shard(source_shards: Sequence[dict[str, torch.Tensor]], encoded: di
                 kept: list[tuple[int, float]] = []
                 if j >= 0:
                     raw[base + position] = top_values[j]
+                    raw_ids[base + position] = top_ids[j]
                     seen: set[int] = set()
                     for source_id, value in zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True):
                         total["entries"] += 1
@@ -215,4 +218,5 @@ def _aligned_shard(source_shards: Sequence[dict[str, torch.Tensor]], encoded: di
         result[f"source{s}.ce"] = torch.from_numpy(ce)
         result[f"source{s}.mapped"] = torch.from_numpy(carried)
         result[f"source{s}.raw_logprobs"] = torch.from_numpy(raw)
+        result[f"source{s}.raw_ids"] = torch.from_numpy(raw_ids)
     return result

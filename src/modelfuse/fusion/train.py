@@ -33,6 +33,8 @@ from modelfuse.fusion.functions import (
     candidate_weights,
     combined_loss,
     fused_distribution,
+    graph_distance,
+    node_strengths,
     sorted_teacher,
     uld_loss,
 )
@@ -81,7 +83,10 @@ class FusedText:
     label_scored: list[bool]
     fused_ids: torch.Tensor  # [tokens, entries] int64, -1 padded
     fused_probabilities: torch.Tensor  # [tokens, entries]
-    uld_teacher: torch.Tensor | None = None  # [tokens, k] sorted probabilities (loss "uld")
+    uld_teacher: torch.Tensor | None = None  # [tokens, k] sorted probabilities (losses "uld", "gld")
+    graph_ids: torch.Tensor | None = None  # [candidates, tokens, k] source ids of each candidate's top-k ("gld")
+    graph_probabilities: torch.Tensor | None = None  # [candidates, tokens, k]
+    graph_weights: torch.Tensor | None = None  # [candidates]
 
 
 @dataclass(frozen=True)
@@ -118,13 +123,19 @@ def fused_texts(folder: str | Path, settings: TrainSettings) -> tuple[list[Fused
             logprobs = torch.stack([shard[f"source{s}.logprobs"][first:last].float() for s in range(candidates)])
             fused_ids, probabilities = fused_distribution(ids, logprobs, weights[:, row], settings.temperature)
             width = int((fused_ids >= 0).sum(dim=-1).max()) if fused_ids.numel() else 0
-            teacher = None
-            if settings.loss == "uld":
+            teacher = graph_ids = graph_probabilities = None
+            if settings.loss in ("uld", "gld"):
                 raw = torch.stack([shard[f"source{s}.raw_logprobs"][first:last] for s in range(candidates)])
                 teacher = sorted_teacher(raw, weights[:, row])
+                if settings.loss == "gld":
+                    graph_ids = torch.stack([shard[f"source{s}.raw_ids"][first:last].long()
+                                             for s in range(candidates)])
+                    graph_probabilities = torch.exp(raw.float())
             texts.append(FusedText(shard["input_ids"][first:last].tolist(),
                                    [bool(flag) for flag in shard["label_scored"][first:last].tolist()],
-                                   fused_ids[:, : max(1, width)], probabilities[:, : max(1, width)], teacher))
+                                   fused_ids[:, : max(1, width)], probabilities[:, : max(1, width)], teacher,
+                                   graph_ids, graph_probabilities,
+                                   weights[:, row].clone() if graph_ids is not None else None))
             for s in range(candidates):
                 weight_sums[s] += float(weights[s, row])
     return texts, [total / max(1, len(texts)) for total in weight_sums], manifest
@@ -161,7 +172,41 @@ def collate(examples: Sequence[FusedText], pad_id: int) -> dict[str, torch.Tenso
             assert example.uld_teacher is not None
             teacher[row, : example.uld_teacher.shape[0], : example.uld_teacher.shape[1]] = example.uld_teacher
         batch_inputs["uld_teacher"] = teacher
+    if all(example.graph_ids is not None for example in examples):
+        candidates, _, k = examples[0].graph_ids.shape  # type: ignore[union-attr]
+        graph_ids = torch.full((batch, candidates, width, k), -1, dtype=torch.long)
+        graph_probabilities = torch.zeros((batch, candidates, width, k))
+        for row, example in enumerate(examples):
+            assert example.graph_ids is not None and example.graph_probabilities is not None
+            graph_ids[row, :, : example.graph_ids.shape[1]] = example.graph_ids
+            graph_probabilities[row, :, : example.graph_ids.shape[1]] = example.graph_probabilities
+        batch_inputs["graph_ids"] = graph_ids
+        batch_inputs["graph_probabilities"] = graph_probabilities
+        batch_inputs["graph_weights"] = torch.stack([example.graph_weights for example in examples])  # type: ignore[misc]
     return batch_inputs
+
+
+def graph_loss(logits: torch.Tensor, graph_ids: torch.Tensor, graph_probabilities: torch.Tensor,
+               graph_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """InfiGFusion's graph term (``functions.node_strengths``, ``functions.graph_distance``) of a batch: per text,
+    the candidates' graph distances to the student's, weighted, averaged over the texts. The student's graph is
+    built from its top-k probabilities (k as the teacher's) at the same positions."""
+    k = graph_ids.shape[-1]
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    values, ids = probabilities.topk(k, dim=-1)  # [batch, positions, k]
+    total = logits.new_zeros((), dtype=torch.float32)
+    for row in range(logits.shape[0]):
+        for candidate in range(graph_ids.shape[1]):
+            weight = float(graph_weights[row, candidate])
+            positions = mask[row].bool() & (graph_ids[row, candidate] >= 0).any(dim=-1)
+            if weight == 0 or not bool(positions.any()):
+                continue
+            teacher_ids = graph_ids[row, candidate]
+            teacher = node_strengths(teacher_ids, graph_probabilities[row, candidate], positions,
+                                     int(teacher_ids.max()) + 1)
+            student = node_strengths(ids[row], values[row], positions, logits.shape[-1])
+            total = total + weight * graph_distance(teacher, student, int((teacher > 0).sum()))
+    return total / logits.shape[0]
 
 
 def train_target(target_path: str | Path, aligned_folder: str | Path, out: str | Path, settings: TrainSettings,
@@ -204,11 +249,15 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
             probabilities = inputs.pop("fused_probabilities")
             mask = inputs.pop("fusion_mask")
             teacher = inputs.pop("uld_teacher", None)
+            graph = [inputs.pop(key, None) for key in ("graph_ids", "graph_probabilities", "graph_weights")]
             outputs = model(**inputs)
             if settings.lam >= 1.0:
                 loss = outputs.loss
             elif teacher is not None:
-                loss = combined_loss(outputs.loss, uld_loss(outputs.logits, teacher, mask), settings.lam)
+                fused = uld_loss(outputs.logits, teacher, mask)
+                if graph[0] is not None:
+                    fused = fused + graph_loss(outputs.logits, graph[0], graph[1], graph[2], mask)
+                loss = combined_loss(outputs.loss, fused, settings.lam)
             else:
                 loss = combined_loss(outputs.loss, fused_loss(outputs.logits, fused_ids, probabilities, mask,
                                                               settings.loss), settings.lam)
