@@ -121,3 +121,37 @@ def test_logits_of_other_data_are_refused(setup: dict[str, Path], tmp_path: Path
         align_sources([setup["logits"], tmp_path / "other"], setup["target"], tmp_path / "aligned")
     with pytest.raises(ModelfuseError, match="not a finished `modelfuse fuse logits` output"):
         align_sources([setup["data"].parent], setup["target"], tmp_path / "aligned2")
+
+
+def test_a_source_sharing_nothing_with_the_target_is_refused(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A source whose tokenizer knows none of the data's pieces (a WordPiece of digits: every word is [UNK]):
+    nothing of it can reach the target, so the alignment stops with one line and writes nothing."""
+    digits = tokenizers.wordpiece(60, corpus=["0 1 2 3 4 5 6 7 8 9 10 11 12"] * 20)
+    digits.add_special_tokens({"bos_token": "[BOS]", "eos_token": "[EOS]"})
+    source = tokenizers.save_tiny_model(tmp_path / "digits", digits, seed=4)
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"text": text}) + "\n" for text in ("the cat sat on the mat", "a dog")),
+                     encoding="utf-8")
+    source_distributions(source, setup["target"], tmp_path / "logits", LogitsSettings(str(words)))
+    with pytest.raises(ModelfuseError, match="aligned rate 0"):
+        align_sources([tmp_path / "logits"], setup["target"], tmp_path / "aligned", AlignSettings(vocab_map="exact"))
+    assert not (tmp_path / "aligned").exists()
+
+
+def test_models_without_a_tokenizer_or_not_causal_are_refused(setup: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import transformers as tf
+
+    bare = tmp_path / "bare"
+    shutil.copytree(setup["source"], bare)
+    for file in bare.glob("tokenizer*"):
+        file.unlink()
+    with pytest.raises(ModelfuseError, match="cannot load"):
+        source_distributions(bare, setup["target"], tmp_path / "out1", LogitsSettings(str(setup["data"])))
+    encoder = tmp_path / "encoder"
+    tf.T5EncoderModel(tf.T5Config(vocab_size=400, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                  num_heads=2)).save_pretrained(encoder)  # an encoder: no causal LM
+    tokenizers.byte_level().save_pretrained(encoder)
+    with pytest.raises(ModelfuseError, match="cannot load a causal LM"):
+        source_distributions(encoder, setup["target"], tmp_path / "out2", LogitsSettings(str(setup["data"])))

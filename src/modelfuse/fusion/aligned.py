@@ -68,7 +68,8 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
     ``out`` (see the module).
 
     Raises:
-        RecipeError: For folders that are not complete ``logits`` outputs, or made from other data or texts.
+        RecipeError: For folders that are not complete ``logits`` outputs, made from other data or texts, or a
+            source none of whose distributions reaches the target (nothing written).
         OutputError: For an unusable ``out``.
     """
     folders = [Path(folder) for folder in logits_folders]
@@ -115,6 +116,12 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
         reports = [SourceReport(manifest["model"], total["carried"] / max(1, total["positions"]),
                                 total["mapped_entries"] / max(1, total["entries"]))
                    for manifest, total in zip(manifests, totals, strict=True)]
+        for folder, report in zip(folders, reports, strict=True):
+            if report.aligned_rate == 0:
+                raise RecipeError(f"{folder}: none of {report.source}'s distributions reaches the target's tokens "
+                                  f"(aligned rate 0, vocabulary coverage {report.coverage:.3f}): its pieces share "
+                                  "nothing with the target's on this data; check the tokenizers, --align and "
+                                  "--vocab-map")
         write_json(staging.path / MANIFEST, {
             "format": FORMAT, "version": 1, "target": str(Path(target_path).resolve()), "settings": asdict(settings),
             "data": data, "data_digest": manifests[0]["data_digest"], "shards": shards,
