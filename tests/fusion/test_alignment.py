@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import _fusion_tokenizers as _tokenizers
-from modelfuse.fusion.alignment import chosen_positions, dtw_alignment, offset_alignment
+from modelfuse.fusion.alignment import chosen_positions, dtw_alignment, offset_alignment, span_ends
 from modelfuse.fusion.tokens import TokenTexts, token_texts
 
 
@@ -68,3 +68,21 @@ def test_unicode_pieces_compare_by_bytes() -> None:
     chosen = chosen_positions(aligned, [0, 1, 2], [0, 1], source, target)
     assert chosen.tolist() == [0, 2]
     assert np.array_equal(chosen_positions([[], [1]], [0, 1, 2], [0, 1], source, target), [-1, -1])
+
+
+def test_a_source_piece_is_chosen_only_where_it_ends_with_the_target_piece() -> None:
+    """Digits split differently ("2|0|2|4" against "202|4"): the source "202" overlaps the first three target
+    digits but ends only with the third, so only that position takes its distribution (the one after "202")."""
+    text = "x=2024"
+    target = _texts([b"x", b"=", b"2", b"0", b"2", b"4"])
+    source = _texts([b"x", b"=", b"202", b"4"])
+    target_spans = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    source_spans = [(0, 1), (1, 2), (2, 5), (5, 6)]
+    aligned = offset_alignment(text, source_spans, target_spans)
+    assert aligned == [[0], [1], [2], [2], [2], [3]]
+    ends = span_ends(text, source_spans), span_ends(text, target_spans)
+    chosen = chosen_positions(aligned, [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], source, target, ends)
+    assert chosen.tolist() == [0, 1, -1, -1, 2, 3]
+    # the same without spans, from the pieces' bytes
+    assert chosen_positions(aligned, [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], source, target).tolist() == [0, 1, -1, -1,
+                                                                                                   2, 3]

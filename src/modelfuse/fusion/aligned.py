@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelfuse.errors import RecipeError
-from modelfuse.fusion.alignment import AlignMode, chosen_positions, dtw_alignment, offset_alignment
+from modelfuse.fusion.alignment import AlignMode, chosen_positions, dtw_alignment, offset_alignment, span_ends
 from modelfuse.fusion.data import read_fusion_texts, texts_digest
 from modelfuse.fusion.logits import FORMAT as LOGITS_FORMAT
 from modelfuse.fusion.logits import MANIFEST, encode, read_manifest, tokenizer_digest
@@ -143,12 +143,19 @@ def _aligned(text: str, source_shard: dict[str, torch.Tensor], first: int, last:
              settings: AlignSettings) -> tuple[list[int], list[list[int]], np.ndarray]:
     """A text's source ids, the source positions aligned to each target position, and the chosen ones."""
     source_ids = source_shard["input_ids"][first:last].tolist()
+    source_spans = [(int(a), int(b)) for a, b in source_shard["offsets"][first:last].tolist()]
+    ends = span_ends(text, source_spans), span_ends(text, target_offsets)
+    # the part of the text both tokenisations cover (each was cut to its max_tokens): tokens beyond it align
+    # to nothing, rather than DTW piling them onto the other side's last token
+    covered = min(int(ends[0].max(initial=0)), int(ends[1].max(initial=0)))
+    source_kept = sum(1 for start, _ in source_spans if start < covered)
+    target_kept = sum(1 for start, _ in target_offsets if start < covered)
     if settings.align == "offsets":
-        aligned = offset_alignment(text, [tuple(span) for span in source_shard["offsets"][first:last].tolist()],
-                                   target_offsets)
+        aligned = offset_alignment(text, source_spans[:source_kept], target_offsets[:target_kept])
     else:
-        aligned = dtw_alignment(source_ids, target_ids, source, target)
-    return source_ids, aligned, chosen_positions(aligned, source_ids, target_ids, source, target)
+        aligned = dtw_alignment(source_ids[:source_kept], target_ids[:target_kept], source, target)
+    aligned += [[] for _ in range(len(target_ids) - len(aligned))]
+    return source_ids, aligned, chosen_positions(aligned, source_ids, target_ids, source, target, ends)
 
 
 def _alignment_counts(folder: Path, shards: Sequence[str], encoded: dict[int, Any], texts: Sequence[Any],

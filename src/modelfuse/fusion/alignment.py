@@ -11,12 +11,11 @@ Two alignments:
   of a span left out), where both tokenizers report spans (fast tokenizers). Exact where the pieces follow the
   text, and linear in the length.
 
-Then per target position ``i``, with ``A`` its aligned source positions (FuseChat 2.0's rules, comparing pieces
-without spaces):
+Then per target position ``i``, with ``A`` its aligned source positions:
 
-* the first position of ``A`` whose piece ends with the target's piece, or the target's with it (one source
-  position, or several: FuseChat's rule (a); its rule (b), the last piece of a span that spells the target piece,
-  never decides anything (that piece is a suffix of the target's, so rule (a) has already chosen));
+* the last position of ``A`` whose piece ends where the target's piece ends in the text (FuseChat's rule (a),
+  one piece ending with the other, made exact: without the end check it pairs pieces that end elsewhere;
+  its rule (b), the last piece of a span that spells the target piece, is the same choice);
 * otherwise none: the training target there is one-hot on the next target token (``-1`` here). FuseLLM put the
   one-hot on the current token, which is off by one (FuseAI issue 27); FuseChat 2.0 fixed it, and so do we.
 """
@@ -50,39 +49,67 @@ def dtw_alignment(source_ids: Sequence[int], target_ids: Sequence[int], source: 
 def offset_alignment(text: str, source_spans: Sequence[tuple[int, int]], target_spans: Sequence[tuple[int, int]]
                      ) -> list[list[int]]:
     """For each target position, the source positions whose character span overlaps its own (spans from the
-    tokenizers' offset mappings; spaces at either end of a span and empty spans never overlap anything)."""
+    tokenizers' offset mappings; spaces at either end of a span and empty spans never overlap anything). One
+    sweep over both sequences (spans are in text order)."""
     source = [_trim(text, span) for span in source_spans]
-    order = sorted(range(len(source)), key=lambda position: source[position])
-    starts = [source[position][0] for position in order]
+    real = [position for position, (first, last) in enumerate(source) if last > first]
     aligned: list[list[int]] = []
+    cursor = 0
     for span in target_spans:
         start, stop = _trim(text, span)
         found = []
         if stop > start:
-            # spans are in text order, so a source span that overlaps starts before ``stop``
-            for position in order[: int(np.searchsorted(starts, stop))]:
-                first, last = source[position]
-                if last > first and first < stop and start < last:
-                    found.append(position)
-        aligned.append(sorted(found))
+            while cursor < len(real) and source[real[cursor]][1] <= start:  # ends before this target span
+                cursor += 1
+            probe = cursor
+            while probe < len(real) and source[real[probe]][0] < stop:
+                found.append(real[probe])
+                probe += 1
+        aligned.append(found)
     return aligned
 
 
+def text_ends(ids: Sequence[int], texts: TokenTexts) -> np.ndarray:
+    """Where each token ends in the text with its spaces removed (cumulative byte lengths of the pieces without
+    spaces), or -1 for a token that ends with a space, is only spaces, or is special (its end is not a place a
+    piece of the other tokenisation can share): two tokenisations of one text agree on these."""
+    lengths = [0 if token in texts.special else len(texts.texts[token].replace(b" ", b"")) for token in ids]
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64)) if lengths else np.zeros(0, dtype=np.int64)
+    for position, token in enumerate(ids):
+        if token in texts.special or not lengths[position] or texts.texts[token].endswith(b" "):
+            ends[position] = -1
+    return ends
+
+
+def span_ends(text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Where each token ends in the text (its character span without the spaces at its ends; -1 for an empty
+    span, such as a special token's)."""
+    ends = [_trim(text, (int(first), int(last))) for first, last in spans]
+    return np.asarray([last if last > first else -1 for first, last in ends], dtype=np.int64)
+
+
 def chosen_positions(aligned: Sequence[Sequence[int]], source_ids: Sequence[int], target_ids: Sequence[int],
-                     source: TokenTexts, target: TokenTexts) -> np.ndarray:
-    """Per target position, the source position whose distribution stands for the target's there, or -1 (the
-    rules of the module docstring)."""
+                     source: TokenTexts, target: TokenTexts,
+                     ends: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Per target position, the last aligned source position whose piece ends where the target's ends in the
+    text, or -1. ``ends``: (source, target) character ends (``span_ends``) where the tokenizers give spans (an
+    unknown token's piece is not the text it stands for); else ``text_ends`` of the pieces.
+
+    FuseChat's rule (one piece ending with the other) without the check that they end at the same place pairs the
+    first "2" of "2|0|2|4" with a source "202", whose distribution predicts what follows "202". Among several
+    source pieces ending at one place (the byte pieces of one character), the last is the one whose distribution
+    predicts what follows.
+    """
+    source_ends, target_ends = ends if ends is not None else (text_ends(source_ids, source),
+                                                             text_ends(target_ids, target))
     chosen = np.full(len(target_ids), -1, dtype=np.int64)
     for position, sources in enumerate(aligned):
         token = target_ids[position]
-        if token in target.special or not sources:
+        if token in target.special or target_ends[position] < 0 or not target.texts[token].replace(b" ", b""):
             continue
-        piece = target.stripped(token)
-        pieces = [source.stripped(source_ids[j]) if source_ids[j] not in source.special else None for j in sources]
-        for j, candidate in zip(sources, pieces, strict=True):
-            if candidate is not None and (candidate.endswith(piece) or piece.endswith(candidate)):
+        for j in sources:
+            if source_ids[j] not in source.special and source_ends[j] == target_ends[position]:
                 chosen[position] = j
-                break
     return chosen
 
 
