@@ -155,3 +155,12 @@ def test_models_without_a_tokenizer_or_not_causal_are_refused(setup: dict[str, P
     tokenizers.byte_level().save_pretrained(encoder)
     with pytest.raises(ModelfuseError, match="cannot load a causal LM"):
         source_distributions(encoder, setup["target"], tmp_path / "out2", LogitsSettings(str(setup["data"])))
+
+
+def test_exact_map_prefers_a_real_piece_to_a_byte_fallback_token() -> None:
+    """SentencePiece vocabularies hold "1" twice: the byte token <0x31> (a low id) and the piece "1"; the
+    tokenizer writes the piece, so the map takes it."""
+    source = TokenTexts([b"1", b"a"], "byte_level", frozenset())
+    target = TokenTexts([b"1", b"a", b"1"], "metaspace", frozenset(), byte_tokens=frozenset({0}))
+    assert exact_map(source, target).tolist() == [2, 1]
+    assert exact_map(source, TokenTexts([b"1", b"b"], "metaspace", frozenset(), frozenset({0}))).tolist() == [0, -1]

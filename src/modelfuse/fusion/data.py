@@ -103,7 +103,10 @@ def _conversation(where: str, item: Any, tokenizer: Any) -> FusionText:
         last = messages[-1]["content"]
         return FusionText(text, ((len(text) - len(last), len(text)),) if messages[-1]["role"] == "assistant" else
                           ((0, len(text)),))
-    text = str(tokenizer.apply_chat_template(messages, tokenize=False))
+    try:
+        text = str(tokenizer.apply_chat_template(messages, tokenize=False))
+    except Exception as error:  # jinja's TemplateError and the templates' own raise_exception() calls
+        raise TaskError(f"{where}: the target's chat template refuses this conversation ({error})") from error
     scored, cursor = [], 0
     for message in messages:
         found = text.find(message["content"], cursor)

@@ -108,7 +108,7 @@ def fusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_probabili
     ``[batch, positions, entries]`` (-1/0 padded), ``mask`` ``[batch, positions]``."""
     logprobs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     present = target_ids >= 0
-    picked = logprobs.gather(-1, target_ids.clamp(min=0)) * present
+    picked = torch.where(present, logprobs.gather(-1, target_ids.clamp(min=0)), 0.0)  # (-inf * 0 would be NaN)
     per_position = -(target_probabilities * picked).sum(dim=-1)
     if kind == "kl":
         entropy_term = torch.where(present & (target_probabilities > 0),
@@ -127,9 +127,13 @@ def combined_loss(language_model_loss: torch.Tensor, fused_loss: torch.Tensor, l
 
 def sorted_teacher(raw_logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``[positions, k]``: the candidates' top-k probabilities (``raw_logprobs`` ``[candidates, positions, k]``,
-    sorted in decreasing order, -inf for none) mixed with ``weights`` (``[candidates]``)."""
-    probabilities = torch.exp(raw_logprobs.float()).sort(dim=-1, descending=True).values
-    return (probabilities * weights.float()[:, None, None]).sum(dim=0)
+    sorted in decreasing order, -inf for none) mixed with ``weights`` (``[candidates]``), renormalised at each
+    position over the candidates that have a distribution there."""
+    probabilities = torch.nan_to_num(torch.exp(raw_logprobs.float()), nan=0.0).sort(dim=-1, descending=True).values
+    present = (probabilities.sum(dim=-1) > 0).float()  # [candidates, positions]: a candidate with an entry there
+    weight = weights.float()[:, None] * present
+    weight = weight / weight.sum(dim=0, keepdim=True).clamp(min=1e-12)  # renormalised over those present
+    return (probabilities * weight[..., None]).sum(dim=0)
 
 
 def uld_loss(logits: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

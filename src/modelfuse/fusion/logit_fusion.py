@@ -65,7 +65,8 @@ def fuse_logprobs(large: torch.Tensor, base: torch.Tensor, experts: Sequence[tor
                   alphas: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused log-probabilities ``[..., vocab]`` from each model's log-probabilities, the expert used at each
     position and its alpha (static: expert -1, meaning all, and alpha -1)."""
-    offsets = [expert - base for expert in experts]
+    # a token every model rules out (-inf in both) has no offset, rather than NaN
+    offsets = [torch.where(torch.isfinite(expert) & torch.isfinite(base), expert - base, 0.0) for expert in experts]
     shape = large.shape[:-1]
     if mode == "static":
         weights = list(alphas) or [1.0] * len(experts)

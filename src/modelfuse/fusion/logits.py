@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from modelfuse.errors import RecipeError
+from modelfuse.errors import CheckpointError, RecipeError
 from modelfuse.fusion.data import FusionText, read_fusion_texts, texts_digest
 from modelfuse.io.writer import StagingFolder, check_output_location, read_progress, write_json
 from modelfuse.runtime import input_device, load_model, load_tokenizer
@@ -80,10 +80,17 @@ class LogitsReport:
 
 
 def encode(tokenizer: Any, item: FusionText, max_tokens: int) -> Encoded:
-    """The text's token ids (the tokenizer's own special prefix, the text, EOS), character spans (``(0, 0)`` for
+    """The text's token ids (the tokenizer's own special prefix unless the text starts with its BOS, the text,
+    EOS), character spans (``(0, 0)`` for
     special tokens) and which tokens are scored (those whose span starts inside a scored span, and the final EOS
     when the text's end is scored), cut to ``max_tokens``."""
-    encoding = tokenizer(item.text, add_special_tokens=True, return_offsets_mapping=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    starts_with_bos = bool(bos) and item.text.startswith(bos)  # a chat template wrote it already
+    try:
+        encoding = tokenizer(item.text, add_special_tokens=not starts_with_bos, return_offsets_mapping=True)
+    except NotImplementedError as error:  # slow (Python) tokenizers give no character spans
+        raise CheckpointError(f"{getattr(tokenizer, 'name_or_path', 'a tokenizer')}: fusion needs a fast tokenizer "
+                              "(character offsets); save the model with its tokenizer.json") from error
     ids = list(encoding["input_ids"])
     offsets = [(int(start), int(stop)) for start, stop in encoding["offset_mapping"]]
     special = set(getattr(tokenizer, "all_special_ids", []))

@@ -29,6 +29,7 @@ class TokenTexts:
     texts: list[bytes]
     kind: TokenizerKind
     special: frozenset[int]  # ids of special tokens (BOS, EOS, pad...), never aligned to text
+    byte_tokens: frozenset[int] = frozenset()  # SentencePiece's <0xNN> fallback pieces (the tokenizer prefers others)
 
     def stripped(self, token_id: int) -> bytes:
         """The piece without spaces (the space marker removed, as FuseLLM compares pieces), or the piece itself
@@ -52,7 +53,9 @@ def token_texts(tokenizer: Any) -> TokenTexts:
         else:
             texts[token_id] = piece_bytes(piece, kind, unicode_bytes)
     special = frozenset(int(token_id) for token_id in getattr(tokenizer, "all_special_ids", []) if token_id is not None)
-    return TokenTexts(texts, kind, special)
+    byte_tokens = frozenset(token_id for piece, token_id in vocabulary.items()
+                            if _BYTE_TOKEN.match(piece) and kind in ("metaspace", "plain"))
+    return TokenTexts(texts, kind, special, byte_tokens)
 
 
 def piece_bytes(piece: str, kind: TokenizerKind, unicode_bytes: dict[str, int] | None = None) -> bytes:

@@ -235,6 +235,8 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
     evaluation, training = [texts[i] for i in order[:held]], [texts[i] for i in order[held:]]
     model, tokenizer = load_model(target_path, device=device, dtype=dtype)
     if settings.lora_rank is not None:
+        if importlib.util.find_spec("peft") is None:
+            raise RecipeError("--lora-rank needs peft: pip install 'modelfuse[fuse]'")
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha,

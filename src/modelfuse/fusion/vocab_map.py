@@ -1,8 +1,8 @@
 """Maps from a source tokenizer's ids to a target tokenizer's, for carrying a source's next-token distribution
 into the target's vocabulary.
 
-* ``exact``: the target token that stands for the same bytes (``fusion.tokens``; the lowest id among several),
-  or -1.
+* ``exact``: the target token that stands for the same bytes (``fusion.tokens``; the lowest id among several,
+  a ``<0xNN>`` byte-fallback piece last), or -1.
 * ``min_edit`` (FuseLLM's "MinED"): the exact match, else the target token at the least edit distance over the
   bytes, spaces kept (FuseLLM keeps the space marker in this distance); the lowest id among equals, as FuseLLM's
   ``min`` over the target vocabulary in id order. Computed for every source token at once, by length buckets with
@@ -34,11 +34,14 @@ _ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
 def exact_map(source: TokenTexts, target: TokenTexts) -> np.ndarray:
-    """Per source id, the target id of the same bytes (the lowest of several), or -1."""
+    """Per source id, the target id of the same bytes (the lowest of several, a byte-fallback piece ``<0xNN>``
+    only where no other piece has those bytes: SentencePiece writes "1" as its piece "1", not as ``<0x31>``),
+    or -1."""
     lookup: dict[bytes, int] = {}
-    for token_id, text in enumerate(target.texts):
-        if text and token_id not in target.special:
-            lookup.setdefault(text, token_id)
+    for fallback in (False, True):
+        for token_id, text in enumerate(target.texts):
+            if text and token_id not in target.special and (token_id in target.byte_tokens) == fallback:
+                lookup.setdefault(text, token_id)
     return np.asarray([lookup.get(text, -1) if text and token_id not in source.special else -1
                        for token_id, text in enumerate(source.texts)], dtype=np.int64)
 
@@ -101,11 +104,3 @@ def special_pairs(source_tokenizer: Any, target_tokenizer: Any) -> dict[int, int
         if isinstance(source_id, int) and isinstance(target_id, int):
             pairs.setdefault(source_id, target_id)
     return pairs
-
-
-def coverage(mapped: np.ndarray, source: TokenTexts) -> dict[str, float]:
-    """How much of the source vocabulary a map reaches: the share of mapped ids and of exact matches."""
-    real = [token_id for token_id, text in enumerate(source.texts) if text and token_id not in source.special]
-    if not real:
-        return {"mapped": 0.0}
-    return {"mapped": float(np.mean(mapped[real] >= 0))}

@@ -140,11 +140,14 @@ def mergekit_half(sparsifier: Sparsifier | None, consensus: bool) -> Callable[..
 
 
 def mergekit_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, select_topk: float = 1.0,
-                 **_: Any) -> torch.Tensor:
+                 mask_deltas: bool = True, **_: Any) -> torch.Tensor:
     """SCE as mergekit 0.1.5 computes it in the inputs' dtype: task vectors masked to the ``select_topk``
     fraction of the non-zero-variance entries with the largest variance (``torch.topk``), sign consensus, each
     task vector weighted by its mean square over the sum of them (Python float), divided by the agreeing
-    weights (at least 1e-6)."""
+    weights (at least 1e-6). mergekit has no ``mask_deltas``: False (FuseChat's variant) is refused here."""
+    if not mask_deltas:
+        raise ValueError("sce: mask_deltas false (FuseChat's variant) is not mergekit's SCE; compute in float32 "
+                         "(dtype: float32) to use it")
     taus = torch.stack([tensor - base for tensor in tensors])
     if select_topk < 1:
         mask = torch.zeros_like(taus[0])
