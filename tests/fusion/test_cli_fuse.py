@@ -76,3 +76,18 @@ def test_bad_input(family: dict[str, Path], run_cli: Any, tmp_path: Path) -> Non
     result = run_cli("fuse", "train", family["target"], "--aligned", tmp_path / "empty", "-o", tmp_path / "z",
                      "--lambda", "2")
     assert result.returncode != 0 and "--lambda" in result.stderr
+
+
+def test_a_work_folder_of_another_run_is_refused_or_redone(family: dict[str, Path], run_cli: Any,
+                                                           tmp_path: Path) -> None:
+    """A second run into the same --work with another source: refused in one line; with --overwrite its stages are
+    made again from the new source."""
+    common = ["--target", family["target"], "--data", family["data"], "--steps", "1", "--device", "cpu",
+              "--work", tmp_path / "work"]
+    assert run_cli("fuse", "--source", family["s1"], "-o", tmp_path / "a", *common).returncode == 0
+    result = run_cli("fuse", "--source", family["s2"], "-o", tmp_path / "b", *common)
+    assert result.returncode != 0 and "holds a stage made from another model or settings" in result.stderr
+    result = run_cli("fuse", "--source", family["s2"], "-o", tmp_path / "b", *common, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "work" / "logits-0" / "manifest.json").read_text())
+    assert manifest["model"] == str(family["s2"].resolve())

@@ -43,6 +43,10 @@ def test_topk_and_cross_entropy_equal_a_direct_computation(models: dict[str, Pat
     assert (report.texts, report.shards) == (12, 3)
     manifest = json.loads((tmp_path / "logits" / "manifest.json").read_text())
     assert manifest["texts"] == 12 and len(manifest["shards"]) == 3 and manifest["bytes_per_token"] > 0
+    assert manifest["texts_without_scored_tokens"] == 0
+    short = source_distributions(models["source"], models["target"], tmp_path / "short",
+                                 LogitsSettings(str(data), top_k=2, max_tokens=3))
+    assert short.unscored == 12  # three tokens hold no answer
     model = AutoModelForCausalLM.from_pretrained(models["source"])
     tokenizer = AutoTokenizer.from_pretrained(models["source"])
     texts = read_fusion_texts(str(data), AutoTokenizer.from_pretrained(models["target"]))

@@ -144,6 +144,9 @@ def fuse_logits_command(
     report = source_distributions(model, target, out, settings, device=where, dtype=dtype, resume=resume,
                                   overwrite=overwrite, ranks=ranks)
     finish()
+    if ranks.main and report.unscored:
+        console.print(f"[yellow]warning:[/] {report.unscored} text(s) have no scored token within --max-tokens "
+                      f"{max_tokens} (their answer was cut off); they train nothing")
     if ranks.main:
         out_console.print(f"[green]logits[/] of {model}: {report.texts} texts, {report.tokens:,} tokens, "
                           f"{report.bytes_per_token:.0f} bytes per token -> {report.out}")

@@ -124,6 +124,7 @@ def align_sources(logits_folders: Sequence[str | Path], target_path: str | Path,
                                   "--vocab-map")
         write_json(staging.path / MANIFEST, {
             "format": FORMAT, "version": 1, "target": str(Path(target_path).resolve()), "settings": asdict(settings),
+            "logits": [str(folder.resolve()) for folder in folders],
             "data": data, "data_digest": manifests[0]["data_digest"], "shards": shards,
             "texts": len(texts), "tokens": sum(len(item.ids) for item in encoded.values()),
             "target_tokenizer_digest": tokenizer_digest(target_tokenizer),

@@ -77,6 +77,7 @@ class LogitsReport:
     tokens: int
     shards: int
     bytes_per_token: float
+    unscored: int = 0  # texts whose scored part fell beyond max_tokens (they train nothing)
 
 
 def encode(tokenizer: Any, item: FusionText, max_tokens: int) -> Encoded:
@@ -152,20 +153,23 @@ def source_distributions(model_path: str | Path, target_path: str | Path, out: s
                 if staging is None or shard is None:
                     continue
                 save_file(shard, staging.path / _shard_name(index), metadata={"format": "pt"})
-                done["shards"][_shard_name(index)] = {"texts": len(shard["ce"]), "tokens": len(shard["input_ids"])}
+                done["shards"][_shard_name(index)] = {"texts": len(shard["ce"]), "tokens": len(shard["input_ids"]),
+                                                      "unscored": int(torch.isnan(shard["ce"]).sum())}
                 write_json(staging.path / _PROGRESS, done)
             if on_shard is not None:
                 on_shard(min(len(todo), first + ranks.world), len(todo))
         tokens = sum(item["tokens"] for item in done["shards"].values())
+        unscored = sum(item.get("unscored", 0) for item in done["shards"].values())
         size = sum((staging.path / name).stat().st_size for name in done["shards"]) if staging is not None else 0
         if staging is not None:
             write_json(staging.path / MANIFEST, {**identity, "texts": len(texts), "tokens": tokens,
                                                   "vocab_size": len(tokenizer), "shards": sorted(done["shards"]),
+                                                  "texts_without_scored_tokens": unscored,
                                                   "bytes_per_token": size / max(1, tokens)})
             (staging.path / _PROGRESS).unlink()
             staging.commit()
     ranks.barrier()
-    return LogitsReport(out, len(texts), tokens, len(shards), size / max(1, tokens))
+    return LogitsReport(out, len(texts), tokens, len(shards), size / max(1, tokens), unscored)
 
 
 def read_manifest(folder: Path, kind: str, command: str) -> dict[str, Any]:

@@ -2,16 +2,19 @@
 stopped anywhere continues where it stopped (``resume``).
 
 ``WORK/logits-<i>`` per source (and ``WORK/logits-target`` with ``include_target``), ``WORK/aligned``, then the
-trained target in ``OUT``. A stage whose output is complete is not run again; one that was interrupted is
-resumed. ``pairwise`` (FuseChat): one target copy trained per source (``WORK/pairwise-<i>``, each fusing the target
-with that source), then the copies merged by the engine with SCE around the target (``sce_variant`` chooses
-mergekit's or FuseChat's SCE).
+trained target in ``OUT``. A stage whose output is complete (and made from the same model and settings) is not
+run again; one that was interrupted is resumed; one made otherwise is refused, or redone with ``overwrite``.
+``pairwise`` (FuseChat): one target copy trained per source (``WORK/pairwise-<i>``, each fusing the target with
+that source; always a full fine-tune, ``lora_rank`` is not used there), then the copies merged by the engine with
+SCE around the target (``sce_variant`` chooses mergekit's or FuseChat's SCE).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -58,14 +61,20 @@ def fuse(target: str | Path, sources: Sequence[str | Path], out: str | Path, log
     members = [(f"logits-{index}", Path(source)) for index, source in enumerate(sources)]
     if include_target:
         members.append(("logits-target", target))
+    if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents or \
+            work.resolve() in out.resolve().parents:
+        raise RecipeError(f"--work {work}: must not be, contain or lie inside the output {out}")
     for name, model in members:
         report(f"logits of {model}")
-        _stage(work / name, resume, lambda folder, again, model=model: source_distributions(
+        expected = {"model": str(model.resolve()), "settings": asdict(logits)}
+        _stage(work / name, expected, overwrite, lambda folder, again, model=model: source_distributions(
             model, target, folder, logits, device=device, dtype=dtype, resume=again))
     trained = []
     if not pairwise:
         report("aligning")
-        _stage(work / "aligned", resume, lambda folder, _: align_sources(
+        expected = {"target": str(target.resolve()), "settings": asdict(align),
+                    "logits": [str((work / name).resolve()) for name, _ in members]}
+        _stage(work / "aligned", expected, overwrite, lambda folder, _: align_sources(
             [work / name for name, _ in members], target, folder, align))
         report("training")
         trained.append(train_target(target, work / "aligned", out, train, device=device, dtype=dtype, resume=resume,
@@ -75,8 +84,10 @@ def fuse(target: str | Path, sources: Sequence[str | Path], out: str | Path, log
     for index in range(len(sources)):
         pair = [work / f"logits-{index}", *([work / "logits-target"] if include_target else [])]
         report(f"aligning source {index}")
-        _stage(work / f"aligned-{index}", resume, lambda folder, _, pair=pair: align_sources(pair, target, folder,
-                                                                                           align))
+        expected = {"target": str(target.resolve()), "settings": asdict(align),
+                    "logits": [str(folder.resolve()) for folder in pair]}
+        _stage(work / f"aligned-{index}", expected, overwrite, lambda folder, _, pair=pair: align_sources(
+            pair, target, folder, align))
         report(f"training the copy for source {index}")
         copy = work / f"pairwise-{index}"
         if not (copy / "fusion.json").is_file():
@@ -91,9 +102,19 @@ def fuse(target: str | Path, sources: Sequence[str | Path], out: str | Path, log
     return FuseReport(out, work, trained)
 
 
-def _stage(folder: Path, resume: bool, run: Callable[[Path, bool], object]) -> None:
-    """Run a stage into ``folder`` unless it is complete; continue its partial output when one is there."""
-    if (folder / MANIFEST).is_file():
-        return
-    del resume  # a stage's partial output is always continued: it was made with the same settings or is refused
+def _stage(folder: Path, expected: dict[str, object], overwrite: bool, run: Callable[[Path, bool], object]) -> None:
+    """Run a stage into ``folder`` unless it holds that stage made as ``expected`` asks (its manifest's fields);
+    continue its partial output when one is there. A folder made otherwise is refused, or with ``overwrite``
+    made again."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        found = json.loads(manifest.read_text(encoding="utf-8"))
+        if all(found.get(key) == value for key, value in expected.items()):
+            return
+        if not overwrite:
+            raise RecipeError(f"{folder}: holds a stage made from another model or settings; pass --overwrite to "
+                              "make it again, or choose another --work folder")
+        shutil.rmtree(folder)
+    if overwrite and partial_folder(folder).is_dir():
+        shutil.rmtree(partial_folder(folder))
     run(folder, partial_folder(folder).is_dir())

@@ -40,7 +40,7 @@ from modelfuse.fusion.functions import (
 )
 from modelfuse.fusion.functions import fusion_loss as fused_loss
 from modelfuse.fusion.logits import read_manifest
-from modelfuse.io.writer import StagingFolder, check_output_location, write_json
+from modelfuse.io.writer import StagingFolder, check_output_location, read_progress, write_json
 from modelfuse.runtime import load_model, save_model
 
 
@@ -273,7 +273,13 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
                 if on_log is not None:
                     on_log(dict(logs))
 
+    identity = {"target": str(target_path.resolve()), "aligned": str(Path(aligned_folder).resolve()),
+                "data_digest": manifest["data_digest"], "settings": asdict(settings)}
     with StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) as staging:
+        if resume and read_progress(staging.path / _IDENTITY, identity) is None:
+            raise RecipeError(f"{out}: the interrupted training used another target, aligned folder or settings; "
+                              "run with --overwrite to start over")
+        write_json(staging.path / _IDENTITY, {"identity": identity})
         where = next(model.parameters()).device
         arguments = TrainingArguments(
             output_dir=str(staging.path / "checkpoints"), per_device_train_batch_size=settings.batch_size,
@@ -299,6 +305,7 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
             item.rename(staging.path / item.name)
         final.rmdir()
         shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
+        (staging.path / _IDENTITY).unlink()
         steps = [entry["loss"] for entry in losses if "loss" in entry]
         write_json(staging.path / "fusion.json", {"target": str(target_path.resolve()), "aligned": manifest,
                                                   "settings": asdict(settings), "chosen": chosen,
@@ -308,6 +315,9 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
         staging.commit()
     return TrainReport(out, int(trainer.state.global_step), steps[0] if steps else math.nan,
                        sum(steps[-10:]) / max(1, len(steps[-10:])) if steps else math.nan, evaluated, chosen)
+
+
+_IDENTITY = "training.json"  # what an interrupted run trained, checked on resume
 
 
 class _Listing(torch.utils.data.Dataset):  # type: ignore[type-arg]
