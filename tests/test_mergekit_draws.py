@@ -48,6 +48,7 @@ def _dare(family: dict[str, Path], method: str, **parameters: Any) -> dict[str, 
                        {"model": str(family["e2"]), "parameters": {"weight": 0.5, "density": 0.6}}]}
 
 
+@pytest.mark.integration  # each runs mergekit itself: the full suite, not the fast lane
 @pytest.mark.parametrize(("method", "parameters"), [
     ("dare_ties", {}), ("dare_linear", {}), ("dare_linear", {"rescale": False}),
     ("dare_ties", {"normalize": True, "lambda": 0.8}), ("della", {}), ("della_linear", {"epsilon": 0.1}),
@@ -61,6 +62,7 @@ def test_dare_with_a_seed_is_mergekits(pytest_mergekit: None, family: dict[str, 
     assert "draws the drop masks" not in stderr
 
 
+@pytest.mark.integration
 def test_dare_slices_and_a_built_vocabulary_follow_mergekits_order(pytest_mergekit: None, tmp_path: Path,
                                                                     run_cli: Cli) -> None:
     """Slices (output layers named otherwise than their inputs) and a union vocabulary (aligned embedding and

@@ -12,6 +12,8 @@ import torch
 
 import _fusion_tokenizers as tokenizers
 
+pytestmark = pytest.mark.integration  # end to end through the CLI: the full suite runs them, the fast lane not
+
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -46,6 +46,7 @@ def test_fused_targets_and_batches(aligned: dict[str, Path]) -> None:
     assert (batch["labels"][0, :length] >= 0).tolist() == texts[0].label_scored
 
 
+@pytest.mark.integration
 def test_training_lowers_the_loss_and_saves_a_loadable_model(aligned: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -60,6 +61,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(aligned: dict[str, 
     assert not (tmp_path / "fused" / "checkpoints").exists()
 
 
+@pytest.mark.integration
 def test_an_interrupted_training_resumes_to_the_same_weights(aligned: dict[str, Path], tmp_path: Path) -> None:
     settings = TrainSettings(steps=10, lr=3e-3, batch_size=4, save_steps=5, lam=0.7)
     train_target(aligned["target"], aligned["aligned"], tmp_path / "whole", settings)
@@ -78,6 +80,7 @@ def test_an_interrupted_training_resumes_to_the_same_weights(aligned: dict[str, 
     assert all(torch.allclose(whole[key], resumed[key], atol=1e-6) for key in whole)
 
 
+@pytest.mark.integration
 def test_plain_fine_tuning_uld_and_bad_settings(aligned: dict[str, Path], tmp_path: Path) -> None:
     """lambda = 1 is the baseline (the fused targets play no part); ULD trains; a lambda outside [0, 1] is
     refused."""
