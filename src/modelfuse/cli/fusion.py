@@ -32,6 +32,13 @@ LambdaOption = Annotated[float, typer.Option("--lambda", help="Weight of the tex
                                                              "fine-tuning (the baseline).")]
 
 
+StepsOption = Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: --epochs).")]
+EpochsOption = Annotated[float, typer.Option(help="Passes over the texts.")]
+LrOption = Annotated[float, typer.Option(help="Learning rate.")]
+LoraOption = Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank instead.")]
+EvalFractionOption = Annotated[float, typer.Option(help="Held-out share of the texts, scored while training.")]
+
+
 def _train_settings(fusion: str, loss: str, lam: float, steps: int | None, epochs: float, lr: float, batch_size: int,
                     lora_rank: int | None, eval_fraction: float, seed: int) -> Any:
     from modelfuse.fusion.train import TrainSettings
@@ -64,21 +71,21 @@ def fuse_command(
     fusion: FusionOption = "min_ce",
     loss: LossOption = "ce",
     lam: LambdaOption = 0.9,
-    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: --epochs).")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the texts.")] = 1.0,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-5,
+    steps: StepsOption = None,
+    epochs: EpochsOption = 1.0,
+    lr: LrOption = 1e-5,
     batch_size: BatchOption = 4,
     max_tokens: MaxTokensOption = 512,
     top_k: TopKOption = 10,
     limit: LimitOption = None,
-    lora_rank: Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank instead.")] = None,
+    lora_rank: LoraOption = None,
     align: AlignOption = "dtw",
     vocab_map: MapOption = "min_edit",
     include_target: Annotated[bool, typer.Option(help="The target's own distribution is a candidate (FuseLLM).")]
     = True,
     pairwise: Annotated[bool, typer.Option(help="FuseChat: one target copy per source, merged with SCE.")] = False,
     sce_variant: Annotated[str, typer.Option(help="mergekit or fusechat SCE for --pairwise.")] = "mergekit",
-    eval_fraction: Annotated[float, typer.Option(help="Held-out share of the texts, scored while training.")] = 0.0,
+    eval_fraction: EvalFractionOption = 0.0,
     work: Annotated[Path | None, typer.Option(help="Stage outputs (default: OUT-work beside OUT).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
@@ -181,12 +188,12 @@ def fuse_train_command(
     fusion: FusionOption = "min_ce",
     loss: LossOption = "ce",
     lam: LambdaOption = 0.9,
-    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: --epochs).")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the texts.")] = 1.0,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-5,
+    steps: StepsOption = None,
+    epochs: EpochsOption = 1.0,
+    lr: LrOption = 1e-5,
     batch_size: BatchOption = 4,
-    lora_rank: Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank instead.")] = None,
-    eval_fraction: Annotated[float, typer.Option(help="Held-out share of the texts, scored while training.")] = 0.0,
+    lora_rank: LoraOption = None,
+    eval_fraction: EvalFractionOption = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the data order.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
