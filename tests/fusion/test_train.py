@@ -4,6 +4,7 @@ falls, an interrupted run resumes to the same weights, and lambda = 1 is plain f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,15 @@ import _fusion_tokenizers as tokenizers
 from modelfuse.errors import ModelfuseError
 from modelfuse.fusion.aligned import align_sources
 from modelfuse.fusion.logits import LogitsSettings, source_distributions
-from modelfuse.fusion.train import TrainSettings, collate, fused_texts, train_target
+from modelfuse.fusion.train import (
+    FusedText,
+    TrainSettings,
+    _takes_logits_to_keep,
+    batch_loss,
+    collate,
+    fused_texts,
+    train_target,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +48,66 @@ def test_fused_targets_and_batches(aligned: dict[str, Path]) -> None:
         present = text.fused_ids >= 0
         totals = torch.where(present, text.fused_probabilities, 0.0).sum(-1)[:-1]
         assert torch.allclose(totals, torch.ones_like(totals), atol=1e-5)  # every predicting position sums to 1
-    batch = collate(texts[:3], pad_id=0)
-    length = len(texts[0].input_ids)
-    assert batch["input_ids"].shape[0] == 3 and batch["fusion_mask"][0, : length - 1].tolist() == \
-        texts[0].label_scored[1:]
-    assert (batch["labels"][0, :length] >= 0).tolist() == texts[0].label_scored
+    batch = collate([texts[0], texts[12]], pad_id=0)  # left-padded: each text ends at the last column
+    for row, text in enumerate((texts[0], texts[12])):
+        length = len(text.input_ids)
+        assert batch["input_ids"][row, -length:].tolist() == text.input_ids
+        assert batch["fusion_mask"][row, -length:-1].tolist() == text.label_scored[1:]
+        assert (batch["labels"][row, -length:] >= 0).tolist() == text.label_scored
+        assert batch["position_ids"][row, -length:].tolist() == list(range(length))
+        assert not batch["fusion_mask"][row, :-length].any() and not batch["attention_mask"][row, :-length].any()
+
+
+def _naive_loss(model: torch.nn.Module, texts: list[FusedText], settings: TrainSettings) -> float:
+    """The batch loss text by text, unpadded, every logit computed, in float64: ``lam`` times the mean CE over
+    all scored next tokens, plus ``1 - lam`` times the mean fusion term over the positions that have a target."""
+    token_losses, fusion_terms = [], []
+    for text in texts:
+        logits = model(torch.tensor([text.input_ids])).logits[0].double()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for position in range(len(text.input_ids) - 1):
+            if not text.label_scored[position + 1]:
+                continue
+            token_losses.append(-float(logprobs[position, text.input_ids[position + 1]]))
+            if settings.loss == "uld":
+                teacher = text.uld_teacher[position].double()  # type: ignore[index]
+                top = torch.softmax(logits[position], dim=-1).sort(descending=True).values[: len(teacher)]
+                if float(teacher.sum()) > 0:
+                    fusion_terms.append(float((top - teacher).abs().sum() + (top.sum() - teacher.sum()).abs()))
+                continue
+            term, present = 0.0, False
+            for token, probability in zip(text.fused_ids[position].tolist(),
+                                          text.fused_probabilities[position].double().tolist(), strict=True):
+                if token < 0:
+                    continue
+                present = True
+                term -= probability * float(logprobs[position, token])
+                if settings.loss == "kl" and probability > 0:
+                    term += probability * math.log(probability)
+            if present:
+                fusion_terms.append(term)
+    text_loss = sum(token_losses) / len(token_losses)
+    if settings.lam >= 1:
+        return text_loss
+    return settings.lam * text_loss + (1 - settings.lam) * sum(fusion_terms) / max(1, len(fusion_terms))
+
+
+@pytest.mark.parametrize("settings", [TrainSettings(lam=1.0), TrainSettings(lam=0.7, loss="ce"),
+                                      TrainSettings(lam=0.4, loss="kl", fusion="avg_ce"),
+                                      TrainSettings(lam=0.5, loss="uld")])
+def test_batch_loss_equals_the_loss_text_by_text(aligned: dict[str, Path], settings: TrainSettings) -> None:
+    """Left padding, position ids and logits kept only for the scored columns give the loss of each text alone
+    with every logit computed."""
+    from transformers import AutoModelForCausalLM
+
+    texts, _, _ = fused_texts(aligned["aligned"], settings)
+    chosen = [texts[0], texts[12], texts[5]]
+    assert len({len(text.input_ids) for text in chosen}) > 1  # padding is exercised
+    model = AutoModelForCausalLM.from_pretrained(aligned["target"], dtype=torch.float64).eval()
+    assert _takes_logits_to_keep(model)
+    with torch.no_grad():
+        loss = float(batch_loss(model, collate(chosen, pad_id=0), settings))
+        assert loss == pytest.approx(_naive_loss(model, chosen, settings), rel=1e-7)  # the targets are float32
 
 
 @pytest.mark.integration

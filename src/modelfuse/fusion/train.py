@@ -14,6 +14,7 @@ a model card naming the sources, the data digest and the settings.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import shutil
@@ -142,9 +143,11 @@ def fused_texts(folder: str | Path, settings: TrainSettings) -> tuple[list[Fused
 
 
 def collate(examples: Sequence[FusedText], pad_id: int) -> dict[str, torch.Tensor]:
-    """A right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 where a token is not scored),
-    ``fused_ids``/``fused_probabilities`` ``[batch, tokens, entries]`` and ``fusion_mask`` (position ``t`` counts
-    when token ``t + 1`` is scored)."""
+    """A left-padded batch (every text ends at the last column, so the scored answers of prompt/answer texts share
+    the last few columns): ``input_ids``, ``attention_mask``, ``position_ids`` (each text from 0), ``labels`` (-100
+    where a token is not scored), ``fused_ids``/``fused_probabilities`` ``[batch, tokens, entries]`` and
+    ``fusion_mask`` (position ``t`` counts when token ``t + 1`` is scored); ``uld_teacher`` and the ``graph_*``
+    tensors when every text has them."""
     width = max(len(example.input_ids) for example in examples)
     entries = max(example.fused_ids.shape[1] for example in examples)
     batch = len(examples)
@@ -155,22 +158,25 @@ def collate(examples: Sequence[FusedText], pad_id: int) -> dict[str, torch.Tenso
     probabilities = torch.zeros((batch, width, entries))
     mask = torch.zeros((batch, width), dtype=torch.bool)
     for row, example in enumerate(examples):
-        length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        attention[row, :length] = 1
+        start = width - len(example.input_ids)
+        input_ids[row, start:] = torch.tensor(example.input_ids)
+        attention[row, start:] = 1
         scored = torch.tensor(example.label_scored)
-        labels[row, :length] = torch.where(scored, input_ids[row, :length], -100)
-        fused_ids[row, :length, : example.fused_ids.shape[1]] = example.fused_ids
-        probabilities[row, :length, : example.fused_ids.shape[1]] = example.fused_probabilities
-        mask[row, : length - 1] = scored[1:]
-    batch_inputs = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "fused_ids": fused_ids,
-                    "fused_probabilities": probabilities, "fusion_mask": mask}
+        labels[row, start:] = torch.where(scored, input_ids[row, start:], -100)
+        fused_ids[row, start:, : example.fused_ids.shape[1]] = example.fused_ids
+        probabilities[row, start:, : example.fused_ids.shape[1]] = example.fused_probabilities
+        mask[row, start: width - 1] = scored[1:]
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    batch_inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions,
+                    "labels": labels, "fused_ids": fused_ids, "fused_probabilities": probabilities,
+                    "fusion_mask": mask}
     if all(example.uld_teacher is not None for example in examples):
         k = max(example.uld_teacher.shape[1] for example in examples)  # type: ignore[union-attr]
         teacher = torch.zeros((batch, width, k))
         for row, example in enumerate(examples):
             assert example.uld_teacher is not None
-            teacher[row, : example.uld_teacher.shape[0], : example.uld_teacher.shape[1]] = example.uld_teacher
+            length, entries_here = example.uld_teacher.shape
+            teacher[row, width - length:, :entries_here] = example.uld_teacher
         batch_inputs["uld_teacher"] = teacher
     if all(example.graph_ids is not None for example in examples):
         candidates, _, k = examples[0].graph_ids.shape  # type: ignore[union-attr]
@@ -178,12 +184,53 @@ def collate(examples: Sequence[FusedText], pad_id: int) -> dict[str, torch.Tenso
         graph_probabilities = torch.zeros((batch, candidates, width, k))
         for row, example in enumerate(examples):
             assert example.graph_ids is not None and example.graph_probabilities is not None
-            graph_ids[row, :, : example.graph_ids.shape[1]] = example.graph_ids
-            graph_probabilities[row, :, : example.graph_ids.shape[1]] = example.graph_probabilities
+            length = example.graph_ids.shape[1]
+            graph_ids[row, :, width - length:] = example.graph_ids
+            graph_probabilities[row, :, width - length:] = example.graph_probabilities
         batch_inputs["graph_ids"] = graph_ids
         batch_inputs["graph_probabilities"] = graph_probabilities
         batch_inputs["graph_weights"] = torch.stack([example.graph_weights for example in examples])  # type: ignore[misc]
     return batch_inputs
+
+
+def batch_loss(model: Any, inputs: dict[str, torch.Tensor], settings: TrainSettings) -> torch.Tensor:
+    """``lam * CE(text) + (1 - lam) * L_fuse`` of one ``collate``d batch.
+
+    Logits are computed only for the trailing columns that hold a scored prediction (``logits_to_keep``): the
+    answers of prompt/answer texts, a few positions out of hundreds, so the vocabulary head (most of a small
+    model's cost for a 262k vocabulary) runs on those alone. A model whose forward takes no ``logits_to_keep``
+    computes them all. The CE is the mean over the scored next tokens, as the model's own loss.
+    """
+    mask = inputs["fusion_mask"]
+    width = mask.shape[1]
+    scored_columns = mask.any(dim=0).nonzero()
+    start = int(scored_columns[0]) if len(scored_columns) else width - 1
+    keep = width - start
+    options = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   position_ids=inputs["position_ids"], **options).logits[:, -keep:]
+    mask = mask[:, start:]
+    following = torch.roll(inputs["input_ids"][:, start:], -1, dims=1)  # the last column is never scored
+    log_probabilities = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    token_loss = -log_probabilities.gather(-1, following[..., None].to(logits.device))[..., 0]
+    text_loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)
+    if settings.lam >= 1.0:
+        return text_loss
+    if "uld_teacher" in inputs:
+        fused = uld_loss(logits, inputs["uld_teacher"][:, start:], mask)
+        if "graph_ids" in inputs:
+            fused = fused + graph_loss(logits, inputs["graph_ids"][:, :, start:],
+                                       inputs["graph_probabilities"][:, :, start:], inputs["graph_weights"], mask)
+        return combined_loss(text_loss, fused, settings.lam)
+    return combined_loss(text_loss, fused_loss(logits, inputs["fused_ids"][:, start:],
+                                               inputs["fused_probabilities"][:, start:], mask, settings.loss),
+                         settings.lam)
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether the (PEFT-wrapped or plain) model's forward has a ``logits_to_keep`` argument."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def graph_loss(logits: torch.Tensor, graph_ids: torch.Tensor, graph_probabilities: torch.Tensor,
@@ -247,23 +294,8 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
     class Fusion(Trainer):  # type: ignore[misc]
         def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            fused_ids = inputs.pop("fused_ids")
-            probabilities = inputs.pop("fused_probabilities")
-            mask = inputs.pop("fusion_mask")
-            teacher = inputs.pop("uld_teacher", None)
-            graph = [inputs.pop(key, None) for key in ("graph_ids", "graph_probabilities", "graph_weights")]
-            outputs = model(**inputs)
-            if settings.lam >= 1.0:
-                loss = outputs.loss
-            elif teacher is not None:
-                fused = uld_loss(outputs.logits, teacher, mask)
-                if graph[0] is not None:
-                    fused = fused + graph_loss(outputs.logits, graph[0], graph[1], graph[2], mask)
-                loss = combined_loss(outputs.loss, fused, settings.lam)
-            else:
-                loss = combined_loss(outputs.loss, fused_loss(outputs.logits, fused_ids, probabilities, mask,
-                                                              settings.loss), settings.lam)
-            return (loss, outputs) if return_outputs else loss
+            loss = batch_loss(model, inputs, settings)
+            return (loss, {}) if return_outputs else loss  # evaluation reads the loss alone
 
     class Record(TrainerCallback):  # type: ignore[misc]
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
@@ -287,7 +319,7 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
             num_train_epochs=settings.epochs, max_steps=settings.steps if settings.steps is not None else -1,
             logging_steps=1, save_steps=settings.save_steps, save_total_limit=2, seed=settings.seed,
             eval_strategy="steps" if evaluation else "no", eval_steps=settings.eval_steps,
-            remove_unused_columns=False, report_to=[], use_cpu=where.type == "cpu",
+            remove_unused_columns=False, prediction_loss_only=True, report_to=[], use_cpu=where.type == "cpu",
             bf16=model.dtype == torch.bfloat16 and where.type != "cpu", disable_tqdm=True,
             dataloader_drop_last=False, lr_scheduler_type="linear", warmup_steps=0)
         trainer = Fusion(model=model, args=arguments, train_dataset=_Listing(training),
