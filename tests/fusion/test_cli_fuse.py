@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import _fusion_tokenizers as tokenizers
 
@@ -67,6 +68,16 @@ def test_stage_by_stage_and_pairwise(family: dict[str, Path], run_cli: Any, tmp_
                      "--sce-variant", "fusechat", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     _loads(tmp_path / "pairwise")
+    result = run_cli("fuse", "--target", family["target"], "--source", family["s1"], "--source", family["s2"],
+                     "--data", family["data"], "-o", tmp_path / "pairwise-lora", "--steps", "2", "--pairwise",
+                     "--lora-rank", "4", "--lr", "1e-2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr  # each copy an adapter, merged as target+adapter
+    _loads(tmp_path / "pairwise-lora")
+    work = tmp_path / "pairwise-lora-work"
+    assert (work / "pairwise-0" / "adapter_config.json").is_file()
+    merged = load_file(tmp_path / "pairwise-lora" / "model.safetensors")
+    original = load_file(Path(family["target"]) / "model.safetensors")
+    assert any(not torch.equal(merged[name], original[name]) for name in original)  # the adapters reached it
 
 
 def test_bad_input(family: dict[str, Path], run_cli: Any, tmp_path: Path) -> None:

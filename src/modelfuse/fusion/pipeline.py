@@ -5,8 +5,8 @@ stopped anywhere continues where it stopped (``resume``).
 trained target in ``OUT``. A stage whose output is complete (and made from the same model and settings) is not
 run again; one that was interrupted is resumed; one made otherwise is refused, or redone with ``overwrite``.
 ``pairwise`` (FuseChat): one target copy trained per source (``WORK/pairwise-<i>``, each fusing the target with
-that source; always a full fine-tune, ``lora_rank`` is not used there), then the copies merged by the engine with
-SCE around the target (``sce_variant`` chooses mergekit's or FuseChat's SCE).
+that source; with ``lora_rank`` each copy is an adapter, merged as ``TARGET+ADAPTER``), then the copies merged by
+the engine with SCE around the target (``sce_variant`` chooses mergekit's or FuseChat's SCE).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -90,14 +90,14 @@ def fuse(target: str | Path, sources: Sequence[str | Path], out: str | Path, log
             pair, target, folder, align))
         report(f"training the copy for source {index}")
         copy = work / f"pairwise-{index}"
-        if not (copy / "fusion.json").is_file():
-            trained.append(train_target(target, work / f"aligned-{index}", copy, replace(train, lora_rank=None),
-                                        device=device, dtype=dtype, resume=partial_folder(copy).is_dir(),
-                                        overwrite=True))
-        copies.append(copy)
+        done = copy / "fusion.json"
+        if not (done.is_file() and json.loads(done.read_text(encoding="utf-8"))["settings"] == asdict(train)):
+            trained.append(train_target(target, work / f"aligned-{index}", copy, train, device=device,
+                                        dtype=dtype, resume=partial_folder(copy).is_dir(), overwrite=True))
+        copies.append(f"{target}+{copy}" if train.lora_rank is not None else str(copy))
     report("merging the copies with SCE")
     parameters = {"select_topk": select_topk} | ({"mask_deltas": False} if sce_variant == "fusechat" else {})
-    merge({"method": "sce", "base": str(target), "models": [{"path": str(copy)} for copy in copies],
+    merge({"method": "sce", "base": str(target), "models": [{"path": copy} for copy in copies],
            "parameters": parameters}, out, overwrite=overwrite)
     return FuseReport(out, work, trained)
 

