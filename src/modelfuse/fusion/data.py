@@ -8,7 +8,9 @@ A data spec is one of:
   knows: the prompt as the *target* formats it (its chat template, if it has one, as ``modelfuse eval`` formats
   prompts for it), then the answer; scored on the answer's tokens only (FuseChat's ``--mask_instruction``);
 - a ``.jsonl`` file of ``{"messages": [{"role", "content"}, ...]}`` lines: the conversation through the target's
-  chat template, scored on the assistant turns' text (the last turn without a template).
+  chat template, scored on the assistant turns' text and the end-of-turn token the template writes right after it
+  (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``: any special token of the tokenizer found there), so the
+  model learns where its turn ends; without a template, the lines joined and the last assistant turn scored.
 
 Sources read the target's formatting too: the texts must be the same string for every model (a source's own
 template would give it other tokens to align). Each text ends with the reading tokenizer's EOS token.
@@ -114,5 +116,14 @@ def _conversation(where: str, item: Any, tokenizer: Any) -> FusionText:
             raise TaskError(f"{where}: the target's chat template does not write the message text as given")
         cursor = found + len(message["content"])
         if message["role"] == "assistant":
-            scored.append((found, cursor))
+            scored.append((found, cursor + _end_of_turn(text, cursor, tokenizer)))
     return FusionText(text, tuple(scored) or ((0, len(text)),))
+
+
+def _end_of_turn(text: str, start: int, tokenizer: Any) -> int:
+    """Length of the special token (the longest of the tokenizer's) that begins at ``text[start]``; 0 for none."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    specials |= {str(token) for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                 if getattr(token, "special", False)}
+    matches = [len(token) for token in specials if token and text.startswith(token, start)]
+    return max(matches, default=0)

@@ -83,8 +83,8 @@ class LogitsReport:
 def encode(tokenizer: Any, item: FusionText, max_tokens: int) -> Encoded:
     """The text's token ids (the tokenizer's own special prefix unless the text starts with its BOS, the text,
     EOS), character spans (``(0, 0)`` for
-    special tokens) and which tokens are scored (those whose span starts inside a scored span, and the final EOS
-    when the text's end is scored), cut to ``max_tokens``."""
+    special tokens) and which tokens are scored (those whose span starts inside a scored span, special tokens
+    written in the text included, and the final EOS when the text's end is scored), cut to ``max_tokens``."""
     bos = getattr(tokenizer, "bos_token", None)
     starts_with_bos = bool(bos) and item.text.startswith(bos)  # a chat template wrote it already
     try:
@@ -102,11 +102,11 @@ def encode(tokenizer: Any, item: FusionText, max_tokens: int) -> Encoded:
         ids.append(int(tokenizer.eos_token_id))
         offsets.append((len(item.text), len(item.text)))
     scored = []
-    for token_id, (start, _) in zip(ids, offsets, strict=True):
-        if token_id in special:
+    for token_id, (start, stop) in zip(ids, offsets, strict=True):
+        if token_id in special and start == stop:  # added by the tokenizer, not written in the text
             scored.append(token_id == tokenizer.eos_token_id and start == len(item.text)
                           and any(end == len(item.text) for _, end in item.scored))
-        else:
+        else:  # a special token the text holds (a template's end of turn) counts like any other
             scored.append(any(first <= start < last for first, last in item.scored))
     return Encoded(ids[:max_tokens], offsets[:max_tokens], scored[:max_tokens])
 
