@@ -161,3 +161,29 @@ def test_plain_fine_tuning_uld_and_bad_settings(aligned: dict[str, Path], tmp_pa
         train_target(aligned["target"], aligned["aligned"], tmp_path / "bad", TrainSettings(lam=1.5))
     with pytest.raises(ModelfuseError, match="not a finished `modelfuse fuse align` output"):
         train_target(aligned["target"], aligned["source"], tmp_path / "bad2", TrainSettings())
+
+
+@pytest.mark.integration
+def test_two_processes_train_and_rank_zero_writes(aligned: dict[str, Path], tmp_path: Path) -> None:
+    """`fuse train` under torchrun with two ranks (gloo, data parallel): it trains, rank 0 alone writes the output,
+    which transformers loads; the same steps as one process, each rank reading half of every global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    binaries = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(binaries / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
+                           str(binaries / "modelfuse"), "fuse", "train", str(aligned["target"]), "--aligned",
+                           str(aligned["aligned"]), "-o", str(tmp_path / "two"), "--steps", "3", "--batch-size", "2",
+                           "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "two" / "fusion.json").read_text())
+    assert record["processes"] == 2 and len(record["losses"]) == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+    original = AutoModelForCausalLM.from_pretrained(aligned["target"])
+    assert not torch.equal(model.lm_head.weight, original.lm_head.weight)  # it trained
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["two"]  # no partial output or lock left

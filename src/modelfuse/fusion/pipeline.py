@@ -12,6 +12,7 @@ the engine with SCE around the target (``sce_variant`` chooses mergekit's or Fus
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +53,9 @@ def fuse(target: str | Path, sources: Sequence[str | Path], out: str | Path, log
     """
     if not sources:
         raise RecipeError("fuse: give at least one --source")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("fuse: runs its stages in one process; launch `modelfuse fuse logits` and `modelfuse fuse "
+                          "train` under torchrun instead (each runs data parallel)")
     target, out = Path(target), Path(out)
     work = Path(work) if work is not None else out.parent / f"{out.name}-work"
     check_output_location(out, [target, *map(Path, sources)], overwrite=overwrite or resume)

@@ -13,6 +13,7 @@ a model card naming the sources, the data digest and the settings.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -41,8 +42,9 @@ from modelfuse.fusion.functions import (
 )
 from modelfuse.fusion.functions import fusion_loss as fused_loss
 from modelfuse.fusion.logits import read_manifest
-from modelfuse.io.writer import StagingFolder, check_output_location, read_progress, write_json
-from modelfuse.runtime import load_model, save_model
+from modelfuse.io.writer import StagingFolder, check_output_location, partial_folder, read_progress, write_json
+from modelfuse.runtime import load_model, resolve_device, save_model
+from modelfuse.runtime.distributed import init_from_environment
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,7 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
     order = torch.randperm(len(texts), generator=generator).tolist()
     held = int(len(texts) * settings.eval_fraction)
     evaluation, training = [texts[i] for i in order[:held]], [texts[i] for i in order[held:]]
+    ranks, device = init_from_environment(resolve_device(device))  # one process, or one of a launcher's
     model, tokenizer = load_model(target_path, device=device, dtype=dtype)
     if settings.lora_rank is not None:
         if importlib.util.find_spec("peft") is None:
@@ -307,49 +310,64 @@ def train_target(target_path: str | Path, aligned_folder: str | Path, out: str |
 
     identity = {"target": str(target_path.resolve()), "aligned": str(Path(aligned_folder).resolve()),
                 "data_digest": manifest["data_digest"], "settings": asdict(settings)}
-    with StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite) as staging:
-        if resume and read_progress(staging.path / _IDENTITY, identity) is None:
-            raise RecipeError(f"{out}: the interrupted training used another target, aligned folder or settings; "
-                              "run with --overwrite to start over")
-        write_json(staging.path / _IDENTITY, {"identity": identity})
-        where = next(model.parameters()).device
+    with contextlib.ExitStack() as stack:  # rank 0 alone writes; every rank trains (torchrun, accelerate launch)
+        staging = stack.enter_context(StagingFolder(out, resumable=True, resume=resume, overwrite=overwrite)) \
+            if ranks.main else None
+        folder = staging.path if staging is not None else partial_folder(out)
+        if staging is not None:
+            if resume and read_progress(folder / _IDENTITY, identity) is None:
+                raise RecipeError(f"{out}: the interrupted training used another target, aligned folder or "
+                                  "settings; run with --overwrite to start over")
+            write_json(folder / _IDENTITY, {"identity": identity})
+        ranks.barrier()
         arguments = TrainingArguments(
-            output_dir=str(staging.path / "checkpoints"), per_device_train_batch_size=settings.batch_size,
+            output_dir=str(folder / "checkpoints"), per_device_train_batch_size=settings.batch_size,
             per_device_eval_batch_size=settings.batch_size, learning_rate=settings.lr,
             num_train_epochs=settings.epochs, max_steps=settings.steps if settings.steps is not None else -1,
             logging_steps=1, save_steps=settings.save_steps, save_total_limit=2, seed=settings.seed,
             eval_strategy="steps" if evaluation else "no", eval_steps=settings.eval_steps,
-            remove_unused_columns=False, prediction_loss_only=True, report_to=[], use_cpu=where.type == "cpu",
-            bf16=model.dtype == torch.bfloat16 and where.type != "cpu", disable_tqdm=True,
+            remove_unused_columns=False, prediction_loss_only=True, report_to=[], use_cpu=device.type == "cpu",
+            bf16=model.dtype == torch.bfloat16 and device.type != "cpu", disable_tqdm=True,
             dataloader_drop_last=False, lr_scheduler_type="linear", warmup_steps=0)
         trainer = Fusion(model=model, args=arguments, train_dataset=_Listing(training),
                          eval_dataset=_Listing(evaluation) if evaluation else None,
                          data_collator=lambda batch: collate(batch, pad), callbacks=[Record()])
-        trainer.train(resume_from_checkpoint=resume and _has_checkpoint(staging.path / "checkpoints"))
+        trainer.train(resume_from_checkpoint=resume and _has_checkpoint(folder / "checkpoints"))
         evaluated = float(trainer.evaluate()["eval_loss"]) if evaluation else None
-        final = staging.path / "model"
-        if settings.lora_rank is not None:
-            trainer.model.save_pretrained(str(final))
-            tokenizer.save_pretrained(str(final))
-        else:
-            save_model(trainer.model, tokenizer, final)
-        for item in final.iterdir():
-            item.rename(staging.path / item.name)
-        final.rmdir()
-        shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
-        (staging.path / _IDENTITY).unlink()
+        final = folder / "model"
+        if ranks.world > 1 and settings.lora_rank is None:
+            trainer.save_model(str(final))  # on every rank: gathers weights a sharded run (DeepSpeed, FSDP) split
         steps = [entry["loss"] for entry in losses if "loss" in entry]
-        write_json(staging.path / "fusion.json", {"target": str(target_path.resolve()), "aligned": manifest,
-                                                  "settings": asdict(settings), "chosen": chosen,
-                                                  "eval_loss": evaluated, "losses": steps})
-        (staging.path / "README.md").write_text(_card(target_path, manifest, settings, chosen, evaluated),
-                                                encoding="utf-8")
-        staging.commit()
+        if staging is not None:
+            if settings.lora_rank is not None:
+                trainer.model.save_pretrained(str(final))
+                tokenizer.save_pretrained(str(final))
+            elif ranks.world > 1:
+                tokenizer.save_pretrained(str(final))
+            else:
+                save_model(trainer.model, tokenizer, final)
+            _finish(staging, final, _card(target_path, manifest, settings, chosen, evaluated),
+                    {"target": str(target_path.resolve()), "aligned": manifest, "settings": asdict(settings),
+                     "chosen": chosen, "eval_loss": evaluated, "losses": steps, "processes": ranks.world})
+        ranks.barrier()
     return TrainReport(out, int(trainer.state.global_step), steps[0] if steps else math.nan,
                        sum(steps[-10:]) / max(1, len(steps[-10:])) if steps else math.nan, evaluated, chosen)
 
 
 _IDENTITY = "training.json"  # what an interrupted run trained, checked on resume
+
+
+def _finish(staging: StagingFolder, final: Path, card: str, record: dict[str, Any]) -> None:
+    """Move the saved model up into the staging folder, drop the checkpoints, write ``fusion.json`` and the model
+    card, and commit."""
+    for item in final.iterdir():
+        item.rename(staging.path / item.name)
+    final.rmdir()
+    shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
+    (staging.path / _IDENTITY).unlink()
+    write_json(staging.path / "fusion.json", record)
+    (staging.path / "README.md").write_text(card, encoding="utf-8")
+    staging.commit()
 
 
 class _Listing(torch.utils.data.Dataset):  # type: ignore[type-arg]
