@@ -15,13 +15,17 @@ from modelfuse.fusion.transplant import orthogonal_matching_pursuit, transplant
 from modelfuse.fusion.vocab_map import exact_map, special_pairs
 
 
-def test_omp_equals_scikit_learn() -> None:
+@pytest.mark.parametrize("batch", [1, 2, 256])
+def test_omp_equals_scikit_learn(batch: int) -> None:
+    """Batched or not, with a target inside the span of two atoms (it stops after two)."""
     from sklearn.linear_model import OrthogonalMatchingPursuit
 
     generator = torch.Generator().manual_seed(0)
     dictionary = torch.randn(40, 12, generator=generator, dtype=torch.float64)
     targets = torch.randn(5, 12, generator=generator, dtype=torch.float64)
-    atoms, codes = orthogonal_matching_pursuit(dictionary, targets, 6)
+    targets[2] = 0.5 * dictionary[3] - 2.0 * dictionary[17]
+    atoms, codes = orthogonal_matching_pursuit(dictionary, targets, 6, batch=batch)
+    assert int((codes[2] != 0).sum()) == 2
     for row in range(5):
         reference = OrthogonalMatchingPursuit(n_nonzero_coefs=6, fit_intercept=False)
         reference.fit((dictionary / dictionary.norm(dim=1, keepdim=True)).T.numpy(), targets[row].numpy())

@@ -42,33 +42,45 @@ class TransplantReport:
     numerals_split_differently: list[str]
 
 
-def orthogonal_matching_pursuit(dictionary: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
+def orthogonal_matching_pursuit(dictionary: torch.Tensor, targets: torch.Tensor, k: int, *, batch: int = 256
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes of ``targets`` ``[n, d]`` over the rows of ``dictionary`` ``[m, d]``: per target, the indices
     ``[n, k]`` of up to ``k`` atoms chosen greedily (largest absolute correlation with the residual, atoms
-    normalised for the choice) and the least-squares coefficients ``[n, k]`` on them (float64)."""
+    normalised for the choice) and the least-squares coefficients ``[n, k]`` on them (float64; unused slots 0).
+
+    ``batch`` targets at a time: one ``[batch, m]`` correlation product and one batched least-squares refit (normal
+    equations) per step. Correlations are computed in the dictionary's precision (float32 for a float32 one: the choice only),
+    the refits in float64. A target stops when its residual is orthogonal to every atom.
+    """
     atoms = dictionary.double()
-    norms = atoms.norm(dim=1).clamp(min=1e-12)
+    choose = dictionary if dictionary.dtype == torch.float64 else dictionary.float()
+    norms = choose.norm(dim=1).clamp(min=1e-12)
     k = min(k, atoms.shape[0])
     chosen = torch.zeros((targets.shape[0], k), dtype=torch.long)
     coefficients = torch.zeros((targets.shape[0], k), dtype=torch.float64)
-    for row, target in enumerate(targets.double()):
-        residual = target.clone()
-        picked: list[int] = []
-        solution = torch.zeros(0, dtype=torch.float64)
-        for _ in range(k):
-            scores = (atoms @ residual).abs() / norms
-            if picked:
-                scores[picked] = -1.0
-            best = int(scores.argmax())
-            if scores[best] <= 1e-12:
+    for first in range(0, targets.shape[0], batch):
+        wanted = targets[first:first + batch].double()  # [b, d]
+        residual = wanted.clone()
+        picked = torch.zeros((len(wanted), k), dtype=torch.long)
+        solution = torch.zeros((len(wanted), k), dtype=torch.float64)
+        active = torch.ones(len(wanted), dtype=torch.bool)
+        for step in range(k):
+            scores = (residual.to(choose.dtype) @ choose.T).abs() / norms  # [b, m]
+            if step:
+                scores.scatter_(1, picked[:, :step], -1.0)
+            best_score, best = scores.max(dim=1)
+            active &= best_score > 1e-12
+            if not bool(active.any()):
                 break
-            picked.append(best)
-            basis = atoms[picked]  # [chosen, d]
-            solution = torch.linalg.lstsq(basis.T, target[:, None]).solution[:, 0]
-            residual = target - basis.T @ solution
-        chosen[row, : len(picked)] = torch.tensor(picked, dtype=torch.long)
-        coefficients[row, : len(picked)] = solution
+            rows = active.nonzero()[:, 0]
+            picked[rows, step] = best[rows]
+            basis = atoms[picked[rows, : step + 1]]  # [a, step + 1, d]
+            gram = basis @ basis.transpose(1, 2)  # the normal equations of the refit, batched
+            fit = torch.linalg.solve(gram, (basis @ wanted[rows, :, None]))[..., 0]
+            solution[rows, : step + 1] = fit
+            residual[rows] = wanted[rows] - (fit[:, None, :] @ basis)[:, 0]
+        chosen[first:first + batch] = picked
+        coefficients[first:first + batch] = solution
     return chosen, coefficients
 
 
