@@ -18,7 +18,8 @@ from _vocab_models import save_member
 from conftest import Cli, MergekitParity, error_lines
 from modelfuse.errors import ModelfuseError
 from modelfuse.io.chat_templates import NAMED_TEMPLATES, resolve_chat_template
-from modelfuse.kernels.vocabulary import RowSource, align_vocabulary, default_sources
+from modelfuse.kernels.omp import orthogonal_matching_pursuit
+from modelfuse.kernels.vocabulary import OmpFill, RowSource, align_vocabulary, default_sources
 
 TOKEN_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -82,6 +83,53 @@ def test_alignment_matches_a_naive_reference(seed: int) -> None:
     want = _naive(tensors, index, base, given, forced, rows)
     for mine, theirs in zip(got, want, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_omp_fill_builds_each_lacking_row_in_the_models_own_space() -> None:
+    """init: omp: a model's row of a token it lacks is the donor's OMP code (over the tokens both share) applied
+    to the model's rows of those tokens; the donor is the base when it has the token; rows the model has, and
+    ruled tokens, keep the default alignment."""
+    generator = torch.Generator().manual_seed(0)
+    size, width = 12, 6
+    index = torch.tensor([list(range(12)),  # the base has every token
+                          [0, 1, 2, 3, 4, 5, 6, 7, 8, -1, -1, -1],  # model 1 lacks 9, 10, 11
+                          [0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, 8]])  # model 2 lacks 8, 9, 10
+    tensors = [torch.randn(12, width, generator=generator, dtype=torch.float64),
+               torch.randn(9, width, generator=generator, dtype=torch.float64),
+               torch.randn(9, width, generator=generator, dtype=torch.float64)]
+    given = {10: RowSource("zero")}
+    sources, _ = default_sources(index, 0, given)
+    plain = align_vocabulary(tensors, index, sources, frozenset(), size)
+    filled = align_vocabulary(tensors, index, sources, frozenset(), size, OmpFill(3, 0, frozenset(given)))
+    for model, lacking in ((1, [9, 11]), (2, [8, 9])):
+        shared = [t for t in range(size) if index[model, t] >= 0]
+        for token in lacking:
+            atoms, codes = orthogonal_matching_pursuit(tensors[0][shared], tensors[0][token][None], 3)
+            want = codes[0] @ tensors[model][[int(index[model, shared[a]]) for a in atoms[0]]]
+            torch.testing.assert_close(filled[model][token], want)
+            assert not torch.equal(filled[model][token], plain[model][token])
+        kept = [t for t in range(size) if t not in lacking]
+        torch.testing.assert_close(filled[model][kept], plain[model][kept])  # own rows and the ruled token 10
+    torch.testing.assert_close(filled[0], plain[0])
+
+
+def test_init_omp_through_the_engine(members: dict[str, Path], tmp_path: Path) -> None:
+    """tokenizer: {source: union, init: omp}: the output loads, and a token the base lacks gets, in the base's
+    slot of a linear merge, the OMP row built over the base's own embeddings."""
+    import transformers
+
+    common = {"method": "linear", "base": str(members["a"]), "parameters": {"weight": 1.0},
+              "models": [{"path": str(members["a"])}, {"path": str(members["b"])}], "dtype": "float32"}
+    plain = modelfuse.merge(common | {"tokenizer": {"source": "union"}}, tmp_path / "plain")
+    filled = modelfuse.merge(common | {"tokenizer": {"source": "union", "init": "omp", "k": 4}}, tmp_path / "omp")
+    model = transformers.AutoModelForCausalLM.from_pretrained(filled)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(filled)
+    token = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    got = model.get_input_embeddings().weight.detach()
+    before = transformers.AutoModelForCausalLM.from_pretrained(plain).get_input_embeddings().weight.detach()
+    assert not torch.allclose(got[token], before[token])  # the base's slot is built, not b's row copied
+    shared = [t for t in range(token) if t != tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    assert torch.allclose(got[shared], before[shared])
 
 
 # --- against mergekit ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CalibrationStats
 from modelfuse.io.vocabulary import Vocabulary, build_vocabulary, config_vocab_size
-from modelfuse.kernels.vocabulary import RowSource, default_sources
+from modelfuse.kernels.vocabulary import OmpFill, RowSource, default_sources
 from modelfuse.methods import MethodSpec
 from modelfuse.params import ParamValue, resolve_value
 from modelfuse.recipe import ModelEntry, Recipe, Slice
@@ -42,6 +42,7 @@ class VocabularyJob:
     sources: dict[int, RowSource]  # default row of each token some input lacks, and of forced tokens
     forced: frozenset[int]
     rows: int
+    omp: OmpFill | None = None  # ``init: omp``: rows a model lacks built in its own space
 
 
 @dataclass
@@ -537,7 +538,9 @@ def _vocabulary_job(recipe: Recipe, vocabulary: Vocabulary, models: list[str], t
     if absent:
         shown = ", ".join(repr(vocabulary.tokenizer.convert_ids_to_tokens(token)) for token in absent[:5])
         notes.append(f"tokenizer: {len(absent)} output token(s) no model has ({shown}) get zero rows")
-    return VocabularyJob(index, sources, frozenset(forced), vocabulary.rows)
+    spec = recipe.tokenizer
+    omp = OmpFill(spec.k, base, frozenset(given)) if spec is not None and spec.init == "omp" else None
+    return VocabularyJob(index, sources, frozenset(forced), vocabulary.rows, omp)
 
 
 def _set_vocab_size(config: dict[str, Any], rows: int) -> None:

@@ -142,6 +142,13 @@ class TokenizerSpec(BaseModel):
                                                 "absent, and where their rows come from")
     pad_to_multiple_of: int | None = Field(default=None, ge=1, description="round the embedding rows up to a "
                                            "multiple of this (padding rows: the mean of the vocabulary's rows)")
+    init: Literal["mergekit", "omp"] = Field(default="mergekit", description="a model's row of a token it lacks: "
+                                             "'mergekit' (the default row mergekit gives: the one model's that "
+                                             "has it, the base's, or the mean), or 'omp' (built in that model's "
+                                             "own space: orthogonal matching pursuit over the tokens it shares "
+                                             "with the base, or the first model that has the token; a modelfuse "
+                                             "extension)")
+    k: int = Field(default=64, ge=1, description="atoms per token for init: omp")
 
 
 class Fallback(BaseModel):

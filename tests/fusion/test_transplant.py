@@ -11,8 +11,9 @@ import torch
 
 import _fusion_tokenizers as tokenizers
 from modelfuse.fusion.tokens import token_texts
-from modelfuse.fusion.transplant import orthogonal_matching_pursuit, transplant
+from modelfuse.fusion.transplant import transplant
 from modelfuse.fusion.vocab_map import exact_map, special_pairs
+from modelfuse.kernels.omp import orthogonal_matching_pursuit
 
 
 @pytest.mark.parametrize("batch", [1, 2, 256])

@@ -87,7 +87,7 @@ def compute_tensor(
         raw = [plan.checkpoints[source.model].read(source.name).to(compute_dtype) for source in inputs]
         if job.vocabulary is not None:  # token-indexed (embedding, head): aligned onto the output vocabulary
             vocab = job.vocabulary
-            raw = align_vocabulary(raw, vocab.index, vocab.sources, vocab.forced, vocab.rows)
+            raw = align_vocabulary(raw, vocab.index, vocab.sources, vocab.forced, vocab.rows, vocab.omp)
         raw_base = raw.pop() if job.base else None
         finite = FiniteCheck(job, plan, allow_nonfinite)
         if job.half is not None:

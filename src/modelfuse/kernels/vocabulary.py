@@ -4,7 +4,8 @@ Each model's row of an output token is its own row of that token; where a model 
 is forced), the row comes from a default, as mergekit 0.1.5 fills it: the only model that has the token, else
 the base when it has it, else the mean of the models that have it, else zeros; or a rule the recipe gives
 (a model's row of the token, a given row of a model, zeros). Rows past the vocabulary (padding to a multiple)
-get the mean of the vocabulary's rows.
+get the mean of the vocabulary's rows. With ``init: omp`` (``OmpFill``, a modelfuse extension) a model's row of
+a token it lacks is built in its own space instead (``omp_rows``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from modelfuse.kernels.omp import orthogonal_matching_pursuit
+
 
 @dataclass(frozen=True)
 class RowSource:
@@ -24,6 +27,15 @@ class RowSource:
     kind: Literal["row", "mean", "zero"]
     model: int = -1  # position of the model among the tensor's inputs (kind "row")
     row: int = -1  # that model's row (kind "row")
+
+
+@dataclass(frozen=True)
+class OmpFill:
+    """``init: omp``: atoms per token, the base's position among the inputs, and tokens the recipe gives rows."""
+
+    k: int
+    base: int | None
+    ruled: frozenset[int]
 
 
 def default_sources(
@@ -63,6 +75,7 @@ def align_vocabulary(
     sources: dict[int, RowSource],
     forced: frozenset[int],
     rows: int,
+    omp: OmpFill | None = None,
 ) -> list[torch.Tensor]:
     """Each model's token-indexed tensor (tokens on dim 0) with ``rows`` rows in output-token order.
 
@@ -72,6 +85,8 @@ def align_vocabulary(
         sources: Default row of the tokens some model lacks and of ``forced`` tokens (``default_sources``).
         forced: Tokens whose default row replaces every model's own.
         rows: Output rows (at least the number of tokens; the rest are padding).
+        omp: Build each model's rows of the tokens it lacks in its own space (``omp_rows``) instead of copying
+            the default row; for 2-D tensors.
 
     Returns:
         One tensor per model, ``[rows, *rest]``, in the tensors' promoted dtype.
@@ -109,7 +124,42 @@ def align_vocabulary(
         for token, row in defaults.items():
             if not bool(own[token]):
                 out[token] = row
+        if omp is not None and tensor.dim() == 2:
+            for token, row in omp_rows(tensors, index, model, omp, forced).items():
+                out[token] = row.to(dtype)
         if rows > size:  # padding rows: the mean of the vocabulary's rows
             out[size:] = torch.mean(out[:size], dim=0)
         aligned.append(out)
     return aligned
+
+
+def omp_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, model: int, omp: OmpFill,
+             forced: frozenset[int]) -> dict[int, torch.Tensor]:
+    """``model``'s rows (float64) of the output tokens it lacks, built in its own space: the token's row in a
+    donor (the base if it has the token, else the first model that does) written by orthogonal matching pursuit
+    as a combination of ``omp.k`` of the donor's rows of tokens both share, and the same combination of
+    ``model``'s rows of those tokens. Tokens the recipe rules (``omp.ruled``, ``forced``) or no model has are
+    left out."""
+    present = index >= 0
+    wanted = ~present[model] & present.any(dim=0)
+    for token in (*omp.ruled, *forced):
+        wanted[token] = False
+    tokens = torch.nonzero(wanted).flatten()
+    if not len(tokens):
+        return {}
+    first_holder = present[:, tokens].int().argmax(dim=0)
+    donors = torch.where(present[omp.base, tokens], omp.base, first_holder) if omp.base is not None \
+        else first_holder
+    built: dict[int, torch.Tensor] = {}
+    for donor in torch.unique(donors).tolist():
+        group = tokens[donors == donor]
+        shared = torch.nonzero(present[model] & present[donor]).flatten()
+        if not len(shared):
+            continue
+        donor_rows = tensors[donor]
+        atoms, codes = orthogonal_matching_pursuit(donor_rows[index[donor, shared]], donor_rows[index[donor, group]],
+                                                   omp.k)
+        own_rows = tensors[model][index[model, shared]].double()
+        rows = torch.einsum("nk,nkd->nd", codes, own_rows[atoms])
+        built.update(zip(group.tolist(), rows, strict=True))
+    return built
