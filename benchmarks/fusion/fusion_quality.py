@@ -25,6 +25,7 @@ score is cached under ``$MODELFUSE_BENCH_CACHE/fusion`` so a rerun resumes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -148,6 +149,25 @@ def min_ce_choices(logits: dict[str, Path], tasks: list[str]) -> dict[str, Any]:
             "mean_ce": {name: float(torch.nanmean(ce[name])) for name in names}}
 
 
+def scored_aligned_rates(aligned: Path) -> list[float]:
+    """Per candidate, the share of the positions that predict a scored (answer) token which got its distribution
+    (the manifest's aligned rate counts every position, prompts included)."""
+    hits: list[int] = []
+    total = 0
+    for shard in sorted(aligned.glob("shard-*.safetensors")):
+        tensors = load_file(shard)
+        starts = tensors["starts"].tolist()
+        predicts_scored = torch.zeros(len(tensors["input_ids"]), dtype=torch.bool)
+        for first, last in itertools.pairwise(starts):
+            predicts_scored[first:last - 1] = tensors["label_scored"][first + 1:last].bool()
+        total += int(predicts_scored.sum())
+        names = sorted({key.split(".")[0] for key in tensors if key.startswith("source")}, key=lambda n: int(n[6:]))
+        hits = hits or [0] * len(names)
+        for position, name in enumerate(names):
+            hits[position] += int((tensors[f"{name}.mapped"].bool() & predicts_scored).sum())
+    return [hit / max(1, total) for hit in hits]
+
+
 def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(2)
     files = write_task_files(cache / "tasks")
@@ -203,7 +223,8 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
         "runs": {name: scorer.score(f"run-{name}", path, "test") for name, path in outputs.items()},
         "trained": {item.name: json.loads((trainings / item.name / "fusion.json").read_text()) for item in RUNS},
         "stages": stages,
-        "alignment": aligned.get("sources"),
+        "alignment": [item | {"answer_aligned_rate": rate} for item, rate in
+                      zip(aligned["sources"], scored_aligned_rates(pipeline / "aligned"), strict=True)],
         "min_ce": min_ce_choices({name: pipeline / folder for name, folder in
                                   zip([*experts, "target"], members, strict=True)}, tasks),
     }
@@ -250,10 +271,13 @@ def report(results: dict[str, Any], out: Path) -> None:
               for task, shares in choice["per_task"].items()]
     lines += ["| mean CE on the texts | " + " | ".join(f"{v:.3f}" for v in choice["mean_ce"].values()) + " |"]
     if results.get("alignment"):
-        lines += ["", "## Alignment onto Gemma3's tokens", "", "| candidate | aligned rate | vocabulary coverage |",
-                  "|---|---|---|"]
-        lines += [f"| {Path(item['source']).name} | {item['aligned_rate']:.3f} | {item['coverage']:.3f} |"
-                  for item in results["alignment"]]
+        lines += ["", "## Alignment onto Gemma3's tokens", "",
+                  "Aligned rate: positions that got the candidate's distribution (the rest train on one-hot targets), "
+                  "over all positions and over those predicting an answer token (the only ones trained here). "
+                  "Coverage: the candidate's top-10 entries whose id maps into Gemma3's vocabulary.", "",
+                  "| candidate | aligned rate | on answers | vocabulary coverage |", "|---|---|---|---|"]
+        lines += [f"| {Path(item['source']).name} | {item['aligned_rate']:.3f} | {item['answer_aligned_rate']:.3f} "
+                  f"| {item['coverage']:.3f} |" for item in results["alignment"]]
     lines += ["", "## Training loss (first, mean of the last 5 logged steps)", "", "| run | first | last |",
               "|---|---|---|"]
     for name, trained in results["trained"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import _fusion_tokenizers as _tokenizers
 from modelfuse.fusion.alignment import chosen_positions, dtw_alignment, offset_alignment, span_ends
@@ -57,6 +58,30 @@ def test_offsets_ignore_spaces_and_empty_spans() -> None:
     # source: "ab", " c", "d"; target: "a", "b c" (crossing the space), "d", and a special token with no span
     aligned = offset_alignment(text, [(0, 2), (2, 4), (4, 5)], [(0, 1), (1, 4), (4, 5), (0, 0)])
     assert aligned == [[0], [0, 1], [2], []]
+
+
+@pytest.mark.parametrize("mode", ["dtw", "offsets"])
+def test_a_newline_before_the_answer_takes_the_source_newline(mode: str) -> None:
+    """The position predicting an answer's first token is often a newline ("assistant\n"): a whitespace-only
+    target piece pairs with the source piece ending at the same place (a newline), never with a piece that
+    carries the whitespace further ("\n4" predicts what follows the 4); a lone space before a word the source
+    glues to it (" x") gets nothing."""
+    text = "ok\n42 x"
+    target = _texts([b"ok", b"\n", b"42", b" ", b"x"])
+    source = _texts([b"ok", b"\n", b"42", b" x"])
+    target_spans = [(0, 2), (2, 3), (3, 5), (5, 6), (6, 7)]
+    source_spans = [(0, 2), (2, 3), (3, 5), (5, 7)]
+    aligned = dtw_alignment([0, 1, 2, 3], [0, 1, 2, 3, 4], source, target) if mode == "dtw" else \
+        offset_alignment(text, source_spans, target_spans)
+    ends = span_ends(text, source_spans), span_ends(text, target_spans)
+    chosen = chosen_positions(aligned, [0, 1, 2, 3], [0, 1, 2, 3, 4], source, target, ends)
+    assert chosen.tolist() == [0, 1, 2, -1, 3]
+    glued = _texts([b"ok", b"\n4", b"2", b" x"])  # a source that glues the newline to the digit
+    glued_spans = [(0, 2), (2, 4), (4, 5), (5, 7)]
+    aligned = offset_alignment(text, glued_spans, target_spans)
+    chosen = chosen_positions(aligned, [0, 1, 2, 3], [0, 1, 2, 3, 4], glued, target,
+                              (span_ends(text, glued_spans), span_ends(text, target_spans)))
+    assert chosen.tolist() == [0, -1, 2, -1, 3]
 
 
 def test_unicode_pieces_compare_by_bytes() -> None:

@@ -49,16 +49,23 @@ def dtw_alignment(source_ids: Sequence[int], target_ids: Sequence[int], source: 
 def offset_alignment(text: str, source_spans: Sequence[tuple[int, int]], target_spans: Sequence[tuple[int, int]]
                      ) -> list[list[int]]:
     """For each target position, the source positions whose character span overlaps its own (spans from the
-    tokenizers' offset mappings; spaces at either end of a span and empty spans never overlap anything). One
-    sweep over both sequences (spans are in text order)."""
+    tokenizers' offset mappings; spaces at either end of a span and empty spans never overlap anything); a
+    target token that is only whitespace (a newline) pairs with the source pieces whose span ends where its own
+    ends. One sweep over both sequences (spans are in text order)."""
     source = [_trim(text, span) for span in source_spans]
     real = [position for position, (first, last) in enumerate(source) if last > first]
+    ending_at: dict[int, list[int]] = {}
+    for position, (first, last) in enumerate(source_spans):
+        if last > first:
+            ending_at.setdefault(int(last), []).append(position)
     aligned: list[list[int]] = []
     cursor = 0
     for span in target_spans:
         start, stop = _trim(text, span)
         found = []
-        if stop > start:
+        if stop == start and span[1] > span[0]:  # only whitespace
+            found = list(ending_at.get(int(span[1]), []))
+        elif stop > start:
             while cursor < len(real) and source[real[cursor]][1] <= start:  # ends before this target span
                 cursor += 1
             probe = cursor
@@ -82,10 +89,15 @@ def text_ends(ids: Sequence[int], texts: TokenTexts) -> np.ndarray:
 
 
 def span_ends(text: str, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Where each token ends in the text (its character span without the spaces at its ends; -1 for an empty
-    span, such as a special token's)."""
-    ends = [_trim(text, (int(first), int(last))) for first, last in spans]
-    return np.asarray([last if last > first else -1 for first, last in ends], dtype=np.int64)
+    """Where each token ends in the text: its character span without the whitespace at its ends; for a token
+    that is only whitespace (a newline, a lone space) the end of its span as it is; -1 for an empty span, such
+    as a special token's. (A whitespace token's end follows whitespace, a trimmed end does not: the two never
+    meet, so a newline pairs only with a piece ending with that same newline.)"""
+    ends = []
+    for first, last in spans:
+        trimmed = _trim(text, (int(first), int(last)))
+        ends.append(trimmed[1] if trimmed[1] > trimmed[0] else int(last) if int(last) > int(first) else -1)
+    return np.asarray(ends, dtype=np.int64)
 
 
 def chosen_positions(aligned: Sequence[Sequence[int]], source_ids: Sequence[int], target_ids: Sequence[int],
@@ -105,7 +117,8 @@ def chosen_positions(aligned: Sequence[Sequence[int]], source_ids: Sequence[int]
     chosen = np.full(len(target_ids), -1, dtype=np.int64)
     for position, sources in enumerate(aligned):
         token = target_ids[position]
-        if token in target.special or target_ends[position] < 0 or not target.texts[token].replace(b" ", b""):
+        if token in target.special or target_ends[position] < 0 or \
+                (ends is None and not target.texts[token].replace(b" ", b"")):
             continue
         for j in sources:
             if source_ids[j] not in source.special and source_ends[j] == target_ends[position]:
