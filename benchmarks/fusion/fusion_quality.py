@@ -189,7 +189,7 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
             ["fuse", "logits", str(model), "--target", str(target), "--data", str(data), "-o",
              str(pipeline / folder), *logit_options, "--device", "cpu"],
             pipeline / folder / "manifest.json", work / f"time-{folder}.json")
-    stages["align (5 candidates)"] = timed(
+    stages[f"align ({len(members)} candidates)"] = timed(
         ["fuse", "align", *[str(pipeline / folder) for folder in members], "--target", str(target), "-o",
          str(pipeline / "aligned"), "--max-tokens", str(args.max_tokens)],
         pipeline / "aligned" / "manifest.json", work / "time-align.json")
@@ -204,7 +204,7 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
              *train_options], out / "fusion.json", trainings / f"time-train-{item.name}.json")
         outputs[item.name] = Path(f"{target}+{out}")  # a LoRA adapter on the target
     out = trainings / "fusechat"
-    stages["FuseChat pairwise (align + 4 trainings + SCE)"] = timed(
+    stages[f"FuseChat pairwise (align + {len(experts)} trainings + SCE)"] = timed(
         ["fuse", "--target", str(target), *[arg for path in experts.values() for arg in ("--source", str(path))],
          "--data", str(data), "-o", str(out), "--work", str(pipeline), "--pairwise", *logit_options[:4],
          *train_options], out / "config.json", trainings / "time-fusechat.json")
