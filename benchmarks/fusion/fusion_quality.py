@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 
 from base_model import DEFAULT_CACHE, smollm2_base
-from experts import expert_specs, make_experts
+from experts import BATCH_SIZE, SEED, STEPS, expert_specs, make_experts
 from run import Limits, Scorer
 from tasks import write_task_files
 
@@ -93,9 +94,21 @@ def gemma3_target(cache: Path) -> Path:
     return folder
 
 
-def training_texts(specs: dict[str, str], per_task: int, out: Path) -> tuple[Path, list[str]]:
-    """A JSONL file of the first ``per_task`` train examples of each task, interleaved; and each line's task."""
-    examples = {name: load_task(spec, seed=0).examples("train", per_task) for name, spec in specs.items()}
+def expert_seen(train_size: int) -> set[int]:
+    """The train examples an expert's fine-tuning drew (``finetune`` draws ``STEPS * BATCH_SIZE`` indices with
+    ``random.Random(SEED).randrange``; replayed here)."""
+    draw = random.Random(SEED)
+    return {draw.randrange(train_size) for _ in range(STEPS * BATCH_SIZE)}
+
+
+def training_texts(specs: dict[str, str], per_task: int, out: Path, *, unseen: bool) -> tuple[Path, list[str]]:
+    """A JSONL file of ``per_task`` train examples of each task, interleaved (with ``unseen``, only examples the
+    experts' fine-tuning never drew); and each line's task."""
+    examples = {}
+    for name, spec in specs.items():
+        train = load_task(spec, seed=0).examples("train")
+        seen = expert_seen(len(train)) if unseen else set()
+        examples[name] = [example for index, example in enumerate(train) if index not in seen][:per_task]
     lines, tasks = [], []
     for index in range(per_task):
         for name, items in examples.items():
@@ -113,6 +126,9 @@ def timed(command: list[str], done: Path, record: Path) -> dict[str, float]:
     in ``record``."""
     if done.exists() and record.is_file():
         return json.loads(record.read_text())
+    output_folder = Path(command[command.index("-o") + 1])
+    if (output_folder.parent / f".{output_folder.name}.modelfuse-partial").is_dir():
+        command = [*command, "--resume"]  # continue what an interrupted run of this stage left
     log.info("$ modelfuse %s", " ".join(command))
     began = time.perf_counter()
     with open(record.with_suffix(".log"), "w") as output:
@@ -174,11 +190,12 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     specs = {name: spec for name, spec in expert_specs(files).items() if name in args.experts}
     experts = make_experts(smollm2_base(cache), specs, cache / "experts")
     target = gemma3_target(cache)
-    work = cache / "fusion" / f"{'-'.join(specs)}-n{args.texts_per_task}-t{args.max_tokens}"  # texts, logits
+    texts = f"{'-'.join(specs)}-n{args.texts_per_task}-t{args.max_tokens}{'-unseen' if args.unseen else ''}"
+    work = cache / "fusion" / texts  # the texts and their logits
     # what trains on them, and the scores
     trainings = work / f"s{args.steps}-b{args.batch_size}-lr{args.lr:g}-r{args.lora_rank}"
     trainings.mkdir(parents=True, exist_ok=True)
-    data, tasks = training_texts(specs, args.texts_per_task, work / "train.jsonl")
+    data, tasks = training_texts(specs, args.texts_per_task, work / "train.jsonl", unseen=args.unseen)
     stages: dict[str, dict[str, float]] = {}
     pipeline = work / "pipeline"  # the layout `modelfuse fuse --work` uses, so --pairwise reuses the logits
     members = {f"logits-{i}": path for i, path in enumerate(experts.values())} | {"logits-target": target}
@@ -197,18 +214,20 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     train_options = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                      "--lora-rank", str(args.lora_rank), "--device", "cpu", "--dtype", "float32"]
     outputs = {}
-    for item in RUNS:
+    runs = [item for item in RUNS if item.name in args.runs]
+    for item in runs:
         out = trainings / item.name
         stages[f"train {item.name}"] = timed(
             ["fuse", "train", str(target), "--aligned", str(pipeline / "aligned"), "-o", str(out), *item.options,
              *train_options], out / "fusion.json", trainings / f"time-train-{item.name}.json")
         outputs[item.name] = Path(f"{target}+{out}")  # a LoRA adapter on the target
     out = trainings / "fusechat"
-    stages[f"FuseChat pairwise (align + {len(experts)} trainings + SCE)"] = timed(
-        ["fuse", "--target", str(target), *[arg for path in experts.values() for arg in ("--source", str(path))],
-         "--data", str(data), "-o", str(out), "--work", str(pipeline), "--pairwise", *logit_options[:4],
-         *train_options], out / "config.json", trainings / "time-fusechat.json")
-    outputs["fusechat"] = out
+    if "fusechat" in args.runs:
+        stages[f"FuseChat pairwise (align + {len(experts)} trainings + SCE)"] = timed(
+            ["fuse", "--target", str(target), *[arg for path in experts.values() for arg in ("--source", str(path))],
+             "--data", str(data), "-o", str(out), "--work", str(pipeline), "--pairwise", *logit_options[:4],
+             *train_options], out / "config.json", trainings / "time-fusechat.json")
+        outputs["fusechat"] = out
 
     expert_tasks = {name: load_task(spec, seed=0) for name, spec in specs.items()}
     held_out = {name: load_task(str(files[name])) for name in ("capitals", "opposites")}
@@ -216,12 +235,13 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
                     trainings / f"scores-t{args.test}")
     settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora_rank": args.lora_rank}
     return {
-        "settings": settings | {"tasks": list(specs), "texts": len(tasks), "texts_per_task": args.texts_per_task,
+        "settings": settings | {"tasks": list(specs), "unseen": args.unseen, "texts": len(tasks),
+                                "texts_per_task": args.texts_per_task,
                                 "max_tokens": args.max_tokens, "test_examples": args.test},
         "target": scorer.score("target", target, "test"),
         "sources": {name: scorer.score(f"expert-{name}", path, "test") for name, path in experts.items()},
         "runs": {name: scorer.score(f"run-{name}", path, "test") for name, path in outputs.items()},
-        "trained": {item.name: json.loads((trainings / item.name / "fusion.json").read_text()) for item in RUNS},
+        "trained": {item.name: json.loads((trainings / item.name / "fusion.json").read_text()) for item in runs},
         "stages": stages,
         "alignment": [item | {"answer_aligned_rate": rate} for item, rate in
                       zip(aligned["sources"], scored_aligned_rates(pipeline / "aligned"), strict=True)],
@@ -236,6 +256,8 @@ def report(results: dict[str, Any], out: Path) -> None:
     settings = results["settings"]
     experts = settings["tasks"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    seen = ("none of them drawn by the experts' fine-tuning" if settings.get("unseen") else
+            "the first train examples: the experts' fine-tuning drew about 38% of them")
     header = "| model | " + " | ".join(tasks) + f" | mean ({len(experts)} expert tasks) |"
     rule = "|---" * (len(tasks) + 2) + "|"
 
@@ -249,7 +271,7 @@ def report(results: dict[str, Any], out: Path) -> None:
     lines = [f"# Knowledge fusion: Gemma3-270M trained on {len(experts)} SmolLM2-135M-Instruct experts "
              f"({', '.join(experts)})", "",
              f"Written by `benchmarks/fusion/fusion_quality.py` (see its docstring) on {machine}. "
-             f"{settings['texts']} training texts ({settings['texts_per_task']} per task), "
+             f"{settings['texts']} training texts ({settings['texts_per_task']} per task; {seen}), "
              f"{settings['steps']} optimizer steps of {settings['batch_size']} texts, learning rate {settings['lr']} "
              f"(linear decay), LoRA rank {settings['lora_rank']} on every linear layer, float32, lambda 0.9 for the "
              "fusions; accuracy on the first "
@@ -297,6 +319,12 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of every training (alpha 16)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--test", type=int, default=40, help="test examples scored per task")
+    parser.add_argument("--runs", nargs="+", default=[*[item.name for item in RUNS], "fusechat"],
+                        help="the trainings compared")
+    parser.add_argument("--unseen", action=argparse.BooleanOptionalAction, default=True,
+                        help="train on examples the experts' fine-tuning never drew (their distributions on the "
+                        "texts they were trained on are near one-hot: nothing beyond the labels)")
+    parser.add_argument("--results-name", default="fusion", help="the results files' name")
     parser.add_argument("--experts", nargs="+", default=["arithmetic", "reversal", "family", "topic"],
                         help="the quality benchmark's experts fused (each scored on its task)")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -304,10 +332,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     results = run(args.cache, args)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "fusion.json").write_text(json.dumps(results, indent=1))
-    report(results, args.results / "fusion.md")
-    shutil.copy(args.results / "fusion.md", args.cache / "fusion" / "fusion.md")
-    print((args.results / "fusion.md").read_text())
+    (args.results / f"{args.results_name}.json").write_text(json.dumps(results, indent=1))
+    report(results, args.results / f"{args.results_name}.md")
+    shutil.copy(args.results / f"{args.results_name}.md", args.cache / "fusion" / f"{args.results_name}.md")
+    print((args.results / f"{args.results_name}.md").read_text())
 
 
 if __name__ == "__main__":
