@@ -831,8 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where the markdown table goes")
     parser.add_argument("--only", choices=TOOLS, help="run one tool only")
     parser.add_argument("--position-ties", action="store_true",
-                        help=f"also run modelfuse with --tie-order position on {', '.join(CUT_METHODS)} (mergekit's "
-                             "YAML otherwise keeps mergekit's order at the cut-off, which costs a pass per task vector)")
+                        help=f"also run modelfuse with --tie-order position on {', '.join(CUT_METHODS)} "
+                             "(mergekit's YAML otherwise keeps mergekit's order at the cut-off, which costs a pass "
+                             "per task vector)")
     parser.add_argument("--skip-mergekit", action="store_true", help="same as --only modelfuse")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed (1800)")
     parser.add_argument("--rss-limit", type=float, help="kill a run whose process tree RSS exceeds this many GB")

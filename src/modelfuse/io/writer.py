@@ -448,7 +448,7 @@ class StagingFolder:
                                   "run without --resume", path=str(self.out))
             if self.path.exists() and not self.resume:
                 if self.resumable and not self.overwrite:
-                    raise OutputError(f"{self.out}: an interrupted merge left a partial output ({self.path}); pass "
+                    raise OutputError(f"{self.out}: an interrupted run left a partial output ({self.path}); pass "
                                       "--resume to continue it, or --overwrite to discard it", path=str(self.out))
                 shutil.rmtree(self.path)
             self.path.mkdir(exist_ok=self.resume)
