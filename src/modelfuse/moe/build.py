@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from modelfuse.calibrate.data import read_texts, tokenize
 from modelfuse.errors import CheckpointError, RecipeError
 from modelfuse.io.checkpoint import TOKENIZER_FILES, Checkpoint
 from modelfuse.io.opening import open_checkpoint
@@ -36,6 +37,7 @@ from modelfuse.moe.routers import (
     random_gates,
     unit_rows,
 )
+from modelfuse.runtime import load_config, load_model, load_tokenizer, make_config
 from modelfuse.units import format_bytes, parse_bytes
 
 SHARD_BYTES = 5 * 10**9
@@ -146,10 +148,7 @@ def check_inputs(inputs: Inputs, arch: MoeArchitecture) -> None:
 def output_config(base: Checkpoint, arch: MoeArchitecture, recipe: MoeRecipe, intermediate: int,
                   shared_intermediate: int | None, dtype: torch.dtype) -> dict[str, Any]:
     """The MoE config: the base's, through the MoE's transformers config class, with the expert counts set."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    dense = AutoConfig.from_pretrained(str(base.folder)).to_dict()
+    dense = load_config(base.folder)
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
         dense.pop(key, None)
     updates: dict[str, Any] = {"architectures": [arch.class_name], arch.experts_key: len(recipe.experts),
@@ -162,9 +161,7 @@ def output_config(base: Checkpoint, arch: MoeArchitecture, recipe: MoeRecipe, in
                         "use_sliding_window": False})
     if arch.shared_expert:
         updates.update({"shared_expert_intermediate_size": shared_intermediate, "qkv_bias": True})
-    # Through the class (not a dict update): its attribute map turns e.g. Qwen3-MoE's num_experts into the key
-    # it saves.
-    config: dict[str, Any] = CONFIG_MAPPING[arch.model_type](**{**dense, **updates}).to_dict()
+    config = make_config(arch.model_type, {**dense, **updates})  # through the class: not a dict update
     return config
 
 
@@ -201,8 +198,6 @@ def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: 
     if recipe.gate_mode in ("random", "uniform_random"):
         gates = random_gates(layers, len(specs), hidden, mode=recipe.gate_mode, seed=recipe.seed)
     elif recipe.gate_mode == "cheap_embed":
-        from modelfuse.runtime import load_tokenizer
-
         tokenizer = load_tokenizer(base.folder)
         embedding = base.read(base.resolve("model.embed_tokens.weight") or "model.embed_tokens.weight")
         gates = prompt_gates([(spec.positive_prompts or [], spec.negative_prompts) for spec in specs],
@@ -210,8 +205,6 @@ def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: 
     elif recipe.gate_mode == "data":
         gates = _data_gates(recipe, inputs, specs, device=device, max_tokens=max_tokens, batch_size=batch_size)
     else:
-        from modelfuse.runtime import load_model
-
         model, tokenizer = load_model(base.folder, device=device, dtype="bfloat16")  # as mergekit-moe
         average = recipe.gate_mode == "hidden_avg"
         gates = prompt_gates([(spec.positive_prompts or [], spec.negative_prompts) for spec in specs],
@@ -225,9 +218,6 @@ def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: 
 
 def _data_gates(recipe: MoeRecipe, inputs: Inputs, specs: list[Any], *, device: str, max_tokens: int,
                 batch_size: int) -> GateVectors:
-    from modelfuse.calibrate.data import read_texts, tokenize
-    from modelfuse.runtime import load_model
-
     model, tokenizer = load_model(inputs.base.folder, device=device, dtype="auto")
     rows = []
     for spec in specs:

@@ -70,14 +70,16 @@ def cheap_embed_vector(embedding: torch.Tensor, batch: dict[str, torch.Tensor], 
 
 def hidden_vector(model: Any, batch: dict[str, torch.Tensor], *, average: bool) -> torch.Tensor:
     """The mean over prompts of the hidden state entering each layer, at the last position or averaged over all
-    positions (pads included, as mergekit): ``[L, H]``."""
+    positions (pads included, as mergekit): ``[L, H]``, in the model's dtype."""
     device = next(model.parameters()).device
     with torch.no_grad():
         output = model(**{key: value.to(device) for key, value in batch.items()}, output_hidden_states=True,
                        return_dict=True)
     states = torch.stack(output.hidden_states[:-1])  # [L, B, T, H]: the input of each layer
     states = states.sum(dim=2) / states.shape[2] if average else states[:, :, -1, :]
-    return (states.sum(dim=1) / states.shape[1]).float().cpu()
+    # Kept in the model's dtype (bfloat16): mergekit-moe subtracts the negative prompts' vector and scales to unit
+    # length in it too, and the rows must be the same.
+    return (states.sum(dim=1) / states.shape[1]).cpu()
 
 
 def prompt_gates(prompts: Sequence[tuple[list[str], list[str] | None]], vector: Callable[[list[str]], torch.Tensor]

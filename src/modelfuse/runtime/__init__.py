@@ -3,7 +3,14 @@ generates and scores log-probabilities. Workflows ask it for models; nothing bel
 
 from modelfuse.devices import CPU_FLOAT32, DeviceError, Placement, resolve_device, resolve_dtype
 from modelfuse.runtime.generation import choice_logprobs, generate, input_device, on_device, perplexity
-from modelfuse.runtime.loading import load_model, load_tokenizer, register_loader, save_model
+from modelfuse.runtime.loading import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    make_config,
+    register_loader,
+    save_model,
+)
 from modelfuse.runtime.prompts import format_prompt
 
 __all__ = [
@@ -14,8 +21,10 @@ __all__ = [
     "format_prompt",
     "generate",
     "input_device",
+    "load_config",
     "load_model",
     "load_tokenizer",
+    "make_config",
     "on_device",
     "perplexity",
     "register_loader",

@@ -109,6 +109,28 @@ def load_tokenizer(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: cannot load a tokenizer ({error})", path=str(path)) from error
 
 
+def load_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's config as transformers reads it (defaults filled in, legacy keys converted), as a dict.
+
+    Raises:
+        CheckpointError: If the folder has no config transformers can read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False).to_dict()  # type: ignore[no-any-return]
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: cannot read its config ({error})", path=str(folder)) from error
+
+
+def make_config(model_type: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The config dict of a ``model_type`` built from ``values`` by its transformers config class (whose attribute
+    map turns aliases such as Qwen3-MoE's ``num_experts`` into the keys it saves)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type](**values).to_dict()  # type: ignore[no-any-return]
+
+
 def _with_adapter(reference: str, dtype: torch.dtype, placement: dict[str, Any]) -> Loaded:
     """``BASE+ADAPTER``: the base with the PEFT adapter merged in (its tokenizer from the adapter if it has one)."""
     from peft import PeftModel  # optional: the [eval] and [dev] extras install it
