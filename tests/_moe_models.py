@@ -11,6 +11,7 @@ import torch
 import _fusion_tokenizers as tokenizers
 
 KINDS = ("llama", "qwen2", "qwen3", "olmo2")
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
 
 
 def dense_config(kind: str, vocab_size: int, *, layers: int = 2, hidden: int = 32, intermediate: int = 48,
@@ -66,3 +67,34 @@ def save_other(folder: Path, kind: str, **config: Any) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load(folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def logits_routed_to(model: Any, expert: int) -> torch.Tensor:
+    """The MoE's logits with every token of every layer sent to ``expert`` alone (weight 1), and a shared expert's
+    sigmoid gate closed."""
+    def route(module: Any, args: Any, output: Any) -> Any:
+        logits, scores, indices = output
+        only = torch.zeros_like(scores)
+        only[..., 0] = 1.0  # the first of the top-k slots carries the whole weight
+        return logits, only, torch.full_like(indices, expert)
+
+    def close(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(output, -1e4)  # sigmoid(-1e4) == 0 in float32
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.mlp.gate.register_forward_hook(route))
+        if hasattr(layer.mlp, "shared_expert_gate"):
+            handles.append(layer.mlp.shared_expert_gate.register_forward_hook(close))
+    try:
+        with torch.no_grad():
+            return model(IDS).logits
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,13 +12,11 @@ import pytest
 import torch
 import yaml
 
-from _moe_models import KINDS, save_family, save_other
+from _moe_models import IDS, KINDS, load, logits_routed_to, save_family, save_other
 from conftest import Cli, MergekitParity
 from modelfuse.errors import CheckpointError, RecipeError
 from modelfuse.moe.build import build_moe
 from modelfuse.moe.recipe import parse_moe_recipe
-
-IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
 
 
 def recipe(family: dict[str, Path], **extra: Any) -> dict[str, Any]:
@@ -28,35 +26,6 @@ def recipe(family: dict[str, Path], **extra: Any) -> dict[str, Any]:
         "experts": [{"source_model": str(family["e1"]), "positive_prompts": ["the cat sat on the mat"]},
                     {"source_model": str(family["e2"]), "positive_prompts": ["12 + 34 = 46"]}]}
     return {**data, **extra}
-
-
-def load(folder: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
-
-
-def logits_routed_to(model: Any, expert: int) -> torch.Tensor:
-    """The MoE's logits with every token of every layer sent to ``expert`` alone (weight 1), and a shared expert's
-    sigmoid gate closed."""
-    def route(module: Any, args: Any, output: Any) -> Any:
-        logits, scores, indices = output
-        return logits, torch.ones_like(scores), torch.full_like(indices, expert)
-
-    def close(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(output, -1e4)  # sigmoid(-1e4) == 0 in float32
-
-    handles = []
-    for layer in model.model.layers:
-        handles.append(layer.mlp.gate.register_forward_hook(route))
-        if hasattr(layer.mlp, "shared_expert_gate"):
-            handles.append(layer.mlp.shared_expert_gate.register_forward_hook(close))
-    try:
-        with torch.no_grad():
-            return model(IDS).logits
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.mark.parametrize("layout", ["fused", "per-expert"])

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts commands: modelfuse moe build."""
+"""Mixture-of-Experts commands: modelfuse moe build | drop | add."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import typer
 from modelfuse.cli._app import DeviceOption, app, console, out_console
 from modelfuse.units import format_bytes
 
-moe_app = typer.Typer(help="Mixture of Experts: build one from dense experts.", no_args_is_help=True)
+moe_app = typer.Typer(help="Mixture of Experts: build one from dense experts, drop or add experts.",
+                      no_args_is_help=True)
 
 
 @moe_app.command(name="build", epilog="Example: modelfuse moe build moe.yml -o ./moe   (a mergekit-moe YAML works "
@@ -40,6 +41,46 @@ def build_command(
     out_console.print(f"[green]built[/] {report.out}: {report.architecture}, {report.experts} experts "
                       f"({report.experts_per_token} per token) in {report.layers} layers, {report.tensors} tensors, "
                       f"{format_bytes(report.nbytes)}")
+
+
+@moe_app.command(name="drop", epilog="Example: modelfuse moe drop ./moe --expert 2 -o ./moe-without-2")
+def drop_command(
+    model: Annotated[Path, typer.Argument(help="The MoE model.")],
+    expert: Annotated[list[int], typer.Option(help="Index of an expert to remove (repeat for several).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The output folder.")],
+    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token in the output (default: the "
+                                                          "input's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Remove experts and their router rows from every MoE layer (opt-out); the rest route as before."""
+    from modelfuse.moe.edit import drop_experts
+
+    drop_experts(model, expert, out, top_k=top_k, overwrite=overwrite)
+    out_console.print(f"[green]wrote[/] {out}: {model} without expert(s) {', '.join(map(str, sorted(set(expert))))}")
+
+
+@moe_app.command(name="add", epilog="Example: modelfuse moe add ./moe --expert ./math-expert --prompts 'What is 2+3?' "
+                 "-o ./moe-plus-math")
+def add_command(
+    model: Annotated[Path, typer.Argument(help="The MoE model.")],
+    expert: Annotated[Path, typer.Option(help="A dense model (the MoE's base architecture) whose MLPs become the new "
+                                              "expert.")],
+    prompts: Annotated[list[str], typer.Option(help="A prompt the new expert should receive (repeat).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The output folder.")],
+    negative_prompts: Annotated[list[str] | None, typer.Option(help="A prompt it should not receive (repeat).")]
+    = None,
+    gate_mode: Annotated[str, typer.Option(help="hidden, hidden_avg (the MoE reads the prompts) or cheap_embed "
+                                                "(its embeddings).")] = "hidden",
+    residual_scale: Annotated[float | None, typer.Option(help="Scale of the new expert's down projection.")] = None,
+    device: DeviceOption = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Add a dense model's MLP as a new expert in every MoE layer, with router rows from prompts (opt-in)."""
+    from modelfuse.moe.edit import add_expert
+
+    add_expert(model, expert, out, prompts=prompts, negative_prompts=negative_prompts or [], gate_mode=gate_mode,
+               residual_scale=residual_scale, device=device, overwrite=overwrite)
+    out_console.print(f"[green]wrote[/] {out}: {model} with {expert} as a new expert")
 
 
 app.add_typer(moe_app, name="moe")

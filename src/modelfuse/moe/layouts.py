@@ -70,6 +70,14 @@ class MoeArchitecture:
             return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
         return f"model.layers.{layer}.mlp.shared_expert.{projection}_proj.weight"
 
+    def expert_key(self, config: Mapping[str, Any]) -> str:
+        """The key of the expert count in ``config``: transformers 5 saves some architectures' ``num_experts`` as
+        ``num_local_experts`` (its attribute map), Hub checkpoints use the name of their time."""
+        for key in (self.experts_key, "num_local_experts", "num_experts"):
+            if key in config:
+                return key
+        return self.experts_key
+
     def _block(self, layout: ExpertLayout) -> str:
         return self.per_expert_block if layout == "per-expert" else "mlp"
 
