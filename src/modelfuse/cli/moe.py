@@ -1,4 +1,4 @@
-"""Mixture-of-Experts commands: modelfuse moe build | drop | add."""
+"""Mixture-of-Experts commands: modelfuse moe build | drop | add | compress."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from modelfuse.cli._app import DeviceOption, app, console, out_console
 from modelfuse.units import format_bytes
 
-moe_app = typer.Typer(help="Mixture of Experts: build one from dense experts, drop or add experts.",
+moe_app = typer.Typer(help="Mixture of Experts: build one from dense experts, drop or add experts, compress.",
                       no_args_is_help=True)
 
 
@@ -81,6 +81,42 @@ def add_command(
     add_expert(model, expert, out, prompts=prompts, negative_prompts=negative_prompts or [], gate_mode=gate_mode,
                residual_scale=residual_scale, device=device, overwrite=overwrite)
     out_console.print(f"[green]wrote[/] {out}: {model} with {expert} as a new expert")
+
+
+@moe_app.command(name="compress", epilog="Example: modelfuse moe compress ./moe --data rg:basic_arithmetic "
+                 "--experts 2 --method hc-smoe -o ./moe-2")
+def compress_command(
+    model: Annotated[Path, typer.Argument(help="The MoE model.")],
+    data: Annotated[str, typer.Option(help="Calibration texts: rg:NAME, a task .jsonl, {\"text\"} lines or a .txt.")],
+    experts: Annotated[int, typer.Option(min=1, help="Experts per layer in the output.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The output folder.")],
+    method: Annotated[str, typer.Option(help="prune-frequency, prune-reconstruct (NAEE), m-smoe (MC-SMoE), hc-smoe "
+                                             "or sub-moe.")] = "hc-smoe",
+    samples: Annotated[int, typer.Option(min=1, help="Calibration texts.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 4,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens kept per text.")] = 256,
+    router: Annotated[str, typer.Option(help="A merged group's router row: fit (reproduces the group's routing) or "
+                                             "dominant (its most-chosen member's).")] = "fit",
+    linkage: Annotated[str, typer.Option(help="hc-smoe / sub-moe clustering: average or single.")] = "average",
+    energy: Annotated[float, typer.Option(help="sub-moe: share of squared singular values kept.")] = 0.95,
+    low_rank: Annotated[float | None, typer.Option(help="MC-SMoE compression of merged experts: rank as a share of "
+                                                        "the full rank (plus a sparse residual).")] = None,
+    sparse: Annotated[float, typer.Option(help="With --low-rank: share of residual entries kept.")] = 0.1,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token in the output (default: the "
+                                                          "input's).")] = None,
+    device: DeviceOption = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Compress an MoE to fewer experts per layer by pruning or merging them, from statistics on calibration data."""
+    from modelfuse.moe.compress import CompressSettings, compress_moe
+
+    settings = CompressSettings(data=data, experts=experts, method=method, samples=samples, batch_size=batch_size,
+                                max_tokens=max_tokens, router=router, linkage=linkage, energy=energy,
+                                low_rank=low_rank, sparse=sparse, top_k=top_k)
+    report = compress_moe(model, out, settings, device=device, overwrite=overwrite,
+                          on_stage=lambda stage: console.print(f"[cyan]compress:[/] {stage}"))
+    out_console.print(f"[green]wrote[/] {report.out}: {report.experts_before} -> {report.experts_after} experts per "
+                      f"layer, {report.parameters_before:,} -> {report.parameters_after:,} parameters")
 
 
 app.add_typer(moe_app, name="moe")
