@@ -100,3 +100,20 @@ def test_cli_drop_and_add(tmp_path: Path, run_cli: Cli) -> None:
     assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     result = run_cli("moe", "drop", moe, "--expert", "7", "-o", tmp_path / "bad")
     assert result.returncode == 1 and "--expert 7" in result.stderr and not (tmp_path / "bad").exists()
+
+
+def test_train_router_changes_the_routers_alone_and_lowers_the_loss(tmp_path: Path, run_cli: Cli) -> None:
+    from safetensors.torch import load_file
+
+    _, moe = built(tmp_path, experts=3)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(f'{{"text": "{text}"}}\n' for text in PROMPTS * 2), encoding="utf-8")
+    result = run_cli("moe", "train-router", moe, "--data", data, "--steps", "30", "--batch-size", "3", "--lr", "0.05",
+                     "-o", tmp_path / "trained", "--device", "cpu", columns=300)
+    assert result.returncode == 0, result.stderr
+    first, last = (float(value) for value in result.stdout.split("loss ")[1].split(" -> "))
+    assert last < first
+    before, after = load_file(moe / "model.safetensors"), load_file(tmp_path / "trained" / "model.safetensors")
+    assert set(before) == set(after)
+    for name in before:
+        assert torch.equal(before[name], after[name]) != name.endswith("mlp.gate.weight"), name

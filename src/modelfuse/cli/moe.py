@@ -1,4 +1,4 @@
-"""Mixture-of-Experts commands: modelfuse moe build | drop | add | compress."""
+"""Mixture-of-Experts commands: modelfuse moe build | drop | add | compress | train-router."""
 
 from __future__ import annotations
 
@@ -117,6 +117,32 @@ def compress_command(
                           on_stage=lambda stage: console.print(f"[cyan]compress:[/] {stage}"))
     out_console.print(f"[green]wrote[/] {report.out}: {report.experts_before} -> {report.experts_after} experts per "
                       f"layer, {report.parameters_before:,} -> {report.parameters_after:,} parameters")
+
+
+@moe_app.command(name="train-router", epilog="Example: modelfuse moe train-router ./moe --data mixed.jsonl --steps 200 "
+                 "-o ./moe-trained")
+def train_router_command(
+    model: Annotated[Path, typer.Argument(help="The MoE model.")],
+    data: Annotated[str, typer.Option(help="Mixed training texts: rg:NAME, a task .jsonl, {\"text\"} lines or a "
+                                           ".txt.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The output folder.")],
+    steps: Annotated[int, typer.Option(min=1, help="AdamW steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens kept per text.")] = 256,
+    balance: Annotated[float, typer.Option(help="Weight of transformers' load-balancing loss (0: none).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the batch order.")] = 0,
+    device: DeviceOption = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Train the routers alone (every other weight frozen) on mixed data."""
+    from modelfuse.moe.train_router import RouterTrainingSettings, train_router
+
+    settings = RouterTrainingSettings(data=data, steps=steps, batch_size=batch_size, lr=lr, max_tokens=max_tokens,
+                                      balance=balance, seed=seed)
+    report = train_router(model, out, settings, device=device, overwrite=overwrite)
+    out_console.print(f"[green]wrote[/] {report.out}: routers trained {report.steps} steps, loss "
+                      f"{report.first_loss:.4f} -> {report.last_loss:.4f}")
 
 
 app.add_typer(moe_app, name="moe")
