@@ -168,3 +168,23 @@ def test_prune_reconstruct_scores_each_layer_on_the_already_pruned_model(tmp_pat
         handle.remove()
     rows = torch.cat(inputs)
     assert kept1 == best_subset(rows, block_experts(model.model.layers[1].mlp), gate1.weight.detach(), 2, 3)
+
+
+@pytest.mark.parametrize(("kind", "layout", "method"), [("qwen2", "fused", "prune-reconstruct"),
+                                                        ("qwen2", "per-expert", "m-smoe"),
+                                                        ("qwen3", "per-expert", "hc-smoe"),
+                                                        ("qwen3", "fused", "prune-reconstruct")])
+def test_qwen_moes_compress_exactly_when_experts_are_identical(tmp_path: Path, kind: str, layout: str,
+                                                              method: str) -> None:
+    family = save_family(tmp_path / "models", kind, experts=2)
+    spec: dict[str, Any] = {
+        "base_model": str(family["base"]), "gate_mode": "random", "experts_per_token": 2, "layout": layout,
+        "experts": [{"source_model": str(family["e1"]), "positive_prompts": [PROMPTS[index]]} for index in range(4)]}
+    if kind == "qwen2":  # a different shared expert, which compression must leave alone
+        spec["shared_experts"] = [{"source_model": str(family["e2"]), "positive_prompts": ["a caf\u00e9"]}]
+    build_moe(parse_moe_recipe(spec), tmp_path / "moe")
+    compress_moe(tmp_path / "moe", tmp_path / "out", settings(tmp_path, method, 2), device="cpu")
+    before, after = load(tmp_path / "moe"), load(tmp_path / "out")
+    assert MoeCheckpoint(tmp_path / "out").experts == 2 and MoeCheckpoint(tmp_path / "out").layout == layout
+    with torch.no_grad():
+        assert torch.allclose(after(IDS).logits, before(IDS).logits, atol=1e-5)
