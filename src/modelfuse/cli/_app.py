@@ -24,7 +24,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-out_console = Console()
+# Result lines stay one line each (scripts read them); tables still fit the terminal.
+out_console = Console(soft_wrap=True)
 
 
 _state = {"debug": False, "verbose": False}
