@@ -188,3 +188,46 @@ def test_qwen_moes_compress_exactly_when_experts_are_identical(tmp_path: Path, k
     assert MoeCheckpoint(tmp_path / "out").experts == 2 and MoeCheckpoint(tmp_path / "out").layout == layout
     with torch.no_grad():
         assert torch.allclose(after(IDS).logits, before(IDS).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["fused", "per-expert"])
+def test_compress_from_a_calibrate_folder_equals_compress_from_texts(tmp_path: Path, run_cli: Cli,
+                                                                    layout: str) -> None:
+    """`modelfuse calibrate --stats routing_counts,router_logit_gram,expert_output_mean,router_inputs` gathers what
+    `moe compress` merges by: compressing from that folder (no model run) gives what compressing from the same
+    texts does, for every method that can use it; prune-reconstruct and missing statistics are refused."""
+    from modelfuse.calibrate.stats import CalibrationSettings, calibrate
+    from modelfuse.io.statistics import CalibrationStats
+
+    _, moe = built(tmp_path, ["e1", "e2", "e3", "e4"], layout=layout)
+    texts = data(tmp_path)
+    wanted = ("routing_counts", "router_logit_gram", "expert_output_mean", "router_inputs")
+    calibrate(moe, tmp_path / "stats", CalibrationSettings(texts, wanted, samples=8, batch_size=3), device="cpu")
+    source = MoeCheckpoint(moe)
+    folder = CalibrationStats(tmp_path / "stats")
+    router = source.arch.router(1, source.layout)
+    assert folder.read(router, "router_logit_gram").shape == (4, 4)
+    assert folder.read(router, "expert_output_mean").shape == (4, source.router(1).shape[1])
+    assert folder.read(router, "router_inputs").shape[1] == source.router(1).shape[1]
+    for method in ("prune-frequency", "m-smoe", "hc-smoe", "sub-moe"):
+        from_texts = compress_moe(moe, tmp_path / f"{method}-texts", settings(tmp_path, method, 2), device="cpu")
+        from_stats = compress_moe(moe, tmp_path / f"{method}-stats", CompressSettings(
+            stats=str(tmp_path / "stats"), experts=2, method=method), device="cpu")
+        assert from_stats.groups == from_texts.groups, method
+        expected, found = MoeCheckpoint(tmp_path / f"{method}-texts"), MoeCheckpoint(tmp_path / f"{method}-stats")
+        for layer in source.layers:
+            assert torch.allclose(found.router(layer), expected.router(layer), atol=1e-5), method
+            for slot in range(2):
+                assert torch.allclose(found.expert(layer, slot).down, expected.expert(layer, slot).down, atol=1e-6)
+    result = run_cli("moe", "compress", moe, "--stats", tmp_path / "stats", "--experts", "2", "--method", "hc-smoe",
+                     "-o", tmp_path / "cli", columns=300)
+    assert result.returncode == 0, result.stderr
+    assert load(tmp_path / "cli").generate(IDS, max_new_tokens=2, do_sample=False).shape == (1, IDS.shape[1] + 2)
+    with pytest.raises(RecipeError, match="prune-reconstruct .* give --data"):
+        compress_moe(moe, tmp_path / "bad", CompressSettings(stats=str(tmp_path / "stats"), experts=2,
+                                                             method="prune-reconstruct"))
+    calibrate(moe, tmp_path / "counts", CalibrationSettings(texts, ("routing_counts",), samples=8), device="cpu")
+    with pytest.raises(CheckpointError, match=r"no .*router_logit_gram; calibrate with --stats routing_counts,"):
+        compress_moe(moe, tmp_path / "bad", CompressSettings(stats=str(tmp_path / "counts"), experts=2,
+                                                             method="m-smoe"))
+    assert not (tmp_path / "bad").exists()

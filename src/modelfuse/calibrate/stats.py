@@ -18,6 +18,10 @@ also get ``gram`` and ``act_rms``): ``routing_counts``, how many tokens chose ea
 ``num_experts_per_tok``. Fused MoE experts (transformers' ``gate_up_proj`` ``[experts, 2 * inter, hidden]`` and
 ``down_proj`` ``[experts, hidden, inter]``, gate half first) get per-expert ``gram`` and ``act_rms`` over the
 tokens routed to each expert: the hidden states for ``gate_up_proj``, ``act(gate) * up`` for ``down_proj``.
+What ``moe compress`` merges by, per MoE router (``calibrate.moe_stats``, one more pass): ``router_logit_gram``
+``[E, E]`` (the sum over tokens of the router logits' outer products), ``expert_output_mean`` ``[E, H]`` (each
+expert's mean output over all tokens of the layer) and ``router_inputs`` ``[n, H]`` (the router inputs of the
+first 2048 tokens).
 
 Statistics are keyed by checkpoint tensor name (see ``names``): a fused parameter stored per expert gets one
 statistic per stored tensor (Mixtral's ``experts.{e}.w1/w2/w3``).
@@ -43,6 +47,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
+from modelfuse.calibrate.moe_stats import gather_moe_statistics, moe_blocks
 from modelfuse.calibrate.names import Target, checkpoint_targets, fisher_to_checkpoint, input_stat_to_checkpoint
 from modelfuse.devices import DeviceSpec, DtypeName
 from modelfuse.errors import ModelfuseError, RecipeError
@@ -53,7 +58,9 @@ from modelfuse.runtime import input_device, load_model
 from modelfuse.runtime.distributed import ONE_PROCESS, Ranks
 
 log = logging.getLogger(__name__)
-STATISTICS = ("gram", "act_rms", "fisher", "routing_counts")
+MOE_STATISTICS = ("router_logit_gram", "expert_output_mean", "router_inputs")
+STATISTICS = ("gram", "act_rms", "fisher", "routing_counts", *MOE_STATISTICS)
+KEEP_INPUTS = 2048  # router inputs kept per MoE layer (``router_inputs``)
 _PROGRESS = "progress.json"
 Labels = Literal["sampled", "given"]
 
@@ -99,7 +106,7 @@ class CalibrationReport:
 class _Group:
     """Layers (activation statistics) or parameters (Fisher) gathered in one pass."""
 
-    kind: Literal["activations", "fisher"]
+    kind: Literal["activations", "fisher", "moe"]
     names: tuple[str, ...]  # module names (activations) or parameter names (fisher)
 
 
@@ -155,7 +162,8 @@ def calibrate(
     targets = checkpoint_targets(model, set(open_checkpoint(str(model_path))))
     batches = [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
                for start in range(0, len(texts), settings.batch_size)]
-    per_pass = {"activations": len(ranks.shard(batches)), "fisher": len(ranks.shard(texts))}
+    per_pass = {"activations": len(ranks.shard(batches)), "fisher": len(ranks.shard(texts)),
+                "moe": len(ranks.shard(batches))}
     total = sum(per_pass[group.kind] for group in groups)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     done_batches = 0
@@ -180,6 +188,8 @@ def calibrate(
 
             if group.kind == "activations":
                 stats = _activation_pass(model, batches, group.names, settings, advance, ranks)
+            elif group.kind == "moe":
+                stats = _moe_pass(model, batches, settings, advance, ranks)
             else:
                 stats = _fisher_pass(model, tokenizer, texts, group.names, settings, advance, ranks)
             stats = _checkpoint_stats(model, stats, targets)
@@ -209,7 +219,7 @@ def _checkpoint_stats(model: torch.nn.Module, stats: dict[str, torch.Tensor],
         where = targets.get(parameter, [])
         if stat == "fisher":
             named = fisher_to_checkpoint(model, parameter, value, where) if where else {}
-        elif stat == "routing_counts":
+        elif stat in ("routing_counts", *MOE_STATISTICS):
             named = {target.name: value for target in where if target.expert is None}
         else:
             named = input_stat_to_checkpoint(value, where, fused=value.dim() == (3 if stat == "gram" else 2))
@@ -292,9 +302,46 @@ def _groups(model: torch.nn.Module, statistics: Sequence[str], budget: int) -> l
     if "fisher" in wanted:
         sizes = {name: 8 * parameter.numel() for name, parameter in model.named_parameters()}
         groups += [_Group("fisher", names) for names in _pack(sizes, budget)]
+    if wanted & set(MOE_STATISTICS):
+        try:
+            moe_blocks(model)
+        except ModelfuseError as error:
+            raise RecipeError(f"--stats {','.join(sorted(wanted & set(MOE_STATISTICS)))}: {error}") from None
+        groups.append(_Group("moe", ()))
     if not groups:
         raise RecipeError("the model has no layers to gather these statistics of (routing_counts needs an MoE)")
     return groups
+
+
+def _moe_pass(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], settings: CalibrationSettings,
+              advance: Callable[[int], None], ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The MoE statistics of every MoE block (``calibrate.moe_stats``), keyed ``<router parameter>.<stat>``."""
+    blocks = moe_blocks(model)
+    top_k = int(getattr(model.config, "num_experts_per_tok", 2))
+    mine = [batch for _, batch in ranks.shard(batches)]
+    gathered = gather_moe_statistics(model, mine, top_k=top_k, keep_inputs=KEEP_INPUTS, advance=advance)
+    names = {module: name for name, module in model.named_modules()}
+    routers = {index: f"{names[block.gate]}.weight" for index, block in blocks.items()}
+    sums: dict[str, torch.Tensor] = {}
+    for index, layer in gathered.items():
+        sums[f"{routers[index]}.router_logit_gram"] = layer.router_logit_gram
+        sums[f"{routers[index]}.expert_output_sum"] = layer.expert_output_sum
+        sums[f"{routers[index]}.tokens"] = torch.tensor(float(layer.tokens), dtype=torch.float64)
+    sums = ranks.sum(sums)
+    inputs = ranks.gather({index: layer.inputs() for index, layer in gathered.items()})
+    wanted = set(settings.statistics)
+    stats: dict[str, torch.Tensor] = {}
+    for index, router in routers.items():
+        if f"{router}.tokens" not in sums:
+            continue  # no calibration token reached this layer
+        if "router_logit_gram" in wanted:
+            stats[f"{router}.router_logit_gram"] = sums[f"{router}.router_logit_gram"]
+        if "expert_output_mean" in wanted:
+            stats[f"{router}.expert_output_mean"] = sums[f"{router}.expert_output_sum"] / sums[f"{router}.tokens"]
+        if "router_inputs" in wanted:
+            stats[f"{router}.router_inputs"] = torch.cat([part[index] for part in inputs if index in part])[
+                :KEEP_INPUTS]
+    return stats
 
 
 def _pack(sizes: dict[str, int], budget: int) -> Iterator[tuple[str, ...]]:

@@ -16,7 +16,9 @@ def calibrate_command(
     data: Annotated[str, typer.Option(help="rg:NAME or a task .jsonl (prompts), a .jsonl of {\"text\"} lines, or "
                                            "a .txt file (paragraphs).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Statistics folder to write.")],
-    stats: Annotated[str, typer.Option(help="Comma-separated: gram, act_rms, fisher, routing_counts.")]
+    stats: Annotated[str, typer.Option(help="Comma-separated: gram, act_rms, fisher, routing_counts; for `moe "
+                                                 "compress --stats` also router_logit_gram, expert_output_mean, "
+                                                 "router_inputs.")]
     = "gram,act_rms,routing_counts",
     samples: Annotated[int, typer.Option(min=1, help="Calibration examples (the first ones of the data).")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 4,

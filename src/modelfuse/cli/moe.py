@@ -90,9 +90,13 @@ def add_command(
                  "--experts 2 --method hc-smoe -o ./moe-2")
 def compress_command(
     model: Annotated[Path, typer.Argument(help="The MoE model.")],
-    data: Annotated[str, typer.Option(help="Calibration texts: rg:NAME, a task .jsonl, {\"text\"} lines or a .txt.")],
     experts: Annotated[int, typer.Option(min=1, help="Experts per layer in the output.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The output folder.")],
+    data: Annotated[str | None, typer.Option(help="Calibration texts: rg:NAME, a task .jsonl, {\"text\"} lines or a "
+                                              ".txt.")] = None,
+    stats: Annotated[Path | None, typer.Option(help="Instead of --data: a `modelfuse calibrate` folder of this model "
+                                                    "with --stats routing_counts,router_logit_gram,"
+                                                    "expert_output_mean,router_inputs (no model run).")] = None,
     method: Annotated[str, typer.Option(help="prune-frequency, prune-reconstruct (NAEE), m-smoe (MC-SMoE), hc-smoe "
                                              "or sub-moe.")] = "hc-smoe",
     samples: Annotated[int, typer.Option(min=1, help="Calibration texts.")] = 64,
@@ -114,7 +118,8 @@ def compress_command(
     """Compress an MoE to fewer experts per layer by pruning or merging them, from statistics on calibration data."""
     from modelfuse.moe.compress import CompressSettings, compress_moe
 
-    settings = CompressSettings(data=data, experts=experts, method=method, samples=samples, batch_size=batch_size,
+    settings = CompressSettings(data=data, stats=str(stats) if stats else None, experts=experts, method=method,
+                                samples=samples, batch_size=batch_size,
                                 max_tokens=max_tokens, router=router, linkage=linkage, energy=energy,
                                 low_rank=low_rank, sparse=sparse, top_k=top_k)
     report = compress_moe(model, out, settings, device=device, dtype=dtype, overwrite=overwrite,

@@ -1,7 +1,9 @@
 """Compress an MoE to N experts per layer by pruning or merging experts (``modelfuse moe compress``).
 
 Statistics come from ``calibrate.moe_stats`` (routing counts, router-logit Gram, experts' mean outputs, router
-inputs), gathered by one pass of the model over the calibration texts. Per MoE layer:
+inputs), gathered by one pass of the model over the calibration texts, or read from a ``modelfuse calibrate``
+folder (``stats``: ``--stats routing_counts,router_logit_gram,expert_output_mean,router_inputs``), so one
+calibration serves every method and size without running the model again. Per MoE layer:
 
 * ``prune-frequency``: keep the N experts chosen most often.
 * ``prune-reconstruct`` (NAEE, Lu et al. 2024, arXiv:2402.14800): keep the N experts whose MoE reproduces the
@@ -32,6 +34,8 @@ dense (transformers has no factored expert), so it changes the weights, not the 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +47,8 @@ from pydantic import Field
 
 from modelfuse.calibrate.data import read_texts, tokenize
 from modelfuse.calibrate.moe_stats import LayerStatistics, block_experts, gather_moe_statistics, moe_blocks
-from modelfuse.errors import RecipeError
+from modelfuse.errors import CheckpointError, RecipeError
+from modelfuse.io.statistics import CalibrationStats
 from modelfuse.kernels.moe_experts import (
     ExpertWeights,
     align_neurons,
@@ -62,6 +67,7 @@ from modelfuse.moe.model import Expert, MoeCheckpoint, MoeLayer, write_moe
 from modelfuse.runtime import input_device, load_model
 from modelfuse.settings import Settings
 
+log = logging.getLogger(__name__)
 Method = Literal["prune-frequency", "prune-reconstruct", "m-smoe", "hc-smoe", "sub-moe"]
 METHODS: tuple[str, ...] = ("prune-frequency", "prune-reconstruct", "m-smoe", "hc-smoe", "sub-moe")
 
@@ -69,7 +75,8 @@ METHODS: tuple[str, ...] = ("prune-frequency", "prune-reconstruct", "m-smoe", "h
 class CompressSettings(Settings):
     """What ``compress_moe`` does (see the module)."""
 
-    data: str
+    data: str | None = None
+    stats: str | None = None  # a calibrate folder with the MoE statistics, instead of a pass over ``data``
     experts: int = Field(ge=1)
     method: Method
     samples: int = Field(64, ge=1)
@@ -157,6 +164,12 @@ def _check(source: MoeCheckpoint, settings: CompressSettings) -> None:
     if settings.experts < top_k:
         raise RecipeError(f"--experts {settings.experts}: fewer than the {top_k} experts each token uses; keep at "
                           "least that many or lower it with --top-k")
+    if settings.method == "prune-reconstruct" and settings.data is None:
+        raise RecipeError("--method prune-reconstruct scores subsets on the model pruned layer by layer, so it runs "
+                          "the model: give --data (--stats cannot replace it)")
+    if settings.data is None and settings.stats is None:
+        raise RecipeError("give --data (calibration texts) or --stats (a `modelfuse calibrate` folder with "
+                          f"--stats {','.join(MOE_STATS)})")
 
 
 def compress_moe(model: str | Path, out: str | Path, settings: CompressSettings, *, device: str = "auto",
@@ -175,21 +188,23 @@ def compress_moe(model: str | Path, out: str | Path, settings: CompressSettings,
     source = MoeCheckpoint(model)
     _check(source, settings)
     say = on_stage or (lambda stage: None)
-    loaded, tokenizer = load_model(source.folder, device=device, dtype=dtype)
-    texts = read_texts(settings.data, tokenizer, limit=settings.samples, seed=settings.seed)
-    batches = [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
-               for start in range(0, len(texts), settings.batch_size)]
-    say(f"statistics over {len(texts)} texts")
-    stats = gather_moe_statistics(loaded, batches, top_k=source.top_k, keep_inputs=settings.keep_inputs)
     groups: dict[int, list[list[int]]] = {}
     new_layers: dict[int, MoeLayer] = {}
     if settings.method == "prune-reconstruct":
+        loaded, batches = _load_with_texts(source, settings, device, dtype)
         kept = _progressive_prune(loaded, batches, source, settings, say)
         del loaded
         for layer, subset in kept.items():
             groups[layer] = [[index] for index in subset]
     else:
-        del loaded
+        if settings.stats is not None:
+            say(f"statistics from {settings.stats}")
+            stats = read_moe_statistics(Path(settings.stats), source)
+        else:
+            loaded, batches = _load_with_texts(source, settings, device, dtype)
+            say(f"statistics over {sum(len(batch['input_ids']) for batch in batches)} texts")
+            stats = gather_moe_statistics(loaded, batches, top_k=source.top_k, keep_inputs=settings.keep_inputs)
+            del loaded
         for layer in source.layers:
             experts = [(expert.gate, expert.up, expert.down) for expert in source.layer_experts(layer)]
             groups[layer], new_layers[layer] = merge_layer(experts, source.router(layer), stats[layer], settings)
@@ -202,12 +217,57 @@ def compress_moe(model: str | Path, out: str | Path, settings: CompressSettings,
 
     say("writing")
     card = (f"Compressed from {source.experts} to {settings.experts} experts per layer by `{settings.method}` "
-            f"(`modelfuse moe compress`, calibration data `{settings.data}`).")
+            f"(`modelfuse moe compress`, calibration data `{settings.data or settings.stats}`).")
     write_moe(source, Path(out), layer_at, settings.experts, top_k=settings.top_k, overwrite=overwrite, card=card)
     per_expert = sum(part.numel() for part in (lambda e: (e.gate, e.up, e.down))(source.expert(source.layers[0], 0)))
     total = sum(torch.Size(source.checkpoint[name].shape).numel() for name in source.checkpoint)
     removed = per_expert * (source.experts - settings.experts) * len(source.layers)
     return CompressReport(Path(out), source.experts, settings.experts, groups, total, total - removed)
+
+
+def _load_with_texts(source: MoeCheckpoint, settings: CompressSettings, device: str, dtype: str
+                     ) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """The model and its calibration batches."""
+    assert settings.data is not None  # _check
+    loaded, tokenizer = load_model(source.folder, device=device, dtype=dtype)
+    texts = read_texts(settings.data, tokenizer, limit=settings.samples, seed=settings.seed)
+    return loaded, [tokenize(tokenizer, texts[start:start + settings.batch_size], settings.max_tokens)
+                    for start in range(0, len(texts), settings.batch_size)]
+
+
+MOE_STATS = ("routing_counts", "router_logit_gram", "expert_output_mean", "router_inputs")
+
+
+def read_moe_statistics(folder: Path, source: MoeCheckpoint) -> dict[int, LayerStatistics]:
+    """Each MoE layer's statistics from a ``modelfuse calibrate`` folder of ``source``.
+
+    Raises:
+        CheckpointError: For a folder without these statistics of this model's routers, or of another shape.
+    """
+    found = CalibrationStats(folder)
+    try:
+        model = json.loads((folder / "calibration.json").read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError):
+        model = None
+    if model and Path(model).resolve() != source.folder.resolve():
+        log.warning("%s: these statistics were gathered on %s, not on %s", folder, model, source.folder)
+    stats = {}
+    for layer in source.layers:
+        router = source.arch.router(layer, source.layout)
+        values = {name: found.read(router, name) for name in MOE_STATS}
+        missing = [name for name, value in values.items() if value is None]
+        if missing:
+            raise CheckpointError(f"{folder}: no {router}.{missing[0]}; calibrate with --stats "
+                                  f"{','.join(MOE_STATS)}", path=str(folder))
+        experts, hidden = source.router(layer).shape
+        if tuple(values["expert_output_mean"].shape) != (experts, hidden):
+            raise CheckpointError(f"{folder}: {router}.expert_output_mean has shape "
+                                  f"{list(values['expert_output_mean'].shape)}, the model has {experts} experts of "
+                                  f"width {hidden}; calibrate this model", path=str(folder))
+        stats[layer] = LayerStatistics(values["routing_counts"].double(), values["router_logit_gram"].double(),
+                                       values["expert_output_mean"].double(), tokens=1,
+                                       router_inputs=[values["router_inputs"].float()])
+    return stats
 
 
 def _progressive_prune(model: Any, batches: list[dict[str, torch.Tensor]], source: MoeCheckpoint,
