@@ -75,9 +75,14 @@ def test_transplant_through_the_cli(tmp_path: Path, run_cli: Any) -> None:
     model_folder = tokenizers.save_tiny_model(tmp_path / "model", tokenizers.byte_level(), seed=1)
     donor_folder = tokenizers.save_tiny_model(tmp_path / "donor", tokenizers.metaspace(), seed=2)
     result = run_cli("tokenizer", "transplant", model_folder, "--tokenizer", donor_folder, "-o", tmp_path / "out",
-                     "--k", "4")
+                     "--k", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "rows kept" in result.stdout
+    transplant(model_folder, donor_folder, tmp_path / "api", k=4, device="cpu")
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(value, load_file(tmp_path / "api" / "model.safetensors")[name])
+               for name, value in load_file(tmp_path / "out" / "model.safetensors").items())
     result = run_cli("tokenizer", "transplant", model_folder, "--tokenizer", donor_folder, "-o", tmp_path / "bad",
                      "--init", "zero")
     assert result.returncode != 0 and "--init 'zero'" in result.stderr

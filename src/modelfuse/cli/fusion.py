@@ -245,11 +245,13 @@ def transplant_command(
                                            "or mean (of the model's pieces).")] = "omp",
     k: Annotated[int, typer.Option(min=1, help="Shared tokens per OMP code.")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """MODEL with the donor's tokenizer: shared tokens keep their rows, the others are built (OMP or mean)."""
     from modelfuse.fusion.transplant import transplant
 
-    report = transplant(model, tokenizer, out, init=init, k=k, overwrite=overwrite)  # type: ignore[arg-type]
+    report = transplant(model, tokenizer, out, init=init, k=k, overwrite=overwrite,  # type: ignore[arg-type]
+                        device=device)
     if report.numerals_split_differently:
         shown = ", ".join(report.numerals_split_differently[:10])
         console.print(f"[yellow]warning:[/] {len(report.numerals_split_differently)} numbers below 1000 are split "

@@ -22,12 +22,13 @@ from typing import Any, Literal
 
 import torch
 
+from modelfuse.devices import DeviceSpec
 from modelfuse.errors import RecipeError
 from modelfuse.fusion.tokens import token_texts
 from modelfuse.fusion.vocab_map import exact_map, special_pairs
 from modelfuse.io.writer import check_output_location
 from modelfuse.kernels.omp import orthogonal_matching_pursuit
-from modelfuse.runtime import load_model, load_tokenizer, save_model
+from modelfuse.runtime import load_model, load_tokenizer, resolve_device, save_model
 
 Init = Literal["omp", "mean"]
 
@@ -44,8 +45,11 @@ class TransplantReport:
 
 
 def transplant(model_path: str | Path, donor_path: str | Path, out: str | Path, *, init: Init = "omp", k: int = 64,
-               overwrite: bool = False) -> TransplantReport:
+               overwrite: bool = False, device: DeviceSpec | torch.device = "cpu") -> TransplantReport:
     """Write ``model_path`` with ``donor_path``'s tokenizer into ``out`` (see the module).
+
+    ``device`` is where OMP runs (its correlation products and refits: the costly part for a large vocabulary);
+    the models are loaded and written on the CPU.
 
     Raises:
         RecipeError: For an unknown ``init``, or no token shared by the two vocabularies.
@@ -78,7 +82,9 @@ def transplant(model_path: str | Path, donor_path: str | Path, out: str | Path, 
     if missing and init == "omp":
         donor, _ = load_model(donor_path)
         donor_embeddings = donor.get_input_embeddings().weight.detach()
-        atoms, codes = orthogonal_matching_pursuit(donor_embeddings[shared], donor_embeddings[missing], k)
+        where = resolve_device(device)
+        where = torch.device("cpu") if where.type == "mps" else where  # OMP refits in float64, which MPS lacks
+        atoms, codes = orthogonal_matching_pursuit(donor_embeddings[shared].to(where), donor_embeddings[missing], k)
         anchor_rows = embeddings[index].double()
         rows[missing] = torch.einsum("nk,nkd->nd", codes, anchor_rows[atoms]).to(rows.dtype)
         if head_rows is not None:

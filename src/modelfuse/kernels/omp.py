@@ -15,7 +15,9 @@ def orthogonal_matching_pursuit(dictionary: torch.Tensor, targets: torch.Tensor,
     ``batch`` targets at a time: one ``[batch, m]`` correlation product and one batched least-squares refit
     (normal equations) per step. Correlations are computed in the dictionary's precision (float32 for a float32
     one: the choice only), the refits in float64. A target stops when its residual is orthogonal to every atom.
+    Runs on the dictionary's device (``targets`` are moved there); the results are on the CPU.
     """
+    where = dictionary.device
     atoms = dictionary.double()
     choose = dictionary if dictionary.dtype == torch.float64 else dictionary.float()
     norms = choose.norm(dim=1).clamp(min=1e-12)
@@ -23,11 +25,11 @@ def orthogonal_matching_pursuit(dictionary: torch.Tensor, targets: torch.Tensor,
     chosen = torch.zeros((targets.shape[0], k), dtype=torch.long)
     coefficients = torch.zeros((targets.shape[0], k), dtype=torch.float64)
     for first in range(0, targets.shape[0], batch):
-        wanted = targets[first:first + batch].double()  # [b, d]
+        wanted = targets[first:first + batch].to(where).double()  # [b, d]
         residual = wanted.clone()
-        picked = torch.zeros((len(wanted), k), dtype=torch.long)
-        solution = torch.zeros((len(wanted), k), dtype=torch.float64)
-        active = torch.ones(len(wanted), dtype=torch.bool)
+        picked = torch.zeros((len(wanted), k), dtype=torch.long, device=where)
+        solution = torch.zeros((len(wanted), k), dtype=torch.float64, device=where)
+        active = torch.ones(len(wanted), dtype=torch.bool, device=where)
         for step in range(k):
             scores = (residual.to(choose.dtype) @ choose.T).abs() / norms  # [b, m]
             if step:
@@ -43,6 +45,6 @@ def orthogonal_matching_pursuit(dictionary: torch.Tensor, targets: torch.Tensor,
             fit = torch.linalg.solve(gram, (basis @ wanted[rows, :, None]))[..., 0]
             solution[rows, : step + 1] = fit
             residual[rows] = wanted[rows] - (fit[:, None, :] @ basis)[:, 0]
-        chosen[first:first + batch] = picked
-        coefficients[first:first + batch] = solution
+        chosen[first:first + batch] = picked.cpu()
+        coefficients[first:first + batch] = solution.cpu()
     return chosen, coefficients
