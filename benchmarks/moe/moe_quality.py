@@ -9,9 +9,10 @@ Each MoE is built by ``modelfuse moe build`` (Mixtral layout, 2 experts per toke
 routers from ``hidden`` and ``cheap_embed`` prompts (the first ``--prompts`` train prompts of each task, formatted
 as evaluation formats them) and from ``data`` (the first ``--router-texts`` train examples of each task); the best
 of the three (mean accuracy on the validation split) is compressed by ``modelfuse moe compress`` with every method
-on a calibration mixture of the four tasks' train examples. Every command runs in a child process, timed, with its
-peak resident memory. Scores: accuracy on the first 40 test examples of each task with the quality benchmark's
-scorer, its two held-out knowledge checks and perplexity on held-out text. The dense merges (TIES, RegMean,
+on a calibration mixture of the four tasks' train examples (statistics gathered once by ``modelfuse calibrate``
+and read with ``--stats``; ``prune-reconstruct`` runs the model itself). Every command runs in a child process,
+timed, with its peak resident memory. Scores: accuracy on the first 40 test examples of each task with the quality
+benchmark's scorer, its two held-out knowledge checks and perplexity on held-out text. The dense merges (TIES, RegMean,
 Twin-Merging) are the quality benchmark's committed results for the same experts, tasks and test examples
 (``benchmarks/results/quality*.json``). Writes benchmarks/results/moe.md and moe.json; builds and scores are
 cached under ``$MODELFUSE_BENCH_CACHE/moe``.
@@ -124,14 +125,21 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
                        "parameters": parameters(out, len(experts), args.top_k)}
     best = max(GATE_MODES, key=lambda mode: sum(built[mode]["validation"].values()))
     calibration = task_jsonl(specs, args.calibration_per_task, work / "calibration.jsonl")
+    samples = str(4 * args.calibration_per_task)
+    statistics = work / f"stats-{best}"
+    stages["calibrate (MoE statistics, once for every method but prune-reconstruct)"] = timed(
+        ["calibrate", str(work / f"moe-{best}"), "--data", str(calibration), "--samples", samples, "--max-tokens",
+         "256", "--stats", "routing_counts,router_logit_gram,expert_output_mean,router_inputs", "-o",
+         str(statistics), "--device", "cpu"], statistics / "calibration.json", work / "time-calibrate.json")
     compressed: dict[str, dict[str, Any]] = {}
     for keep in (3, 2):
         for method in METHODS:
             name = f"{method}-{keep}"
             out = work / f"moe-{best}-{name}"
+            source = ["--data", str(calibration), "--samples", samples, "--max-tokens", "256"] \
+                if method == "prune-reconstruct" else ["--stats", str(statistics)]
             stages[f"compress {name}"] = timed(
-                ["moe", "compress", str(work / f"moe-{best}"), "--data", str(calibration), "--experts", str(keep),
-                 "--method", method, "--samples", str(4 * args.calibration_per_task), "--max-tokens", "256",
+                ["moe", "compress", str(work / f"moe-{best}"), *source, "--experts", str(keep), "--method", method,
                  "-o", str(out), "--device", "cpu"], out / "config.json", work / f"time-compress-{name}.json")
             compressed[name] = {"test": scorer.score(f"moe-{best}-{name}", out, "test"),
                                 "parameters": parameters(out, keep, args.top_k)}
