@@ -83,7 +83,8 @@ def gemma3_target(cache: Path) -> Path:
 
     folder = cache / "gemma3-270m"
     if not (folder / "config.json").is_file():
-        gguf = cache / gemma.MODEL_NAME
+        gguf = cache / "gguf" / gemma.MODEL_NAME  # a folder of its own: the output must not lie inside the input's
+        gguf.parent.mkdir(parents=True, exist_ok=True)
         if not gguf.is_file():
             gemma.assemble(gguf)
         gguf_to_folder(gguf, folder)
