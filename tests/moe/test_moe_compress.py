@@ -223,7 +223,7 @@ def test_compress_from_a_calibrate_folder_equals_compress_from_texts(tmp_path: P
                      "-o", tmp_path / "cli", columns=300)
     assert result.returncode == 0, result.stderr
     assert load(tmp_path / "cli").generate(IDS, max_new_tokens=2, do_sample=False).shape == (1, IDS.shape[1] + 2)
-    with pytest.raises(RecipeError, match="prune-reconstruct .* give --data"):
+    with pytest.raises(RecipeError, match=r"prune-reconstruct .* give --data"):
         compress_moe(moe, tmp_path / "bad", CompressSettings(stats=str(tmp_path / "stats"), experts=2,
                                                              method="prune-reconstruct"))
     calibrate(moe, tmp_path / "counts", CalibrationSettings(texts, ("routing_counts",), samples=8), device="cpu")
