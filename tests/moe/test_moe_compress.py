@@ -199,9 +199,12 @@ def test_compress_from_a_calibrate_folder_equals_compress_from_texts(tmp_path: P
     from modelfuse.calibrate.stats import CalibrationSettings, calibrate
     from modelfuse.io.statistics import CalibrationStats
 
-    _, moe = built(tmp_path, ["e1", "e2", "e3", "e4"], layout=layout)
+    family, moe = built(tmp_path, ["e1", "e2", "e3", "e4"], layout=layout)
     texts = data(tmp_path)
     wanted = ("routing_counts", "router_logit_gram", "expert_output_mean", "router_inputs")
+    with pytest.raises(RecipeError, match=r"--stats router_logit_gram: .*no MoE layers"):
+        calibrate(family["base"], tmp_path / "dense", CalibrationSettings(texts, ("router_logit_gram",)))
+    assert not (tmp_path / "dense").exists()
     calibrate(moe, tmp_path / "stats", CalibrationSettings(texts, wanted, samples=8, batch_size=3), device="cpu")
     source = MoeCheckpoint(moe)
     folder = CalibrationStats(tmp_path / "stats")
