@@ -54,6 +54,17 @@ def test_first_k_sets_equal_torchs_sort(order: str, compiled: bool, monkeypatch:
             assert torch.equal(mask, expected), (values.numel(), k, order)
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_one_cut_at_a_time_equals_torchs_sort(order: str) -> None:
+    """One cut per call (a TIES tensor's case: the partition compares keys without a tag lookup): the set equals
+    torch's for every cut, whether the tag sorts before or after each pivot."""
+    for values, counts in _cases(seed=11, count=60):
+        for k in counts:
+            [mask] = torch_sort.first_k_masks(values, [k], order)
+            [expected] = _torch_sets(values, [k], order)
+            assert torch.equal(mask, expected), (values.numel(), k, order)
+
+
 def test_a_large_tensor_of_bfloat16_deltas() -> None:
     """A weight-sized task vector (2M entries, bfloat16 differences): the set at the median equals torch's."""
     generator = torch.Generator().manual_seed(0)
@@ -64,6 +75,8 @@ def test_a_large_tensor_of_bfloat16_deltas() -> None:
     for order in ORDERS:
         got = torch_sort.first_k_masks(values, counts, order)
         assert all(torch.equal(a, b) for a, b in zip(got, _torch_sets(values, counts, order), strict=True))
+        for k in counts:  # one cut: the lookup-free comparisons
+            assert torch.equal(torch_sort.first_k_masks(values, [k], order)[0], _torch_sets(values, [k], order)[0])
 
 
 def test_equal_kept_lists_the_equal_entries_torch_keeps() -> None:
@@ -113,7 +126,8 @@ def _adversary_input(size: int, monkeypatch: pytest.MonkeyPatch) -> tuple[np.nda
 
     monkeypatch.setattr(torch_sort, "_less", less)
     monkeypatch.setattr(torch_sort, "_heap_sort", heap_sort)
-    torch_sort._introselect(np.arange(size), np.arange(1, size, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    # two (unused) tags: the scans compare through `_less` (with one, they compare the keys directly)
+    torch_sort._introselect(np.arange(size), np.arange(1, size, dtype=np.int64), np.zeros(2, dtype=np.int64))
     monkeypatch.undo()
     return frozen.astype(np.float32), len(heaps)
 

@@ -248,6 +248,7 @@ def _partition_pivot(keys: np.ndarray, first: int, last: int, tags: np.ndarray) 
 
 
 _BLOCK = 64  # positions scanned per branch-free step of the partition
+_NO_BOUND = -(1 << 62)  # below every key, tagged or not
 
 
 def _partition(keys: np.ndarray, first: int, last: int, pivot: int, tags: np.ndarray) -> int:
@@ -264,13 +265,24 @@ def _partition(keys: np.ndarray, first: int, last: int, pivot: int, tags: np.nda
     left_next, right_next = first, last - 1  # the next positions to scan (the pivot lies at first - 1)
     left_count = left_used = right_count = right_used = 0
     previous_right = last
+    # With one cut value (the common case) a key's comparison with the pivot needs no lookup: a tagged
+    # (negative) key stops the left scan iff its tag is not after the pivot, the right scan iff not before it.
+    single = tags.shape[0] == 1
+    left_floor = _NO_BOUND if tags[0] <= pivot else 0  # left stop: left_floor <= key <= pivot
+    right_ceiling = 0 if tags[0] >= pivot else _NO_BOUND  # right stop: key >= pivot or key < right_ceiling
     while True:
         if left_used == left_count:
             left_count = left_used = 0
             stop = min(left_next + _BLOCK, last)
-            for position in range(left_next, stop):
-                left_stops[left_count] = position
-                left_count += not _less(_key(keys[position], tags), pivot)
+            if single:
+                for position in range(left_next, stop):
+                    key = keys[position]
+                    left_stops[left_count] = position
+                    left_count += (key <= pivot) & (key >= left_floor)
+            else:
+                for position in range(left_next, stop):
+                    left_stops[left_count] = position
+                    left_count += not _less(_key(keys[position], tags), pivot)
             left_next = stop
             if left_count == 0:
                 if left_next >= last:  # no stop left of the array's end: the right scan's last swap stops it
@@ -279,9 +291,15 @@ def _partition(keys: np.ndarray, first: int, last: int, pivot: int, tags: np.nda
         if right_used == right_count:
             right_count = right_used = 0
             stop = max(right_next - _BLOCK, first - 2)  # down to the pivot at first - 1, which stops the scan
-            for position in range(right_next, stop, -1):
-                right_stops[right_count] = position
-                right_count += not _less(pivot, _key(keys[position], tags))
+            if single:
+                for position in range(right_next, stop, -1):
+                    key = keys[position]
+                    right_stops[right_count] = position
+                    right_count += (key >= pivot) | (key < right_ceiling)
+            else:
+                for position in range(right_next, stop, -1):
+                    right_stops[right_count] = position
+                    right_count += not _less(pivot, _key(keys[position], tags))
             right_next = stop
             if right_count == 0:
                 continue
