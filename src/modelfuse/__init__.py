@@ -6,12 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modelfuse._version import __version__
-from modelfuse.errors import CheckpointError, ModelfuseError, OutputError, RecipeError, ShapeMismatchError
-from modelfuse.methods import all_methods, get_method, register
-from modelfuse.options import MergeOptions
-from modelfuse.plan import MergePlan, TensorJob, build_plan
-from modelfuse.recipe import Recipe, load_recipe
+from modelfuse._gc import gc_paused
+
+with gc_paused():  # torch's import: modelfuse/_gc.py
+    from modelfuse._version import __version__
+    from modelfuse.errors import CheckpointError, ModelfuseError, OutputError, RecipeError, ShapeMismatchError
+    from modelfuse.methods import all_methods, get_method, register
+    from modelfuse.options import MergeOptions
+    from modelfuse.plan import MergePlan, TensorJob, build_plan
+    from modelfuse.recipe import Recipe, load_recipe
 
 
 def plan(recipe: Recipe | dict[str, Any] | str | Path, *, allow_pickle: bool = False) -> MergePlan:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import sys
 
-import typer
+from modelfuse._gc import gc_paused
 
-# Importing a group registers its commands on the app, in the order ``--help`` lists them.
-# isort: off
-from modelfuse.cli import merging, analysis, evaluation, learn, lora, fusion, moe  # noqa: F401  (registration)
-# isort: on
-from modelfuse.cli._app import _state, app, console
-from modelfuse.errors import ModelfuseError, interrupt_exit_code
+with gc_paused():  # typer, rich, pydantic: modelfuse/_gc.py
+    import typer
+
+    # Importing a group registers its commands on the app, in the order ``--help`` lists them.
+    # isort: off
+    from modelfuse.cli import merging, analysis, evaluation, learn, lora, fusion, moe  # noqa: F401  (registration)
+    # isort: on
+    from modelfuse.cli._app import _state, app, console
+    from modelfuse.errors import ModelfuseError, interrupt_exit_code
 
 
 def main() -> None:

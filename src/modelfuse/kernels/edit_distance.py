@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from modelfuse._gc import gc_paused
+
 _compiled: dict[str, Any] = {}
 _lock = threading.Lock()
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -172,10 +174,11 @@ def _function(name: str) -> Any:
         return {"distance": _distance, "dtw": _dtw, "nearest": _nearest}[name]
     with _lock:
         if not _compiled:
-            import numba
-            from numba.extending import register_jitable
+            with gc_paused():  # numba's import and cache: modelfuse/_gc.py
+                import numba
+                from numba.extending import register_jitable
 
-            register_jitable(_distance)  # callable from the compiled functions below
-            for key, function in (("distance", _distance), ("dtw", _dtw), ("nearest", _nearest)):
-                _compiled[key] = numba.njit(nogil=True, cache=True)(function)
+                register_jitable(_distance)  # callable from the compiled functions below
+                for key, function in (("distance", _distance), ("dtw", _dtw), ("nearest", _nearest)):
+                    _compiled[key] = numba.njit(nogil=True, cache=True)(function)
     return _compiled[name]

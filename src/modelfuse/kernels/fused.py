@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelfuse._gc import gc_paused
 from modelfuse.kernels.random import GOLDEN_GAMMA, MIX_1, MIX_2, keep_limit
 from modelfuse.kernels.topk import TopkThreshold
 from modelfuse.kernels.torch_sort import first_k_masks
@@ -39,22 +40,24 @@ def _kernels() -> dict[str, Any]:
     next to this module, or nowhere when that folder is read-only)."""
     with _compile_lock:
         if not _compiled:
-            import numba
-            from numba.extending import register_jitable
+            with gc_paused():  # numba's import and cache: modelfuse/_gc.py
+                import numba
+                from numba.extending import register_jitable
 
-            register_jitable(_sum4)  # called from the compiled loops; a plain function here
-            loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
-                     "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
-                     "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop,
-                     "ties_bf16": _ties_bf16_loop, "dropped_l1_bf16": _dropped_l1_bf16_loop}
-            for name, loop in loops.items():
-                try:
-                    _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
-                except RuntimeError:  # numba found no writable cache folder: compile in every process
-                    _compiled[name] = numba.njit(nogil=True)(loop)
+                register_jitable(_sum4)  # called from the compiled loops; a plain function here
+                loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
+                         "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
+                         "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop,
+                         "ties_bf16": _ties_bf16_loop, "dropped_l1_bf16": _dropped_l1_bf16_loop}
+                for name, loop in loops.items():
+                    try:
+                        _compiled[name] = numba.njit(nogil=True, cache=True)(loop)
+                    except RuntimeError:  # numba found no writable cache folder: compile in every process
+                        _compiled[name] = numba.njit(nogil=True)(loop)
     return _compiled
 
 
+@gc_paused()  # loading the compiled kernels from numba's cache: modelfuse/_gc.py
 def warm_up(model_counts: Iterable[int]) -> None:
     """Load the compiler and the kernels for merges of these numbers of models now (no-op without numba).
 
