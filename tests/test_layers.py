@@ -22,12 +22,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("engine",)),
     ("runtime", ("runtime",)),
     ("workflows", ("lora", "calibrate", "learn", "evaluation", "analysis", "compress", "extract", "demo", "render",
-                   "examples", "fusion", "moe")),
+                   "examples", "fusion", "moe", "search")),
     ("cli", ("cli",)),
 ]
 # The runtime sits beside the merge core, not on it: it may use io and foundation only.
 RUNTIME_MAY_USE = {"foundation", "io", "runtime"}
-WORKFLOWS = ("calibrate", "evaluation", "learn", "lora", "analysis", "runtime", "fusion", "moe")
+WORKFLOWS = ("calibrate", "evaluation", "learn", "lora", "analysis", "runtime", "fusion", "moe", "search")
 
 
 def module_name(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ from modelfuse.engine.prepass import (
 )
 from modelfuse.engine.units import WorkUnit, l1_prepass, mergekit_order, rowwise, torch_draws
 from modelfuse.errors import ModelfuseError
-from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField, TorchDraws
 from modelfuse.kernels.topk import TopkThreshold, topk_chunk_mask
@@ -277,7 +276,19 @@ def _piece_masks(
     return masks
 
 
-def run_unit(unit: WorkUnit, plan: MergePlan, writer: ShardWriter, allow_nonfinite: bool = False,
+class TensorOutput(Protocol):
+    """Where computed tensors go: ``io.writer.ShardWriter`` (shards on disk) or ``engine.memory.TensorSink``."""
+
+    def write_rows(self, name: str, start_row: int, block: torch.Tensor) -> None: ...
+
+    def shard_exists(self, name: str) -> bool: ...
+
+    def mark_written(self, name: str) -> None: ...
+
+    def sync(self) -> None: ...
+
+
+def run_unit(unit: WorkUnit, plan: MergePlan, writer: TensorOutput, allow_nonfinite: bool = False,
              device: torch.device = CPU) -> None:
     """Compute one work unit and write it in place (on a pool thread; blocks use the thread's buffers).
 

@@ -10,19 +10,27 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
-from modelfuse.engine.compute import run_unit
+from modelfuse.engine.compute import TensorOutput, run_unit
 from modelfuse.engine.units import WorkUnit, work_units
-from modelfuse.io.journal import Journal
-from modelfuse.io.writer import ShardWriter
 from modelfuse.kernels import fused
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
+
+
+class DoneRecord(Protocol):
+    """Which tensors are finished (``io.journal.Journal``, or nothing kept for a merge held in memory)."""
+
+    done: set[str]
+
+    def record(self, name: str, sync: Callable[[], None]) -> None: ...
+
+    def flush(self, sync: Callable[[], None]) -> None: ...
 
 _ENGINE_RESERVE_BYTES = 16 << 20  # writer buffers, thread stacks, Python objects
 MIN_TENSOR_BUDGET_BYTES = 8 << 20
@@ -73,10 +81,10 @@ def tensor_budget(max_memory_bytes: int, threads: int) -> int:
 
 def execute(
     plan: MergePlan,
-    writer: ShardWriter,
+    writer: TensorOutput,
     options: MergeOptions,
     on_tensor: Callable[[TensorJob], None] | None,
-    journal: Journal,
+    journal: DoneRecord,
 ) -> None:
     """Compute work units on a thread pool, each written in place by its thread, within the memory budget.
 
