@@ -214,13 +214,15 @@ class SearchSpace:
     def _slot(self, node: dict[str, Any], path: Path_) -> _Slot:
         where = _dotted(path)
         kind = self._kind(path)
+        if kind is None:
+            raise RecipeError(f"{self.source}: {where}: only parameter values, weights and the method can be searched")
         if "choice" in node:
             extra = set(node) - _CHOICE_KEYS
             choices = node["choice"]
             if extra or not isinstance(choices, list) or len(choices) < 2:
                 raise RecipeError(f"{self.source}: {where}: a choice is {{choice: [a, b, ...]}} with two values or "
                                   f"more{'; unknown key ' + ', '.join(sorted(map(str, extra))) if extra else ''}")
-            if kind is not None and kind[0] is float and any(isinstance(c, bool) for c in choices):
+            if kind[0] is float and any(isinstance(c, bool) for c in choices):
                 raise RecipeError(f"{self.source}: {where}: choices must be numbers")
             return _Slot(path, (Dimension(where, choices=tuple(choices)),), None)
         extra = set(node) - _SEARCH_KEYS
@@ -239,8 +241,6 @@ class SearchSpace:
         knots = node.get("knots")
         if knots is not None and (isinstance(knots, bool) or not isinstance(knots, int) or knots < 2):
             raise RecipeError(f"{self.source}: {where}: knots is an integer >= 2 (the anchors of a depth gradient)")
-        if kind is None:
-            raise RecipeError(f"{self.source}: {where}: only parameter values, weights and the method can be searched")
         integer = kind[0] is int
         if kind[0] is bool:
             raise RecipeError(f"{self.source}: {where}: {kind[1]} is true or false; search it as {{choice: [true, "
