@@ -8,6 +8,7 @@ from modelfuse.runtime.loading import (
     load_model,
     load_tokenizer,
     make_config,
+    model_from_tensors,
     register_loader,
     save_model,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "make_config",
+    "model_from_tensors",
     "on_device",
     "perplexity",
     "register_loader",

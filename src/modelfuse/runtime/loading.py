@@ -90,6 +90,45 @@ def load_model(path: str | Path, *, device: DeviceSpec | torch.device = "cpu", d
     return model, tokenizer
 
 
+def model_from_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                       device: DeviceSpec | torch.device = "cpu", dtype: DtypeName | torch.dtype | None = "float32",
+                       model: Any = None) -> Any:
+    """A causal LM (eval mode) of ``config`` holding ``tensors`` (a checkpoint's state dict, e.g. a merge held in
+    memory), on ``device`` in ``dtype``; ``model``, when given, is refilled instead (same config). Tensors are
+    converted to the model's dtype as ``from_pretrained`` converts a checkpoint's.
+
+    Raises:
+        CheckpointError: If a tensor does not belong to the model, or a weight that is not tied has no tensor.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model is None:
+        where = resolve_device(device)
+        settings = {key: value for key, value in config.items() if key != "model_type"}
+        try:
+            built = AutoConfig.for_model(config["model_type"], **settings)
+            model = AutoModelForCausalLM.from_config(built, dtype=resolve_dtype(dtype, where),
+                                                     trust_remote_code=False)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"cannot build a causal LM from the config ({error})") from error
+        model.to(where)
+        model.eval()
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {name for name in missing if _tied(model, name)}
+    if unexpected or set(missing) - tied:
+        problem = (f"tensor {sorted(unexpected)[0]!r} is not a weight of the model" if unexpected else
+                   f"weight {sorted(set(missing) - tied)[0]!r} has no tensor")
+        raise CheckpointError(f"cannot load the merged tensors into {type(model).__name__}: {problem}")
+    return model
+
+
+def _tied(model: Any, name: str) -> bool:
+    """Whether parameter ``name`` shares its storage with another parameter of the model (tied embeddings)."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    target = parameters.get(name)
+    return target is not None and any(other is target for key, other in parameters.items() if key != name)
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a model folder, a ``.gguf`` file, or ``BASE+ADAPTER`` (the base's), without the model.
 
