@@ -56,13 +56,14 @@ class Fitness:
         RecipeError: If a task cannot load or the callable cannot be imported, naming it.
     """
 
-    def __init__(self, spec: FitnessSpec, *, seed: int = 0, max_new_tokens: int | None = None) -> None:
+    def __init__(self, spec: FitnessSpec, *, seed: int = 0, max_new_tokens: int | None = None,
+                 import_dir: Path | None = None) -> None:
         self.spec = spec
         self.max_new_tokens = max_new_tokens or spec.max_new_tokens
         self.tasks: list[tuple[Task | str, float, int | None]] = []
         self.function: Callable[..., Any] | None = None
         if spec.callable is not None:
-            self.function = import_callable(spec.callable)
+            self.function = import_callable(spec.callable, import_dir or Path.cwd())
             return
         assert spec.tasks is not None
         for item in spec.tasks:
@@ -108,15 +109,15 @@ class Fitness:
         return total / weights, scores
 
 
-def import_callable(reference: str) -> Callable[..., Any]:
-    """``module:function`` imported, the working directory first on the path.
+def import_callable(reference: str, folder: Path) -> Callable[..., Any]:
+    """``module:function`` imported, ``folder`` (the search's working directory) first on the path.
 
     Raises:
         RecipeError: If the module or the function cannot be found.
     """
     module_name, _, attribute = reference.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
     try:
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
@@ -138,12 +139,12 @@ class Evaluator:
     """
 
     def __init__(self, space: SearchSpace, *, device: DeviceSpec = "cpu", dtype: DtypeName = "float32",
-                 options: MergeOptions | None = None, seed: int = 0) -> None:
+                 options: MergeOptions | None = None, seed: int = 0, import_dir: Path | None = None) -> None:
         self.space = space
         self.device = device
         self.dtype = dtype
         self.options = options or MergeOptions()
-        self.fitness = Fitness(space.fitness, seed=seed)
+        self.fitness = Fitness(space.fitness, seed=seed, import_dir=import_dir)
         self._model: Any = None
         self._config: dict[str, Any] | None = None
         self._tokenizer: Any = None

@@ -119,6 +119,7 @@ class SearchSpace:
         if "merge_method" in data:
             raise RecipeError(f"{source}: write the space as a modelfuse recipe (method, models, parameters), not "
                               "a mergekit YAML")
+        self.data = copy.deepcopy(data)  # as written (a Ray worker rebuilds the space from it)
         self.source = source
         self.base_dir = base_dir
         if "fitness" not in data:
