@@ -34,6 +34,7 @@ dense (transformers has no factored expert), so it changes the weights, not the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -270,52 +271,75 @@ def read_moe_statistics(folder: Path, source: MoeCheckpoint) -> dict[int, LayerS
     return stats
 
 
+class _Captured(Exception):
+    """Stops a forward pass once the first decoder layer's inputs are captured."""
+
+
 def _progressive_prune(model: Any, batches: list[dict[str, torch.Tensor]], source: MoeCheckpoint,
                        settings: CompressSettings, say: Callable[[str], None]) -> dict[int, list[int]]:
     """NAEE, layer by layer: each layer's subset is scored on inputs from the model whose earlier layers are
-    already pruned (a hook swaps a pruned layer's routed output for that of its kept experts)."""
+    already pruned (a hook swaps a pruned layer's routed output for that of its kept experts).
+
+    The text's hidden states are carried from one decoder layer to the next (each layer called with the arguments
+    the model gave its first layer: attention mask, position embeddings), so every layer runs twice in all (once
+    to gather its MoE inputs, once pruned to give the next layer's inputs) instead of the whole model once per
+    layer."""
     blocks = moe_blocks(model)
+    layers = model.get_decoder().layers
     normalize = source.arch.name == "mixtral" or bool(source.checkpoint.config.get("norm_topk_prob", False))
     kept: dict[int, list[int]] = {}
-    captured: list[torch.Tensor] = []
-    mask: torch.Tensor | None = None
-    current: int | None = None
+    device = input_device(model)
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []  # per batch: the first layer's positional, keyword args
 
-    def hook(index: int) -> Callable[..., Any]:
-        block = blocks[index]
+    def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((args, kwargs))
+        raise _Captured
 
-        def swap(module: Any, args: tuple[Any, ...], output: Any) -> Any:
-            hidden = args[0]
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            if index == current:
-                real = rows[mask.reshape(-1)] if mask is not None and rows.shape[0] == mask.numel() else rows
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Captured):
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          use_cache=False)
+    finally:
+        handle.remove()
+    masks = [batch["attention_mask"].to(device).bool().reshape(-1) for batch in batches]
+    hidden = [_hidden_of(args, kwargs) for args, kwargs in calls]
+
+    def run_layer(index: int, states: torch.Tensor, call: tuple[tuple[Any, ...], dict[str, Any]]) -> torch.Tensor:
+        args, kwargs = call
+        if args:
+            output = layers[index](states, *args[1:], **kwargs)
+        else:
+            output = layers[index](**{**kwargs, "hidden_states": states})
+        return output[0] if isinstance(output, tuple) else output
+
+    for index in range(len(layers)):
+        if index in blocks:
+            block = blocks[index]
+            captured: list[torch.Tensor] = []
+            current_mask: list[torch.Tensor] = []
+
+            def gather(module: Any, args: tuple[Any, ...], captured: list[torch.Tensor] = captured,
+                       current_mask: list[torch.Tensor] = current_mask) -> None:
+                rows = args[0].reshape(-1, args[0].shape[-1])
+                mask = current_mask[0]
+                real = rows[mask] if rows.shape[0] == mask.numel() else rows
                 room = settings.keep_inputs - sum(int(part.shape[0]) for part in captured)
                 if room > 0:
                     captured.append(real[:room].detach().float().cpu())
-            if index not in kept:
-                return output
-            experts = block_experts(block)
-            router = block.gate.weight.detach()
-            top_k = source.top_k
-            full = moe_output(rows, experts, router, top_k, normalize=normalize)
-            subset = kept[index]
-            pruned = moe_output(rows, [experts[i] for i in subset], router[subset], top_k, normalize=normalize)
-            result = output[0] if isinstance(output, tuple) else output
-            changed = result + (pruned - full).reshape(result.shape).to(result.dtype)
-            return (changed, *output[1:]) if isinstance(output, tuple) else changed
 
-        return swap
-
-    handles = [blocks[index].register_forward_hook(hook(index)) for index in blocks]
-    device = input_device(model)
-    try:
-        for index in blocks:
-            current, captured[:] = index, []
-            with torch.no_grad():
-                for batch in batches:
-                    mask = batch["attention_mask"].to(device).bool()
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            block = blocks[index]
+            handle = block.register_forward_pre_hook(gather)
+            try:
+                with torch.no_grad():
+                    for states, call, mask in zip(hidden, calls, masks, strict=True):
+                        if sum(int(part.shape[0]) for part in captured) >= settings.keep_inputs:
+                            break
+                        current_mask[:] = [mask]
+                        run_layer(index, states, call)
+            finally:
+                handle.remove()
             inputs = torch.cat(captured).to(block.gate.weight.dtype)
             try:
                 kept[index] = best_subset(inputs, block_experts(block), block.gate.weight.detach(), source.top_k,
@@ -323,7 +347,36 @@ def _progressive_prune(model: Any, batches: list[dict[str, torch.Tensor]], sourc
             except ValueError as error:
                 raise RecipeError(f"--method prune-reconstruct: {error}") from None
             say(f"layer {index}: kept experts {kept[index]}")
-    finally:
-        for handle in handles:
-            handle.remove()
+            handle = block.register_forward_hook(_pruned_output(block, kept[index], source.top_k, normalize))
+        else:
+            handle = None
+        try:
+            with torch.no_grad():
+                hidden = [run_layer(index, states, call) for states, call in zip(hidden, calls, strict=True)]
+        finally:
+            if handle is not None:
+                handle.remove()
     return kept
+
+
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positionally or as ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _pruned_output(block: Any, subset: list[int], top_k: int, normalize: bool) -> Callable[..., Any]:
+    """A forward hook that swaps the MoE block's routed output for that of its ``subset`` of experts (routed by
+    their own router rows), the rest of its output (a shared expert's) kept."""
+
+    def swap(module: Any, args: tuple[Any, ...], output: Any) -> Any:
+        hidden = args[0]
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        experts = block_experts(block)
+        router = block.gate.weight.detach()
+        full = moe_output(rows, experts, router, top_k, normalize=normalize)
+        pruned = moe_output(rows, [experts[i] for i in subset], router[subset], top_k, normalize=normalize)
+        result = output[0] if isinstance(output, tuple) else output
+        changed = result + (pruned - full).reshape(result.shape).to(result.dtype)
+        return (changed, *output[1:]) if isinstance(output, tuple) else changed
+
+    return swap
