@@ -192,6 +192,29 @@ class SearchSpace:
         mapping = self.mapping(point)
         return resolve_paths(mapping, self.base_dir) if self.base_dir is not None else mapping
 
+    def point_of(self, mapping: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:
+        """The point of a plain recipe written in this space (a known-good recipe to seed the search with): the
+        value at each searched place, a gradient of ``knots`` values where the space has one.
+
+        Raises:
+            RecipeError: If the recipe lacks a searched value or has one of the wrong form, naming it.
+        """
+        point: dict[str, Any] = {}
+        for slot in self._slots:
+            node: Any = mapping
+            try:
+                for part in slot.path:
+                    node = node[part]
+            except (KeyError, IndexError, TypeError):
+                raise RecipeError(f"{source}: no value at {_dotted(slot.path)}, which the space searches") from None
+            values = node if slot.knots else [node]
+            if not isinstance(values, list) or len(values) != len(slot.dimensions):
+                raise RecipeError(f"{source}: {_dotted(slot.path)}: the space searches "
+                                  f"{'a list of ' + str(slot.knots) + ' values' if slot.knots else 'one value'} there")
+            for dimension, value in zip(slot.dimensions, values, strict=True):
+                point[dimension.name] = value
+        return point
+
     def methods(self) -> list[str]:
         """The method names the space may use."""
         for slot in self._slots:

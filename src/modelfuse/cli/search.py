@@ -1,0 +1,79 @@
+"""Recipe search: modelfuse search SPACE.yml -o OUT."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console
+
+
+@app.command(name="search", epilog="Example: modelfuse search space.yml -o ./search --optimizer cma --budget 50 "
+             "--ray auto --workers 2")
+def search_command(
+    space: Annotated[Path, typer.Argument(help="The search space: a recipe whose values may be {search: \\[low, "
+                                               "high]} or {choice: [...]}, and a fitness.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the search: its log, best.yml, report.json, "
+                                                          "convergence.png.")],
+    optimizer: Annotated[str, typer.Option(help="cma (CMA-ES), tpe (Optuna TPE) or random.")] = "cma",
+    budget: Annotated[int, typer.Option(min=1, help="Candidates to evaluate.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the optimiser (and of generated tasks).")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Candidates asked together (the candidates depend on it, never "
+                                                   "on --workers).")] = 8,
+    max_time: Annotated[float | None, typer.Option(min=0, help="Seconds after which no new batch starts.")] = None,
+    seed_recipe: Annotated[list[Path] | None, typer.Option(help="A known-good recipe evaluated first (repeat).")]
+    = None,
+    ray: Annotated[str | None, typer.Option(help="auto (a Ray on this machine) or a cluster's address: evaluate on "
+                                                 "Ray workers.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray workers (each holds one model).")] = 1,
+    cpus_per_worker: Annotated[float, typer.Option(min=0, help="CPUs per Ray worker.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per Ray worker.")] = 0,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    threads: Annotated[int | None, typer.Option(min=1, help="Merge threads per evaluation.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the search logged in OUT.")] = False,
+    save_model: Annotated[bool, typer.Option(help="Also write the best recipe's merged model to OUT/model.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Check the space and list its dimensions; evaluate nothing.")] = False,
+) -> None:
+    """Search merge recipes: candidates merged in memory, scored on the validation split, the best one scored once
+    on the test split and written as a plain recipe."""
+    from modelfuse.devices import DtypeName
+    from modelfuse.errors import RecipeError
+    from modelfuse.search.optimizers import OPTIMIZERS, OptimizerName
+    from modelfuse.search.run import describe, run_search
+    from modelfuse.search.space import SearchSpace
+
+    if optimizer not in OPTIMIZERS:
+        raise RecipeError(f"--optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if dry_run:
+        table = Table("dimension", "kind", "values", title=f"{space}: {len(SearchSpace.load(space).dimensions)} "
+                      "dimensions")
+        for row in describe(SearchSpace.load(space)):
+            table.add_row(row["name"], row["kind"], ", ".join(map(str, row["values"])))
+        out_console.print(table)
+        return
+    began = time.perf_counter()
+
+    def show(record: Any, best: Any) -> None:
+        fitness = "failed" if record.fitness is None else f"{record.fitness:.4g}"
+        note = f"  ({escape(record.error)})" if record.error else ""
+        console.print(f"  #{record.number:<4} fitness {fitness:>9}   best {best.fitness if best else float('nan'):.4g}"
+                      f"   {record.seconds:6.1f} s  {record.worker}{note}", highlight=False, soft_wrap=True)
+
+    result = run_search(space, out, optimizer=cast(OptimizerName, optimizer), budget=budget, seed=seed,
+                        batch=batch, max_seconds=max_time, seed_recipes=seed_recipe or [], ray=ray, workers=workers,
+                        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
+                        dtype=cast(DtypeName, dtype), threads=threads, resume=resume, save_model=save_model,
+                        on_record=show,
+                        on_warning=lambda line: console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
+    best = result.best
+    assert best is not None  # run_search raises when no candidate could be scored
+    test = "" if result.test_fitness is None else f", test fitness {result.test_fitness:.4g} " + ", ".join(
+        f"{name} {value:.3f}" for name, value in (result.test_scores or {}).items())
+    out_console.print(f"[green]searched[/] {len(result.records)} candidates in {time.perf_counter() - began:.0f} s: "
+                      f"best #{best.number}, validation fitness {best.fitness:.4g}{test} -> {out / 'best.yml'}")
