@@ -104,9 +104,8 @@ class SearchResult:
 
 
 def space_digest(space: SearchSpace) -> str:
-    """A digest of the space's recipe and fitness (a resumed search must search the same space)."""
-    text = json.dumps({"template": space.template, "fitness": space.fitness.model_dump(mode="json")},
-                      sort_keys=True, default=str)
+    """A digest of the space as written (a resumed search must search the same space)."""
+    text = json.dumps(space.data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

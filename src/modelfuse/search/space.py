@@ -29,6 +29,7 @@ take is refused. Every candidate is a plain recipe (:meth:`SearchSpace.recipe`),
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,15 @@ class SearchSpace:
             raise RecipeError(f"{source}: fitness{'.' + where if where else ''}: {first['msg']}") from None
         self.template = {key: value for key, value in data.items() if key not in _SPACE_KEYS}
         self._slots: list[_Slot] = []
+        self.layers: LayerSpace | None = None
+        if "layers" in self.template:
+            self.layers = LayerSpace(self.template.pop("layers"), source=source, base_dir=base_dir)
+            stray = sorted(set(self.template) - _LAYER_SPACE_KEYS)
+            if stray:
+                raise RecipeError(f"{source}: {stray[0]}: a layer space builds the recipe itself; keep only layers, "
+                                  f"fitness and {', '.join(sorted(_LAYER_SPACE_KEYS))}")
+            self._slots = [_Slot(("layers", index), (dimension,), None)
+                           for index, dimension in enumerate(self.layers.dimensions)]
         self._walk(self.template, ())
         if not self._slots:
             raise RecipeError(f"{source}: the space searches nothing; write a value as {{search: [low, high]}} or "
@@ -167,6 +177,14 @@ class SearchSpace:
             RecipeError: If a dimension has no value or a value outside it.
         """
         recipe = copy.deepcopy(self.template)
+        if self.layers is not None:
+            for dimension in self.dimensions:
+                if dimension.name not in point:
+                    raise RecipeError(f"{self.source}: no value for {dimension.name}")
+                if not dimension.contains(point[dimension.name]):
+                    raise RecipeError(f"{self.source}: {dimension.name} = {point[dimension.name]!r} is outside "
+                                      "the space")
+            return {**recipe, **self.layers.recipe(point)}
         for slot in self._slots:
             values = []
             for dimension in slot.dimensions:
@@ -199,6 +217,8 @@ class SearchSpace:
         Raises:
             RecipeError: If the recipe lacks a searched value or has one of the wrong form, naming it.
         """
+        if self.layers is not None:
+            raise RecipeError(f"{source}: a layer space takes no seed recipes")
         point: dict[str, Any] = {}
         for slot in self._slots:
             node: Any = mapping
@@ -217,6 +237,8 @@ class SearchSpace:
 
     def methods(self) -> list[str]:
         """The method names the space may use."""
+        if self.layers is not None:
+            return ["passthrough"]
         for slot in self._slots:
             if slot.path == ("method",):
                 return [str(choice) for choice in slot.dimensions[0].choices or ()]
@@ -320,7 +342,10 @@ class SearchSpace:
                                 f"{method} ({spec.describe_range()}); narrow the search") from None
 
     def _corners(self) -> list[dict[str, Any]]:
-        """One point per method choice (the middle of every range, the first of every other choice)."""
+        """One point per method choice (the middle of every range, the first of every other choice); for a layer
+        space, the path through every layer once."""
+        if self.layers is not None:
+            return [self.layers.every_layer_once()]
         middle: dict[str, Any] = {}
         for dimension in self.dimensions:
             if dimension.choices is not None:
@@ -336,6 +361,109 @@ class SearchSpace:
                 point["method"] = method
             points.append(point)
         return points
+
+
+_LAYER_SPACE_KEYS = {"dtype", "name", "tokenizer_source", "chat_template", "shard_size"}
+INCLUDED = 0.5
+"""A layer slot is on the path when its searched indicator is above this (a continuous value, as CMA-ES wants)."""
+
+
+class LayerSpace:
+    """The data-flow space of the evolutionary merge paper (Akiba et al. 2024, arXiv:2403.13187): an output model
+    built as a path through the layers of several models of one architecture.
+
+    ``layers: {models: [A, B], repeats: R, scale: {search: [low, high]}}``: the slots are every layer of every model
+    in turn (A's layers in order, then B's), the whole sequence ``R`` times; one indicator per slot (a number in
+    [0, 1], the layer is on the path when above 0.5) and, with ``scale``, one factor per ordered pair of models
+    (i -> j) applied to a layer reached from a layer of model i (j its own model): it multiplies the layer's
+    output projections (``o_proj``, ``down_proj``, ``c_proj``, ``out_proj``), so it scales what the layer adds to
+    the residual stream. The paper scales the hidden state a layer receives instead, which no checkpoint can hold
+    (a normalisation follows); this is the closest change a saved model carries. Embeddings come from the first
+    layer's model, the final norm and head from the last one's (``passthrough``). A path with no layer fails as
+    a candidate.
+    """
+
+    _OUTPUT_PROJECTIONS = r"re:\.(o_proj|down_proj|c_proj|out_proj|dense_4h_to_h)\.weight$"
+
+    def __init__(self, spec: Any, *, source: str, base_dir: Path | None) -> None:
+        where = f"{source}: layers"
+        if not isinstance(spec, dict) or not isinstance(spec.get("models"), list) or not spec["models"]:
+            raise RecipeError(f"{where}: give models: [PATH, ...] (the models whose layers form the path)")
+        extra = set(spec) - {"models", "repeats", "scale"}
+        if extra:
+            raise RecipeError(f"{where}: unknown key {sorted(extra)[0]} (models, repeats, scale)")
+        repeats = spec.get("repeats", 1)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise RecipeError(f"{where}.repeats: an integer >= 1")
+        self.models = [str(model) for model in spec["models"]]
+        self.counts = [_layer_count(model, base_dir, f"{where}.models[{index}]")
+                       for index, model in enumerate(self.models)]
+        self.slots = [(model, layer) for _ in range(repeats) for model, count in enumerate(self.counts)
+                      for layer in range(count)]
+        self.dimensions = [Dimension(f"layers.include#{index}", 0.0, 1.0) for index in range(len(self.slots))]
+        self.scaled = "scale" in spec
+        if self.scaled:
+            bounds = spec["scale"].get("search") if isinstance(spec["scale"], dict) else None
+            if (not isinstance(bounds, list) or len(bounds) != 2 or set(spec["scale"]) != {"search"}
+                    or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                    or not bounds[0] < bounds[1]):
+                raise RecipeError(f"{where}.scale: give {{search: [low, high]}} with low < high")
+            self.dimensions += [Dimension(f"layers.scale#{i}->{j}", float(bounds[0]), float(bounds[1]))
+                                for i in range(len(self.models)) for j in range(len(self.models))]
+
+    def path(self, point: dict[str, Any]) -> list[tuple[int, int, float]]:
+        """The (model, layer, scale) of each layer on the path at ``point``."""
+        chosen = [slot for index, slot in enumerate(self.slots) if point[f"layers.include#{index}"] > INCLUDED]
+        path = []
+        for position, (model, layer) in enumerate(chosen):
+            previous = chosen[position - 1][0] if position else model
+            scale = float(point[f"layers.scale#{previous}->{model}"]) if self.scaled else 1.0
+            path.append((model, layer, scale))
+        return path
+
+    def recipe(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The passthrough recipe of the path at ``point`` (slices of one layer each)."""
+        slices = []
+        for model, layer, scale in self.path(point):
+            piece: dict[str, Any] = {"sources": [{"path": self.models[model], "layer_range": [layer, layer + 1]}]}
+            if scale != 1.0:
+                piece["parameters"] = {"scale": [{"match": self._OUTPUT_PROJECTIONS, "value": scale},
+                                                 {"value": 1.0}]}
+            slices.append(piece)
+        if not slices:
+            raise RecipeError("layers: the candidate's path takes no layer")
+        return {"method": "passthrough", "slices": slices}
+
+    def every_layer_once(self) -> dict[str, Any]:
+        """The point whose path is the first model's layers once, unscaled (checks the space builds a recipe)."""
+        point: dict[str, Any] = {f"layers.include#{index}": float(index < self.counts[0])
+                                 for index in range(len(self.slots))}
+        if self.scaled:
+            low, high = self.dimensions[-1].low, self.dimensions[-1].high
+            assert low is not None and high is not None
+            middle = min(max(1.0, low), high)
+            point.update({dimension.name: middle for dimension in self.dimensions if "scale" in dimension.name})
+        return point
+
+
+def _layer_count(model: str, base_dir: Path | None, where: str) -> int:
+    """``num_hidden_layers`` (or ``n_layer``) from a model folder's config.json.
+
+    Raises:
+        RecipeError: If the folder or its config cannot be read.
+    """
+    folder = Path(model)
+    if not folder.is_dir() and base_dir is not None and (base_dir / folder).is_dir():
+        folder = base_dir / folder
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"{where}: {model}: cannot read its config.json ({error})") from None
+    config = config.get("text_config", config)
+    count = config.get("num_hidden_layers", config.get("n_layer"))
+    if not isinstance(count, int) or count < 1:
+        raise RecipeError(f"{where}: {model}: config.json names no layer count (num_hidden_layers)")
+    return count
 
 
 def _parameter_name(path: Path_) -> str | None:
