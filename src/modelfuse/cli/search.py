@@ -77,3 +77,40 @@ def search_command(
         f"{name} {value:.3f}" for name, value in (result.test_scores or {}).items())
     out_console.print(f"[green]searched[/] {len(result.records)} candidates in {time.perf_counter() - began:.0f} s: "
                       f"best #{best.number}, validation fitness {best.fitness:.4g}{test} -> {out / 'best.yml'}")
+
+
+@app.command(name="fw-merge", epilog="Example: modelfuse fw-merge ./math ./code ./chat --data rg:basic_arithmetic "
+             "--steps 10 -o ./fw")
+def fw_merge_command(
+    pool: Annotated[list[Path], typer.Argument(help="The pool: model folders of one architecture.")],
+    data: Annotated[list[str], typer.Option(help="A proxy task (rg:NAME, a task .jsonl): its train split gives the "
+                                                 "loss (repeat).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged model's folder.")],
+    start: Annotated[Path | None, typer.Option(help="Where the weights start (default: the first pool model).")]
+    = None,
+    steps: Annotated[int, typer.Option(min=1, help="Frank-Wolfe steps.")] = 10,
+    examples: Annotated[int, typer.Option(min=1, help="Train examples per task in the proxy loss.")] = 16,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens kept per example.")] = 256,
+    granularity: Annotated[str, typer.Option(help="model (one pool model per step) or tensor (per tensor).")]
+    = "model",
+    scale: Annotated[float, typer.Option(min=0, max=1, help="Multiplies the step size 2/(t+2).")] = 1.0,
+    device: DeviceOption = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of generated tasks.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """FW-Merging: Frank-Wolfe over the pool's convex hull, each step towards the pool model most aligned with the
+    negative gradient of the proxy loss (step 2/(t+2))."""
+    from modelfuse.errors import RecipeError
+    from modelfuse.search.frank_wolfe import Granularity, fw_merge
+
+    if granularity not in ("model", "tensor"):
+        raise RecipeError(f"--granularity {granularity!r}: use model or tensor")
+    report = fw_merge(pool, out, data=data, start=start, steps=steps, examples=examples, max_tokens=max_tokens,
+                      granularity=cast(Granularity, granularity), scale=scale, device=device, seed=seed,
+                      overwrite=overwrite)
+    for index, step in enumerate(report.steps):
+        picks = ", ".join(f"{escape(report.pool[model])} x{count}" for model, count in sorted(step.picked.items()))
+        console.print(f"  step {index}: loss {step.loss:.4f}, gamma {step.gamma:.3f} -> {picks}", highlight=False,
+                      soft_wrap=True)
+    out_console.print(f"[green]fw-merged[/] {len(report.pool)} pool models in {len(report.steps)} steps (proxy loss "
+                      f"{report.final_loss:.4f}) -> {report.out}")
