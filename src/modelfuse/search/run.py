@@ -10,8 +10,10 @@ from typing import Any
 import yaml
 
 from modelfuse.devices import DeviceSpec, DtypeName
+from modelfuse.engine import merge
 from modelfuse.errors import RecipeError
 from modelfuse.options import MergeOptions
+from modelfuse.search.distributed import RayExecutor  # Ray itself loads only when a search uses it
 from modelfuse.search.fitness import Evaluator
 from modelfuse.search.optimizers import OptimizerName
 from modelfuse.search.runner import BEST_FILE, Executor, LocalExecutor, Record, SearchResult, SearchSettings, search
@@ -73,8 +75,6 @@ def run_search(
             raise RecipeError("--workers needs --ray (auto, or a cluster's address)")
         executor = LocalExecutor(final)
     else:
-        from modelfuse.search.distributed import RayExecutor  # Ray loads only for a search that uses it
-
         executor = RayExecutor(space, address=ray, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker,
                                device=device, dtype=dtype, threads=threads or max(1, int(cpus_per_worker)),
                                seed=seed)
@@ -83,9 +83,7 @@ def run_search(
     finally:
         executor.close()
     if save_model:
-        import modelfuse
-
-        modelfuse.merge(Path(out) / BEST_FILE, Path(out) / "model", overwrite=True, options=options)
+        merge(Path(out) / BEST_FILE, Path(out) / "model", overwrite=True, options=options)
     return result
 
 
