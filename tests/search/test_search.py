@@ -122,3 +122,12 @@ def test_best_recipe_merges_to_the_model_that_was_scored(target_space: SearchSpa
     state = model.state_dict()
     for key, tensor in written.items():
         assert torch.equal(state[key], tensor.to(state[key].dtype)), key
+
+
+def test_disk_mode_scores_as_the_in_memory_merge(target_space: SearchSpace, tmp_path: Path) -> None:
+    """A candidate written by the engine and loaded from disk gets the fitness of the one merged in memory."""
+    point = {"models[0].weight": 0.25, "models[1].weight": 0.6}
+    in_memory = Evaluator(target_space).evaluate(point)
+    on_disk = Evaluator(target_space, disk=tmp_path / "work").evaluate(point)
+    assert in_memory.fitness is not None and on_disk.fitness == in_memory.fitness
+    assert (tmp_path / "work" / "candidate" / "model.safetensors").is_file()

@@ -38,6 +38,9 @@ def search_command(
     threads: Annotated[int | None, typer.Option(min=1, help="Merge threads per evaluation.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the search logged in OUT.")] = False,
     save_model: Annotated[bool, typer.Option(help="Also write the best recipe's merged model to OUT/model.")] = False,
+    disk: Annotated[bool, typer.Option(help="Write each candidate to OUT/work and load it from there (a model too "
+                                            "large to merge in memory; spread over GPUs with device_map auto).")]
+    = False,
     dry_run: Annotated[bool, typer.Option(help="Check the space and list its dimensions; evaluate nothing.")] = False,
 ) -> None:
     """Search merge recipes: candidates merged in memory, scored on the validation split, the best one scored once
@@ -69,7 +72,7 @@ def search_command(
                         batch=batch, max_seconds=max_time, seed_recipes=seed_recipe or [], ray=ray, workers=workers,
                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
                         dtype=cast(DtypeName, dtype), threads=threads, resume=resume, save_model=save_model,
-                        on_record=show,
+                        disk=disk, on_record=show,
                         on_warning=lambda line: console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
     best = result.best
     assert best is not None  # run_search raises when no candidate could be scored

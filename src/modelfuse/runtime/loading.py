@@ -46,7 +46,7 @@ def _bundle_loader(folder: Path) -> Loader | None:
 
 
 def load_model(path: str | Path, *, device: DeviceSpec | torch.device = "cpu", dtype: DtypeName | torch.dtype |
-               None = "float32", device_map: DeviceMap = None) -> Loaded:
+               None = "float32", device_map: DeviceMap = None, with_tokenizer: bool = True) -> Loaded:
     """A causal LM (eval mode, no remote code) and its tokenizer (a pad token set) on ``device`` in ``dtype``.
 
     Args:
@@ -55,6 +55,7 @@ def load_model(path: str | Path, *, device: DeviceSpec | torch.device = "cpu", d
         dtype: ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``.
         device_map: ``"auto"`` spreads a model that does not fit one GPU over the GPUs and the CPU (accelerate;
             inference only); None puts it whole on ``device``.
+        with_tokenizer: False loads a plain model folder's model alone (the tokenizer returned is None).
 
     Raises:
         CheckpointError: If the path cannot be loaded as a causal LM with a tokenizer.
@@ -78,11 +79,11 @@ def load_model(path: str | Path, *, device: DeviceSpec | torch.device = "cpu", d
         elif not folder.exists() and "+" in text:
             model, tokenizer = _with_adapter(text, kind, placement)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(text, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(text, trust_remote_code=False) if with_tokenizer else None
             model = AutoModelForCausalLM.from_pretrained(text, dtype=kind, trust_remote_code=False, **placement)
     except (OSError, ValueError, ImportError) as error:
         raise CheckpointError(f"{path}: cannot load a causal LM and tokenizer ({error})", path=text) from error
-    if tokenizer.pad_token_id is None:
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map != "auto":
         model.to(where)

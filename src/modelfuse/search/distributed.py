@@ -8,6 +8,7 @@ scored once. ``--ray auto`` starts a Ray on this machine; ``--ray ADDRESS`` join
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -54,8 +55,9 @@ class _Worker:
                  settings: dict[str, Any]) -> None:
         space = SearchSpace(data, source=source, base_dir=Path(base_dir) if base_dir else None)
         options = MergeOptions(threads=settings["threads"])
+        disk = Path(settings["disk"]) / f"worker-{os.getpid()}" if settings["disk"] else None
         self.evaluator = Evaluator(space, device=settings["device"], dtype=settings["dtype"], options=options,
-                                   seed=settings["seed"], import_dir=Path(import_dir))
+                                   seed=settings["seed"], import_dir=Path(import_dir), disk=disk)
 
     def evaluate(self, point: dict[str, Any]) -> dict[str, Any]:
         """The outcome of one candidate, as a dict (plain data crosses processes)."""
@@ -71,7 +73,7 @@ class RayExecutor:
 
     def __init__(self, space: SearchSpace, *, address: str = "auto", workers: int = 1,
                  cpus: float = 1, gpus: float = 0, device: DeviceSpec = "cpu", dtype: DtypeName = "float32",
-                 threads: int = 1, seed: int = 0, import_dir: Path | None = None) -> None:
+                 threads: int = 1, seed: int = 0, import_dir: Path | None = None, disk: Path | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -92,7 +94,8 @@ class RayExecutor:
         self._actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus)(_Worker)
         self._arguments = (space.data, space.source, str(space.base_dir) if space.base_dir else None,
                            str(import_dir or Path.cwd()),
-                           {"device": device, "dtype": dtype, "threads": threads, "seed": seed})
+                           {"device": device, "dtype": dtype, "threads": threads, "seed": seed,
+                            "disk": str(disk) if disk else None})
         self._actors = [self._new_actor() for _ in range(workers)]
         self.names = {id(actor): f"ray-{index}" for index, actor in enumerate(self._actors)}
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from modelfuse.devices import DeviceSpec, DtypeName
+from modelfuse.devices import DeviceSpec, DtypeName, resolve_device
+from modelfuse.engine import run_plan
 from modelfuse.engine.memory import merge_in_memory
 from modelfuse.errors import ModelfuseError, RecipeError
 from modelfuse.evaluation.lm_eval_adapter import run_lm_eval
@@ -31,7 +32,7 @@ from modelfuse.evaluation.runner import evaluate_task
 from modelfuse.evaluation.tasks import Split, Task, load_task
 from modelfuse.options import MergeOptions
 from modelfuse.plan import MergePlan, build_plan
-from modelfuse.runtime import load_tokenizer, model_from_tensors
+from modelfuse.runtime import load_model, load_tokenizer, model_from_tensors
 from modelfuse.search.space import FitnessSpec, SearchSpace
 
 LM_EVAL_PREFIX = "lm-eval:"
@@ -139,8 +140,10 @@ class Evaluator:
     """
 
     def __init__(self, space: SearchSpace, *, device: DeviceSpec = "cpu", dtype: DtypeName = "float32",
-                 options: MergeOptions | None = None, seed: int = 0, import_dir: Path | None = None) -> None:
+                 options: MergeOptions | None = None, seed: int = 0, import_dir: Path | None = None,
+                 disk: Path | None = None) -> None:
         self.space = space
+        self.disk = disk
         self.device = device
         self.dtype = dtype
         self.options = options or MergeOptions()
@@ -157,6 +160,8 @@ class Evaluator:
         """The merged model of ``point`` (the evaluator's model, refilled) and its tokenizer (None where the fitness
         does not use one)."""
         plan = self.plan(point)
+        if self.disk is not None:  # a model that does not fit in memory twice: written, then loaded (spread)
+            return self._from_disk(plan)
         tensors = merge_in_memory(plan, self.options)
         if self._config != plan.config:  # a new architecture (the first candidate, or a layer-space candidate)
             self._model = None
@@ -171,6 +176,19 @@ class Evaluator:
         for checkpoint in plan.checkpoints.values():
             checkpoint.close()
         return self._model, self._tokenizer
+
+    def _from_disk(self, plan: MergePlan) -> tuple[Any, Any]:
+        """Disk mode: the candidate written to ``disk/candidate`` by the engine (replacing the previous one) and
+        loaded with ``device_map="auto"`` on a GPU (spread over the GPUs and the CPU)."""
+        assert self.disk is not None
+        folder = self.disk / "candidate"
+        run_plan(plan, folder, options=self.options.model_copy(update={"overwrite": True}))
+        self._model = None
+        spread = "auto" if resolve_device(self.device).type == "cuda" else None
+        model, tokenizer = load_model(folder, device=self.device, dtype=self.dtype, device_map=spread,
+                                      with_tokenizer=self.fitness.needs_tokenizer)
+        self._tokenizer = tokenizer
+        return model, tokenizer
 
     def evaluate(self, point: dict[str, Any], split: Split = "validation") -> Outcome:
         """Merge and score one candidate; a candidate that fails (a recipe its point makes invalid, a non-finite

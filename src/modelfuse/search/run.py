@@ -41,11 +41,14 @@ def run_search(
     threads: int | None = None,
     resume: bool = False,
     save_model: bool = False,
+    disk: bool = False,
     on_record: Callable[[Record, Record | None], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search the space in ``space_file``, writing the log, best.yml, report.json and the plot into ``out`` (and the
-    best merged model into ``out/model`` with ``save_model``); ``ray`` (``auto`` or a cluster address) evaluates on
+    best merged model into ``out/model`` with ``save_model``); ``disk``: each candidate is written to
+    ``out/work/candidate`` and loaded from there (models too large to hold merged in memory beside the model);
+    ``ray`` (``auto`` or a cluster address) evaluates on
     ``workers`` Ray actors, else this process does. The best recipe is scored once on the test split.
 
     Raises:
@@ -64,7 +67,8 @@ def run_search(
     settings = SearchSettings(optimizer=optimizer, seed=seed, budget=budget, batch=batch, max_seconds=max_seconds,
                               seeds=seeds)
     options = MergeOptions() if threads is None else MergeOptions(threads=threads)
-    final = Evaluator(space, device=device, dtype=dtype, options=options, seed=seed)
+    final = Evaluator(space, device=device, dtype=dtype, options=options, seed=seed,
+                      disk=Path(out) / "work" if disk else None)
     warn = on_warning or log.warning
     for name in final.fitness.lm_eval_names:
         warn(f"lm-eval:{name} is scored on the split its lm-eval task config names (lm-eval has no validation/test "
@@ -77,7 +81,7 @@ def run_search(
     else:
         executor = RayExecutor(space, address=ray, workers=workers, cpus=cpus_per_worker, gpus=gpus_per_worker,
                                device=device, dtype=dtype, threads=threads or max(1, int(cpus_per_worker)),
-                               seed=seed)
+                               seed=seed, disk=Path(out) / "work" if disk else None)
     try:
         result = search(space, Path(out), settings, executor, resume=resume, on_record=on_record, final=final)
     finally:
