@@ -234,3 +234,18 @@ def test_compress_from_a_calibrate_folder_equals_compress_from_texts(tmp_path: P
         compress_moe(moe, tmp_path / "bad", CompressSettings(stats=str(tmp_path / "counts"), experts=2,
                                                              method="m-smoe"))
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["hc-smoe", "sub-moe", "m-smoe"])
+def test_an_expert_alone_in_its_group_is_kept_exactly(tmp_path: Path, method: str) -> None:
+    """4 -> 3 leaves two experts alone in their groups: their weights are copied bit for bit (no subspace cut,
+    however low --energy is)."""
+    _, moe = built(tmp_path, ["e1", "e2", "e3", "e4"])
+    report = compress_moe(moe, tmp_path / "out", settings(tmp_path, method, 3, energy=0.5), device="cpu")
+    before, after = MoeCheckpoint(moe), MoeCheckpoint(tmp_path / "out")
+    for layer in before.layers:
+        singles = [(position, group[0]) for position, group in enumerate(report.groups[layer]) if len(group) == 1]
+        assert len(singles) == 2
+        for position, index in singles:
+            old, new = before.layer_experts(layer)[index], after.layer_experts(layer)[position]
+            assert all(torch.equal(a, b) for a, b in ((old.gate, new.gate), (old.up, new.up), (old.down, new.down)))

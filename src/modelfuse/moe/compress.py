@@ -132,8 +132,12 @@ def merge_layer(experts: list[ExpertWeights], router: torch.Tensor, stats: Layer
         if settings.method == "m-smoe":  # the dominant expert first; the others aligned to it
             members = [members[0], *(align_neurons(members[0], member) for member in members[1:])]
         weights = _weights(counts, group)
-        result = subspace_merge(members, weights, energy=settings.energy) if settings.method == "sub-moe" \
-            else weighted_average(members, weights)
+        if len(group) == 1:  # an expert alone in its group stays as it is (no subspace, no averaging)
+            result = members[0]
+        elif settings.method == "sub-moe":
+            result = subspace_merge(members, weights, energy=settings.energy)
+        else:
+            result = weighted_average(members, weights)
         if settings.low_rank is not None and len(group) > 1:
             result = tuple(low_rank_plus_sparse(matrix, math.ceil(settings.low_rank * min(matrix.shape)),
                                                 settings.sparse) for matrix in result)  # type: ignore[assignment]
