@@ -297,3 +297,29 @@ def test_direct_write_refused_falls_back_to_the_page_cache(tmp_path: Path, monke
     assert refused and not writer.direct
     loaded = load_file(tmp_path / "out" / SINGLE_FILE)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_a_failed_background_direct_write_is_raised_by_the_writer(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole pages are written by a background thread: a disk that fills up there fails the next write or the
+    close with an OutputError naming the output folder, never silently."""
+    if not _direct_io_allowed(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system refuses O_DIRECT")
+    import modelfuse.io.writer as writer_module
+
+    real_pwrite = os.pwrite
+
+    def pwrite(descriptor: int, data: memoryview, offset: int) -> int:
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(descriptor, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    tensors = large_tensors()
+    (tmp_path / "out").mkdir()
+    writer = ShardWriter(tmp_path / "out", slots_of(tensors), 1 << 30, direct=True)
+    with pytest.raises(OutputError, match=r"out: cannot write the output \(No space left on device\)"):
+        for name, tensor in tensors.items():
+            writer.write_rows(name, 0, tensor)
+        writer.close()
+    writer.abort()

@@ -11,6 +11,7 @@ import fcntl
 import json
 import mmap
 import os
+import queue
 import shutil
 import threading
 from collections.abc import Sequence
@@ -27,8 +28,8 @@ from modelfuse.io.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, read_s
 _PARTIAL_MARK = ".modelfuse-partial"
 _PAGE = 4096  # direct writes cover whole pages of the file, from page-aligned memory
 _ALIGN_FROM_BYTES = 16 * 1024 * 1024  # shards with this much tensor data start it on a page
-_DIRECT_CHUNK = 2 * 1024 * 1024  # bytes per direct write (each thread reuses one staging buffer of this size)
-_staging = threading.local()
+_DIRECT_CHUNK = 2 * 1024 * 1024  # bytes per direct write, from a page-aligned staging buffer of this size
+_STAGING_BUFFERS = 4  # direct writes in flight or queued (8 MiB); a worker waits for a free buffer beyond
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class ShardWriter:
         self._direct_descriptors: dict[int, int] = {}  # the same files opened with O_DIRECT, where allowed
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._lock = threading.Lock()
+        self._background: _DirectWrites | None = None  # started with the first direct write
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor whole.
@@ -192,6 +194,7 @@ class ShardWriter:
         Raises:
             OutputError: If the disk refuses (full, failing).
         """
+        self._drain()
         with self._lock:
             descriptors = list(self._descriptors.items())
         for shard_index, descriptor in descriptors:
@@ -222,6 +225,8 @@ class ShardWriter:
         """
         data = memoryview(block.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
         shard_index, start, _ = self._places[slot.name]
+        if self._background is not None:
+            self._background.raise_failure()
         with self._lock:
             written = self._written[slot.name] + data.nbytes
             if written > slot.nbytes or offset + data.nbytes > slot.nbytes:
@@ -270,34 +275,37 @@ class ShardWriter:
     def _write_direct(self, buffered: int, direct: int, data: memoryview, position: int) -> bool:
         """Write ``data`` at ``position``: whole pages with ``direct``, the partial ends with ``buffered``.
 
-        Returns False, having written nothing, when ``data`` covers no whole page. Pages the file system
+        The whole pages are copied into page-aligned staging buffers and written by a background thread, so the
+        caller computes its next block while the disk writes this one (``sync``, ``close`` and ``abort`` wait for
+        them). Returns False, having written nothing, when ``data`` covers no whole page. Pages the file system
         refuses to write directly go through the page cache (and this writer stops trying).
         """
         first = -position % _PAGE  # bytes before the first page boundary
         pages = (data.nbytes - first) // _PAGE * _PAGE
         if pages <= 0:
             return False
-        staging = getattr(_staging, "buffer", None)
-        if staging is None:
-            staging = _staging.buffer = mmap.mmap(-1, _DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
-        view = memoryview(staging)
+        with self._lock:
+            if self._background is None:
+                self._background = _DirectWrites(self)
+            background = self._background
         done = 0
         while done < pages:
             size = min(_DIRECT_CHUNK, pages - done)
-            view[:size] = data[first + done:first + done + size]
-            try:
-                done += os.pwrite(direct, view[:size], position + first + done)
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise
-                self.direct = False  # an alignment the device does not take: the rest goes through the page cache
-                break
-            if done % _PAGE:  # a short direct write (disk full): let the page cache say why
-                break
-        _pwrite_all(buffered, data[first + done:first + pages], position + first + done)
+            background.put(buffered, direct, data[first + done:first + done + size], position + first + done)
+            done += size
         _pwrite_all(buffered, data[:first], position)
         _pwrite_all(buffered, data[first + pages:], position + first + pages)
         return True
+
+    def _drain(self) -> None:
+        """Wait for the queued direct writes; re-raise the first that failed (as an OutputError naming the file).
+
+        Raises:
+            OutputError: If a queued write failed.
+        """
+        if self._background is not None:
+            self._background.wait()
+            self._background.raise_failure()
 
     def _next_slot(self, name: str) -> TensorSlot:
         if self._position >= len(self._queue):
@@ -322,6 +330,7 @@ class ShardWriter:
             if any(ranges[i][1] != ranges[i + 1][0] for i in range(len(ranges) - 1)) or ranges[0][0] != 0:
                 self.abort()
                 raise OutputError(f"tensor {name!r}: row blocks overlap or leave rows unwritten", tensor=name)
+        self._drain()
         with self._lock:
             for shard_index in range(len(self.shards)):
                 self._descriptor(shard_index)  # a shard of empty tensors still gets its header
@@ -334,12 +343,80 @@ class ShardWriter:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     def abort(self) -> None:
-        """Close the open files, if any, without checks."""
+        """Close the open files, if any, without checks (queued direct writes finish first)."""
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
         with self._lock:
             for descriptor in [*self._descriptors.values(), *self._direct_descriptors.values()]:
                 os.close(descriptor)
             self._descriptors.clear()
             self._direct_descriptors.clear()
+
+
+class _DirectWrites:
+    """One thread writing queued page-aligned chunks with ``O_DIRECT`` (a chunk the device refuses goes through the
+    page cache, and so does the rest of a short write, whose error, a full disk say, is kept for the writer)."""
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(_STAGING_BUFFERS):
+            self.free.put(mmap.mmap(-1, _DIRECT_CHUNK))  # page-aligned, as O_DIRECT needs
+        self.work: queue.Queue[tuple[int, int, mmap.mmap, int, int] | None] = queue.Queue()
+        self.failure: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="modelfuse-direct-write", daemon=True)
+        self.thread.start()
+
+    def put(self, buffered: int, direct: int, chunk: memoryview, position: int) -> None:
+        """Queue ``chunk`` (whole pages) for ``position``; waits while every staging buffer is in use."""
+        staging = self.free.get()
+        memoryview(staging)[:chunk.nbytes] = chunk
+        self.work.put((buffered, direct, staging, chunk.nbytes, position))
+
+    def _run(self) -> None:
+        while (item := self.work.get()) is not None:
+            buffered, direct, staging, size, position = item
+            view = memoryview(staging)[:size]
+            try:
+                if self.failure is None:
+                    done = 0
+                    if self.writer.direct:
+                        try:
+                            done = os.pwrite(direct, view, position)
+                        except OSError as error:
+                            if error.errno != errno.EINVAL:
+                                raise
+                            self.writer.direct = False  # an alignment the device refuses: the page cache from now
+                    _pwrite_all(buffered, view[done:], position + done)  # the rest, or a short write's reason
+            except OSError as error:
+                self.failure = self.failure or error
+            finally:
+                view.release()
+                self.free.put(staging)
+                self.work.task_done()
+        self.work.task_done()
+
+    def wait(self) -> None:
+        """Until every queued chunk is written (or failed)."""
+        self.work.join()
+
+    def raise_failure(self) -> None:
+        """Raise the first write that failed.
+
+        Raises:
+            OutputError: Naming the output folder and the system's reason.
+        """
+        if self.failure is not None:
+            raise OutputError(f"{self.writer.folder}: cannot write the output ({self.failure.strerror}); check free "
+                              "space and permissions", path=str(self.writer.folder))
+
+    def stop(self) -> None:
+        """Finish the queued chunks and end the thread."""
+        self.work.put(None)
+        self.thread.join()
+        for _ in range(_STAGING_BUFFERS):
+            self.free.get().close()
 
 
 def sync_folder(folder: Path) -> None:
