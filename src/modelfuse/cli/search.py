@@ -47,8 +47,13 @@ def search_command(
     on the test split and written as a plain recipe."""
     from modelfuse.devices import DtypeName
     from modelfuse.errors import RecipeError
-    from modelfuse.search.optimizers import OPTIMIZERS, OptimizerName
-    from modelfuse.search.run import describe, run_search
+
+    try:  # Optuna comes with the search extra
+        from modelfuse.search.optimizers import OPTIMIZERS, OptimizerName
+        from modelfuse.search.run import describe, run_search
+    except ImportError as error:
+        raise RecipeError(f"modelfuse search needs Optuna ({error.name} is missing): pip install "
+                          "'modelfuse[search]'") from None
     from modelfuse.search.space import SearchSpace
 
     if optimizer not in OPTIMIZERS:
