@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console
+from modelfuse.cli._app import DeviceOption, DtypeOption, app, console, out_console, print_warnings
 
 
 @app.command(name="search", epilog="Example: modelfuse search space.yml -o ./search --optimizer cma --budget 50 "
@@ -78,7 +78,7 @@ def search_command(
                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
                         dtype=cast(DtypeName, dtype), threads=threads, resume=resume, save_model=save_model,
                         disk=disk, on_record=show,
-                        on_warning=lambda line: console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
+                        on_warning=lambda line: print_warnings([line]))
     best = result.best
     assert best is not None  # run_search raises when no candidate could be scored
     test = "" if result.test_fitness is None else f", test fitness {result.test_fitness:.4g} " + ", ".join(
