@@ -36,11 +36,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fusion"))
 
-from base_model import DEFAULT_CACHE, smollm2_base
-from experts import expert_specs, make_experts
+from base_model import DEFAULT_CACHE
 from fusion_quality import timed
-from run import Limits, Scorer
-from tasks import write_task_files
+from run import Limits, setup
 
 from modelfuse.evaluation.tasks import load_task
 from modelfuse.io.checkpoint import Checkpoint
@@ -101,17 +99,11 @@ def parameters(folder: Path, experts: int, top_k: int) -> dict[str, float]:
 
 
 def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(2)
-    files = write_task_files(cache / "tasks")
-    specs = expert_specs(files)
-    base = smollm2_base(cache)
-    experts = make_experts(base, specs, cache / "experts")
+    ready = setup(cache)
+    specs, base, experts = ready.specs, ready.base, ready.experts
     work = cache / "moe" / f"k{args.top_k}-p{args.prompts}-r{args.router_texts}"
     work.mkdir(parents=True, exist_ok=True)
-    expert_tasks = {name: load_task(spec, seed=0) for name, spec in specs.items()}
-    held_out = {name: load_task(str(files[name])) for name in ("capitals", "opposites")}
-    scorer = Scorer(expert_tasks, held_out, load_task(str(files["text"])), Limits(validation=16, test=args.test),
-                    work / f"scores-t{args.test}")
+    scorer = ready.scorer(Limits(validation=16, test=args.test), work / f"scores-t{args.test}")
     stages: dict[str, dict[str, float]] = {}
     built: dict[str, dict[str, Any]] = {}
     for mode in GATE_MODES:

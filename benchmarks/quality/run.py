@@ -145,6 +145,32 @@ class Scorer:
         return jobs
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every benchmark on the four experts starts from: task files, the experts' task specs, the base, the
+    expert folders."""
+
+    files: dict[str, Path]
+    specs: dict[str, str]
+    base: Path
+    experts: dict[str, Path]
+
+    def scorer(self, limits: Limits, folder: Path) -> Scorer:
+        """A scorer of the four tasks, the two held-out checks and the held-out text, caching into ``folder``."""
+        expert_tasks = {name: load_task(spec, seed=0) for name, spec in self.specs.items()}
+        held_out = {name: load_task(str(self.files[name])) for name in ("capitals", "opposites")}
+        return Scorer(expert_tasks, held_out, load_task(str(self.files["text"])), limits, folder)
+
+
+def setup(cache: Path) -> Setup:
+    """The task files, base and four experts under ``cache`` (fine-tuned the first time)."""
+    torch.set_num_threads(2)
+    files = write_task_files(cache / "tasks")
+    specs = expert_specs(files)
+    base = smollm2_base(cache)
+    return Setup(files, specs, base, make_experts(base, specs, cache / "experts"))
+
+
 def merged_key(method: MethodSpec, params: dict[str, Any], experts_key: str) -> str:
     """The score cache key of a merge."""
     return method.name + "".join(f"-{k}={v}" for k, v in params.items()) + f"-{experts_key}"

@@ -21,18 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 
-from base_model import DEFAULT_CACHE, smollm2_base
-from experts import expert_settings, expert_specs, make_experts, train_once
-from run import Limits, Scorer
-from tasks import MAX_NEW_TOKENS, write_task_files
+from base_model import DEFAULT_CACHE
+from experts import expert_settings, train_once
+from run import Limits, setup
+from tasks import MAX_NEW_TOKENS
 
 import modelfuse
-from modelfuse.evaluation.tasks import load_task
 from modelfuse.search.frank_wolfe import fw_merge
 from modelfuse.search.run import run_search
 
@@ -56,17 +54,11 @@ def space(base: Path, experts: dict[str, Path], specs: dict[str, str], args: arg
 
 
 def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(2)
-    files = write_task_files(cache / "tasks")
-    specs = expert_specs(files)
-    base = smollm2_base(cache)
-    experts = make_experts(base, specs, cache / "experts")
+    ready = setup(cache)
+    specs, base, experts = ready.specs, ready.base, ready.experts
     work = cache / "search" / ("smoke" if args.smoke else f"b{args.budget}-k{args.knots}-l{args.limit}")
     work.mkdir(parents=True, exist_ok=True)
-    expert_tasks = {name: load_task(spec, seed=0) for name, spec in specs.items()}
-    held_out = {name: load_task(str(files[name])) for name in ("capitals", "opposites")}
-    limits = Limits(validation=args.limit, test=args.test)
-    scorer = Scorer(expert_tasks, held_out, load_task(str(files["text"])), limits, work / f"scores-t{args.test}")
+    scorer = ready.scorer(Limits(validation=args.limit, test=args.test), work / f"scores-t{args.test}")
     space_file = work / "space.yml"
     space_file.write_text(yaml.safe_dump(space(base, experts, specs, args), sort_keys=False))
     searches: dict[str, Any] = {}
