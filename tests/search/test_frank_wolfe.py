@@ -86,3 +86,10 @@ def test_fw_merge_through_the_cli(tmp_path: Path, run_cli: Any) -> None:
     failed = run_cli("fw-merge", *pool, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "out2")
     assert_clean_failure(failed, "none.jsonl")
     assert not (tmp_path / "out2").exists()
+    from tests.conftest import tiny_model
+
+    other = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(other)  # another architecture in the pool
+    mixed = run_cli("fw-merge", pool[0], other, "--data", task, "-o", tmp_path / "out3")
+    assert_clean_failure(mixed, str(other), "the pool must share one architecture")
+    assert not (tmp_path / "out3").exists()

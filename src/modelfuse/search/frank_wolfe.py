@@ -88,10 +88,9 @@ def frank_wolfe(start: Mapping[str, torch.Tensor], pool: Sequence[Mapping[str, t
             chosen = [int(torch.argmin(products.sum(dim=1)))] * len(names)
         else:
             chosen = [int(index) for index in torch.argmin(products, dim=0)]
-        for column, (name, model_index) in enumerate(zip(names, chosen, strict=True)):
+        for name, model_index in zip(names, chosen, strict=True):
             target = pool[model_index][name].to(torch.float32)
             theta[name] = theta[name] + gamma * (target - theta[name])
-            del column
         picked: dict[int, int] = {}
         for model_index in chosen:
             picked[model_index] = picked.get(model_index, 0) + 1
@@ -195,7 +194,8 @@ def fw_merge(pool: Sequence[str | Path], out: str | Path, *, data: Sequence[str]
     result = frank_wolfe(start_weights, [CheckpointTensors(checkpoint) for checkpoint in checkpoints],
                          causal_lm_gradient(model, proxy), steps=steps, granularity=granularity, scale=scale)
     final_loss, _ = causal_lm_gradient(model, proxy)(result.weights)
-    source_dtype = load_config(reference).get("torch_dtype") or load_config(reference).get("dtype")
+    config = load_config(reference)
+    source_dtype = config.get("torch_dtype") or config.get("dtype")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.copy_(result.weights[name])
