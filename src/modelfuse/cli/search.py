@@ -122,3 +122,48 @@ def fw_merge_command(
                       soft_wrap=True)
     out_console.print(f"[green]fw-merged[/] {len(report.pool)} pool models in {len(report.steps)} steps (proxy loss "
                       f"{report.final_loss:.4f}) -> {report.out}")
+
+
+@app.command(name="black-box", epilog="Example: modelfuse black-box ./lora-math ./lora-code ./lora-chat --base ./base "
+             "--data rg:basic_arithmetic -o ./bbm")
+def black_box_command(
+    adapters: Annotated[list[Path], typer.Argument(help="The pool: PEFT LoRA adapter folders of one base.")],
+    base: Annotated[Path, typer.Option(help="The base model the adapters were trained on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the run: its log, black_box.json and the "
+                                                          "merged adapter (OUT/adapter).")],
+    data: Annotated[list[str] | None, typer.Option(help="A task (rg:NAME, a task .jsonl) whose validation answers "
+                                                        "score a candidate (repeat).")] = None,
+    fitness: Annotated[str | None, typer.Option(help="Instead of --data: module:function taking the model (and the "
+                                                     "tokenizer) and returning a float to maximise.")] = None,
+    objective: Annotated[str, typer.Option(help="With --data: loss (answer cross-entropy, the paper's) or score "
+                                                "(accuracy, as modelfuse eval scores).")] = "loss",
+    examples: Annotated[int, typer.Option(min=1, help="Validation examples per task.")] = 300,
+    popsize: Annotated[int, typer.Option(min=2, help="CMA-ES population.")] = 20,
+    stage1: Annotated[int, typer.Option(min=0, help="Evaluations of stage 1 (densities of A).")] = 400,
+    stage2: Annotated[int, typer.Option(min=0, help="Evaluations of stage 2 (signed scales).")] = 800,
+    sigma: Annotated[float, typer.Option(min=0, help="CMA-ES step size of both stages.")] = 0.05,
+    scale_bound: Annotated[float, typer.Option(min=0, help="Stage 2 scales lie in [-bound, bound].")] = 1.5,
+    l1: Annotated[float, typer.Option(min=0, help="Penalty on the mean absolute density / scale.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of CMA-ES (and of generated tasks).")] = 0,
+    device: DeviceOption = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue the run logged in OUT.")] = False,
+) -> None:
+    """Black-box merging of LoRA adapters (Evo-Merging): CMA-ES over per-adapter densities of A, then per-adapter
+    signed scales, scored by a loss or score alone."""
+    from modelfuse.search.black_box import BlackBoxSettings, black_box_merge
+
+    settings = BlackBoxSettings(popsize=popsize, stage1=stage1, stage2=stage2, sigma1=sigma, sigma2=sigma,
+                                scale_bound=scale_bound, l1=l1, objective=objective, examples=examples,
+                                batch_size=batch_size, seed=seed)
+
+    def show(evaluation: Any) -> None:
+        console.print(f"  stage {evaluation.stage} #{evaluation.number:<4} loss {evaluation.loss:.4f}  objective "
+                      f"{evaluation.objective:.4f}  {evaluation.seconds:5.1f} s", highlight=False)
+
+    result = black_box_merge(adapters, out, base=base, data=data or [], fitness=fitness, settings=settings,
+                             device=device, resume=resume, on_evaluation=show)
+    test = "" if result.test is None else f", test {result.test:.4f}"
+    values = ", ".join(f"{alpha:.2f}/{beta:+.2f}" for alpha, beta in zip(result.alphas, result.betas, strict=True))
+    out_console.print(f"[green]black-box merged[/] {len(adapters)} adapters in {len(result.evaluations)} evaluations: "
+                      f"objective {result.objective:.4f}{test}; density/scale {values} -> {result.out}")
