@@ -22,12 +22,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("engine",)),
     ("runtime", ("runtime",)),
     ("workflows", ("lora", "calibrate", "learn", "evaluation", "analysis", "compress", "extract", "demo", "render",
-                   "examples", "fusion", "moe", "search")),
+                   "examples", "fusion", "moe", "search", "align")),
     ("cli", ("cli",)),
 ]
 # The runtime sits beside the merge core, not on it: it may use io and foundation only.
 RUNTIME_MAY_USE = {"foundation", "io", "runtime"}
-WORKFLOWS = ("calibrate", "evaluation", "learn", "lora", "analysis", "runtime", "fusion", "moe", "search")
+WORKFLOWS = ("calibrate", "evaluation", "learn", "lora", "analysis", "runtime", "fusion", "moe", "search", "align")
 
 
 def module_name(path: Path) -> str:

@@ -34,7 +34,6 @@ dense (transformers has no factored expert), so it changes the weights, not the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -65,7 +64,9 @@ from modelfuse.kernels.moe_experts import (
     weighted_average,
 )
 from modelfuse.moe.model import Expert, MoeCheckpoint, MoeLayer, write_moe
-from modelfuse.runtime import input_device, load_model
+from modelfuse.runtime import load_model
+from modelfuse.runtime.layers import Call, decoder_layers, first_layer_inputs
+from modelfuse.runtime.layers import run_layer as run_decoder_layer
 from modelfuse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,6 @@ def read_moe_statistics(folder: Path, source: MoeCheckpoint) -> dict[int, LayerS
     return stats
 
 
-class _Captured(Exception):
-    """Stops a forward pass once the first decoder layer's inputs are captured."""
-
-
 def _progressive_prune(model: Any, batches: list[dict[str, torch.Tensor]], source: MoeCheckpoint,
                        settings: CompressSettings, say: Callable[[str], None]) -> dict[int, list[int]]:
     """NAEE, layer by layer: each layer's subset is scored on inputs from the model whose earlier layers are
@@ -289,35 +286,14 @@ def _progressive_prune(model: Any, batches: list[dict[str, torch.Tensor]], sourc
     to gather its MoE inputs, once pruned to give the next layer's inputs) instead of the whole model once per
     layer."""
     blocks = moe_blocks(model)
-    layers = model.get_decoder().layers
+    layers = decoder_layers(model)
     normalize = source.arch.name == "mixtral" or bool(source.checkpoint.config.get("norm_topk_prob", False))
     kept: dict[int, list[int]] = {}
-    device = input_device(model)
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []  # per batch: the first layer's positional, keyword args
+    first = first_layer_inputs(model, batches)
+    hidden, calls, masks = first.hidden, first.calls, first.masks
 
-    def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append((args, kwargs))
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                with contextlib.suppress(_Captured):
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                          use_cache=False)
-    finally:
-        handle.remove()
-    masks = [batch["attention_mask"].to(device).bool().reshape(-1) for batch in batches]
-    hidden = [_hidden_of(args, kwargs) for args, kwargs in calls]
-
-    def run_layer(index: int, states: torch.Tensor, call: tuple[tuple[Any, ...], dict[str, Any]]) -> torch.Tensor:
-        args, kwargs = call
-        if args:
-            output = layers[index](states, *args[1:], **kwargs)
-        else:
-            output = layers[index](**{**kwargs, "hidden_states": states})
-        return output[0] if isinstance(output, tuple) else output
+    def run_layer(index: int, states: torch.Tensor, call: Call) -> torch.Tensor:
+        return run_decoder_layer(layers[index], states, call)
 
     for index in range(len(layers)):
         if index in blocks:
@@ -361,11 +337,6 @@ def _progressive_prune(model: Any, batches: list[dict[str, torch.Tensor]], sourc
             if handle is not None:
                 handle.remove()
     return kept
-
-
-def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden states a decoder layer was called with (positionally or as ``hidden_states``)."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _pruned_output(block: Any, subset: list[int], top_k: int, normalize: bool) -> Callable[..., Any]:
