@@ -12,7 +12,7 @@ with gc_paused():  # typer, rich, pydantic: modelfuse/_gc.py
 
     # Importing a group registers its commands on the app, in the order ``--help`` lists them.
     # isort: off
-    from modelfuse.cli import merging, analysis, evaluation, learn, lora, fusion, moe, search  # noqa: F401  (registration)
+    from modelfuse.cli import merging, analysis, evaluation, learn, lora, fusion, moe, search, align  # noqa: F401  (registration)
     # isort: on
     from modelfuse.cli._app import _state, app, console
     from modelfuse.errors import ModelfuseError, interrupt_exit_code
