@@ -180,7 +180,8 @@ def main() -> None:
     state_a, state_b = state(folders[0]), state(folders[1])
     naive = AutoModelForCausalLM.from_pretrained(folders[0]).eval()
     naive.load_state_dict({name: (state_a[name] + state_b[name]) / 2 for name in state_a})
-    rows["naive average (no alignment)"] = {"accuracy": accuracy(naive, tok, test), "loss": task_loss(naive, loss_batch)}
+    rows["naive average (no alignment)"] = {"accuracy": accuracy(naive, tok, test),
+                                            "loss": task_loss(naive, loss_batch)}
     variants = {
         "weight matching + average": AlignSettings(matching="weights", merge="average"),
         "activation matching + average": AlignSettings(matching="activations", merge="average", data=str(texts),
