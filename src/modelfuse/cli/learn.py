@@ -251,3 +251,35 @@ def localize_command(
     out_console.print(f"[green]localized and stitched[/] {len(model)} experts (loss {losses}; masks "
                       f"{', '.join(f'{d:.2%}' for d in result.densities)} of the parameters, overlap "
                       f"{result.overlap:.1%}) -> {done}")
+
+
+@app.command(name="rcp-merge", epilog="Example: modelfuse rcp-merge --reasoning ./r1-distill --domain ./medical "
+             "--base ./qwen --reasoning-data math.txt --domain-data medqa.jsonl -o ./merged")
+def rcp_merge_command(
+    reasoning: Annotated[Path, typer.Option(help="The reasoning (long chain-of-thought) model: the result starts "
+                                                 "from it.")],
+    domain: Annotated[Path, typer.Option(help="The domain model whose task vector is added where it may be.")],
+    base: Annotated[Path, typer.Option(help="The base both were fine-tuned from.")],
+    reasoning_data: Annotated[str, typer.Option(help="Reasoning texts (rg:NAME, a .jsonl task, a .txt file): the "
+                                                     "reasoning capability indicator.")],
+    domain_data: Annotated[str, typer.Option(help="Domain texts: the domain knowledge sensitivity.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder (with rcp.json).")],
+    lam: Annotated[float, typer.Option(min=0, help="Weight of the reasoning prior (the authors' 1000).")] = 1000.0,
+    reasoning_samples: Annotated[int, typer.Option(min=1, help="Reasoning texts used.")] = 32,
+    domain_samples: Annotated[int, typer.Option(min=1, help="Domain texts used.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=2, help="Tokens kept per text.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of generated data.")] = 0,
+    device: DeviceOption = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """RCP-Merging: the domain model's task vector added to the reasoning model on the weights a majority of domain
+    texts need (first-order sensitivity) once penalised by the reasoning capability indicator."""
+    from modelfuse.learn.rcp import RcpSettings, rcp_merge
+
+    settings = RcpSettings(lam=lam, reasoning_samples=reasoning_samples, domain_samples=domain_samples,
+                           max_tokens=max_tokens, seed=seed)
+    report = rcp_merge(reasoning, domain, base, out, reasoning_data=reasoning_data, domain_data=domain_data,
+                       settings=settings, device=device, overwrite=overwrite,
+                       say=lambda line: console.print(f"  {line}", highlight=False))
+    out_console.print(f"[green]rcp-merged[/] {report.updated['__all__']:.1%} of the weights took the domain's task "
+                      f"vector -> {report.out}")
