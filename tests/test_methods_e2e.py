@@ -41,10 +41,21 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def calibration(family: dict[str, Path], expert: str) -> Path:
-    """The expert's Gram, activation and Fisher statistics on a few sentences (gathered once)."""
+def calibration(family: dict[str, Path], expert: str, statistics: tuple[str, ...] = ()) -> Path:
+    """The expert's Gram, activation and Fisher statistics on a few sentences (gathered once); for a method that
+    reads Adam's second moments, random positive ones in the folder ``modelfuse finetune`` writes."""
     from modelfuse.calibrate import CalibrationSettings, calibrate
+    from modelfuse.io.statistics import ADAM, save_adam_moments
 
+    if ADAM in statistics:
+        moments = family[expert].with_name(f"{expert}-adam")
+        if not moments.exists():
+            weights = load_file(str(family[expert] / "model.safetensors"))
+            generator = torch.Generator().manual_seed(len(expert))
+            save_adam_moments(moments, {name: torch.rand(value.shape, generator=generator) ** 2
+                                        for name, value in weights.items()}, model=str(family[expert]), rank1=True,
+                              steps=1)
+        return moments
     stats = family[expert].with_name(f"{expert}-stats")
     if not stats.exists():
         text = family[expert].with_name("calibration.txt")
@@ -60,7 +71,7 @@ def recipe_for(name: str, family: dict[str, Path]) -> dict:
     recipe: dict = {"method": name, "models": [{"path": str(family[f"e{i + 1}"])} for i in range(count)]}
     if spec.statistics:
         for index, entry in enumerate(recipe["models"]):
-            entry["calibration"] = str(calibration(family, f"e{index + 1}"))
+            entry["calibration"] = str(calibration(family, f"e{index + 1}", spec.statistics))
     if spec.base != "unused":
         recipe["base"] = str(family["base"])
     required = [p for p, param in spec.params.items() if param.required and not param.per_model]

@@ -222,9 +222,10 @@ def _open_statistics(recipe: Recipe, base_dir: Path | None) -> dict[str, Calibra
         if entry.calibration is None:
             if spec.statistics:
                 needed = ",".join(spec.statistics)
+                how = spec.statistics_from or (f"run `modelfuse calibrate {entry.path} --data DATA --stats {needed} "
+                                               "-o STATS` and give it `calibration: STATS`")
                 raise RecipeError(f"models: {entry.path!r} has no calibration, and method {spec.name!r} reads its "
-                                  f"{needed} statistics: run `modelfuse calibrate {entry.path} --data DATA --stats "
-                                  f"{needed} -o STATS` and give it `calibration: STATS`")
+                                  f"{needed} statistics: {how}")
             continue
         folder = Path(entry.calibration).expanduser()
         if not folder.exists() and base_dir is not None and (base_dir / folder).exists():
@@ -232,9 +233,9 @@ def _open_statistics(recipe: Recipe, base_dir: Path | None) -> dict[str, Calibra
         stats = CalibrationStats(folder)
         missing = [name for name in spec.statistics if name not in stats.statistics]
         if missing:
+            how = spec.statistics_from or f"calibrate again with --stats {','.join(spec.statistics)}"
             raise RecipeError(f"models: calibration {entry.calibration!r} of {entry.path!r} lacks the "
-                              f"{','.join(missing)} statistics method {spec.name!r} reads; calibrate again with "
-                              f"--stats {','.join(spec.statistics)}")
+                              f"{','.join(missing)} statistics method {spec.name!r} reads; {how}")
         opened[entry.path] = stats
     return opened
 

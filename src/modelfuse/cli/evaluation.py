@@ -81,6 +81,8 @@ def finetune_command(
     seed: Annotated[int, typer.Option(help="Seed of the task's examples, the batches and the LoRA init.")] = 0,
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train a LoRA adapter of this rank (peft).")] = None,
     save_every: Annotated[int | None, typer.Option(min=1, help="Also save every N steps, as OUT-stepN.")] = None,
+    adam_moments: Annotated[str, typer.Option(help="Save AdamW's second moments into OUT/adam-moments (for the ota "
+                                                   "merge): rank1 (compressed), full or none.")] = "rank1",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -93,7 +95,7 @@ def finetune_command(
     placement.resolve()  # a device or dtype this machine lacks fails before any work
 
     settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, lora_rank=lora_rank,
-                                save_every=save_every)
+                                save_every=save_every, adam_moments=adam_moments)
     done = finetune(base, task, out, settings, overwrite=overwrite, placement=placement)
     for checkpoint in done.checkpoints:
         out_console.print(f"  step {checkpoint.step}: loss {checkpoint.loss:.4f} -> {checkpoint.path}")

@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 
 from modelfuse.evaluation.tasks import Example, TaskError, load_task
+from modelfuse.io.statistics import save_adam_moments
 from modelfuse.io.writer import check_output_location
 from modelfuse.runtime import CPU_FLOAT32, Placement, format_prompt, load_model, on_device, save_model
 from modelfuse.settings import Settings
@@ -66,6 +67,10 @@ def training_batch(
     }
 
 
+ADAM_MOMENTS = "adam-moments"
+"""The statistics folder inside a fine-tuned expert that holds its optimizer's second moments."""
+
+
 class FinetuneSettings(Settings):
     """How ``finetune`` trains: AdamW steps, batch, learning rate, seed, and an optional LoRA adapter."""
 
@@ -76,6 +81,7 @@ class FinetuneSettings(Settings):
     lora_rank: int | None = Field(None, ge=1)
     lora_alpha: float | None = None
     save_every: int | None = Field(None, ge=1)
+    adam_moments: Literal["rank1", "full", "none"] = "rank1"
 
 
 def finetune(
@@ -93,6 +99,8 @@ def finetune(
     Deterministic from ``seed`` (batches are drawn with their own generator; the model runs on the CPU).
     With ``lora_rank``, trains a LoRA adapter on every linear layer through peft and saves the adapter
     (``adapter_config.json`` + ``adapter_model.safetensors``); otherwise saves the full model and tokenizer.
+    A full fine-tune also writes AdamW's second moments (``exp_avg_sq``, rank-1 compressed by default) into
+    ``out/adam-moments``, a statistics folder that curvature-aware merges (``ota``) read as ``calibration:``.
     With ``save_every``, the state after every that many steps (but the last) is also saved, beside ``out`` as
     ``<out>-step<N>``, with its recent training loss (for ``modelfuse lora merge --method mwa``).
 
@@ -140,6 +148,11 @@ def finetune(
             checkpoints.append(SavedCheckpoint(step + 1, path, _recent(losses)))
     model.eval()
     save_model(model, tokenizer, out)  # check_output_location above refused an existing out without overwrite
+    if lora_rank is None and settings.adam_moments != "none":
+        moments = {name: optimizer.state[parameter]["exp_avg_sq"] for name, parameter in model.named_parameters()
+                   if parameter in optimizer.state}
+        save_adam_moments(out / ADAM_MOMENTS, moments, model=str(out.resolve()),
+                          rank1=settings.adam_moments == "rank1", steps=steps)
     return FinetuneResult(out, steps, losses[0] if losses else float("nan"), _recent(losses),
                           time.perf_counter() - began, tuple(checkpoints))
 

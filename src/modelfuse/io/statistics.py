@@ -8,11 +8,20 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from modelfuse.errors import CheckpointError
+from modelfuse.io.writer import StagingFolder, write_json
 
 CONFIG = "calibration.json"
 FORMAT = "modelfuse-calibration"
+ADAM = "exp_avg_sq"
+ADAM_ROWS = "exp_avg_sq_row"
+ADAM_COLUMNS = "exp_avg_sq_col"
+ADAM_STATISTICS = (ADAM, ADAM_ROWS, ADAM_COLUMNS)
+"""Adam's second moments as statistics: whole (``exp_avg_sq``), or a 2-D tensor's rank-1 compression
+``v ~ row col^T`` (``row = v.sum(1)``, ``col = v.sum(0) / v.sum()``), written by ``modelfuse finetune``."""
+ADAM_FILE = "adam-moments.safetensors"
 
 
 def statistic_bytes(kind: str, shape: tuple[int, ...]) -> int:
@@ -23,7 +32,9 @@ def statistic_bytes(kind: str, shape: tuple[int, ...]) -> int:
         numel *= size
     inputs = shape[-1] if len(shape) >= 2 else 0
     experts = shape[0] if len(shape) == 3 else 1
-    per_kind = {"gram": experts * inputs * inputs, "act_rms": experts * inputs}
+    rows = shape[0] if shape else 1
+    per_kind = {"gram": experts * inputs * inputs, "act_rms": experts * inputs, ADAM_ROWS: rows,
+                ADAM_COLUMNS: inputs}
     return 4 * per_kind.get(kind, numel)
 
 
@@ -73,3 +84,34 @@ class CalibrationStats:
             raise CheckpointError(f"{self.folder / file}: cannot read {key!r} ({error})",
                                   path=str(self.folder / file)) from None
 
+
+
+def rank1_moments(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-1 compression of a non-negative 2-D second moment: ``row = v.sum(1)``, ``col = v.sum(0) / v.sum()``
+    (their outer product keeps every row and column sum of ``v``; zeros where ``v`` sums to 0)."""
+    total = moment.sum()
+    columns = moment.sum(0) / total if float(total) > 0 else torch.zeros(moment.shape[1], dtype=moment.dtype)
+    return moment.sum(1), columns
+
+
+def save_adam_moments(out: Path, moments: dict[str, torch.Tensor], *, model: str, rank1: bool,
+                      steps: int) -> Path:
+    """Write Adam's second moments (per checkpoint tensor name) as a statistics folder that merge recipes read
+    with ``calibration: OUT``; 2-D tensors rank-1 compressed when ``rank1``."""
+    stats: dict[str, torch.Tensor] = {}
+    for name, moment in moments.items():
+        value = moment.detach().to(torch.float32).cpu()
+        if rank1 and value.dim() == 2:
+            rows, columns = rank1_moments(value)
+            stats[f"{name}.{ADAM_ROWS}"], stats[f"{name}.{ADAM_COLUMNS}"] = rows, columns
+        else:
+            stats[f"{name}.{ADAM}"] = value
+    with StagingFolder(out, overwrite=True) as staging:
+        save_file({key: value.contiguous() for key, value in stats.items()}, staging.path / ADAM_FILE,
+                  metadata={"format": "pt"})
+        write_json(staging.path / CONFIG, {
+            "format": FORMAT, "version": 1, "model": model, "source": "adam",
+            "settings": {"statistics": list(ADAM_STATISTICS), "rank1": rank1, "steps": steps},
+            "index": {key: ADAM_FILE for key in sorted(stats)}})
+        staging.commit()
+    return out

@@ -150,6 +150,7 @@ class MethodSpec:
     mergekit_half: Callable[..., torch.Tensor] | None = None
     mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None
     l1_norms: Callable[..., list[tuple[float, float]]] | None = None
+    statistics_from: str = ""
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -259,6 +260,7 @@ def register(
     mergekit_half: Callable[..., torch.Tensor] | bool = False,
     mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None,
     l1_norms: Callable[..., list[tuple[float, float]]] | None = None,
+    statistics_from: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -307,6 +309,8 @@ def register(
             (inputs as read, finite), per model ``(|tau_i|_1, |kept_i|_1)`` of the sparsified task vector before
             any rescale. The engine sums them over the blocks first and computes the blocks with ``l1_scales``
             (``l1_scale`` of the sums), which the method uses instead of its own whole-tensor sums.
+        statistics_from: How to make the statistics when they do not come from ``modelfuse calibrate`` (said when
+            a model has none).
 
     Returns:
         A decorator registering the function.
@@ -328,7 +332,7 @@ def register(
         _METHODS[name] = MethodSpec(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
             bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
-            fn if mergekit_half is True else mergekit_half or None, mergekit_refuses, l1_norms,
+            fn if mergekit_half is True else mergekit_half or None, mergekit_refuses, l1_norms, statistics_from,
         )
         return fn
 
