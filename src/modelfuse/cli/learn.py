@@ -283,3 +283,47 @@ def rcp_merge_command(
                        say=lambda line: console.print(f"  {line}", highlight=False))
     out_console.print(f"[green]rcp-merged[/] {report.updated['__all__']:.1%} of the weights took the domain's task "
                       f"vector -> {report.out}")
+
+
+@app.command(name="concrete-merge", epilog="Example: modelfuse concrete-merge ./base --model ./math --data "
+             "rg:basic_arithmetic --model ./code --data code.jsonl --mode adamerging -o ./merged")
+def concrete_merge_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Unlabeled prompts of each expert's task, in --model order.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder (with concrete.json).")],
+    mode: Annotated[str, typer.Option(help="task_arithmetic (Concrete TA) or adamerging (Concrete AdaMerging).")]
+    = "task_arithmetic",
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps on the mask.")] = 200,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the mask logits.")] = 1e-3,
+    temperature: Annotated[float, typer.Option(help="Concrete temperature.")] = 0.5,
+    scaling: Annotated[float, typer.Option(help="Task vectors' coefficient (adamerging: where it starts).")] = 0.3,
+    adamerging_steps: Annotated[int, typer.Option(min=0, help="adamerging: steps on the coefficients with the final "
+                                                              "mask.")] = 100,
+    final_mask: Annotated[str, typer.Option(help="continuous (a relaxed draw) or discrete (a Bernoulli draw).")]
+    = "continuous",
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the mask draws and of generated data.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Concrete subspace masks: a mask shared by the tasks, learned through the Concrete relaxation to lower the
+    merged model's entropy on unlabeled prompts, around task arithmetic or AdaMerging."""
+    from rich.progress import Progress
+
+    from modelfuse.learn.concrete import ConcreteSettings, concrete_merge
+    from modelfuse.runtime import Placement
+
+    settings = ConcreteSettings(mode=mode, steps=steps, lr=lr, temperature=temperature, scaling=scaling,
+                                adamerging_steps=adamerging_steps, final_mask=final_mask, samples=samples,
+                                batch_size=batch_size, seed=seed)
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("learning the mask", total=steps)
+        done, result = concrete_merge(base, model, data, out, settings, overwrite=overwrite, placement=placement,
+                                      on_step=lambda step, _: progress.update(task, completed=step))
+    out_console.print(f"[green]concrete-merged[/] {len(model)} experts (entropy {result.entropies[0]:.3f} -> "
+                      f"{result.entropies[-1]:.3f}; mask keeps {result.kept:.1%}) -> {done}")

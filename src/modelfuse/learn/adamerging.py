@@ -54,14 +54,18 @@ class Coefficients:
 
 
 def merged_parameters(base: Mapping[str, torch.Tensor], task_vectors: Sequence[Mapping[str, torch.Tensor]],
-                      coefficients: Coefficients) -> dict[str, torch.Tensor]:
-    """``theta_0 + sum_k lambda_k tau_k`` for every merged tensor, differentiable in the coefficients."""
+                      coefficients: Coefficients, masks: Mapping[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """``theta_0 + sum_k lambda_k (m * tau_k)`` for every merged tensor (``m``: a mask shared by the tasks, 1 when
+    ``masks`` is None), differentiable in the coefficients and the masks."""
     merged = {}
     for index, name in enumerate(coefficients.names):
         lam = coefficients.of(index)
         total = base[name]
+        mask = masks[name] if masks is not None else None
         for k, vectors in enumerate(task_vectors):
-            total = total + lam[k].to(base[name].dtype) * vectors[name]
+            vector = vectors[name] if mask is None else mask.to(vectors[name].dtype) * vectors[name]
+            total = total + lam[k].to(base[name].dtype) * vector
         merged[name] = total.to(base[name].dtype)  # a bfloat16 model keeps bfloat16 weights
     return merged
 
@@ -76,12 +80,14 @@ def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def entropy_objective(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
                       task_vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Coefficients,
-                      batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+                      batches: Sequence[Mapping[str, torch.Tensor]], masks: Mapping[str, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
     """The sum over ``batches`` (one per task) of the merged model's mean next-token entropy (at the positions
-    of a batch's ``entropy_mask`` when it has one, else at every non-padding token)."""
+    of a batch's ``entropy_mask`` when it has one, else at every non-padding token); ``masks``: see
+    :func:`merged_parameters`."""
     from torch.func import functional_call
 
-    parameters = merged_parameters(base, task_vectors, coefficients)
+    parameters = merged_parameters(base, task_vectors, coefficients, masks)
     total = torch.zeros((), dtype=torch.float64, device=next(iter(base.values())).device)
     for batch in batches:
         output = functional_call(model, parameters, args=(), kwargs={
@@ -128,6 +134,22 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(attention_mask)
     mask[torch.arange(mask.shape[0]), attention_mask.sum(1).clamp_min(1) - 1] = 1
     return mask
+
+
+def prompt_batches(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[str]], *, batch_size: int,
+                   max_tokens: int, positions: Literal["last", "all"]
+                   ) -> Callable[[int], list[dict[str, torch.Tensor]]]:
+    """``batches(step)``: one batch per task, the ``step``-th window of its prompts, on the model's device; the
+    entropy taken at each prompt's last token (``last``) or at every token (``all``)."""
+
+    def batches(step: int) -> list[dict[str, torch.Tensor]]:
+        found = [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, batch_size)], max_tokens)
+                 for texts in prompts]
+        if positions == "last":
+            found = [{**batch, "entropy_mask": last_positions(batch["attention_mask"])} for batch in found]
+        return [on_device(batch, model) for batch in found]
+
+    return batches
 
 
 def task_arithmetic_recipe(coefficients: Coefficients, base: str, experts: Sequence[str],
@@ -194,13 +216,8 @@ def adamerge(
     model, tokenizer, theta, vectors = loaded.model, loaded.tokenizer, loaded.base, loaded.vectors
     prompts = read_prompts(data, tokenizer, split=settings.split, samples=settings.samples, seed=settings.seed)
 
-    def batches(step: int) -> list[dict[str, torch.Tensor]]:
-        found = [tokenize(tokenizer, [CalibrationText(text) for text in window(texts, step, settings.batch_size)],
-                          settings.max_tokens) for texts in prompts]
-        if settings.positions == "last":
-            found = [{**batch, "entropy_mask": last_positions(batch["attention_mask"])} for batch in found]
-        return [on_device(batch, model) for batch in found]
-
+    batches = prompt_batches(model, tokenizer, prompts, batch_size=settings.batch_size,
+                             max_tokens=settings.max_tokens, positions=settings.positions)
     result = learn_coefficients(model, theta, vectors, batches, granularity=settings.granularity,
                                 steps=settings.steps, lr=settings.lr, init=settings.init, on_step=on_step)
     recipe = task_arithmetic_recipe(result.coefficients, str(base), [str(expert) for expert in experts])
