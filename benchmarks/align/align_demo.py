@@ -6,7 +6,7 @@ Also the loss barrier: the task loss along the straight path (1 - t) A + t B bet
 alignment, plotted.
 
     pip install -e '.[bench]'
-    python benchmarks/align/align_demo.py          # ~15 minutes on 2 cores
+    python benchmarks/align/align_demo.py          # ~15 minutes on 2 cores (alone)
 
 Writes benchmarks/results/align.md, align.json and align-barrier.png; the trained models are cached under
 ``$MODELFUSE_BENCH_CACHE/align``.
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--length", type=int, default=6, help="digits to reverse")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--test", type=int, default=500)
