@@ -63,6 +63,9 @@ GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "widen": ("threshold", (0.5, 1.0, 2.0)),
     "sce": ("select_topk", (0.1, 0.5, 1.0)),
     "localize_stitch": ("density", (0.05, 0.1, 0.3)),
+    # DOGE's lam is the norm each scaled task vector gets per tensor; these experts' task vectors have a median
+    # per-tensor norm of 0.46 (arithmetic expert), so the grid spans a fifth to about that norm
+    "doge_ta": ("lam", (0.1, 0.25, 0.5)),
 }
 EXPERT_COUNT = 4
 
@@ -81,6 +84,8 @@ def eligible(method: MethodSpec) -> str | None:
         return f"merges at most {method.max_models} model(s)"
     if any(spec.required for spec in method.params.values()):
         return "has a required parameter without a grid"
+    if method.statistics:
+        return "reads statistics (calibration in benchmarks/quality/data_aware.py; Adam moments from training)"
     return None
 
 
