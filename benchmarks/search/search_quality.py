@@ -61,24 +61,43 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     scorer = ready.scorer(Limits(validation=args.limit, test=args.test), work / f"scores-t{args.test}")
     space_file = work / "space.yml"
     space_file.write_text(yaml.safe_dump(space(base, experts, specs, args), sort_keys=False))
+    timings_file = work / "timings.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+
+    def timed(key: str, seconds: float) -> float:
+        """The seconds a phase took when it ran (a rerun replays it from its cache: the first time is kept)."""
+        if key not in timings:
+            timings[key] = seconds
+            timings_file.write_text(json.dumps(timings, indent=1) + "\n")
+        return timings[key]
+
+    seed_file = work / "seed-ties.yml"
+    data = yaml.safe_load(space_file.read_text())
+    seed_file.write_text(yaml.safe_dump({  # the quality benchmark's best TIES: density 0.3, equal weights
+        "base": data["base"], "method": "ties", "dtype": "float32", "seed": 0,
+        "models": [{"path": model["path"], "weight": 1.0, "parameters": {"density": 0.3}}
+                   for model in data["models"]]}, sort_keys=False))
+    runs = [(f"{workers} worker(s)", f"search-{workers}-workers", workers, []) for workers in args.workers]
+    if not args.smoke:
+        runs.append(("1 worker, seeded with TIES density 0.3", "search-seeded", 1, [seed_file]))
     searches: dict[str, Any] = {}
-    for workers in args.workers:
-        out = work / f"search-{workers}-workers"
+    for label, folder, workers, seeds in runs:
+        out = work / folder
         began = time.perf_counter()
         result = run_search(space_file, out, optimizer=args.optimizer, budget=args.budget, batch=args.batch, seed=0,
-                            ray=None if workers == 1 else "auto", workers=workers, resume=(out / "search.jsonl")
-                            .is_file(), on_record=lambda record, best: log.info(
+                            ray=None if workers == 1 else "auto", workers=workers, seed_recipes=seeds,
+                            resume=(out / "search.jsonl").is_file(), on_record=lambda record, best: log.info(
                                 "  #%d fitness %s (best %.4f) %.0f s", record.number, record.fitness,
                                 best.fitness if best else float("nan"), record.seconds))
-        seconds = time.perf_counter() - began
+        seconds = timed(folder, time.perf_counter() - began)
         assert result.best is not None
         merged = out / "best-model"
         if not (merged / "config.json").is_file():
             modelfuse.merge(out / "best.yml", merged, overwrite=True)
-        searches[f"{workers} worker(s)"] = {
+        searches[label] = {
             "seconds": seconds, "candidates": len(result.records), "best": result.best.number,
             "validation_fitness": result.best.fitness, "recipe": yaml.safe_load((out / "best.yml").read_text()),
-            "test": scorer.score(f"search-{workers}", merged, "test")}
+            "test": scorer.score(folder.removesuffix("-workers"), merged, "test")}
     pool = dict(experts)
     if not args.smoke:
         for name, spec in UNRELATED.items():
@@ -90,7 +109,7 @@ def run(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
                  examples=args.fw_examples, overwrite=True)
     fw_record = json.loads((fw_out / "fw.json").read_text())
     names = {str(path): name for name, path in pool.items()}
-    fw = {"seconds": time.perf_counter() - began, "pool": list(pool),
+    fw = {"seconds": timed(f"fw-{args.fw_steps}", time.perf_counter() - began), "pool": list(pool),
           "picks": [{names[fw_record["pool"][int(k)]]: v for k, v in step["picked"].items()}
                     for step in fw_record["steps"]],
           "test": scorer.score(f"fw-{args.fw_steps}", fw_out, "test")}

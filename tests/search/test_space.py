@@ -98,3 +98,16 @@ def test_paths_of_the_best_recipe_are_made_absolute(tmp_path: Any) -> None:
     mapping = searched.portable_mapping({"models[0].weight": 0.5})
     assert mapping["models"][0]["path"] == str((tmp_path / "models" / "a").resolve())
     assert mapping["base"] == str((tmp_path / "models" / "base").resolve())
+
+
+def test_a_plain_recipe_is_a_point_and_one_number_fills_a_gradient() -> None:
+    searched = SearchSpace(space())
+    recipe = {"models": [{"path": "/models/a", "weight": 0.4, "parameters": {"density": 0.3}},
+                         {"path": "/models/b", "parameters": {"density": [{"match": "*self_attn*", "value": 0.6}]}}],
+              "method": "ties", "parameters": {"lam": 1.2}}
+    point = searched.point_of(recipe, source="seed.yml")
+    assert [point[f"models[0].parameters.density#{k}"] for k in range(3)] == [0.3, 0.3, 0.3]
+    assert point["models[0].weight"] == 0.4 and point["method"] == "ties"
+    recipe["models"][0]["parameters"]["density"] = [0.3, 0.4]
+    with pytest.raises(RecipeError, match="a list of 3 values"):
+        searched.point_of(recipe, source="seed.yml")

@@ -212,7 +212,8 @@ class SearchSpace:
 
     def point_of(self, mapping: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:
         """The point of a plain recipe written in this space (a known-good recipe to seed the search with): the
-        value at each searched place, a gradient of ``knots`` values where the space has one.
+        value at each searched place, a gradient of ``knots`` values where the space has one (a single number
+        there is the same value at every knot).
 
         Raises:
             RecipeError: If the recipe lacks a searched value or has one of the wrong form, naming it.
@@ -227,6 +228,8 @@ class SearchSpace:
                     node = node[part]
             except (KeyError, IndexError, TypeError):
                 raise RecipeError(f"{source}: no value at {_dotted(slot.path)}, which the space searches") from None
+            if slot.knots and isinstance(node, (int, float)) and not isinstance(node, bool):
+                node = [node] * slot.knots  # one value for the whole depth: a flat gradient
             values = node if slot.knots else [node]
             if not isinstance(values, list) or len(values) != len(slot.dimensions):
                 raise RecipeError(f"{source}: {_dotted(slot.path)}: the space searches "
