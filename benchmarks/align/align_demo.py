@@ -26,24 +26,16 @@ from typing import Any
 import torch
 
 from modelfuse.align.run import AlignSettings, align_models
+from modelfuse.demo import SPECIAL_TOKENS, char_tokenizer
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 CACHE = Path(os.environ.get("MODELFUSE_BENCH_CACHE", Path.home() / ".cache" / "modelfuse-bench")) / "align"
 CHARS = [*string.digits, "=", "\n"]
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def tokenizer() -> Any:
-    """One token per character."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: index for index, token in enumerate([*SPECIAL, *CHARS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    """One token per character (digits, ``=``, newline)."""
+    return char_tokenizer(CHARS)
 
 
 def examples(count: int, length: int, seed: int) -> list[tuple[str, str]]:
@@ -75,7 +67,7 @@ def train(folder: Path, seed: int, args: argparse.Namespace) -> Path:
     if (folder / "config.json").is_file():
         return folder
     tok = tokenizer()
-    config = LlamaConfig(vocab_size=len(SPECIAL) + len(CHARS), hidden_size=args.hidden, intermediate_size=
+    config = LlamaConfig(vocab_size=len(SPECIAL_TOKENS) + len(CHARS), hidden_size=args.hidden, intermediate_size=
                          args.hidden * 2, num_hidden_layers=args.layers, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2)

@@ -14,7 +14,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,17 +87,25 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def build_tokenizer() -> Any:
-    """A character-level ``PreTrainedTokenizerFast`` (one token per character; ``<s>`` prepended)."""
+def char_tokenizer(characters: Sequence[str], *, prepend_bos: bool = False) -> Any:
+    """A character-level ``PreTrainedTokenizerFast``: ``<pad> <s> </s> <unk>`` then one token per character (ids in
+    that order); ``<s>`` prepended to every encoding when ``prepend_bos``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(VOCAB)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    vocabulary = (*SPECIAL_TOKENS, *characters)
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocabulary)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if prepend_bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+def build_tokenizer() -> Any:
+    """The demo's character-level tokenizer (one token per character; ``<s>`` prepended)."""
+    return char_tokenizer(VOCAB[len(SPECIAL_TOKENS):], prepend_bos=True)
 
 
 def build_model(seed: int = 0) -> Any:
