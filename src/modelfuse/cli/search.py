@@ -151,8 +151,11 @@ def black_box_command(
 ) -> None:
     """Black-box merging of LoRA adapters (Evo-Merging): CMA-ES over per-adapter densities of A, then per-adapter
     signed scales, scored by a loss or score alone."""
+    from modelfuse.errors import RecipeError
     from modelfuse.search.black_box import BlackBoxSettings, black_box_merge
 
+    if sigma <= 0 or scale_bound <= 0:
+        raise RecipeError(f"--{'sigma' if sigma <= 0 else 'scale-bound'}: give a number above 0")
     settings = BlackBoxSettings(popsize=popsize, stage1=stage1, stage2=stage2, sigma1=sigma, sigma2=sigma,
                                 scale_bound=scale_bound, l1=l1, objective=objective, examples=examples,
                                 batch_size=batch_size, seed=seed)
