@@ -1,4 +1,4 @@
-"""Diagnostics and storage commands: inspect, compress, extract."""
+"""Diagnostics and storage commands: inspect, compress, extract, lines-alpha."""
 
 from __future__ import annotations
 
@@ -85,3 +85,17 @@ def extract_command(
     out_console.print(f"[green]extracted[/] task {done['index']} ({done['name']}) -> {done['out']}; relative L2 "
                       f"error recorded at compression: {done['rel_error']:.3e} of the weights, "
                       f"{done['rel_error_task_vector']:.3f} of the task vector")
+
+
+@app.command(name="lines-alpha", epilog="Example: modelfuse lines-alpha ties.yml")
+def lines_alpha_command(
+    recipe: Annotated[Path, typer.Argument(help="A recipe with a base (its post steps are left out).")],
+) -> None:
+    """LiNeS' multi-task alpha for a recipe: (1/T) |sum_t tau_t|_1 / |tau_merged|_1 over the whole model, computed
+    tensor by tensor; write it as `post: {lines: {alpha: A, beta: ...}}` and tune beta."""
+    from modelfuse.analysis.lines_alpha import multitask_lines_alpha
+
+    found = multitask_lines_alpha(recipe)
+    console.print(f"  |sum of the {found.tasks} task vectors|_1 = {found.summed_l1:.6g}, |merged task vector|_1 = "
+                  f"{found.merged_l1:.6g}", highlight=False)
+    out_console.print(f"alpha = {found.alpha:.6g}   (post: {{lines: {{alpha: {found.alpha:.6g}, beta: ...}}}})")
