@@ -1,4 +1,4 @@
-"""Data-aware commands: calibrate, adamerge, expert-merge, twin, localize."""
+"""Data-aware commands: calibrate, adamerge, expert-merge, twin, wemoe, localize, rcp-merge, concrete-merge."""
 
 from __future__ import annotations
 
@@ -202,6 +202,59 @@ def twin_command(
                       f"storage {storage['total']:,} numbers (shared {storage['shared']:,} + exclusive "
                       f"{storage['exclusive']:,} + router {storage['router']:,}) = {storage['ratio']:.3f} of the "
                       f"{len(model)} experts' {storage['experts_full']:,}")
+
+
+@app.command(name="wemoe", epilog="Example: modelfuse wemoe ./base --model ./math --data math.jsonl --model ./code "
+             "--data code.jsonl -o ./wemoe; then modelfuse eval ./wemoe --task ...")
+def wemoe_command(
+    base: Annotated[Path, typer.Argument(help="The base model the experts were fine-tuned from (with tokenizer).")],
+    model: Annotated[list[Path], typer.Option(help="An expert, repeated; each followed by its --data.")],
+    data: Annotated[list[str], typer.Option(help="Unlabeled prompts of each expert's task, in --model order, for "
+                                                 "the routers: rg:NAME, a task .jsonl, a .jsonl of texts or a .txt "
+                                                 "file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    lam: Annotated[float, typer.Option(help="Task arithmetic scale outside the MLPs; the routers start there.")]
+    = 0.3,
+    router_layers: Annotated[int, typer.Option(min=0, max=2, help="Layers of each MLP's router (0: a constant).")]
+    = 2,
+    mlp_module: Annotated[str, typer.Option(help="Name of the MLP modules that become weight-ensembling MoEs.")]
+    = "mlp",
+    rank: Annotated[str, typer.Option(help="Rank of each stored MLP task vector per matrix, or 'full' (exact).")]
+    = "full",
+    steps: Annotated[int, typer.Option(min=0, help="Adam steps on the routers.")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
+    split: Annotated[str, typer.Option(help="Split of task files the routers train on.")] = "train",
+    positions: Annotated[str, typer.Option(help="Entropy at each prompt's last token or at all tokens.")] = "last",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """WEMoE: task arithmetic outside the MLPs; each MLP weighs the experts' task vectors per input through a
+    router trained on unlabeled prompts (entropy); the bundle loads with modelfuse (evaluate, generate)."""
+    from rich.progress import Progress
+
+    import modelfuse
+    from modelfuse.learn.wemoe import WemoeSettings, build_wemoe
+    from modelfuse.runtime import Placement
+
+    settings = WemoeSettings(lam=lam, router_layers=router_layers, mlp_module=mlp_module, rank=rank, steps=steps,
+                             lr=lr, samples=samples, batch_size=batch_size, split=split,
+                             positions=positions)  # type: ignore[arg-type]
+    placement = Placement(device=device, dtype=dtype)
+    placement.resolve()  # a device or dtype this machine lacks fails before any work
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training routers", total=steps)
+        report = build_wemoe(base, model, data, out, settings, options=modelfuse.MergeOptions(overwrite=overwrite),
+                             on_step=lambda step, _: progress.update(task, completed=step), placement=placement)
+    storage = report.storage
+    out_console.print(f"[green]wemoe bundle[/] {report.out}: entropy {report.first_entropy:.4f} -> "
+                      f"{report.last_entropy:.4f} over {steps} steps; storage {storage['total']:,} numbers (shared "
+                      f"{storage['shared']:,} + MLP task vectors {storage['task_vectors']:,} + routers "
+                      f"{storage['routers']:,}) = {storage['ratio']:.3f} of the {len(model)} experts' "
+                      f"{storage['experts_full']:,}")
 
 
 @app.command(name="localize", epilog="Example: modelfuse localize ./base --model ./math --data rg:basic_arithmetic "

@@ -157,7 +157,7 @@ def _routed_hook(state: TwinState, parts: Callable[[torch.nn.Module, tuple[torch
     return hook
 
 
-def _linear_parts(factors: list[dict[str, torch.Tensor]], transposed: bool, bias: list[torch.Tensor] | None
+def linear_parts(factors: list[dict[str, torch.Tensor]], transposed: bool, bias: list[torch.Tensor] | None
                   ) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], list[torch.Tensor]]:
     """Per expert ``x down^T up^T`` (``x delta^T`` when kept whole) (+ its bias change); Conv1D (``y = x W``,
     ``W [in, out]``) ``x up down`` (``x delta``)."""
@@ -242,7 +242,7 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
         parts = {local: [expert[name] for expert in exclusive] for local, name in own.items()}
         if isinstance(module, torch.nn.Linear | Conv1D) and "weight" in parts:
             bias = [p["delta"] for p in parts["bias"]] if "bias" in parts else None
-            contribution = _linear_parts(parts["weight"], isinstance(module, Conv1D), bias)
+            contribution = linear_parts(parts["weight"], isinstance(module, Conv1D), bias)
         elif isinstance(module, torch.nn.Embedding) and set(parts) == {"weight"}:
             contribution = _embedding_parts(parts["weight"])
         elif set(parts) <= {"weight", "bias"} and all(p.dim() == 1 for p in module.parameters(recurse=False)):
