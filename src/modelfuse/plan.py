@@ -18,6 +18,7 @@ from modelfuse.io.checkpoint import Checkpoint
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.statistics import CalibrationStats
 from modelfuse.io.vocabulary import Vocabulary, build_vocabulary, config_vocab_size
+from modelfuse.kernels.topk import TopkThreshold
 from modelfuse.kernels.vocabulary import OmpFill, RowSource, default_sources
 from modelfuse.methods import MethodSpec
 from modelfuse.params import ParamValue, resolve_value
@@ -84,6 +85,8 @@ class MergePlan:
     chat_template: str | None = None  # the Jinja chat template written into the output tokenizer
     draw_states: dict[str, torch.Tensor] = field(default_factory=dict)  # random_draws torch: job -> generator state
     module_layers: dict[str, int] = field(default_factory=dict)  # a multi-module model: output layers per module
+    # topk_scope: model: job -> per model and count, its share of the whole-model top-k selection (engine pre-pass)
+    model_thresholds: dict[str, list[list[TopkThreshold]]] = field(default_factory=dict)
 
     @property
     def read_bytes(self) -> int:

@@ -194,6 +194,10 @@ class Recipe(BaseModel):
         default=None, description="which entries equal to a top-k cut-off (TIES, breadcrumbs) are kept: 'mergekit' "
         "(those torch's sort puts first, as mergekit 0.1.5 keeps them; an extra pass per task vector) or 'position' "
         "(the lowest flat positions; faster). Default: 'mergekit' for a mergekit YAML, else 'position'")
+    topk_scope: Literal["tensor", "model"] = Field(
+        default="tensor", description="where a top-k method (TIES, breadcrumbs, consensus_ties) selects each task "
+        "vector's largest entries: within each tensor (mergekit's way) or over the whole model's flattened task "
+        "vector (the TIES paper's; one streaming pre-pass over every tensor first)")
     name: str | None = None
     post: PostSteps | None = Field(default=None, description="steps applied after the method (LiNeS scaling)")
     fallback: Fallback | None = Field(default=None, description="data-free method for the tensors a statistics "
@@ -299,6 +303,15 @@ def _problems(recipe: Recipe) -> list[str]:
         why = f"method {spec.name!r} ignores the base" if spec.base == "unused" else "the recipe has no base"
         problems.append(f"post.lines: LiNeS scales the merged task vector (merged - base), but {why}; "
                         "use a method with a base and set 'base: <path>'")
+    if recipe.topk_scope == "model":
+        if spec.topk is None or spec.base == "unused":
+            problems.append(f"topk_scope: method {spec.name!r} selects no top-k entries of the task vectors; remove "
+                            "'topk_scope' (it applies to ties, breadcrumbs, breadcrumbs_ties, consensus_ties ...)")
+        if recipe.mergekit_ties:
+            problems.append("topk_scope: model selects over the whole model, mergekit within each tensor; remove "
+                            "'tie_order: mergekit' (or 'topk_scope')")
+        if recipe.compute_dtype != "float32":
+            problems.append("topk_scope: model selects on float32 task vectors; set compute_dtype: float32")
     return problems
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from modelfuse.engine import compute_tensor
+from modelfuse.engine.prepass import model_thresholds
 from modelfuse.errors import RecipeError
 from modelfuse.plan import build_plan
 from modelfuse.recipe import Recipe, load_recipe
@@ -41,6 +42,8 @@ def multitask_lines_alpha(recipe: Recipe | dict[str, Any] | str | Path) -> Lines
     if parsed.base is None:
         raise RecipeError("lines alpha: the recipe has no base; LiNeS scales task vectors (model - base)")
     plan = build_plan(parsed.model_copy(update={"post": None}), base_dir=base_dir)
+    if plan.recipe.topk_scope == "model":
+        plan.model_thresholds = model_thresholds(plan)
     summed = merged = 0.0
     tasks = 0
     for job in plan.jobs:

@@ -194,6 +194,9 @@ def _compute_piece(
         context["topk_masks"] = [
             first_k_masks((tensor - base).abs(), counts, job.method.mergekit_order)
             for tensor, counts in zip(tensors, job.method.topk(job.params, numel), strict=True)]
+    elif thresholds is None and rows is None and job.name in plan.model_thresholds:  # topk_scope: model
+        thresholds = plan.model_thresholds[job.name]
+        equal_before = [[0] * len(model) for model in thresholds]
     elif (thresholds is None and rows is None and job.method.topk is not None and base is not None
             and compute_dtype == torch.float32):
         # A whole tensor: its thresholds here, so the engine hands the method its masks as for row blocks (the
@@ -302,6 +305,8 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: TensorOutput, allow_nonfin
         cuts = None
         if job.method.topk is not None and mergekit_order(job, plan):
             thresholds, cuts = mergekit_selection(job, plan, chunk, allow_nonfinite)
+        elif job.name in plan.model_thresholds:  # topk_scope: model, found before any tensor
+            thresholds = plan.model_thresholds[job.name]
         else:
             thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite) if job.method.topk is not None else None
         noise = RandomField(tensor_seed(plan.recipe.seed, job.name))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from modelfuse.engine.draws import draw_states
+from modelfuse.engine.prepass import model_thresholds
 from modelfuse.engine.schedule import execute
 from modelfuse.errors import OutputError
 from modelfuse.options import MergeOptions
@@ -68,6 +69,8 @@ def merge_in_memory(plan: MergePlan, options: MergeOptions | None = None,
     options = options or MergeOptions()
     if plan.recipe.random_draws == "torch":
         plan.draw_states = draw_states(plan)
+    if plan.recipe.topk_scope == "model":
+        plan.model_thresholds = model_thresholds(plan, replace_nonfinite=options.allow_nonfinite)
     sink = TensorSink(plan.jobs)
     execute(plan, sink, options, on_tensor, _NothingKept())
     return sink.tensors

@@ -16,6 +16,7 @@ from typing import Any
 from modelfuse._version import __version__
 from modelfuse.engine.card import PROVENANCE_FILE, model_card, provenance
 from modelfuse.engine.draws import draw_states
+from modelfuse.engine.prepass import model_thresholds
 from modelfuse.engine.schedule import execute
 from modelfuse.errors import OutputError, Terminated
 from modelfuse.io.checkpoint import TOKENIZER_FILES
@@ -89,6 +90,8 @@ def write_staged(
     check_free_space(staging.path, remaining + sum(path.stat().st_size for path in copied) + (1 << 20))
     if plan.recipe.random_draws == "torch":
         plan.draw_states = draw_states(plan)
+    if plan.recipe.topk_scope == "model":
+        plan.model_thresholds = model_thresholds(plan, replace_nonfinite=options.allow_nonfinite)
     writer = ShardWriter(staging.path, slots, plan.recipe.shard_bytes(), resume=staging.resume)
     try:
         execute(plan, writer, options, on_tensor, journal)

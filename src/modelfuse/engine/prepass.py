@@ -11,6 +11,7 @@ import torch
 
 from modelfuse.engine.buffers import READ_BUFFER, SELECTION_BUFFER, SELECTION_READ_BUFFER
 from modelfuse.engine.finite import FiniteCheck, all_finite
+from modelfuse.errors import RecipeError
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
 from modelfuse.kernels.topk import TopkThreshold
@@ -31,36 +32,13 @@ def topk_thresholds(
     that read every model's task vector together, the base once per chunk, in this thread's buffers.
     """
     assert job.base is not None and job.method.topk is not None
-    base_source = job.base
     numel = int(torch.Size(job.shape).numel())
     counts = job.method.topk(job.params, numel)
     streams = [(model, k) for model, model_counts in enumerate(counts) for k in model_counts]
     rows = [model for model, _ in streams]
-    inputs = [*job.sources, base_source]
 
     def read(start: int, stop: int) -> torch.Tensor:
-        """``[models, stop - start]``: |expert - base| of each model at flat elements [start, stop)."""
-        count = stop - start
-        sizes = [count * plan.checkpoints[source.model][source.name].dtype.itemsize for source in inputs]
-        raw = SELECTION_READ_BUFFER.get(sum(sizes))
-        values = SELECTION_BUFFER.get(4 * count * len(inputs))[: 4 * count * len(inputs)].view(torch.float32)
-        values = values.view(len(inputs), count)
-        pieces = []
-        offset = 0
-        for source, size in zip(inputs, sizes, strict=True):
-            pieces.append(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
-            offset += size
-        if fused.abs_deltas_bf16(pieces[:-1], pieces[-1], values[:-1]):  # one pass; False where an input is not finite
-            return values[:-1]
-        for row, tensor in enumerate(pieces):
-            values[row].copy_(tensor)
-        if not all_finite(values):
-            if not replace_nonfinite:  # refused with the model, tensor and counts, as in the merge itself
-                FiniteCheck(job, plan, False).inputs(list(values[:-1]), values[-1])
-            bad = ~torch.isfinite(values)  # as compat.replace_nonfinite: the base's by 0, each model's by the base's
-            values[-1][bad[-1]] = 0.0
-            values[:-1][bad[:-1]] = values[-1].expand_as(values[:-1])[bad[:-1]]
-        return values[:-1].sub_(values[-1]).abs_()
+        return task_vector_magnitudes(job, plan, start, stop, replace_nonfinite)
 
     found = topk_kernel_thresholds(read, numel, [k for _, k in streams], chunk_elements=chunk_elements,
                                    sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
@@ -69,6 +47,129 @@ def topk_thresholds(
     for (model, _), threshold in zip(streams, found, strict=True):
         per_model[model].append(threshold)
     return per_model
+
+
+def task_vector_magnitudes(job: TensorJob, plan: MergePlan, start: int, stop: int, replace_nonfinite: bool = False
+                           ) -> torch.Tensor:
+    """``[models, stop - start]``: |expert - base| of each model of ``job`` at flat elements [start, stop), in this
+    thread's selection buffer (valid until its next use). Non-finite inputs are refused, or replaced as the merge
+    replaces them with ``replace_nonfinite``."""
+    assert job.base is not None
+    inputs = [*job.sources, job.base]
+    count = stop - start
+    sizes = [count * plan.checkpoints[source.model][source.name].dtype.itemsize for source in inputs]
+    raw = SELECTION_READ_BUFFER.get(sum(sizes))
+    values = SELECTION_BUFFER.get(4 * count * len(inputs))[: 4 * count * len(inputs)].view(torch.float32)
+    values = values.view(len(inputs), count)
+    pieces = []
+    offset = 0
+    for source, size in zip(inputs, sizes, strict=True):
+        pieces.append(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
+        offset += size
+    if fused.abs_deltas_bf16(pieces[:-1], pieces[-1], values[:-1]):  # one pass; False where an input is not finite
+        return values[:-1]
+    for row, tensor in enumerate(pieces):
+        values[row].copy_(tensor)
+    if not all_finite(values):
+        if not replace_nonfinite:  # refused with the model, tensor and counts, as in the merge itself
+            FiniteCheck(job, plan, False).inputs(list(values[:-1]), values[-1])
+        bad = ~torch.isfinite(values)  # as compat.replace_nonfinite: the base's by 0, each model's by the base's
+        values[-1][bad[-1]] = 0.0
+        values[:-1][bad[:-1]] = values[-1].expand_as(values[:-1])[bad[:-1]]
+    return values[:-1].sub_(values[-1]).abs_()
+
+
+def model_scope_jobs(plan: MergePlan) -> list[TensorJob]:
+    """The jobs that select top-k entries over the whole model (``topk_scope: model``): every floating-point job of
+    a top-k method with a base, in plan order (the order of the model's flattened task vector).
+
+    Raises:
+        RecipeError: For jobs the whole-model selection cannot cover (vocabulary alignment, a half-precision
+            mergekit computation, models that differ between tensors).
+    """
+    jobs = [job for job in plan.jobs if job.method.topk is not None and job.base is not None
+            and plan.checkpoints[job.base.model][job.base.name].dtype.is_floating_point]
+    for job in jobs:
+        if job.vocabulary is not None or job.half is not None:
+            raise RecipeError(f"topk_scope: model cannot select over {job.name!r}, which is aligned onto a built "
+                              "vocabulary or computed in half precision; use topk_scope: tensor")
+        if [source.model for source in job.sources] != [source.model for source in jobs[0].sources]:
+            raise RecipeError(f"topk_scope: model needs the same models for every tensor; {job.name!r} merges other "
+                              f"models than {jobs[0].name!r}")
+    return jobs
+
+
+def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_nonfinite: bool = False
+                     ) -> dict[str, list[list[TopkThreshold]]]:
+    """``topk_scope: model``: per job, per model and count, the job's share of the top-k selection over the whole
+    model's task vector (every job of :func:`model_scope_jobs` flattened and put end to end in plan order).
+
+    Model ``i``'s count ``c`` keeps ``K = sum over tensors of the method's per-tensor count`` entries (with one
+    density for every tensor, that density of the whole model, up to rounding per tensor): the K largest
+    |tau_i| of the model, entries equal to the K-th kept in that flat order. Each job gets the global threshold
+    with the number of equal entries it keeps, so its masks are those of the whole-model selection; found by the
+    streaming passes of the per-tensor pre-pass (a sample, usually one counting pass), plus one pass counting the
+    entries equal to a threshold per tensor where not all of them are kept.
+    """
+    jobs = model_scope_jobs(plan)
+    if not jobs:
+        return {}
+    sizes = [int(torch.Size(job.shape).numel()) for job in jobs]
+    offsets = np.cumsum([0, *sizes]).tolist()
+    per_job = [job.method.topk(job.params, size) for job, size in zip(jobs, sizes, strict=True)]
+    layout = [len(model) for model in per_job[0]]
+    if any([len(model) for model in counts] != layout for counts in per_job):
+        raise RecipeError("topk_scope: model needs the same top-k counts per model for every tensor")
+    totals = [[sum(counts[model][index] for counts in per_job) for index in range(width)]
+              for model, width in enumerate(layout)]
+    streams = [(model, k) for model, model_totals in enumerate(totals) for k in model_totals]
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        pieces = []
+        for job, first, last in zip(jobs, offsets[:-1], offsets[1:], strict=True):
+            if last <= start or first >= stop:
+                continue
+            local = (max(start, first) - first, min(stop, last) - first)
+            pieces.append(task_vector_magnitudes(job, plan, *local, replace_nonfinite).clone())
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    found = topk_kernel_thresholds(read, offsets[-1], [k for _, k in streams], chunk_elements=chunk_elements,
+                                   sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
+                                   sample_blocks=_SAMPLE_BLOCKS, rows=[model for model, _ in streams])
+    shares: list[list[TopkThreshold]] = [[] for _ in jobs]  # per job, in stream order
+    counted = [index for index, threshold in enumerate(found)
+               if threshold.equal_quota > 0 and threshold.equal_quota != threshold.equal_total]
+    equal = _equal_counts(jobs, plan, [(streams[i][0], found[i].value) for i in counted], chunk_elements,
+                          replace_nonfinite) if counted else []
+    left = {index: found[index].equal_quota for index in counted}
+    for position, size in enumerate(sizes):
+        for index, threshold in enumerate(found):
+            if index in left:
+                quota = min(left[index], equal[counted.index(index)][position])
+                left[index] -= quota
+            else:  # every equal entry is kept (or none, k = 0)
+                quota = size if threshold.equal_quota else 0
+            shares[position].append(TopkThreshold(threshold.value, quota))
+    result: dict[str, list[list[TopkThreshold]]] = {}
+    for job, share in zip(jobs, shares, strict=True):
+        model_shares: list[list[TopkThreshold]] = [[] for _ in job.sources]
+        for (model, _), threshold in zip(streams, share, strict=True):
+            model_shares[model].append(threshold)
+        result[job.name] = model_shares
+    return result
+
+
+def _equal_counts(jobs: Sequence[TensorJob], plan: MergePlan, wanted: Sequence[tuple[int, float]],
+                  chunk_elements: int, replace_nonfinite: bool) -> list[list[int]]:
+    """Per (model, value) of ``wanted``, per job: how many entries of the model's |tau| equal the value."""
+    counts = [[0] * len(jobs) for _ in wanted]
+    for position, job in enumerate(jobs):
+        numel = int(torch.Size(job.shape).numel())
+        for start in range(0, numel, chunk_elements):
+            values = task_vector_magnitudes(job, plan, start, min(numel, start + chunk_elements), replace_nonfinite)
+            for index, (model, value) in enumerate(wanted):
+                counts[index][position] += int((values[model] == value).sum())
+    return counts
 
 
 _SAMPLE_ELEMENTS = 1 << 17  # the pre-pass's sample: its sort costs more than a wider band saves
