@@ -87,6 +87,7 @@ class MergePlan:
     module_layers: dict[str, int] = field(default_factory=dict)  # a multi-module model: output layers per module
     # topk_scope: model: job -> per model and count, its share of the whole-model top-k selection (engine pre-pass)
     model_thresholds: dict[str, list[list[TopkThreshold]]] = field(default_factory=dict)
+    model_statistics: dict[str, Any] = field(default_factory=dict)  # topk_scope: model, a method's model_pass
 
     @property
     def read_bytes(self) -> int:

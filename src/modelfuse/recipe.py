@@ -304,9 +304,10 @@ def _problems(recipe: Recipe) -> list[str]:
         problems.append(f"post.lines: LiNeS scales the merged task vector (merged - base), but {why}; "
                         "use a method with a base and set 'base: <path>'")
     if recipe.topk_scope == "model":
-        if spec.topk is None or spec.base == "unused":
+        if (spec.topk is None and spec.model_pass is None) or spec.base == "unused":
             problems.append(f"topk_scope: method {spec.name!r} selects no top-k entries of the task vectors; remove "
-                            "'topk_scope' (it applies to ties, breadcrumbs, breadcrumbs_ties, consensus_ties ...)")
+                            "'topk_scope' (it applies to ties, breadcrumbs, breadcrumbs_ties, consensus_ties, pcb "
+                            "...)")
         if recipe.mergekit_ties:
             problems.append("topk_scope: model selects over the whole model, mergekit within each tensor; remove "
                             "'tie_order: mergekit' (or 'topk_scope')")

@@ -122,3 +122,49 @@ def test_cli_and_bad_recipes(tmp_path: Path, run_cli: Cli) -> None:
         with pytest.raises(RecipeError):
             load_recipe(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_pcb_over_the_whole_model(tmp_path: Path) -> None:
+    """PCB with topk_scope: model: Norm and Softmax over the whole flattened model and each task's top
+    sum-of-k scores kept, computed directly on the concatenated task vectors in float64 (torch.softmax over all
+    entries, a stable sort); the same in row-block-sized chunks of the pre-pass; differs from per-tensor PCB."""
+    paths = quantized_family(tmp_path / "models")
+    spec = recipe(paths, "pcb", "model", density=0.2)
+    got = load_file(merge(spec, tmp_path / "out") / "model.safetensors")
+    plan = build_plan(load_recipe(spec))
+    names = [job.name for job in plan.jobs]
+    base = load_file(paths["base"] / "model.safetensors")
+    experts = [load_file(paths[f"e{i}"] / "model.safetensors") for i in (1, 2, 3)]
+    taus = torch.stack([torch.cat([(e[name] - base[name]).reshape(-1) for name in names]) for e in experts])
+    wide = taus.to(torch.float64)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.min()) / (x.max() - x.min())
+
+    count = len(experts)
+    scores = []
+    for i in range(count):
+        intra = torch.softmax(count * norm(wide[i] * wide[i]), dim=0)
+        inter = sum(torch.softmax(norm(wide[i] * wide[j]), dim=0) for j in range(count))
+        scores.append((intra * inter).to(torch.float32))
+    keep = sum(max(1, int(0.2 * base[name].numel())) for name in names)
+    kept = torch.zeros_like(taus)
+    for i, score in enumerate(scores):
+        top = torch.sort(-score, stable=True).indices[:keep]
+        kept[i, top] = score[top]
+    divisor = kept.sum(0)
+    merged = torch.where(divisor > 0, (kept * taus).sum(0) / torch.where(divisor > 0, divisor, 1.0), 0.0)
+    start = 0
+    for name in names:
+        numel = base[name].numel()
+        expected = base[name] + merged[start:start + numel].reshape(base[name].shape)
+        torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6, msg=name)
+        start += numel
+    per_tensor = load_file(merge({**spec, "topk_scope": "tensor"}, tmp_path / "per-tensor") / "model.safetensors")
+    assert any(not torch.equal(got[name], per_tensor[name]) for name in names)
+    from modelfuse.engine.prepass import model_thresholds
+
+    chunked = model_thresholds(build_plan(load_recipe(spec)), chunk_elements=300)  # statistics in many chunks
+    whole = model_thresholds(build_plan(load_recipe(spec)))
+    assert {name: [[t.value for t in model] for model in value] for name, value in chunked.items()} == \
+        {name: [[t.value for t in model] for model in value] for name, value in whole.items()}

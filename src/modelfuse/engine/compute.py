@@ -187,14 +187,19 @@ def _compute_piece(
         row_elements = int(torch.Size(job.shape[1:]).numel())
         kwargs["noise"] = noise.shifted(rows[0] * row_elements) if rows is not None else noise
     context: dict[str, object] = {"depth": job.depth, "tensor_name": job.name, "topk_masks": None,
-                                   "statistics": _statistics(job, plan, compute_dtype, device), "l1_scales": scales}
+                                   "statistics": _statistics(job, plan, compute_dtype, device), "l1_scales": scales,
+                                   "model_selection": None}
+    if job.method.model_pass is not None and job.name in plan.model_thresholds:  # topk_scope: model, scored
+        context["model_selection"] = {"statistics": plan.model_statistics,
+                                      "thresholds": plan.model_thresholds[job.name]}
     if rows is None and base is not None and mergekit_order(job, plan):
         # A mergekit recipe: the entries equal to a cut-off are those mergekit's sort puts first (whole tensors).
         numel = base.numel()
         context["topk_masks"] = [
             first_k_masks((tensor - base).abs(), counts, job.method.mergekit_order)
             for tensor, counts in zip(tensors, job.method.topk(job.params, numel), strict=True)]
-    elif thresholds is None and rows is None and job.name in plan.model_thresholds:  # topk_scope: model
+    elif thresholds is None and rows is None and job.name in plan.model_thresholds and job.method.topk is not None:
+        # topk_scope: model: this tensor's share of the whole model's selection
         thresholds = plan.model_thresholds[job.name]
         equal_before = [[0] * len(model) for model in thresholds]
     elif (thresholds is None and rows is None and job.method.topk is not None and base is not None
@@ -305,7 +310,7 @@ def run_unit(unit: WorkUnit, plan: MergePlan, writer: TensorOutput, allow_nonfin
         cuts = None
         if job.method.topk is not None and mergekit_order(job, plan):
             thresholds, cuts = mergekit_selection(job, plan, chunk, allow_nonfinite)
-        elif job.name in plan.model_thresholds:  # topk_scope: model, found before any tensor
+        elif job.name in plan.model_thresholds and job.method.topk is not None:  # topk_scope: model, found first
             thresholds = plan.model_thresholds[job.name]
         else:
             thresholds = topk_thresholds(job, plan, chunk, allow_nonfinite) if job.method.topk is not None else None

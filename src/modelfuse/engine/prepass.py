@@ -3,7 +3,7 @@ passes before the tensor's element-wise pass."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,11 +49,11 @@ def topk_thresholds(
     return per_model
 
 
-def task_vector_magnitudes(job: TensorJob, plan: MergePlan, start: int, stop: int, replace_nonfinite: bool = False
-                           ) -> torch.Tensor:
-    """``[models, stop - start]``: |expert - base| of each model of ``job`` at flat elements [start, stop), in this
-    thread's selection buffer (valid until its next use). Non-finite inputs are refused, or replaced as the merge
-    replaces them with ``replace_nonfinite``."""
+def task_vector_magnitudes(job: TensorJob, plan: MergePlan, start: int, stop: int, replace_nonfinite: bool = False,
+                           *, signed: bool = False) -> torch.Tensor:
+    """``[models, stop - start]``: |expert - base| (``expert - base`` when ``signed``) of each model of ``job`` at
+    flat elements [start, stop), float32, in this thread's selection buffer (valid until its next use). Non-finite
+    inputs are refused, or replaced as the merge replaces them with ``replace_nonfinite``."""
     assert job.base is not None
     inputs = [*job.sources, job.base]
     count = stop - start
@@ -66,7 +66,7 @@ def task_vector_magnitudes(job: TensorJob, plan: MergePlan, start: int, stop: in
     for source, size in zip(inputs, sizes, strict=True):
         pieces.append(plan.checkpoints[source.model].read_elements(source.name, start, stop, raw[offset:]))
         offset += size
-    if fused.abs_deltas_bf16(pieces[:-1], pieces[-1], values[:-1]):  # one pass; False where an input is not finite
+    if not signed and fused.abs_deltas_bf16(pieces[:-1], pieces[-1], values[:-1]):  # one pass; False: not finite
         return values[:-1]
     for row, tensor in enumerate(pieces):
         values[row].copy_(tensor)
@@ -76,7 +76,8 @@ def task_vector_magnitudes(job: TensorJob, plan: MergePlan, start: int, stop: in
         bad = ~torch.isfinite(values)  # as compat.replace_nonfinite: the base's by 0, each model's by the base's
         values[-1][bad[-1]] = 0.0
         values[:-1][bad[:-1]] = values[-1].expand_as(values[:-1])[bad[:-1]]
-    return values[:-1].sub_(values[-1]).abs_()
+    deltas = values[:-1].sub_(values[-1])
+    return deltas if signed else deltas.abs_()
 
 
 def model_scope_jobs(plan: MergePlan) -> list[TensorJob]:
@@ -87,8 +88,8 @@ def model_scope_jobs(plan: MergePlan) -> list[TensorJob]:
         RecipeError: For jobs the whole-model selection cannot cover (vocabulary alignment, a half-precision
             mergekit computation, models that differ between tensors).
     """
-    jobs = [job for job in plan.jobs if job.method.topk is not None and job.base is not None
-            and plan.checkpoints[job.base.model][job.base.name].dtype.is_floating_point]
+    jobs = [job for job in plan.jobs if (job.method.topk is not None or job.method.model_pass is not None)
+            and job.base is not None and plan.checkpoints[job.base.model][job.base.name].dtype.is_floating_point]
     for job in jobs:
         if job.vocabulary is not None or job.half is not None:
             raise RecipeError(f"topk_scope: model cannot select over {job.name!r}, which is aligned onto a built "
@@ -104,6 +105,10 @@ def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_non
     """``topk_scope: model``: per job, per model and count, the job's share of the top-k selection over the whole
     model's task vector (every job of :func:`model_scope_jobs` flattened and put end to end in plan order).
 
+    A method with a ``model_pass`` (it scores entries before selecting, as PCB) first gets its whole-model
+    statistics (``plan.model_statistics``, from the signed task vectors), and the selection is over its scores
+    instead of |tau|; its counts are the ``model_pass``'s.
+
     Model ``i``'s count ``c`` keeps ``K = sum over tensors of the method's per-tensor count`` entries (with one
     density for every tensor, that density of the whole model, up to rounding per tensor): the K largest
     |tau_i| of the model, entries equal to the K-th kept in that flat order. Each job gets the global threshold
@@ -116,7 +121,23 @@ def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_non
         return {}
     sizes = [int(torch.Size(job.shape).numel()) for job in jobs]
     offsets = np.cumsum([0, *sizes]).tolist()
-    per_job = [job.method.topk(job.params, size) for job, size in zip(jobs, sizes, strict=True)]
+    scoring = jobs[0].method.model_pass
+
+    def values(job: TensorJob, start: int, stop: int) -> torch.Tensor:
+        """The selection values of ``job``'s flat elements [start, stop): |tau|, or the method's scores."""
+        if scoring is None:
+            return task_vector_magnitudes(job, plan, start, stop, replace_nonfinite)
+        taus = task_vector_magnitudes(job, plan, start, stop, replace_nonfinite, signed=True)
+        return scoring.scores(taus, plan.model_statistics, jobs[0].params)
+
+    if scoring is not None:
+        def signed(start: int, stop: int) -> torch.Tensor:
+            return _concatenated(jobs, offsets, start, stop, lambda job, a, b: task_vector_magnitudes(
+                job, plan, a, b, replace_nonfinite, signed=True))
+
+        plan.model_statistics = scoring.statistics(signed, offsets[-1], jobs[0].params, chunk_elements)
+    counter = scoring.counts if scoring is not None else None
+    per_job = [(counter or job.method.topk)(job.params, size) for job, size in zip(jobs, sizes, strict=True)]
     layout = [len(model) for model in per_job[0]]
     if any([len(model) for model in counts] != layout for counts in per_job):
         raise RecipeError("topk_scope: model needs the same top-k counts per model for every tensor")
@@ -125,13 +146,7 @@ def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_non
     streams = [(model, k) for model, model_totals in enumerate(totals) for k in model_totals]
 
     def read(start: int, stop: int) -> torch.Tensor:
-        pieces = []
-        for job, first, last in zip(jobs, offsets[:-1], offsets[1:], strict=True):
-            if last <= start or first >= stop:
-                continue
-            local = (max(start, first) - first, min(stop, last) - first)
-            pieces.append(task_vector_magnitudes(job, plan, *local, replace_nonfinite).clone())
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return _concatenated(jobs, offsets, start, stop, values)
 
     found = topk_kernel_thresholds(read, offsets[-1], [k for _, k in streams], chunk_elements=chunk_elements,
                                    sample_elements=min(chunk_elements, _SAMPLE_ELEMENTS),
@@ -139,8 +154,8 @@ def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_non
     shares: list[list[TopkThreshold]] = [[] for _ in jobs]  # per job, in stream order
     counted = [index for index, threshold in enumerate(found)
                if threshold.equal_quota > 0 and threshold.equal_quota != threshold.equal_total]
-    equal = _equal_counts(jobs, plan, [(streams[i][0], found[i].value) for i in counted], chunk_elements,
-                          replace_nonfinite) if counted else []
+    equal = _equal_counts(jobs, values, [(streams[i][0], found[i].value) for i in counted],
+                          chunk_elements) if counted else []
     left = {index: found[index].equal_quota for index in counted}
     for position, size in enumerate(sizes):
         for index, threshold in enumerate(found):
@@ -159,16 +174,27 @@ def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_non
     return result
 
 
-def _equal_counts(jobs: Sequence[TensorJob], plan: MergePlan, wanted: Sequence[tuple[int, float]],
-                  chunk_elements: int, replace_nonfinite: bool) -> list[list[int]]:
-    """Per (model, value) of ``wanted``, per job: how many entries of the model's |tau| equal the value."""
+def _concatenated(jobs: Sequence[TensorJob], offsets: Sequence[int], start: int, stop: int,
+                  values: Callable[[TensorJob, int, int], torch.Tensor]) -> torch.Tensor:
+    """``[models, stop - start]``: ``values(job, a, b)`` of the jobs' flat elements put end to end (``offsets``)."""
+    pieces = []
+    for job, first, last in zip(jobs, offsets[:-1], offsets[1:], strict=True):
+        if last <= start or first >= stop:
+            continue
+        pieces.append(values(job, max(start, first) - first, min(stop, last) - first).clone())
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def _equal_counts(jobs: Sequence[TensorJob], values: Callable[[TensorJob, int, int], torch.Tensor],
+                  wanted: Sequence[tuple[int, float]], chunk_elements: int) -> list[list[int]]:
+    """Per (model, value) of ``wanted``, per job: how many of the model's selection values equal the value."""
     counts = [[0] * len(jobs) for _ in wanted]
     for position, job in enumerate(jobs):
         numel = int(torch.Size(job.shape).numel())
         for start in range(0, numel, chunk_elements):
-            values = task_vector_magnitudes(job, plan, start, min(numel, start + chunk_elements), replace_nonfinite)
+            found = values(job, start, min(numel, start + chunk_elements))
             for index, (model, value) in enumerate(wanted):
-                counts[index][position] += int((values[model] == value).sum())
+                counts[index][position] += int((found[model] == value).sum())
     return counts
 
 

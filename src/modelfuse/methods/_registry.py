@@ -126,6 +126,26 @@ PostStep = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ModelPass:
+    """How a method that scores entries before selecting them (PCB) selects over the whole model
+    (``topk_scope: model``). ``read(start, stop)`` gives the signed task vectors ``[models, stop - start]`` (float32)
+    of the model's tensors put end to end.
+
+    Attributes:
+        statistics: ``statistics(read, numel, params, chunk_elements) -> dict``: the whole-model quantities the
+            scores need (streaming passes over ``read``).
+        scores: ``scores(taus, statistics, params) -> [models, count]`` float32 selection scores of entries whose
+            task vectors are ``taus`` ``[models, count]``; entry by entry, so chunks and tensors agree.
+        counts: Like ``topk``: ``counts(params, numel)``, per model, the entries a tensor of ``numel`` keeps; the
+            model keeps the sum over its tensors.
+    """
+
+    statistics: Callable[..., dict[str, Any]]
+    scores: Callable[[torch.Tensor, dict[str, Any], dict[str, Any]], torch.Tensor]
+    counts: TopkCounts
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered merge method."""
 
@@ -151,6 +171,7 @@ class MethodSpec:
     mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None
     l1_norms: Callable[..., list[tuple[float, float]]] | None = None
     statistics_from: str = ""
+    model_pass: ModelPass | None = None
 
     def defaults(self) -> dict[str, Any]:
         """Default values of the parameters that have one."""
@@ -174,8 +195,10 @@ _METHODS: dict[str, MethodSpec] = {}
 # itself with `methods._steps.topk_mask`, by the same rule: the k-th largest magnitude is the threshold and
 # entries equal to it are kept in flat index order until k are kept), and statistics (per model, a dict of the
 # calibration statistics the method declares, each the model's statistic of this tensor or None where it has
-# none; see modelfuse.calibrate).
-CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks", "statistics", "l1_scales")
+# none; see modelfuse.calibrate), and model_selection (``topk_scope: model`` for a method with a ``model_pass``:
+# {"statistics": its whole-model statistics, "thresholds": per model, this tensor's share of the selection over
+# the model's scores, one TopkThreshold per count}; None otherwise).
+CONTEXT_PARAMS = ("depth", "tensor_name", "topk_masks", "statistics", "l1_scales", "model_selection")
 
 
 def _scalar_kind(hint: Any, name: str, method: str) -> tuple[type, bool]:
@@ -261,6 +284,7 @@ def register(
     mergekit_refuses: Callable[[dict[str, Any]], tuple[int, str] | None] | None = None,
     l1_norms: Callable[..., list[tuple[float, float]]] | None = None,
     statistics_from: str = "",
+    model_pass: ModelPass | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under ``name``; the decorator returns the function unchanged.
 
@@ -311,6 +335,8 @@ def register(
             (``l1_scale`` of the sums), which the method uses instead of its own whole-tensor sums.
         statistics_from: How to make the statistics when they do not come from ``modelfuse calibrate`` (said when
             a model has none).
+        model_pass: For a method that scores entries before it selects them, how it selects over the whole model
+            with ``topk_scope: model`` (``ModelPass``); it then takes ``model_selection``.
 
     Returns:
         A decorator registering the function.
@@ -333,6 +359,7 @@ def register(
             name, fn, description, paper, base, params, min_models, max_models, random, context, rowwise, topk,
             bf16_kernel, statistics, working_bytes, mergekit_order, torch_draws, whole_tensor_when,
             fn if mergekit_half is True else mergekit_half or None, mergekit_refuses, l1_norms, statistics_from,
+            model_pass,
         )
         return fn
 
