@@ -12,8 +12,18 @@ import torch
 from _fixtures import experts_and_data, setup
 
 from conftest import Cli, assert_clean_failure
-from modelfuse.learn.adamerging import Coefficients, entropy_objective
-from modelfuse.learn.concrete import ConcreteSettings, hard_bernoulli, learn_mask, mean_one, relaxed_bernoulli
+from modelfuse.learn.adamerging import Coefficients, entropy_objective, mean_entropy, merged_parameters
+from modelfuse.learn.concrete import (
+    ConcreteSettings,
+    adversarial_loss,
+    embedding_name,
+    hard_bernoulli,
+    learn_mask,
+    mean_one,
+    perturbed_logits,
+    relaxed_bernoulli,
+    safe_objective,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +115,81 @@ def test_concrete_merge_cli(run_cli: Cli, tmp_path: Path) -> None:
     failed = run_cli("concrete-merge", base, "--model", experts[0], "--data", data[0], "--mode", "ties", "-o",
                      tmp_path / "bad")
     assert_clean_failure(failed, "--mode")
+    safe = run_cli("concrete-merge", base, "--model", experts[0], "--data", data[0], "--model", experts[1],
+                   "--data", data[1], "--steps", "2", "--samples", "4", "--batch-size", "2", "--safety", "--adv-lr",
+                   "0.01", "-o", tmp_path / "safe")
+    assert safe.returncode == 0, safe.stderr
+    norms = json.loads((tmp_path / "safe" / "concrete.json").read_text())["perturbation_norms"]
+    assert len(norms) == 2 and all(norm > 0 for norm in norms)
+    assert_clean_failure(run_cli("concrete-merge", base, "--model", experts[0], "--data", data[0], "--safety",
+                                 "--adv-weight", "-1", "-o", tmp_path / "bad"), "--adv-weight")
+
+
+def test_dam_perturbation_objectives_against_direct_computations() -> None:
+    """A zero perturbation gives the model's own logits; the adversarial loss is minus the cross-entropy against
+    the clean argmax (computed by hand on embeddings + p) and its gradient matches finite differences; the mask
+    objective is clean entropy + adv_weight * perturbed entropy (float64)."""
+    model, base, vectors, batches = setup()
+    coefficients = Coefficients.initial(list(base), 2, "task", 0.3)
+    parameters = merged_parameters(base, vectors, coefficients)
+    embedding = embedding_name(model)
+    assert embedding == "transformer.wte.weight"
+    generator = torch.Generator().manual_seed(5)
+    perturbations = 0.1 * torch.randn(2, 16, 32, generator=generator, dtype=torch.float64)
+    from torch.func import functional_call
+
+    def by_hand(batch: dict, p: torch.Tensor | None) -> torch.Tensor:
+        embeds = parameters[embedding][batch["input_ids"]]
+        if p is not None:
+            embeds = embeds + p[: embeds.shape[1]] * batch["attention_mask"][..., None]
+        return functional_call(model, parameters, args=(), kwargs={"inputs_embeds": embeds,
+                                                                    "attention_mask": batch["attention_mask"]}).logits
+
+    with torch.no_grad():
+        clean = functional_call(model, parameters, args=(), kwargs=batches[0]).logits
+        torch.testing.assert_close(perturbed_logits(model, parameters, batches[0], None, embedding), clean,
+                                   rtol=0, atol=1e-12)
+        expected = torch.zeros((), dtype=torch.float64)
+        safe = torch.zeros((), dtype=torch.float64)
+        for task, batch in enumerate(batches):
+            own = by_hand(batch, None)
+            moved = by_hand(batch, perturbations[task])
+            kept = batch["attention_mask"].bool()
+            expected -= torch.nn.functional.cross_entropy(moved[kept], own.argmax(-1)[kept])
+            safe += mean_entropy(own, batch["attention_mask"]) + 0.3 * mean_entropy(moved, batch["attention_mask"])
+        got = adversarial_loss(model, parameters, batches, perturbations, embedding)
+        assert float(got) == pytest.approx(float(expected), rel=1e-10)
+        assert float(safe_objective(model, parameters, batches, perturbations, embedding, 0.3)) == pytest.approx(
+            float(safe), rel=1e-10)
+    trained = perturbations.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(adversarial_loss(model, parameters, batches, trained, embedding), trained)
+    for index in (3, 40, 600):
+        shifted = [perturbations.clone() for _ in range(2)]
+        shifted[0].view(-1)[index] += 1e-6
+        shifted[1].view(-1)[index] -= 1e-6
+        with torch.no_grad():
+            numeric = (float(adversarial_loss(model, parameters, batches, shifted[0], embedding))
+                       - float(adversarial_loss(model, parameters, batches, shifted[1], embedding))) / 2e-6
+        assert float(gradient.view(-1)[index]) == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_dam_steps_move_the_perturbations_and_without_weight_leave_the_mask_as_concrete() -> None:
+    """With adv_weight 0 the mask and its entropies are plain Concrete TA's to the bit (the adversary draws no
+    random numbers and does not touch the mask); the perturbations learned to flip the merged model's
+    predictions (the adversarial loss falls); with a weight the mask differs."""
+    model, base, vectors, batches = setup(torch.float32)
+    plain = learn_mask(model, base, vectors, lambda step: batches, ConcreteSettings(steps=6, lr=0.5))
+    dam = learn_mask(model, base, vectors, lambda step: batches,
+                     ConcreteSettings(steps=6, lr=0.5, safety=True, adv_weight=0.0, adv_lr=0.05))
+    assert plain.entropies == dam.entropies
+    assert all(torch.equal(plain.mask[name], dam.mask[name]) for name in plain.mask)
+    assert dam.perturbations is not None and float(dam.perturbations.abs().max()) > 0
+    parameters = merged_parameters(base, vectors, dam.coefficients, dam.mask)
+    embedding = embedding_name(model)
+    with torch.no_grad():
+        before = adversarial_loss(model, parameters, batches, torch.zeros_like(dam.perturbations), embedding)
+        after = adversarial_loss(model, parameters, batches, dam.perturbations, embedding)
+    assert float(after) < float(before)
+    weighted = learn_mask(model, base, vectors, lambda step: batches,
+                          ConcreteSettings(steps=6, lr=0.5, safety=True, adv_weight=1.0, adv_lr=0.05))
+    assert weighted.entropies != plain.entropies

@@ -358,12 +358,17 @@ def concrete_merge_command(
     samples: Annotated[int, typer.Option(min=1, help="Prompts per task.")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per task per step.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the mask draws and of generated data.")] = 0,
+    safety: Annotated[bool, typer.Option(help="DAM: learn adversarial input perturbations (a trigger's stand-in) "
+                                              "and keep the mask robust to them, against backdoored experts.")]
+    = False,
+    adv_lr: Annotated[float, typer.Option(help="DAM: Adam learning rate of the perturbations.")] = 1e-4,
+    adv_weight: Annotated[float, typer.Option(help="DAM: weight of the perturbed inputs' entropy.")] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
     """Concrete subspace masks: a mask shared by the tasks, learned through the Concrete relaxation to lower the
-    merged model's entropy on unlabeled prompts, around task arithmetic or AdaMerging."""
+    merged model's entropy on unlabeled prompts, around task arithmetic or AdaMerging; --safety for DAM."""
     from rich.progress import Progress
 
     from modelfuse.learn.concrete import ConcreteSettings, concrete_merge
@@ -371,7 +376,7 @@ def concrete_merge_command(
 
     settings = ConcreteSettings(mode=mode, steps=steps, lr=lr, temperature=temperature, scaling=scaling,
                                 adamerging_steps=adamerging_steps, final_mask=final_mask, samples=samples,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed, safety=safety, adv_lr=adv_lr, adv_weight=adv_weight)
     placement = Placement(device=device, dtype=dtype)
     placement.resolve()
     with Progress(console=console, transient=True) as progress:

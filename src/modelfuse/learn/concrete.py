@@ -14,6 +14,16 @@ unlabeled prompts of every task (AdaMerging's objective) by Adam on the logits.
   first-order meta-learning); after the mask is learned, AdaMerging learns ``lambda`` with the final mask held
   fixed (``adamerging_steps``).
 
+With ``safety`` (DAM, Yang et al., ICLR 2025, "Mitigating the Backdoor Effect for Multi-Task Model Merging via
+Safety-Aware Subspace", https://arxiv.org/abs/2410.13910; as the authors' code ``clip_safe_concrete_*`` computes
+it) each step also learns one universal perturbation ``p_t`` per task, added to the input embeddings (the images
+of the authors' vision models; here ``[max_tokens, hidden]``, position by position): one Adam step (``adv_lr``) on
+``-CE(merged(x + p_t), argmax merged(x))`` with the merged weights held fixed, so ``p_t`` learns to flip the
+merged model's own predictions the way a trigger does; the mask's loss becomes ``entropy(x) + adv_weight *
+entropy(x + p_t)``, so the mask keeps the subspace the tasks share and drops the entries the perturbation (a
+backdoor's trigger) exploits. The paper calls the two objectives the performance-aware and the safety-aware
+subspace; the authors' code learns them as this one mask.
+
 The final mask is a relaxed draw (``continuous``, the authors' default) or a hard one (``discrete``: a Bernoulli
 draw), seeded, rescaled to mean 1 per tensor. The merged model is written with ``concrete.json`` (settings,
 coefficients, the mask's kept share). Defaults follow the authors' configuration (FusionBench's
@@ -33,7 +43,13 @@ from pydantic import Field
 
 from modelfuse.io.writer import check_output_location
 from modelfuse.learn._common import check_experts_and_data, load_task_vectors, read_prompts, save_merged
-from modelfuse.learn.adamerging import Coefficients, entropy_objective, merged_parameters, prompt_batches
+from modelfuse.learn.adamerging import (
+    Coefficients,
+    entropy_objective,
+    mean_entropy,
+    merged_parameters,
+    prompt_batches,
+)
 from modelfuse.runtime import CPU_FLOAT32, Placement
 from modelfuse.settings import Settings
 
@@ -78,6 +94,10 @@ class ConcreteSettings(Settings):
     positions: Literal["last", "all"] = "last"
     split: str = "train"
     seed: int = 0
+    safety: bool = Field(False, description="DAM: learn adversarial input perturbations and keep the mask robust "
+                         "to them")
+    adv_lr: float = Field(1e-4, gt=0, description="DAM: Adam step of the perturbations")
+    adv_weight: float = Field(0.1, ge=0, description="DAM: weight of the perturbed inputs' entropy in the mask loss")
 
 
 @dataclass
@@ -88,12 +108,64 @@ class ConcreteResult:
     mask: dict[str, torch.Tensor]
     coefficients: Coefficients
     entropies: list[float]
+    perturbations: torch.Tensor | None = None  # DAM: [tasks, max_tokens, hidden]
 
     @property
     def kept(self) -> float:
         """The share of weights the final mask keeps (non-zero entries; 1.0 for a continuous mask)."""
         total = sum(mask.numel() for mask in self.mask.values())
         return sum(int((mask != 0).sum()) for mask in self.mask.values()) / max(total, 1)
+
+
+def embedding_name(model: torch.nn.Module) -> str:
+    """The name of the parameter holding the model's input embeddings."""
+    weight = model.get_input_embeddings().weight
+    return next(name for name, parameter in model.named_parameters() if parameter is weight)
+
+
+def perturbed_logits(model: torch.nn.Module, parameters: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
+                     perturbation: torch.Tensor | None, embedding: str) -> torch.Tensor:
+    """The model's logits with ``parameters`` on ``batch``, its input embeddings plus ``perturbation``
+    ``[max_tokens, hidden]`` at each non-padding position (none added when None)."""
+    from torch.func import functional_call
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    embeds = torch.nn.functional.embedding(ids, parameters[embedding])
+    if perturbation is not None:
+        added = perturbation[: ids.shape[1]].to(embeds.dtype)
+        embeds = embeds + added[None] * mask[..., None].to(embeds.dtype)
+    output = functional_call(model, dict(parameters), args=(), kwargs={"inputs_embeds": embeds,
+                                                                        "attention_mask": mask}, strict=False)
+    return output.logits
+
+
+def adversarial_loss(model: torch.nn.Module, parameters: Mapping[str, torch.Tensor],
+                     batches: Sequence[Mapping[str, torch.Tensor]], perturbations: torch.Tensor,
+                     embedding: str) -> torch.Tensor:
+    """DAM's perturbation objective (minimised): ``-sum_t CE(merged(x_t + p_t), argmax merged(x_t))`` over each
+    batch's entropy positions (its ``entropy_mask``, else every non-padding token), the weights held fixed."""
+    total = torch.zeros((), dtype=torch.float64, device=perturbations.device)
+    for task, batch in enumerate(batches):
+        positions = batch.get("entropy_mask", batch["attention_mask"]).bool()
+        with torch.no_grad():
+            labels = perturbed_logits(model, parameters, batch, None, embedding).argmax(-1)
+        logits = perturbed_logits(model, parameters, batch, perturbations[task], embedding)
+        total = total - torch.nn.functional.cross_entropy(logits[positions].to(torch.float64), labels[positions])
+    return total
+
+
+def safe_objective(model: torch.nn.Module, parameters: Mapping[str, torch.Tensor],
+                   batches: Sequence[Mapping[str, torch.Tensor]], perturbations: torch.Tensor, embedding: str,
+                   adv_weight: float) -> torch.Tensor:
+    """DAM's mask objective: ``sum_t entropy(merged(x_t)) + adv_weight * entropy(merged(x_t + p_t))``."""
+    total = torch.zeros((), dtype=torch.float64, device=perturbations.device)
+    for task, batch in enumerate(batches):
+        positions = batch.get("entropy_mask", batch["attention_mask"])
+        total = total + mean_entropy(perturbed_logits(model, parameters, batch, None, embedding), positions)
+        if adv_weight:
+            perturbed = perturbed_logits(model, parameters, batch, perturbations[task].detach(), embedding)
+            total = total + adv_weight * mean_entropy(perturbed, positions)
+    return total
 
 
 def learn_mask(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
@@ -108,6 +180,13 @@ def learn_mask(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
     optimizer = torch.optim.Adam(list(logits.values()), lr=settings.lr)
     coefficients = Coefficients.initial(names, len(task_vectors), settings.granularity, settings.scaling)
     entropies: list[float] = []
+    perturbations = adversary = None
+    embedding = embedding_name(model) if settings.safety else ""
+    if settings.safety:
+        hidden = base[embedding].shape[1]
+        perturbations = torch.zeros(len(task_vectors), settings.max_tokens, hidden, dtype=torch.float32,
+                                    device=base[embedding].device, requires_grad=True)
+        adversary = torch.optim.Adam([perturbations], lr=settings.adv_lr)
 
     def draw(hard: bool = False) -> dict[str, torch.Tensor]:
         masks = {}
@@ -128,7 +207,15 @@ def learn_mask(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
             entropy_objective(model, base, task_vectors, coefficients, batches(step), detached).backward()
             inner.step()
             coefficients.values.grad = None
-        loss = entropy_objective(model, base, task_vectors, coefficients, batches(step), masks)
+        if perturbations is not None and adversary is not None:
+            parameters = merged_parameters(base, task_vectors, coefficients, masks)
+            fixed = {name: value.detach() for name, value in parameters.items()}
+            adversary.zero_grad()
+            adversarial_loss(model, fixed, batches(step), perturbations, embedding).backward()
+            adversary.step()
+            loss = safe_objective(model, parameters, batches(step), perturbations, embedding, settings.adv_weight)
+        else:
+            loss = entropy_objective(model, base, task_vectors, coefficients, batches(step), masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -147,7 +234,8 @@ def learn_mask(model: torch.nn.Module, base: Mapping[str, torch.Tensor],
             loss.backward()
             adam.step()
             entropies.append(float(loss.detach()))
-    return ConcreteResult({name: value.detach() for name, value in logits.items()}, final, coefficients, entropies)
+    return ConcreteResult({name: value.detach() for name, value in logits.items()}, final, coefficients, entropies,
+                          None if perturbations is None else perturbations.detach())
 
 
 def concrete_merge(base: str | Path, experts: Sequence[str | Path], data: Sequence[str], out: str | Path,
@@ -181,7 +269,9 @@ def concrete_merge(base: str | Path, experts: Sequence[str | Path], data: Sequen
         (folder / "concrete.json").write_text(json.dumps({
             "settings": settings.model_dump(mode="json"), "experts": [str(expert) for expert in experts],
             "data": list(data), "coefficients": result.coefficients.values.detach().tolist(),
-            "kept": result.kept, "first_entropy": result.entropies[0], "last_entropy": result.entropies[-1]},
+            "kept": result.kept, "first_entropy": result.entropies[0], "last_entropy": result.entropies[-1],
+            "perturbation_norms": None if result.perturbations is None else [
+                float(p.norm()) for p in result.perturbations]},
             indent=2) + "\n", encoding="utf-8")
 
     return save_merged(loaded, merged, out, record), result
