@@ -126,6 +126,15 @@ def test_align_through_the_cli(tmp_path: Path, run_cli: Any) -> None:
         assert torch.allclose(aligned(ids).logits, original(ids).logits, atol=1e-5)
     report = json.loads((tmp_path / "aligned" / "align.json").read_text(encoding="utf-8"))
     assert report["similarity_after"] > report["similarity_before"] and report["moved"]["ffn"] > 0.5
+    result = run_cli("align", *folders, "--merge", "average", "-o", tmp_path / "average")
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    first, moved = load_file(folders[0] / "model.safetensors"), load_file(tmp_path / "aligned" / "model.safetensors")
+    average = load_file(tmp_path / "average" / "model.safetensors")
+    assert set(average) == set(first)
+    for name, value in average.items():  # the first model and the aligned second, averaged
+        torch.testing.assert_close(value, (first[name] + moved[name]) / 2, rtol=0, atol=1e-6)
     result = run_cli("align", *folders, "--matching", "activations", "--merge", "pleas", "--width", "0.5",
                      "--data", data, "--samples", "16", "-o", tmp_path / "pleas")
     assert result.returncode == 0, result.stderr

@@ -241,6 +241,40 @@ def test_black_box_through_the_cli(pool_folders: tuple[Path, list[Path]], tmp_pa
 
 
 @pytest.mark.integration
+def test_score_objective_through_the_cli(pool_folders: tuple[Path, list[Path]], tmp_path: Path, run_cli: Any
+                                         ) -> None:
+    """--objective score: each candidate's objective is minus its accuracy (plus the L1 penalty), in steps of one
+    example; the result's test value is minus the accuracy that evaluation gives the written adapter."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from modelfuse.evaluation.runner import evaluate_task
+    from modelfuse.evaluation.tasks import load_task
+    from modelfuse.runtime import load_tokenizer
+
+    base, adapters = pool_folders
+    task = tmp_path / "sums.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1), "split": split})
+                              for i, split in enumerate(["validation"] * 4 + ["test"] * 4)) + "\n", encoding="utf-8")
+    out = tmp_path / "bbm-score"
+    result = run_cli("black-box", *adapters, "--base", base, "--data", task, "--objective", "score", "--popsize",
+                     "4", "--stage1", "4", "--stage2", "4", "--examples", "4", "-o", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / black_box.REPORT_FILE).read_text(encoding="utf-8"))
+    assert report["objective_kind"] == "score"
+    for line in (out / black_box.LOG_FILE).read_text(encoding="utf-8").splitlines()[1:]:
+        logged = json.loads(line)
+        accuracy = -logged["loss"]
+        assert 0.0 <= accuracy <= 1.0 and accuracy * 4 == pytest.approx(round(accuracy * 4), abs=1e-9)
+        penalty = 0.05 * sum(abs(x) for x in logged["x"]) / len(logged["x"])
+        assert logged["objective"] == pytest.approx(logged["loss"] + penalty, rel=1e-9)
+    merged = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter")
+    scored = evaluate_task(merged.merge_and_unload(), load_tokenizer(base), load_task(str(task)), split="test",
+                           limit=4, max_new_tokens=report["settings"]["max_new_tokens"])
+    assert report["test"] == pytest.approx(-scored.score)
+
+
+@pytest.mark.integration
 def test_bad_input_fails_in_one_line(pool_folders: tuple[Path, list[Path]], tmp_path: Path, run_cli: Any) -> None:
     base, adapters = pool_folders
     task = tmp_path / "t.jsonl"
