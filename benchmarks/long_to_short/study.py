@@ -1,7 +1,8 @@
 """Long-to-short reasoning by merging (after "Unlocking Efficient Long-to-Short LLM Reasoning with Model Merging",
 Wu et al. 2025): one model fine-tuned twice on the same arithmetic task, once to answer step by step and once with
-the bare answer; the two merged by task arithmetic, TIES, an SVD method (TSV) and an activation-informed one
-(RegMean: each layer fitted to both models' activations); accuracy and mean answer length of each.
+the bare answer; the two merged by task arithmetic, TIES, an SVD method (TSV), an activation-informed one (RegMean: each layer
+fitted to both models' activations) and a curvature one (OTA: Adam's second moments saved by the fine-tunes);
+accuracy and mean answer length of each.
 
     python benchmarks/long_to_short/study.py        # ~1 hour on 2 cores (two fine-tunes of SmolLM2-135M)
 
@@ -79,7 +80,7 @@ def fine_tuned(base: Path, task: Path, out: Path) -> tuple[Path, float]:
     if out.is_dir() and marker.is_file():
         return out, json.loads(marker.read_text())["seconds"]
     result = finetune(base, str(task), out, FinetuneSettings(steps=STEPS, batch_size=BATCH, lr=LR, seed=0,
-                                                              adam_moments="none"), overwrite=True)
+                                                              adam_moments="rank1"), overwrite=True)
     marker.write_text(json.dumps({"seconds": result.seconds, "first_loss": result.first_loss,
                                   "last_loss": result.last_loss}))
     return out, result.seconds
@@ -131,6 +132,9 @@ def main() -> None:
                                       "parameters": {"lam": 0.7}},
         "ties (density 0.5)": {"method": "ties", "base": str(base), "models": pair, "parameters": {"density": 0.5}},
         "tsv": {"method": "tsv", "base": str(base), "models": pair},
+        "ota (curvature from Adam's second moments)": {"method": "ota", "base": str(base), "models": [
+            {"path": str(long_model), "calibration": str(long_model / "adam-moments")},
+            {"path": str(short_model), "calibration": str(short_model / "adam-moments")}]},
         "regmean (activation-informed)": {"method": "regmean", "models": [
             {"path": str(long_model), "calibration": str(statistics["long"])},
             {"path": str(short_model), "calibration": str(statistics["short"])}], "parameters": {"alpha": 0.9}},
