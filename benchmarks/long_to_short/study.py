@@ -1,8 +1,8 @@
 """Long-to-short reasoning by merging (after "Unlocking Efficient Long-to-Short LLM Reasoning with Model Merging",
 Wu et al. 2025): one model fine-tuned twice on the same arithmetic task, once to answer step by step and once with
-the bare answer; the two merged by task arithmetic, TIES, an SVD method (TSV), an activation-informed one (RegMean: each layer
-fitted to both models' activations) and a curvature one (OTA: Adam's second moments saved by the fine-tunes);
-accuracy and mean answer length of each.
+the bare answer; the two merged by task arithmetic, TIES, an SVD method (TSV), an activation-informed one
+(RegMean: each layer fitted to both models' activations) and a curvature one (OTA: Adam's second moments saved
+by the fine-tunes); accuracy and mean answer length of each.
 
     python benchmarks/long_to_short/study.py        # ~1 hour on 2 cores (two fine-tunes of SmolLM2-135M)
 

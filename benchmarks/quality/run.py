@@ -36,7 +36,7 @@ from tasks import MAX_NEW_TOKENS, write_task_files
 import modelfuse
 from modelfuse.evaluation.runner import evaluate_task
 from modelfuse.evaluation.tasks import Task, load_task
-from modelfuse.methods import MethodSpec, all_methods
+from modelfuse.methods import MethodSpec, all_methods, get_method
 from modelfuse.runtime import load_model
 
 log = logging.getLogger("quality")
@@ -66,6 +66,12 @@ GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     # DOGE's lam is the norm each scaled task vector gets per tensor; these experts' task vectors have a median
     # per-tensor norm of 0.46 (arithmetic expert), so the grid spans a fifth to about that norm
     "doge_ta": ("lam", (0.1, 0.25, 0.5)),
+}
+# Whole-model variants of per-tensor methods (recipe keys beside the method's), measured like any method with the
+# method's grid: the TIES paper's trim and PCB's scores over the whole flattened model.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ties (whole-model trim)": ("ties", {"topk_scope": "model"}),
+    "pcb (whole model)": ("pcb", {"topk_scope": "model"}),
 }
 EXPERT_COUNT = 4
 
@@ -97,10 +103,11 @@ def configurations(method: MethodSpec) -> list[dict[str, Any]]:
     return [{name: value} for value in values]
 
 
-def recipe(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path]) -> dict[str, Any]:
-    """The merge recipe: all experts with equal weight, float32 output."""
+def recipe(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path],
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The merge recipe: all experts with equal weight, float32 output (``extra``: a variant's recipe keys)."""
     entry: dict[str, Any] = {"models": [{"path": str(path)} for path in experts.values()], "method": method.name,
-                             "parameters": params, "dtype": "float32", "seed": 0}
+                             "parameters": params, "dtype": "float32", "seed": 0, **(extra or {})}
     if method.base != "unused":
         entry["base"] = str(base)
     return entry
@@ -176,21 +183,23 @@ def setup(cache: Path) -> Setup:
     return Setup(files, specs, base, make_experts(base, specs, cache / "experts"))
 
 
-def merged_key(method: MethodSpec, params: dict[str, Any], experts_key: str) -> str:
+def merged_key(method: MethodSpec, params: dict[str, Any], experts_key: str,
+               extra: dict[str, Any] | None = None) -> str:
     """The score cache key of a merge."""
-    return method.name + "".join(f"-{k}={v}" for k, v in params.items()) + f"-{experts_key}"
+    return method.name + "".join(f"-{k}={v}" for k, v in {**params, **(extra or {})}.items()) + f"-{experts_key}"
 
 
 def merge_and_score(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path],
-                    scorer: Scorer, work: Path, split: str, experts_key: str) -> tuple[dict[str, float], float]:
+                    scorer: Scorer, work: Path, split: str, experts_key: str, extra: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, float], float]:
     """Scores of the merged model on ``split`` and the merge's wall time (cached with the scores)."""
-    key = merged_key(method, params, experts_key)
+    key = merged_key(method, params, experts_key, extra)
     timing = scorer.cache / f"{key}.seconds"
     if scorer.cached(key, split) and timing.is_file():
         return scorer.score(key, work, split), float(timing.read_text())
     out = work / "merged"
     began = time.perf_counter()
-    modelfuse.merge(recipe(method, params, base, experts), out, overwrite=True)
+    modelfuse.merge(recipe(method, params, base, experts, extra), out, overwrite=True)
     seconds = time.perf_counter() - began
     timing.write_text(f"{seconds:.3f}")
     return scorer.score(key, out, split), seconds
@@ -219,27 +228,30 @@ def run(cache: Path, limits: Limits, only: list[str] | None, cached_only: bool =
                                            for name, path in experts.items()},
                                "methods": {}, "skipped": {}}
     work = cache / "work"
-    for method in all_methods():
-        if only and method.name not in only:
+    rows = [(method.name, method, {}) for method in all_methods()]
+    rows += [(name, get_method(method), extra) for name, (method, extra) in VARIANTS.items()]
+    for name, method, extra in rows:
+        if only and name not in only:
             continue
         reason = eligible(method)
         if reason is not None:
-            results["skipped"][method.name] = reason
+            results["skipped"][name] = reason
             continue
-        if cached_only and not all(scorer.cached(merged_key(method, params, experts_key), "validation")
+        if cached_only and not all(scorer.cached(merged_key(method, params, experts_key, extra), "validation")
                                    for params in configurations(method)):
-            results["skipped"][method.name] = "not measured yet (partial run)"
+            results["skipped"][name] = "not measured yet (partial run)"
             results["partial"] = True
             continue
-        log.info("%s", method.name)
+        log.info("%s", name)
         tried = []
         for params in configurations(method):
-            scores, seconds = merge_and_score(method, params, base, experts, scorer, work, "validation", experts_key)
+            scores, seconds = merge_and_score(method, params, base, experts, scorer, work, "validation", experts_key,
+                                              extra)
             tried.append({"params": params, "validation": scores, "seconds": seconds})
         best = max(tried, key=lambda item: sum(item["validation"][n] for n in specs) / len(specs))
-        test, seconds = merge_and_score(method, best["params"], base, experts, scorer, work, "test", experts_key)
-        results["methods"][method.name] = {"params": best["params"], "test": test, "seconds": seconds,
-                                           "grid": tried}
+        test, seconds = merge_and_score(method, best["params"], base, experts, scorer, work, "test", experts_key,
+                                        extra)
+        results["methods"][name] = {"params": best["params"], "test": test, "seconds": seconds, "grid": tried}
     return results
 
 
@@ -332,6 +344,16 @@ def main() -> None:
     for noisy in ("modelfuse", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     results = run(args.cache, Limits(args.validation_limit, args.test_limit), args.only, args.cached_only)
+    committed = args.out / "quality.json"
+    if args.only and committed.is_file():  # keep the rows measured before on the same experts
+        previous = json.loads(committed.read_text())
+        if previous.get("experts") == results["experts"] and previous.get("limits") == results["limits"]:
+            results["methods"] = {**{name: entry for name, entry in previous["methods"].items()
+                                     if name not in results["methods"]}, **results["methods"]}
+            results["skipped"] = {name: why for name, why in previous.get("skipped", {}).items()
+                                  if name not in results["methods"]}
+        else:
+            log.warning("the experts' scores differ from %s: its rows are not carried over", committed)
     report(results, args.out)
     print((args.out / "quality.md").read_text())
 
