@@ -1,6 +1,7 @@
-"""WEMoE: constant routers give task arithmetic; routed MLPs equal weights rebuilt per input by hand (the authors'
-way); padding and generation route on each input's own tokens, once per sequence; the routers learn (entropy
-falls, nothing else moves); GPT-2's Conv1D MLPs; the CLI, `eval` on the bundle and bad inputs."""
+"""WEMoE: constant routers give task arithmetic; routed MLPs equal weights rebuilt per position by hand (the
+authors' way, with a running mean for a causal LM); padding, generation with and without a KV cache and scoring
+see the same weights; the routers learn (entropy falls, nothing else moves); GPT-2's Conv1D MLPs; the CLI,
+`eval` on the bundle and bad inputs."""
 
 from __future__ import annotations
 
@@ -55,9 +56,10 @@ def test_constant_routers_are_task_arithmetic(setup_models: tuple[Path, Path, li
         torch.testing.assert_close(model(**batch).logits, dense(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
-def rebuilt_per_input(folder: Path, lengths: list[int] | None = None) -> torch.nn.Module:
-    """The shared model whose every MLP rebuilds its weights for the input, ``W_0 + sum_k r_k tau_k`` with
-    ``r = mean_t (W_2 relu(W_1 h_t + b_1) + b_2)``, written out by hand (one input per call)."""
+def rebuilt_per_input(folder: Path) -> torch.nn.Module:
+    """The shared model whose every MLP rebuilds its weights at each position t of the input,
+    ``W_0 + sum_k r_tk tau_k`` with ``r_t = mean_{s <= t} (W_2 relu(W_1 h_s + b_1) + b_2)``, written out by hand
+    (one input per call)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder / "shared").eval()
@@ -73,21 +75,27 @@ def rebuilt_per_input(folder: Path, lengths: list[int] | None = None) -> torch.n
                     prefix: str = prefix) -> torch.Tensor:
             x = inputs[0]
             assert x.shape[0] == 1
-            r = (torch.relu(x[0] @ w1.T + b1) @ w2.T + b2).mean(0)
-            merged = {part: getattr(module, part).weight + sum(
-                r[k] * vectors[k][f"{prefix}.{part}.weight.delta"] for k in range(2))
-                for part in ("gate_proj", "up_proj", "down_proj")}
-            hidden = torch.nn.functional.silu(x @ merged["gate_proj"].T) * (x @ merged["up_proj"].T)
-            return hidden @ merged["down_proj"].T
+            gates = torch.relu(x[0] @ w1.T + b1) @ w2.T + b2
+            rows = []
+            for t in range(x.shape[1]):
+                r = gates[: t + 1].mean(0)
+                merged = {part: getattr(module, part).weight + sum(
+                    r[k] * vectors[k][f"{prefix}.{part}.weight.delta"] for k in range(2))
+                    for part in ("gate_proj", "up_proj", "down_proj")}
+                token = x[0, t]
+                hidden = torch.nn.functional.silu(merged["gate_proj"] @ token) * (merged["up_proj"] @ token)
+                rows.append(merged["down_proj"] @ hidden)
+            return torch.stack(rows)[None]
 
         layer.mlp.register_forward_hook(replace)
     return model
 
 
-def test_routed_mlps_equal_weights_rebuilt_per_input(setup_models: tuple[Path, Path, list[Path], list[Path]]
-                                                     ) -> None:
-    """A padded batch: each row's logits (at its own tokens) are those of its input alone through MLPs whose
-    weights are rebuilt for that input; the routing weights differ between inputs."""
+def test_routed_mlps_equal_weights_rebuilt_per_position(setup_models: tuple[Path, Path, list[Path], list[Path]]
+                                                        ) -> None:
+    """A right-padded batch: each row's logits (at its own tokens) are those of its input alone through MLPs whose
+    weights are rebuilt at every position from the running mean of the router (no later token seen); the routing
+    weights differ between inputs and positions."""
     folder, *_ = setup_models
     model, tokenizer = load_wemoe(folder)
     prompts = ["add 1 2:", "reverse abcdef:", "add 33:"]
@@ -100,14 +108,15 @@ def test_routed_mlps_equal_weights_rebuilt_per_input(setup_models: tuple[Path, P
             alone = tokenizer([prompt], return_tensors="pt")
             length = alone["input_ids"].shape[1]
             torch.testing.assert_close(got[row, :length], reference(**alone).logits[0], rtol=1e-5, atol=1e-5)
-    assert float((weights[0] - weights[1]).abs().max()) > 1e-4
+    assert float((weights[0, -1] - weights[1, -1]).abs().max()) > 1e-4
+    assert float((weights[0, 0] - weights[0, 5]).abs().max()) > 1e-4
 
 
-def test_generate_routes_each_sequence_once_on_its_prompt(
-        setup_models: tuple[Path, Path, list[Path], list[Path]]) -> None:
-    """Left-padded generation, KV cache on and off: the same tokens; every forward call runs with the weights
-    the prompt gave (each row's equal to its prompt routed alone); a lone prompt generates what MLPs fixed at
-    those weights generate."""
+def test_generation_and_scoring_see_the_same_weights(setup_models: tuple[Path, Path, list[Path], list[Path]]
+                                                      ) -> None:
+    """Left-padded batched generation, KV cache on and off: the same tokens, each row the tokens its prompt
+    generates alone; the logits of the cached steps equal those of one forward over prompt + continuation (the
+    running sums carried across calls); a prompt's logits do not depend on what follows it."""
     from modelfuse.runtime import load_model
 
     folder, *_ = setup_models
@@ -115,36 +124,25 @@ def test_generate_routes_each_sequence_once_on_its_prompt(
     tokenizer.padding_side = "left"
     prompts = ["add 3 4:", "reverse 2 ab:", "add 5:"]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    seen: list[torch.Tensor] = []
-    model.register_forward_hook(lambda *_: seen.append(model.wemoe.weights["model.layers.0.mlp"].clone()))
-    outputs = []
-    for use_cache in (True, False):
-        seen.clear()
-        outputs.append(model.generate(**encoded, max_new_tokens=5, do_sample=False, use_cache=use_cache,
-                                      pad_token_id=tokenizer.pad_token_id))
-        assert len(seen) >= 5 and all(torch.equal(w, seen[0]) for w in seen)
-    assert torch.equal(outputs[0], outputs[1])
+    outputs = [model.generate(**encoded, max_new_tokens=5, do_sample=False, use_cache=use_cache,
+                              pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+               for use_cache in (True, False)]
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    for cached, plain in zip(outputs[0].scores, outputs[1].scores, strict=True):
+        torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
+    width = encoded["input_ids"].shape[1]
     for row, prompt in enumerate(prompts):
         alone = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            model(**alone)
-        routed = {name: w.clone() for name, w in model.wemoe.weights.items()}
-        torch.testing.assert_close(seen[0][row], routed["model.layers.0.mlp"][0], rtol=1e-5, atol=1e-6)
-        fixed, _ = load_wemoe(folder)
-        fixed.wemoe.gates = {name: _Constant(w[0]) for name, w in routed.items()}
         tokens = model.generate(**alone, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert torch.equal(tokens, fixed.generate(**alone, max_new_tokens=5, do_sample=False,
-                                                  pad_token_id=tokenizer.pad_token_id))
-        assert torch.equal(tokens[0, alone["input_ids"].shape[1]:], outputs[0][row, encoded["input_ids"].shape[1]:])
-
-
-class _Constant(Gate):
-    """A gate that outputs fixed weights for every token."""
-
-    def __init__(self, weights: torch.Tensor) -> None:
-        super().__init__(1, weights.shape[0], layers=0)
-        with torch.no_grad():
-            self.bias.copy_(weights)
+        assert torch.equal(tokens[0, alone["input_ids"].shape[1]:], outputs[0].sequences[row, width:])
+    full = outputs[0].sequences[1:2]  # the longest prompt: no padding
+    assert int((full == tokenizer.pad_token_id).sum()) == 0
+    with torch.no_grad():
+        whole = model(input_ids=full, attention_mask=torch.ones_like(full)).logits
+        prefix = model(input_ids=full[:, :width], attention_mask=torch.ones_like(full[:, :width])).logits
+    torch.testing.assert_close(whole[:, :width], prefix, rtol=1e-5, atol=1e-5)
+    for step, scores in enumerate(outputs[0].scores):
+        torch.testing.assert_close(scores[1], whole[0, width - 1 + step], rtol=1e-4, atol=1e-4)
 
 
 def test_training_moves_only_the_routers(setup_models: tuple[Path, Path, list[Path], list[Path]]) -> None:
@@ -162,18 +160,25 @@ def test_training_moves_only_the_routers(setup_models: tuple[Path, Path, list[Pa
         assert all(torch.equal(value, tensors(expert)[key[:-6]] - theta[key[:-6]]) for key, value in stored.items())
 
 
-def test_routing_weights_average_each_inputs_own_tokens() -> None:
-    """The masked mean over tokens against a loop over rows and kept tokens."""
+def test_routing_weights_average_each_inputs_own_tokens_so_far() -> None:
+    """The running masked mean against loops over rows, positions and kept tokens; a NaN at a padded position
+    does not reach the weights; carried sums continue a sequence as if it had come whole."""
     gate = Gate(4, 3, layers=2)
     gate.initialise(0.3, torch.Generator().manual_seed(0))
     hidden = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
-    got = routing_weights(gate, hidden, mask)
+    hidden[1, 0] = float("nan")  # padding
+    got, _ = routing_weights(gate, hidden, mask)
     for row in range(2):
-        kept = hidden[row][mask[row].bool()]
-        expected = torch.stack([gate(token) for token in kept]).mean(0)
-        torch.testing.assert_close(got[row], expected)
-    torch.testing.assert_close(routing_weights(gate, hidden, None), gate(hidden).mean(1))
+        for t in range(5):
+            kept = [hidden[row, s] for s in range(t + 1) if mask[row, s]]
+            if kept:
+                torch.testing.assert_close(got[row, t], torch.stack([gate(token) for token in kept]).mean(0))
+    assert bool(torch.isfinite(got[1, 1:]).all())
+    whole, _ = routing_weights(gate, hidden[:1], None)
+    first, carried = routing_weights(gate, hidden[:1, :3], None)
+    rest, _ = routing_weights(gate, hidden[:1, 3:], None, carried)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole)
 
 
 def test_gpt2_conv1d_mlps_take_per_input_weights() -> None:

@@ -130,10 +130,13 @@ def perturbed_logits(model: torch.nn.Module, parameters: Mapping[str, torch.Tens
     from torch.func import functional_call
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    embeds = torch.nn.functional.embedding(ids, parameters[embedding])
-    if perturbation is not None:
-        added = perturbation[: ids.shape[1]].to(embeds.dtype)
-        embeds = embeds + added[None] * mask[..., None].to(embeds.dtype)
+    if perturbation is None:
+        return functional_call(model, dict(parameters), args=(), kwargs={"input_ids": ids, "attention_mask": mask},
+                               strict=False).logits
+    # through the embedding module itself, so a scale inside it (Gemma 3's) is applied as in the plain forward
+    embeds = functional_call(model.get_input_embeddings(), {"weight": parameters[embedding]}, (ids,))
+    added = perturbation[: ids.shape[1]].to(embeds.dtype)
+    embeds = embeds + added[None] * mask[..., None].to(embeds.dtype)
     output = functional_call(model, dict(parameters), args=(), kwargs={"inputs_embeds": embeds,
                                                                         "attention_mask": mask}, strict=False)
     return output.logits

@@ -4,17 +4,20 @@ Weight-Ensembling Mixture of Experts", https://arxiv.org/abs/2402.00433), for ca
 - Every tensor outside the MLPs is merged by task arithmetic, ``theta_0 + lam sum_k tau_k``.
 - Each MLP (a module named ``mlp``) becomes a weight-ensembling MoE: its weights are the base model's plus the
   experts' MLP task vectors weighed per input, ``W(x) = W_0 + sum_k r_k(x) tau_k``. The routing weights come from
-  the layer's own router on the MLP's input hidden states ``h_t``, averaged over the input's non-padding tokens:
-  ``r(x) = mean_t g(h_t)`` with ``g(h) = W_2 relu(W_1 h + b_1) + b_2`` (2 layers, the paper's default),
+  the layer's own router on the MLP's input hidden states ``h_t``, averaged over the input's non-padding tokens;
+  for a causal LM, over the tokens up to each position (the paper's classifiers average over the whole input; a
+  next-token prediction must not see later tokens): ``r_t = mean_{s <= t} g(h_s)`` with
+  ``g(h) = W_2 relu(W_1 h + b_1) + b_2`` (2 layers, the paper's default),
   ``g(h) = W_1 h + b_1`` (1 layer) or ``g = b`` (0 layers: a constant, layer-wise AdaMerging of the MLPs). No
   softmax: the weights are coefficients. Each router starts at ``W ~ N(0, 0.01^2)``, ``b_1 = 0`` and the last
   bias at ``lam``, so the untrained model is task arithmetic with ``lam``.
 - The routers are trained by test-time adaptation: Adam on the mean next-token entropy of unlabeled prompts of
   every task (AdaMerging's objective, at each prompt's last token or every token), model weights frozen.
 
-Because ``W(x) x = W_0 x + sum_k r_k(x) (tau_k x)`` for each linear map, the experts' parts are added per input
-inside the MLP's linear layers, so a batch mixes inputs routed differently and no weights are rebuilt per input.
-Inside ``generate`` each sequence is routed once, on its prompt (the first forward call), whatever the cache mode.
+Because ``W(x) x = W_0 x + sum_k r_k(x) (tau_k x)`` for each linear map and an MLP acts on each position alone,
+the experts' parts are added per token inside the MLP's linear layers, so a batch mixes inputs routed differently
+and no weights are rebuilt. With a KV cache the running sums of ``g`` carry over to the new tokens, so generation
+with and without the cache, and scoring a prompt with its continuation, all see the same weights.
 
 The bundle is a folder: ``shared/`` (a model folder: task arithmetic outside the MLPs, the base's MLPs),
 ``task-vector-<k>.safetensors`` (expert k's MLP task vector, whole or as rank-``r`` SVD factors as in
@@ -94,29 +97,35 @@ class Gate(torch.nn.Module):
         return self.out(hidden)
 
 
-def routing_weights(gate: Gate, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``[batch, experts]``: the gate's outputs on ``hidden`` ``[batch, tokens, features]`` averaged over each
-    input's tokens where ``mask`` ``[batch, tokens]`` is 1 (all tokens when None), in the gate's dtype."""
+def routing_weights(gate: Gate, hidden: torch.Tensor, mask: torch.Tensor | None,
+                    carried: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``[batch, tokens, experts]``: at each position, the gate's outputs on ``hidden`` ``[batch, tokens,
+    features]`` averaged over the input's tokens up to it where ``mask`` ``[batch, tokens]`` is 1 (all when None),
+    after the ``carried`` sums and counts of earlier tokens (a KV cache's); in the gate's dtype. Also returns the
+    sums and counts to carry on."""
     kind = next(gate.parameters()).dtype
     per_token = gate(hidden.to(kind))
-    if mask is None:
-        return per_token.mean(1)
-    weights = mask.to(kind)[..., None]
-    return (per_token * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    kept = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    sums = torch.where(kept[..., None], per_token, torch.zeros_like(per_token)).cumsum(1)
+    counts = kept.to(kind).cumsum(1)
+    if carried is not None:
+        sums = sums + carried[0][:, None]
+        counts = counts + carried[1][:, None]
+    return sums / counts.clamp_min(1.0)[..., None], (sums[:, -1].detach(), counts[:, -1].detach())
 
 
 @dataclass
 class WemoeState:
-    """The routers (``gates[mlp name]``) and the routing of the current inputs (``weights[mlp name]``
-    ``[batch, experts]``); ``fixed`` (``[experts]`` or ``[batch, experts]``) replaces every router's output."""
+    """The routers (``gates[mlp name]``) and the routing of the current inputs (``weights[mlp name]``, per
+    token); ``fixed`` (``[experts]`` or ``[batch, experts]``) replaces every router's output."""
 
     gates: dict[str, Gate]
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # [batch, tokens, experts] of the current call
     fixed: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    generating: bool = False
-    prompt_routed: bool = False
-    frozen: bool = False
+    continuing: bool = False  # the current call extends a KV cache: the carried sums apply
+    carried: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -140,8 +149,8 @@ def _mlp_modules(model: torch.nn.Module, module: str) -> dict[str, torch.nn.Modu
 
 def install(model: torch.nn.Module, task_vectors: Sequence[dict[str, dict[str, torch.Tensor]]], state: WemoeState,
             module: str = "mlp") -> None:
-    """Route every MLP module (named ``module``) of ``model``: its linear layers add ``sum_k r_k (tau_k x)`` with
-    ``r`` from the MLP's gate in ``state.gates``; ``generate`` routes each sequence once, on its prompt.
+    """Route every MLP module (named ``module``) of ``model``: its linear layers add ``sum_k r_k (tau_k x)`` per
+    token, ``r`` the running mean of the MLP's gate in ``state.gates`` (carried across KV-cache calls).
 
     Raises:
         ModelfuseError: For task vectors that match no linear layer of an MLP or have another shape.
@@ -177,38 +186,36 @@ def install(model: torch.nn.Module, task_vectors: Sequence[dict[str, dict[str, t
 
     def before(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state.mask = kwargs.get("attention_mask")
-        state.frozen = state.generating and state.prompt_routed
-
-    def after(*_: Any) -> None:
-        if state.generating:
-            state.prompt_routed = True
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # the name differs between transformers versions
+        state.continuing = _cached_tokens(cache) > 0
 
     state.handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
-    state.handles.append(model.register_forward_hook(after))
-    plain_generate = model.generate
 
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` routing each sequence once, on its prompt, whatever the cache mode."""
-        state.generating, state.prompt_routed = True, False
-        try:
-            return plain_generate(*args, **kwargs)
-        finally:
-            state.generating = state.prompt_routed = state.frozen = False
 
-    model.generate = generate
+def _cached_tokens(cache: Any) -> int:
+    """Tokens a KV cache already holds (0 for none)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0
 
 
 def _router(state: WemoeState, mlp_name: str) -> Callable[..., None]:
     def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if state.frozen:
-            return
         hidden = inputs[0]
         if state.fixed is not None:
-            state.weights[mlp_name] = state.fixed.expand(hidden.shape[0], -1) if state.fixed.dim() == 1 \
-                else state.fixed
+            fixed = state.fixed if state.fixed.dim() == 2 else state.fixed.expand(hidden.shape[0], -1)
+            state.weights[mlp_name] = fixed[:, None].expand(-1, hidden.shape[1], -1)
             return
-        mask = state.mask if state.mask is not None and state.mask.shape == hidden.shape[:2] else None
-        state.weights[mlp_name] = routing_weights(state.gates[mlp_name], hidden, mask)
+        mask = state.mask[:, -hidden.shape[1]:] if state.mask is not None and \
+            state.mask.shape[1] >= hidden.shape[1] else None
+        carried = state.carried.get(mlp_name) if state.continuing else None
+        if carried is not None and carried[0].shape[0] != hidden.shape[0]:
+            raise ModelfuseError(f"WEMoE: a cached batch of {carried[0].shape[0]} continued with "
+                                 f"{hidden.shape[0]} inputs at {mlp_name}")
+        state.weights[mlp_name], state.carried[mlp_name] = routing_weights(state.gates[mlp_name], hidden, mask,
+                                                                           carried)
 
     return hook
 
@@ -219,12 +226,13 @@ def _routed(state: WemoeState, mlp_name: str,
 
     def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         weights = state.weights.get(mlp_name)
-        if weights is None or weights.shape[0] != output.shape[0]:
-            raise ModelfuseError(f"WEMoE: no routing weights for {mlp_name} and a batch of {output.shape[0]}")
+        if weights is None or tuple(weights.shape[:2]) != tuple(output.shape[:2]):
+            raise ModelfuseError(f"WEMoE: no routing weights for {mlp_name} and inputs of shape "
+                                 f"{list(output.shape[:2])}")
         weights = weights.to(output.device, output.dtype)
         extra = torch.zeros_like(output)
         for k, part in enumerate(parts(module, inputs)):
-            extra = extra + weights[:, k].reshape(-1, *([1] * (output.dim() - 1))) * part
+            extra = extra + weights[..., k, None] * part
         return output + extra
 
     return hook
@@ -278,7 +286,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 def _assemble(model: torch.nn.Module, task_vectors: list[dict[str, dict[str, torch.Tensor]]], experts: int,
               layers: int, module: str) -> WemoeState:
     """Fresh gates (float32, on the model's device) for every MLP of ``model`` and the routed MLPs installed."""
-    features = model.get_input_embeddings().weight.shape[1]
+    features = int(getattr(model.config, "hidden_size", model.get_input_embeddings().weight.shape[1]))
     where = input_device(model)
     gates = {name: Gate(features, experts, layers).to(where) for name in _mlp_modules(model, module)}
     state = WemoeState(gates)

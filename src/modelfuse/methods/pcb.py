@@ -53,7 +53,7 @@ def pcb_scores(taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def _kept(density: float, numel: int) -> int:
     """Entries a tensor of ``numel`` keeps per task at keep ratio ``density``: ``max(1, floor(r numel))`` (0 at 0)."""
-    if density >= 1.0:
+    if density >= 1.0 or numel == 0:
         return numel
     return max(1, int(density * numel)) if density > 0.0 else 0
 
