@@ -168,3 +168,21 @@ def test_pcb_over_the_whole_model(tmp_path: Path) -> None:
     whole = model_thresholds(build_plan(load_recipe(spec)))
     assert {name: [[t.value for t in model] for model in value] for name, value in chunked.items()} == \
         {name: [[t.value for t in model] for model in value] for name, value in whole.items()}
+
+
+def test_per_tensor_densities_and_a_skipped_pre_pass_are_refused(tmp_path: Path) -> None:
+    """A density rule per tensor would not add up over the model (a density of 1 ignores the masks): refused in
+    one line; computing a tensor of a model-scope plan without the pre-pass raises instead of selecting per
+    tensor."""
+    from modelfuse.engine import compute_tensor
+    from modelfuse.errors import ModelfuseError
+
+    paths = quantized_family(tmp_path / "models", experts=2)
+    ruled = recipe(paths, "ties", "model", density=[{"match": "*mlp*", "value": 1.0}, {"match": "*", "value": 0.3}])
+    with pytest.raises(RecipeError, match="one density"):
+        merge(ruled, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    plan = build_plan(load_recipe(recipe(paths, "ties", "model", density=0.3)))
+    job = next(job for job in plan.jobs if job.method.topk is not None)
+    with pytest.raises(ModelfuseError, match="pre-pass"):
+        compute_tensor(job, plan)

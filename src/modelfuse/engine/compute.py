@@ -176,6 +176,10 @@ def _compute_piece(
     equal to a threshold that are kept are those it lists (mergekit's order).
     """
     compute_dtype = _COMPUTE_DTYPES[plan.recipe.compute_dtype]
+    if plan.recipe.topk_scope == "model" and raw_base is not None and job.name not in plan.model_thresholds and (
+            job.method.topk is not None or job.method.model_pass is not None):
+        raise ModelfuseError(f"{job.name}: topk_scope: model, but the whole-model pre-pass has not run "
+                             "(plan.model_thresholds = engine.prepass.model_thresholds(plan) first)", tensor=job.name)
     tensors = [tensor.to(device, compute_dtype) for tensor in raw]
     base = raw_base.to(device, compute_dtype) if raw_base is not None else None
     tensors, base = finite.inputs(tensors, base)

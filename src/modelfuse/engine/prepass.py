@@ -137,6 +137,11 @@ def model_thresholds(plan: MergePlan, chunk_elements: int = 1 << 21, replace_non
 
         plan.model_statistics = scoring.statistics(signed, offsets[-1], jobs[0].params, chunk_elements)
     counter = scoring.counts if scoring is not None else None
+    probe = {str((counter or job.method.topk)(job.params, 1 << 20)): job.name for job in jobs}
+    if len(probe) > 1:  # a density of 0 or 1 makes a method ignore its masks: per-tensor densities would not add up
+        first, other = list(probe.values())[:2]
+        raise RecipeError(f"topk_scope: model needs one density per model for every tensor; {first!r} and "
+                          f"{other!r} have different ones (drop the per-tensor rules or use topk_scope: tensor)")
     per_job = [(counter or job.method.topk)(job.params, size) for job, size in zip(jobs, sizes, strict=True)]
     layout = [len(model) for model in per_job[0]]
     if any([len(model) for model in counts] != layout for counts in per_job):
