@@ -146,6 +146,9 @@ def main() -> None:
         "DAM (adv_weight 1, adv_lr 0.01)": ConcreteSettings(
             steps=args.mask_steps, lr=args.mask_lr, scaling=args.scaling, samples=64, batch_size=16, safety=True,
             adv_lr=0.01, adv_weight=1.0),
+        "DAM (adv_weight 3, adv_lr 0.01)": ConcreteSettings(
+            steps=args.mask_steps, lr=args.mask_lr, scaling=args.scaling, samples=64, batch_size=16, safety=True,
+            adv_lr=0.01, adv_weight=3.0),
     }
     for index, (name, settings) in enumerate(learned.items()):
         clock = time.perf_counter()
