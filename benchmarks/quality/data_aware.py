@@ -211,6 +211,12 @@ Why the rows fall where they do (from the runs' logs; see docs/data-aware.md):
   they overlap (21% of localized entries at 10%), which dilutes each task there.
 - Twin-Merging is dynamic: the router sends each prompt to its own expert's exclusive knowledge, so it keeps
   almost all of every expert, at the price of storing the exclusive parts and routing at inference.
+- WEMoE collapsed: with lr 1e-2 (chosen so 30 steps could move the routers on 2 busy cores) the entropy fell
+  from 6.76 to 0.0008 and the bundle answers nothing (perplexity 7.6e9): its 2-layer routers (576 -> 576 -> 4 per
+  MLP, 10M parameters) can scale the task vectors without bound, and a model that predicts one token with
+  certainty has no entropy. The authors' step is 100 times smaller (1e-4, over 1000 steps; AdaMerging clamps its
+  coefficients instead); at full rank one step cost about 2.5 minutes on the busy cores, so a run with a small
+  step (lr 1e-3 or less, 100+ steps) is left for a longer session. The row stays as measured.
 """
 
 
