@@ -131,7 +131,7 @@ def main() -> None:
         "task arithmetic (lam 0.7)": {"method": "task_arithmetic", "base": str(base), "models": pair,
                                       "parameters": {"lam": 0.7}},
         "ties (density 0.5)": {"method": "ties", "base": str(base), "models": pair, "parameters": {"density": 0.5}},
-        "tsv": {"method": "tsv", "base": str(base), "models": pair},
+        "tsv": {"method": "tsv", "base": str(base), "models": [{"path": m["path"]} for m in pair]},
         "ota (curvature from Adam's second moments)": {"method": "ota", "base": str(base), "models": [
             {"path": str(long_model), "calibration": str(long_model / "adam-moments")},
             {"path": str(short_model), "calibration": str(short_model / "adam-moments")}]},
@@ -141,7 +141,7 @@ def main() -> None:
     }
     for name, recipe in recipes.items():
         clock = time.perf_counter()
-        out = merge({**recipe, "dtype": "float32"}, CACHE / "merges" / name.split(" ")[0].replace("(", ""),
+        out = merge({**recipe, "dtype": "float32"}, CACHE / "merges" / "".join(c if c.isalnum() else "-" for c in name),
                     options=MergeOptions(overwrite=True))
         merge_seconds = time.perf_counter() - clock
         rows[name] = {**measure(out, files["concise"], args.limit), "merge_seconds": merge_seconds}
