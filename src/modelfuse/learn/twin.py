@@ -39,6 +39,7 @@ from modelfuse.engine import COPIED_FILES, merge
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
+from modelfuse.learn._bundle import check_part, read_bundle_config
 from modelfuse.learn._common import check_experts_and_data
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, load_model, on_device
@@ -210,21 +211,6 @@ def _norm_parts(deltas: dict[str, list[torch.Tensor]],
     return parts
 
 
-def _check_part(expert: int, name: str, part: dict[str, torch.Tensor], shape: torch.Size) -> None:
-    """One stored exclusive tensor: whole (``delta``, the parameter's shape) or factors whose product has it."""
-    if set(part) == {"delta"}:
-        found = tuple(part["delta"].shape)
-    elif set(part) == {"up", "down"} and part["up"].dim() == part["down"].dim() == 2 \
-            and part["up"].shape[1] == part["down"].shape[0]:
-        found = (part["up"].shape[0], part["down"].shape[1])
-    else:
-        raise ModelfuseError(f"exclusive-{expert}.safetensors: {name} holds {sorted(part)} (expected delta, or up "
-                             "and down factors of matching rank): a damaged Twin-Merging bundle")
-    if found != tuple(shape):
-        raise ModelfuseError(f"exclusive-{expert}.safetensors: {name} has shape {list(found)}, the shared model's "
-                             f"parameter {list(shape)}: a damaged Twin-Merging bundle")
-
-
 def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.Tensor]]], state: TwinState) -> None:
     """Hooks every module whose own parameters have exclusive knowledge; refuses parameters it cannot apply."""
     from transformers.pytorch_utils import Conv1D
@@ -238,7 +224,8 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
             continue
         for local, name in own.items():
             for index, expert in enumerate(exclusive):
-                _check_part(index, name, expert[name], getattr(module, local).shape)
+                check_part(f"exclusive-{index}.safetensors", name, expert[name], getattr(module, local).shape,
+                           "Twin-Merging")
         parts = {local: [expert[name] for expert in exclusive] for local, name in own.items()}
         if isinstance(module, torch.nn.Linear | Conv1D) and "weight" in parts:
             bias = [p["delta"] for p in parts["bias"]] if "bias" in parts else None
@@ -326,20 +313,8 @@ def load_twin(folder: str | Path, *, routing: Routing = "soft", device: str | to
 
 def read_config(folder: Path) -> dict[str, Any]:
     """A bundle's ``twin.json``, checked."""
-    path = folder / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ModelfuseError(f"{folder}: not a Twin-Merging bundle ({CONFIG} unreadable: {error}); build one with "
-                             "`modelfuse twin`") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("experts"), list):
-        raise ModelfuseError(f"{path}: not a Twin-Merging bundle description (format {FORMAT!r} with experts)")
-    missing = [name for name in ["router.safetensors", *(f"exclusive-{i}.safetensors"
-                                                         for i in range(len(config["experts"])))]
-               if not (folder / name).is_file()]
-    if missing or not (folder / "shared").is_dir():
-        raise ModelfuseError(f"{folder}: damaged Twin-Merging bundle (missing {(missing or ['shared/'])[0]})")
-    return config
+    return read_bundle_config(folder, config=CONFIG, form=FORMAT, label="Twin-Merging", command="twin",
+                              files=["router.safetensors", "exclusive-{index}.safetensors"])
 
 
 @dataclass(frozen=True)

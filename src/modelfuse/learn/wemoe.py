@@ -49,6 +49,7 @@ from modelfuse.engine import merge
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
+from modelfuse.learn._bundle import check_part, read_bundle_config
 from modelfuse.learn._common import check_experts_and_data, read_prompts
 from modelfuse.learn.adamerging import mean_entropy, prompt_batches
 from modelfuse.learn.twin import compress, linear_parts
@@ -173,7 +174,8 @@ def install(model: torch.nn.Module, task_vectors: Sequence[dict[str, dict[str, t
             parts = {local: [vectors[name] for vectors in task_vectors] for local, name in own.items()}
             for index, vectors in enumerate(task_vectors):
                 for local, name in own.items():
-                    _check_part(index, name, vectors[name], getattr(child, local).shape)
+                    check_part(f"task-vector-{index}.safetensors", name, vectors[name], getattr(child, local).shape,
+                               "WEMoE")
             bias = [p["delta"] for p in parts["bias"]] if "bias" in parts else None
             contribution = linear_parts(parts["weight"], isinstance(child, Conv1D), bias)
             state.handles.append(child.register_forward_hook(_routed(state, mlp_name, contribution)))
@@ -238,20 +240,6 @@ def _routed(state: WemoeState, mlp_name: str,
     return hook
 
 
-def _check_part(expert: int, name: str, part: dict[str, torch.Tensor], shape: torch.Size) -> None:
-    if set(part) == {"delta"}:
-        found = tuple(part["delta"].shape)
-    elif set(part) == {"up", "down"} and part["up"].dim() == part["down"].dim() == 2 \
-            and part["up"].shape[1] == part["down"].shape[0]:
-        found = (part["up"].shape[0], part["down"].shape[1])
-    else:
-        raise ModelfuseError(f"task-vector-{expert}.safetensors: {name} holds {sorted(part)} (expected delta, or up "
-                             "and down factors of matching rank): a damaged WEMoE bundle")
-    if found != tuple(shape):
-        raise ModelfuseError(f"task-vector-{expert}.safetensors: {name} has shape {list(found)}, the model's "
-                             f"{list(shape)}: a damaged WEMoE bundle")
-
-
 def _nested(flat: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
             ) -> dict[str, dict[str, torch.Tensor]]:
     nested: dict[str, dict[str, torch.Tensor]] = {}
@@ -267,20 +255,8 @@ def _gate_key(mlp_name: str) -> str:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """A bundle's ``wemoe.json``, checked."""
-    path = folder / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ModelfuseError(f"{folder}: not a WEMoE bundle ({CONFIG} unreadable: {error}); build one with "
-                             "`modelfuse wemoe`") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("experts"), list):
-        raise ModelfuseError(f"{path}: not a WEMoE bundle description (format {FORMAT!r} with experts)")
-    missing = [name for name in ["routers.safetensors", *(f"task-vector-{i}.safetensors"
-                                                          for i in range(len(config["experts"])))]
-               if not (folder / name).is_file()]
-    if missing or not (folder / "shared").is_dir():
-        raise ModelfuseError(f"{folder}: damaged WEMoE bundle (missing {(missing or ['shared/'])[0]})")
-    return config
+    return read_bundle_config(folder, config=CONFIG, form=FORMAT, label="WEMoE", command="wemoe",
+                              files=["routers.safetensors", "task-vector-{index}.safetensors"])
 
 
 def _assemble(model: torch.nn.Module, task_vectors: list[dict[str, dict[str, torch.Tensor]]], experts: int,
