@@ -6,11 +6,34 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import field_validator
 
 from modelfuse.errors import ModelfuseError
+from modelfuse.settings import Settings
+
+
+class RankedSettings(Settings):
+    """Settings of a bundle whose per-expert matrices are stored at a ``rank`` (SVD factors) or whole (``full``)."""
+
+    rank: int | Literal["full"] = "full"
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, value: object) -> int | str:
+        text = str(value).strip()
+        if text == "full":
+            return "full"
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError("a positive integer or 'full'")
+        return int(text)
+
+    @property
+    def kept_rank(self) -> int | None:
+        """The rank of the SVD factors, None at full rank (exact)."""
+        return None if self.rank == "full" else int(self.rank)
 
 
 def read_bundle_config(folder: Path, *, config: str, form: str, label: str, command: str,

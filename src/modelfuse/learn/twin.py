@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from modelfuse.calibrate.data import CalibrationText, read_texts, tokenize
@@ -39,11 +39,10 @@ from modelfuse.engine import COPIED_FILES, merge
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
-from modelfuse.learn._bundle import check_part, read_bundle_config
+from modelfuse.learn._bundle import RankedSettings, check_part, read_bundle_config
 from modelfuse.learn._common import check_experts_and_data
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, load_model, on_device
-from modelfuse.settings import Settings
 
 log = logging.getLogger(__name__)
 FORMAT = "modelfuse-twin"
@@ -326,7 +325,7 @@ class TwinReport:
     storage: dict[str, int | float]
 
 
-class TwinSettings(Settings):
+class TwinSettings(RankedSettings):
     """How ``twin`` compresses each expert's exclusive knowledge and trains the router."""
 
     rank: int | Literal["full"] = 64
@@ -336,21 +335,6 @@ class TwinSettings(Settings):
     router_steps: int = Field(300, ge=1)
     max_tokens: int = Field(128, ge=1)
     seed: int = 0
-
-    @field_validator("rank", mode="before")
-    @classmethod
-    def _rank(cls, value: object) -> int | str:
-        text = str(value).strip()
-        if text == "full":
-            return "full"
-        if not text.isdigit() or int(text) < 1:
-            raise ValueError("a positive integer or 'full'")
-        return int(text)
-
-    @property
-    def kept_rank(self) -> int | None:
-        """The rank of the SVD factors, None at full rank (exact)."""
-        return None if self.rank == "full" else int(self.rank)
 
 
 def build_twin(

@@ -42,20 +42,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from modelfuse.engine import merge
 from modelfuse.errors import ModelfuseError, RecipeError, ShapeMismatchError
 from modelfuse.io.opening import open_checkpoint
 from modelfuse.io.writer import StagingFolder, check_output_location
-from modelfuse.learn._bundle import check_part, read_bundle_config
+from modelfuse.learn._bundle import RankedSettings, check_part, read_bundle_config
 from modelfuse.learn._common import check_experts_and_data, read_prompts
 from modelfuse.learn.adamerging import mean_entropy, prompt_batches
 from modelfuse.learn.twin import compress, linear_parts
 from modelfuse.options import MergeOptions
 from modelfuse.runtime import CPU_FLOAT32, Placement, input_device, load_model
-from modelfuse.settings import Settings
 
 log = logging.getLogger(__name__)
 FORMAT = "modelfuse-wemoe"
@@ -311,7 +310,7 @@ class WemoeReport:
     storage: dict[str, int | float]
 
 
-class WemoeSettings(Settings):
+class WemoeSettings(RankedSettings):
     """How ``wemoe`` merges, stores the MLP task vectors and trains the routers."""
 
     lam: float = 0.3
@@ -326,21 +325,6 @@ class WemoeSettings(Settings):
     split: str = "train"
     positions: Literal["last", "all"] = "last"
     seed: int = 0
-
-    @field_validator("rank", mode="before")
-    @classmethod
-    def _rank(cls, value: object) -> int | str:
-        text = str(value).strip()
-        if text == "full":
-            return "full"
-        if not text.isdigit() or int(text) < 1:
-            raise ValueError("a positive integer or 'full'")
-        return int(text)
-
-    @property
-    def kept_rank(self) -> int | None:
-        """The rank of the SVD factors, None at full rank (exact)."""
-        return None if self.rank == "full" else int(self.rank)
 
 
 def learn_routers(model: torch.nn.Module, state: WemoeState,
