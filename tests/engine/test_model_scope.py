@@ -113,6 +113,10 @@ def test_cli_and_bad_recipes(tmp_path: Path, run_cli: Cli) -> None:
     result = run_cli("merge", path, "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    path.write_text(yaml.safe_dump(recipe(paths, "pcb", "model", density=0.2)))  # the scored whole-model pass
+    result = run_cli("merge", path, "-o", tmp_path / "pcb")
+    assert result.returncode == 0, result.stderr
+    AutoModelForCausalLM.from_pretrained(tmp_path / "pcb")
     for bad, needle in [(recipe(paths, "task_arithmetic", "model"), "selects no top-k"),
                         ({**recipe(paths, "ties", "model", density=0.2), "tie_order": "mergekit"}, "tie_order"),
                         ({**recipe(paths, "ties", "model", density=0.2), "compute_dtype": "float64"}, "float32"),
