@@ -125,12 +125,16 @@ def plan(base: Path, experts: dict[str, Path], specs: dict[str, str], work: Path
                                                  "localize", ["localize", str(base), *pairs, "-o",
                                                               str(work / "localize"), "--density", "0.01"],
                                                  work / "localize")},
-        "wemoe (rank 64)": {
+        "wemoe (rank 64, lr 1e-2)": {
             "prepare": [], "settings": "task arithmetic 0.3 outside the MLPs, MLP task vectors at rank 64 (full rank "
             "costs 4 extra MLPs per layer: about 2.5 min a step on 2 busy cores), 2-layer routers, 30 steps, lr "
             f"1e-2, entropy at each prompt's last token, {LEARN_SAMPLES} prompts per task", "final": Step(
                 "wemoe-64", ["wemoe", str(base), *pairs, "-o", str(work / "wemoe-64"), "--rank", "64", "--steps",
                              "30", "--lr", "0.01", *learn], work / "wemoe-64")},
+        "wemoe (rank 64, lr 1e-3)": {
+            "prepare": [], "settings": "as the lr 1e-2 row with the default step, lr 1e-3", "final": Step(
+                "wemoe-64-lr1e-3", ["wemoe", str(base), *pairs, "-o", str(work / "wemoe-64-lr1e-3"), "--rank", "64",
+                                    "--steps", "30", "--lr", "0.001", *learn], work / "wemoe-64-lr1e-3")},
         "concrete task arithmetic": {
             "prepare": [], "settings": f"scaling 0.3, temperature 0.5, 100 steps, lr 0.01, {LEARN_SAMPLES} prompts per "
             "task, continuous final mask", "final": Step("concrete-ta", [

@@ -132,6 +132,28 @@ def test_router_picks_each_experts_inputs_and_generate_matches(
     assert soft.twin.weights.argmax(-1).tolist() == [0, 1, 0, 1]
 
 
+def test_choices_are_scored_with_the_prompts_routing(bundle: tuple[Path, Path, list[Path], list[Path]]) -> None:
+    """The runtime scores choices with the weights routed on the prompt alone: the scores equal those of the
+    dense model merged with the prompt's weights, although routing on prompt + choice would give other weights
+    for each choice."""
+    from modelfuse.runtime import choice_logprobs
+
+    folder, _, experts, _ = bundle
+    model, tokenizer = load_twin(folder)  # soft routing: any change of the routed tokens moves the weights
+    prompt, choices = "add 3 4:", [" 7", " reverse abc", " 12"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(input_ids=prompt_ids)
+        on_prompt = model.twin.weights[0].clone()
+        for choice in choices:
+            model(input_ids=tokenizer(prompt + choice, add_special_tokens=False, return_tensors="pt")["input_ids"])
+            assert not torch.allclose(model.twin.weights[0], on_prompt, rtol=0, atol=1e-6)
+    got = choice_logprobs(model, tokenizer, prompt, choices)
+    expected = choice_logprobs(dense(folder, on_prompt.tolist(), experts), tokenizer, prompt, choices)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert not model.twin.held  # the prompt's weights are not kept after scoring
+
+
 def test_storage_report_and_cli(bundle: tuple[Path, Path, list[Path], list[Path]], run_cli: Cli,
                                 tmp_path: Path) -> None:
     """The CLI at rank 4: the report counts shared + rank-4 factors (r (m + n) per matrix, whole vectors) +

@@ -12,6 +12,11 @@ combined per input.
   ``theta_s + sum_k w_k v_k``; the weights are applied per input inside the layers (``x down^T up^T`` for linear
   maps, the embedding rows for embeddings, ``delta * n(x)`` for elementwise-affine norms), so a batch mixes
   inputs of different tasks and no weights are rebuilt per input.
+- "The input" is the prompt: ``generate`` routes each sequence once, on its prompt, and keeps those weights for
+  every new token; the runtime scores a choice after a prompt inside ``model.route_on_prompt(prompt_ids, mask)``,
+  so the choice's own tokens do not steer its score. A plain forward call routes on everything it is given
+  (the perplexity of a text window, and lm-evaluation-harness's context + continuation, which it passes as one
+  sequence).
 
 The bundle is a folder: ``shared/`` (a model folder), ``exclusive-<k>.safetensors``, ``router.safetensors`` and
 ``twin.json`` (experts, rank, router, storage report). :func:`load_twin` returns the shared model with the
@@ -25,7 +30,8 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,7 +120,7 @@ class TwinState:
     weights: torch.Tensor | None = None
     fixed: torch.Tensor | None = None
     routing_now: bool = False
-    generating: bool = False
+    held: bool = False
     handles: list[Any] = field(default_factory=list)
 
     def route(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -247,7 +253,7 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
     def route(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Inside ``generate`` the prompt was routed once, before the first step: every later forward call (one
         # new token with a KV cache, or the whole sequence without one) keeps those weights.
-        if state.routing_now or state.generating:
+        if state.routing_now or state.held:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -258,20 +264,27 @@ def _install(model: torch.nn.Module, exclusive: list[dict[str, dict[str, torch.T
     state.handles.append(model.register_forward_pre_hook(route, with_kwargs=True))
     plain_generate = model.generate
 
+    @contextmanager
+    def route_on_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Routes each row on ``input_ids`` (its prompt) and keeps those weights for every forward call inside,
+        whatever those calls are given (the prompt followed by a continuation, or new tokens with a KV cache)."""
+        state.route(model, input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))
+        held, state.held = state.held, True
+        try:
+            yield
+        finally:
+            state.held = held
+
     def generate(*args: Any, **kwargs: Any) -> Any:
         """``model.generate`` routing each sequence once, on its prompt, whatever the cache mode."""
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if ids is None:
             raise ModelfuseError("Twin-Merging: generate routes on the prompt's input_ids; pass input_ids")
-        mask = kwargs.get("attention_mask")
-        state.route(model, ids, mask if mask is not None else torch.ones_like(ids))
-        state.generating = True
-        try:
+        with route_on_prompt(ids, kwargs.get("attention_mask")):
             return plain_generate(*args, **kwargs)
-        finally:
-            state.generating = False
 
     model.generate = generate
+    model.route_on_prompt = route_on_prompt
 
 
 def load_twin(folder: str | Path, *, routing: Routing = "soft", device: str | torch.device = "cpu",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -60,7 +61,11 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 
 @torch.inference_mode()
 def choice_logprobs(model: Any, tokenizer: Any, prompt: str, choices: Sequence[str]) -> list[float]:
-    """Sum of the log-probabilities of each choice's tokens after the (formatted) prompt, in float64."""
+    """Sum of the log-probabilities of each choice's tokens after the (formatted) prompt, in float64.
+
+    A model with a ``route_on_prompt(input_ids, attention_mask)`` context manager (a Twin-Merging bundle) is
+    routed on the prompt alone, so a choice's own tokens do not choose the weights that score it.
+    """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     sequences = [prompt_ids + tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
     width = max(len(seq) for seq in sequences)
@@ -68,7 +73,10 @@ def choice_logprobs(model: Any, tokenizer: Any, prompt: str, choices: Sequence[s
     device = input_device(model)
     input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in sequences], device=device)
     attention = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences], device=device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    route_on_prompt = getattr(model, "route_on_prompt", None)  # a model that routes each input on its prompt
+    with (route_on_prompt(torch.tensor([prompt_ids] * len(sequences), device=device)) if route_on_prompt is not None
+          else nullcontext()):
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
     totals = []
     for row, seq in enumerate(sequences):
