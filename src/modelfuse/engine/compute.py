@@ -95,9 +95,15 @@ def compute_tensor(
             "cpu", job.dtype))
     if rows is None and rowwise(job, plan) and len(job.shape) >= 2:
         rows = (0, job.shape[0])
+    # Inputs are mapped from their files, copy-on-write (no copy of the page cache's bytes); a tensor that cannot
+    # be mapped is read: a block into this thread's reusable buffer (its size is bounded by the budget).
+    mapped = [plan.checkpoints[source.model].mapped(source.name, rows) for source in inputs]
     if rows is None:
-        raw = [plan.checkpoints[source.model].read(source.name) for source in inputs]
-    else:  # a block's size is bounded by the budget: read it into this thread's reusable buffer
+        raw = [tensor if tensor is not None else plan.checkpoints[source.model].read(source.name)
+               for source, tensor in zip(inputs, mapped, strict=True)]
+    elif all(tensor is not None for tensor in mapped):
+        raw = [tensor for tensor in mapped if tensor is not None]
+    else:
         sizes = [plan.checkpoints[source.model].nbytes(source.name, rows) for source in inputs]
         buffer = READ_BUFFER.get(sum(sizes))
         offsets = [sum(sizes[:index]) for index in range(len(sizes))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -266,9 +267,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """Read one tensor, or the row block ``[start, stop)`` of its first dimension, as a CPU tensor.
 
         Reads with ``pread`` into a new buffer (or into the start of ``out``, a uint8 tensor of at least
-        ``nbytes(name, rows)`` bytes, which the result then shares) rather than memory-mapping, so file
-        pages never count toward this process's resident memory and the RAM budget covers only the
-        tensors in use.
+        ``nbytes(name, rows)`` bytes, which the result then shares); ``mapped`` gives the same values without
+        the copy.
 
         Raises:
             CheckpointError: If the file is shorter than its header says, naming the file and tensor.
@@ -281,6 +281,38 @@ class Checkpoint(Mapping[str, TensorInfo]):
         start, stop = max(0, rows[0]), min(shape[0], rows[1])
         block = self._pread(name, start * row_bytes, (stop - start) * row_bytes, out)
         return block.view(info.dtype).reshape(stop - start, *shape[1:])
+
+    def mapped(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """One tensor, or its row block ``[start, stop)``, as a private (copy-on-write) memory map of its bytes in
+        the file: no copy is made, writes to it stay in memory, and its pages leave this process's resident
+        memory when the result is freed (each call maps only its own bytes). None where the tensor is not read
+        from a file as stored (a pickle file's tensors), or is empty or misaligned for its dtype: ``read`` then.
+
+        Raises:
+            CheckpointError: If the file is shorter than its header says, naming the file and tensor.
+        """
+        info = self._tensors[name]
+        if name in self._loaded or not info.nbytes:
+            return None
+        shape = info.shape
+        start, count = 0, shape[0] if shape else 1
+        if rows is not None and shape:
+            start, stop = max(0, rows[0]), min(shape[0], rows[1])
+            count = stop - start
+        row_bytes = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
+        absolute, nbytes = info.offset + start * row_bytes, count * row_bytes
+        itemsize = info.dtype.itemsize
+        if not nbytes or absolute % itemsize:
+            return None
+        descriptor = self._descriptor(info.file)
+        if absolute + nbytes > os.fstat(descriptor).st_size:  # mapping past the end would raise SIGBUS on access
+            raise CheckpointError(f"{info.file}: file ends inside tensor {name!r} (truncated file)",
+                                  path=str(info.file), tensor=name)
+        aligned = absolute - absolute % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(descriptor, absolute - aligned + nbytes, access=mmap.ACCESS_COPY, offset=aligned)
+        flat = torch.frombuffer(region, dtype=torch.uint8, offset=absolute - aligned, count=nbytes)  # keeps region
+        block = flat.view(info.dtype)
+        return block.reshape(count, *shape[1:]) if rows is not None and shape else block.reshape(shape)
 
     def read_elements(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read the flat (row-major) elements ``[start, stop)`` of one tensor as a 1-D CPU tensor.
