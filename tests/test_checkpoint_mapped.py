@@ -42,6 +42,12 @@ def test_mapped_equals_read(tmp_path: Path) -> None:
                 block = checkpoint.mapped(name, rows)
                 assert block is not None and torch.equal(block, checkpoint.read(name, rows))
                 assert torch.equal(block, expected[rows[0]:rows[1]])
+        numel = expected.numel()
+        for start, stop in ((0, numel), (1, numel), (numel // 3, numel // 2 + 1)):
+            if start < stop:
+                elements = checkpoint.mapped_elements(name, start, stop)
+                assert elements is not None and torch.equal(elements, checkpoint.read_elements(name, start, stop))
+                assert torch.equal(elements, expected.reshape(-1)[start:stop])
 
 
 def test_writes_stay_in_memory(tmp_path: Path) -> None:

@@ -279,7 +279,7 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
         model_kept: list[np.ndarray | None] = [None] * len(model_thresholds)
         if active:
             found = equal_kept(values, [(model_counts[index], model_thresholds[index].value) for index in active],
-                               job.method.mergekit_order)
+                               job.method.mergekit_order, magnitudes=True)  # |tau|, finite (checked above)
             for index, indices in zip(active, found, strict=True):
                 model_kept[index] = indices
         kept.append(model_kept)
@@ -289,17 +289,20 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
 
 def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,
                            job: TensorJob, replace_nonfinite: bool) -> np.ndarray:
-    """|expert - base| of a whole tensor in float32, read in chunks into this thread's buffers (as the pre-pass
-    reads it)."""
+    """|expert - base| of a whole tensor in float32, in chunks mapped from the files (or read into this thread's
+    buffers, as the pre-pass reads them)."""
     values = np.empty(numel, dtype=np.float32)
     expert_ckpt, base_ckpt = plan.checkpoints[source.model], plan.checkpoints[base.model]
     chunk_elements = max(1, chunk_elements)
     for start in range(0, numel, chunk_elements):
         stop = min(numel, start + chunk_elements)
-        expert_bytes = (stop - start) * expert_ckpt[source.name].dtype.itemsize
-        raw = SELECTION_READ_BUFFER.get(expert_bytes + (stop - start) * base_ckpt[base.name].dtype.itemsize)
-        expert = expert_ckpt.read_elements(source.name, start, stop, raw)
-        reference = base_ckpt.read_elements(base.name, start, stop, raw[expert_bytes:])
+        expert = expert_ckpt.mapped_elements(source.name, start, stop)  # no copy; else read into the buffer
+        reference = base_ckpt.mapped_elements(base.name, start, stop)
+        if expert is None or reference is None:
+            expert_bytes = (stop - start) * expert_ckpt[source.name].dtype.itemsize
+            raw = SELECTION_READ_BUFFER.get(expert_bytes + (stop - start) * base_ckpt[base.name].dtype.itemsize)
+            expert = expert_ckpt.read_elements(source.name, start, stop, raw)
+            reference = base_ckpt.read_elements(base.name, start, stop, raw[expert_bytes:])
         out = torch.from_numpy(values[start:stop])
         if fused.abs_deltas_bf16([expert], reference, out[None]):  # one pass; False where an input is not finite
             continue

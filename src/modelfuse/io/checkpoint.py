@@ -291,18 +291,30 @@ class Checkpoint(Mapping[str, TensorInfo]):
         Raises:
             CheckpointError: If the file is shorter than its header says, naming the file and tensor.
         """
+        shape = self._tensors[name].shape
+        if rows is None or not shape:
+            flat = self._map(name, 0, int(torch.Size(shape).numel()))
+            return flat.reshape(shape) if flat is not None else None
+        start, stop = max(0, rows[0]), min(shape[0], rows[1])
+        row_elements = int(torch.Size(shape[1:]).numel())
+        flat = self._map(name, start * row_elements, stop * row_elements)
+        return flat.reshape(stop - start, *shape[1:]) if flat is not None else None
+
+    def mapped_elements(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """The flat (row-major) elements ``[start, stop)`` of one tensor, mapped as ``mapped`` maps (None where
+        that gives None: ``read_elements`` then).
+
+        Raises:
+            CheckpointError: If the file is shorter than its header says, naming the file and tensor.
+        """
+        return self._map(name, start, stop)
+
+    def _map(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Flat elements ``[start, stop)`` of tensor ``name`` mapped from its file (1-D), or None."""
         info = self._tensors[name]
-        if name in self._loaded or not info.nbytes:
-            return None
-        shape = info.shape
-        start, count = 0, shape[0] if shape else 1
-        if rows is not None and shape:
-            start, stop = max(0, rows[0]), min(shape[0], rows[1])
-            count = stop - start
-        row_bytes = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
-        absolute, nbytes = info.offset + start * row_bytes, count * row_bytes
         itemsize = info.dtype.itemsize
-        if not nbytes or absolute % itemsize:
+        absolute, nbytes = info.offset + start * itemsize, (stop - start) * itemsize
+        if name in self._loaded or nbytes <= 0 or absolute % itemsize:
             return None
         descriptor = self._descriptor(info.file)
         if absolute + nbytes > os.fstat(descriptor).st_size:  # mapping past the end would raise SIGBUS on access
@@ -311,8 +323,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         aligned = absolute - absolute % mmap.ALLOCATIONGRANULARITY
         region = mmap.mmap(descriptor, absolute - aligned + nbytes, access=mmap.ACCESS_COPY, offset=aligned)
         flat = torch.frombuffer(region, dtype=torch.uint8, offset=absolute - aligned, count=nbytes)  # keeps region
-        block = flat.view(info.dtype)
-        return block.reshape(count, *shape[1:]) if rows is not None and shape else block.reshape(shape)
+        return flat.view(info.dtype)
 
     def read_elements(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read the flat (row-major) elements ``[start, stop)`` of one tensor as a 1-D CPU tensor.

@@ -80,17 +80,22 @@ def first_k_masks(values: torch.Tensor, counts: Sequence[int], order: SortOrder)
     return [torch.from_numpy(mask).reshape(values.shape).to(values.device) for mask in masks]
 
 
-def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: SortOrder) -> list[np.ndarray]:
+def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: SortOrder, *,
+               magnitudes: bool = False) -> list[np.ndarray]:
     """For each ``(k, value)`` (a top-k count and the k-th largest value): the sorted flat indices of the entries
     equal to ``value`` that torch's sort counts among the ``k`` largest (the first ``k`` of a descending argsort,
-    or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is overwritten."""
+    or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is overwritten.
+    ``magnitudes``: the caller guarantees the values are absolute values without NaN (no -0.0 either), which
+    spares two passes over them (the check and the sign's removal)."""
     numel = values.shape[0]
-    if not _replayable(values):  # torch's sort itself
+    replayable = (AVAILABLE and numel > _THRESHOLD) if magnitudes else _replayable(values)
+    if not replayable:  # torch's sort itself
         flat = torch.from_numpy(values)
         ranked = (torch.argsort(flat, descending=True) if order == "argsort_descending"
                   else torch.sort(flat).indices.flip(0)).numpy()
         return [np.sort(ranked[:k][values[ranked[:k]] == np.float32(value)]).astype(np.int64) for k, value in cuts]
-    np.abs(values, out=values)  # -0.0 compares equal to +0.0: one key for both
+    if not magnitudes:
+        np.abs(values, out=values)  # -0.0 compares equal to +0.0: one key for both
     tag_values = sorted({np.float32(value) for k, value in cuts if k > 0 and np.isfinite(value)})
     bits = max(0, len(tag_values) - 1).bit_length()  # a tagged entry's code: index << bits | which
     keys = values.view(np.int32) if numel << bits < INT32_CODES else values.view(np.int32).astype(np.int64)
