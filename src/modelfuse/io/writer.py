@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 
 from modelfuse.errors import CheckpointError, OutputError
@@ -371,7 +372,8 @@ class _DirectWrites:
     def put(self, buffered: int, direct: int, chunk: memoryview, position: int) -> None:
         """Queue ``chunk`` (whole pages) for ``position``; waits while every staging buffer is in use."""
         staging = self.free.get()
-        memoryview(staging)[:chunk.nbytes] = chunk
+        # numpy's copy lets other threads run meanwhile (a memoryview assignment holds the interpreter lock)
+        np.frombuffer(staging, dtype=np.uint8, count=chunk.nbytes)[:] = np.frombuffer(chunk, dtype=np.uint8)
         self.work.put((buffered, direct, staging, chunk.nbytes, position))
 
     def _run(self) -> None:
