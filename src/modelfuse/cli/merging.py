@@ -131,6 +131,7 @@ def merge(
     from modelfuse.engine import run_plan
     from modelfuse.errors import RecipeError
     from modelfuse.io.writer import check_output_location, partial_folder
+    from modelfuse.kernels import fused
     from modelfuse.plan import build_plan
     from modelfuse.recipe import load_recipe
 
@@ -155,6 +156,8 @@ def merge(
     options = modelfuse.MergeOptions(**settings)
     options.memory_bytes()  # a bad budget fails before any work
     parsed = load_recipe(recipe)
+    sources = len(parsed.models)  # the kernels' loading overlaps planning (the engine waits for it)
+    fused.warm_up_in_background([sources, sources - 1])
     if random_seed is not None:
         draws = "torch" if parsed.dialect == "mergekit" else parsed.random_draws
         parsed = parsed.model_copy(update={"seed": random_seed, "random_draws": draws})

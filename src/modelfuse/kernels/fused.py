@@ -57,6 +57,20 @@ def _kernels() -> dict[str, Any]:
     return _compiled
 
 
+_background: threading.Thread | None = None
+
+
+def warm_up_in_background(model_counts: Iterable[int]) -> None:
+    """Start :func:`warm_up` on a daemon thread, so that numba's import and the kernels' loading (about half a
+    second) overlap the caller's own start (planning the merge); a later ``warm_up`` waits for it."""
+    global _background
+    if not AVAILABLE or _warm.is_set() or _background is not None:
+        return
+    _background = threading.Thread(target=warm_up, args=(list(model_counts),), name="modelfuse-warm-up",
+                                   daemon=True)
+    _background.start()
+
+
 @gc_paused()  # loading the compiled kernels from numba's cache: modelfuse/_gc.py
 def warm_up(model_counts: Iterable[int]) -> None:
     """Load the compiler and the kernels for merges of these numbers of models now (no-op without numba).
@@ -66,6 +80,8 @@ def warm_up(model_counts: Iterable[int]) -> None:
     """
     if not AVAILABLE:
         return
+    if _background is not None and _background is not threading.current_thread():
+        _background.join()  # started early by warm_up_in_background; what it left out is loaded below
     one = torch.ones(1)
     for count in sorted(set(model_counts)):
         if count >= 1:
