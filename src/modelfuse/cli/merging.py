@@ -156,7 +156,7 @@ def merge(
     options = modelfuse.MergeOptions(**settings)
     options.memory_bytes()  # a bad budget fails before any work
     parsed = load_recipe(recipe)
-    sources = len(parsed.models)  # the kernels' loading overlaps planning (the engine waits for it)
+    sources = len(parsed.models or ())  # the kernels' loading overlaps planning (the engine waits for it)
     fused.warm_up_in_background([sources, sources - 1])
     if random_seed is not None:
         draws = "torch" if parsed.dialect == "mergekit" else parsed.random_draws
