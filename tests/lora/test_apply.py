@@ -151,3 +151,23 @@ def test_damaged_adapters(damage: Any, needles: tuple[str, ...], run_cli: Cli, t
     assert_clean_failure(run_cli("lora", "apply", base, adapter, "-o", tmp_path / "out"), *needles)
     assert not (tmp_path / "out").exists()
     assert (hash_tree(base), hash_tree(adapter)) == before
+
+
+def test_adapted_tensors_are_read_never_mapped(tmp_path: Path) -> None:
+    """The engine maps the inputs it can (``Checkpoint.mapped``); a BASE+ADAPTER model's adapted tensors come from
+    ``read`` (the adapter's delta added): mapped gives None for them and the stored values for the others."""
+    from modelfuse.io.opening import open_checkpoint
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    adapted_model, plain = open_checkpoint(f"{base}+{adapter}"), open_checkpoint(str(base))
+    adapted = []
+    for name in adapted_model:
+        mapped = adapted_model.mapped(name)
+        if mapped is None:
+            adapted.append(name)
+            assert not torch.equal(adapted_model.read(name), plain.read(name)), name
+        else:
+            assert torch.equal(mapped, adapted_model.read(name)) and torch.equal(mapped, plain.read(name)), name
+    assert adapted and len(adapted) < len(list(adapted_model))
