@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -192,17 +193,31 @@ def merged_key(method: MethodSpec, params: dict[str, Any], experts_key: str,
 def merge_and_score(method: MethodSpec, params: dict[str, Any], base: Path, experts: dict[str, Path],
                     scorer: Scorer, work: Path, split: str, experts_key: str, extra: dict[str, Any] | None = None
                     ) -> tuple[dict[str, float], float]:
-    """Scores of the merged model on ``split`` and the merge's wall time (cached with the scores)."""
+    """Scores of the merged model on ``split`` and the merge's wall time (cached with the scores). A merge made
+    in this run stays in ``work / key`` until :func:`clear_merges`, so that the configuration chosen on the
+    validation split is scored on the test split without merging it again."""
     key = merged_key(method, params, experts_key, extra)
     timing = scorer.cache / f"{key}.seconds"
+    out = work / key
     if scorer.cached(key, split) and timing.is_file():
-        return scorer.score(key, work, split), float(timing.read_text())
-    out = work / "merged"
-    began = time.perf_counter()
-    modelfuse.merge(recipe(method, params, base, experts, extra), out, overwrite=True)
-    seconds = time.perf_counter() - began
-    timing.write_text(f"{seconds:.3f}")
-    return scorer.score(key, out, split), seconds
+        return scorer.score(key, out, split), float(timing.read_text())
+    if key not in _MERGED_HERE:
+        began = time.perf_counter()
+        modelfuse.merge(recipe(method, params, base, experts, extra), out, overwrite=True)
+        timing.write_text(f"{time.perf_counter() - began:.3f}")
+        _MERGED_HERE.add(key)
+    return scorer.score(key, out, split), float(timing.read_text())
+
+
+_MERGED_HERE: set[str] = set()
+"""Keys of the merges written in this run (their folders are complete: ``modelfuse.merge`` returned)."""
+
+
+def clear_merges(work: Path) -> None:
+    """Delete the merged folders kept for one method's row."""
+    for key in _MERGED_HERE:
+        shutil.rmtree(work / key, ignore_errors=True)
+    _MERGED_HERE.clear()
 
 
 def _digest(value: object) -> str:
@@ -252,6 +267,7 @@ def run(cache: Path, limits: Limits, only: list[str] | None, cached_only: bool =
         test, seconds = merge_and_score(method, best["params"], base, experts, scorer, work, "test", experts_key,
                                         extra)
         results["methods"][name] = {"params": best["params"], "test": test, "seconds": seconds, "grid": tried}
+        clear_merges(work)
     return results
 
 

@@ -45,17 +45,21 @@ def doge_shift(deltas: Sequence[torch.Tensor], scales: Sequence[float], basis: t
     The loss's per-row products are split once into a constant and a term linear in ``delta``,
     ``<tau_j, tau_j - M(delta)>_row = b_j - S <tau_j, delta>_row`` with ``b_j = <tau_j, tau_j - sum_i s_i tau_i>_row``,
     so a step costs two passes over the stacked task vectors (the same values as
-    :func:`doge_objective_gradient`)."""
+    :func:`doge_objective_gradient`). The gradient is accumulated task by task and Adam runs fused (torch's
+    single-pass CPU kernel): each is about ten times faster here than one einsum and the per-operation Adam."""
     stacked = torch.stack(list(deltas))
     total = float(sum(scales))
     constant = sum(scale * delta for scale, delta in zip(scales, deltas, strict=True))
     offsets = torch.einsum("tri,tri->tr", stacked, stacked - constant)
     shift = torch.zeros_like(deltas[0], requires_grad=True)
-    optimizer = torch.optim.Adam([shift], lr=lr)
+    optimizer = torch.optim.Adam([shift], lr=lr, fused=shift.device.type == "cpu" or None)
     for _ in range(steps):
         rows = offsets - total * torch.einsum("tri,ri->tr", stacked, shift.detach())
-        gradient = -2.0 * total * torch.einsum("tr,tri->ri", rows, stacked)
-        shift.grad = gradient - basis @ (basis.T @ gradient)
+        weights = (-2.0 * total) * rows
+        gradient = stacked[0] * weights[0, :, None]
+        for task in range(1, len(stacked)):
+            gradient.addcmul_(stacked[task], weights[task, :, None])
+        shift.grad = torch.addmm(gradient, basis, basis.T @ gradient, alpha=-1.0)
         optimizer.step()
     return shift.detach()
 
