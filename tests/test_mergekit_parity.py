@@ -362,3 +362,32 @@ def test_passthrough_with_a_scale_per_source(make_family: Any, mergekit_parity: 
     mk, mf = mergekit_parity.run(config)
     _assert_parity(mergekit_parity, mk, mf)
     assert float(mf["model.layers.3.self_attn.o_proj.weight"].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("inputs", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_banded_selection_equals_mergekit(make_family: Any, mergekit_parity: MergekitParity,
+                                              inputs: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-pass's banded selection (a sampled band counted while |tau| is computed, the equal entries tagged
+    through its list; taken for every tensor here, whatever its size) keeps mergekit's entries at tied cut-offs:
+    bfloat16 inputs through the fused kernel, the others through the counting pass."""
+    from modelfuse.engine import prepass
+
+    taken = []
+
+    def spy(*args: Any) -> Any:
+        found = band_threshold(*args)
+        taken.append(found is not None)
+        return found
+
+    band_threshold = prepass.band_threshold
+    monkeypatch.setattr(prepass, "_BANDED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(prepass, "band_threshold", spy)
+    paths = make_family("llama", dtype=inputs)
+    _quantize_experts(paths)
+    saved = str(inputs).removeprefix("torch.")
+    config = {"merge_method": "ties", "base_model": str(paths["base"]),
+              "models": _models(paths, ("e1", {"weight": 0.7}), ("e2", {"weight": 0.5})),
+              "parameters": {"density": 0.3}, "dtype": "float32", "out_dtype": saved}
+    mk, mf = mergekit_parity.run(config, chunk_elements=96)  # row blocks: the pre-pass selects
+    mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)
+    assert sum(taken) > len(taken) // 2  # most tensors took the band (a missed band falls back, also exact)

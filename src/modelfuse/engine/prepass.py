@@ -14,7 +14,7 @@ from modelfuse.engine.finite import FiniteCheck, all_finite
 from modelfuse.errors import RecipeError
 from modelfuse.kernels import fused
 from modelfuse.kernels.random import RandomField
-from modelfuse.kernels.topk import TopkThreshold
+from modelfuse.kernels.topk import Band, TopkThreshold, band_threshold, sample_blocks, sampled_band
 from modelfuse.kernels.topk import topk_thresholds as topk_kernel_thresholds
 from modelfuse.kernels.torch_sort import equal_kept
 from modelfuse.methods import l1_scale
@@ -267,6 +267,11 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
     thresholds: list[list[TopkThreshold]] = []
     kept: list[list[np.ndarray | None]] = []
     for source, model_counts in zip(job.sources, counts, strict=True):
+        banded = _banded_selection(plan, source, job, numel, list(model_counts), chunk_elements, replace_nonfinite)
+        if banded is not None:
+            thresholds.append(banded[0])
+            kept.append(banded[1])
+            continue
         values = _task_vector_magnitude(plan, source, job.base, numel, chunk_elements, job, replace_nonfinite)
         whole = torch.from_numpy(values)
         model_thresholds = topk_kernel_thresholds(
@@ -287,10 +292,55 @@ def mergekit_selection(job: TensorJob, plan: MergePlan, chunk_elements: int, rep
     return thresholds, MergekitCuts(kept)
 
 
+_BANDED_MIN_ELEMENTS = 1 << 16  # smaller tensors: the general path (the sample would be most of the tensor)
+
+
+def _banded_selection(plan: MergePlan, source: Source, job: TensorJob, numel: int, counts: list[int],
+                      chunk_elements: int, replace_nonfinite: bool
+                      ) -> tuple[list[TopkThreshold], list[np.ndarray | None]] | None:
+    """:func:`mergekit_selection` for one model with one top-k count, in fewer passes: a sample of |tau| read
+    from the mapped inputs brackets the threshold, the pass that computes |tau| also counts the entries above
+    that band and lists those inside it, so the threshold and every entry equal to it come from the list (no
+    counting pass, no pass to find the equal entries); the replay then tags them through it. None where this
+    does not apply or the band missed (the caller runs the general path; the results are the same)."""
+    assert job.base is not None and job.method.mergekit_order is not None
+    if not fused.AVAILABLE or len(counts) != 1 or not 0 < counts[0] < numel or numel < _BANDED_MIN_ELEMENTS:
+        return None
+    k = counts[0]
+    sample = _mapped_sample(plan, source, job.base, numel)
+    if sample is None or not np.isfinite(sample).all():  # NaN or infinity: the general path checks and reports
+        return None
+    band = sampled_band(sample, numel, k, max(_BANDED_MIN_ELEMENTS, numel // 16))
+    values = _task_vector_magnitude(plan, source, job.base, numel, chunk_elements, job, replace_nonfinite, band)
+    found = band_threshold(values, band, k)
+    if found is None:
+        return None
+    threshold, equal = found
+    if threshold.value <= 0 or threshold.equal_quota == len(equal):  # every equal entry kept: no replay needed
+        return [threshold], [None]
+    [kept] = equal_kept(values, [(k, threshold.value)], job.method.mergekit_order, magnitudes=True,
+                        equal_indices=[equal])
+    return [threshold], [kept]
+
+
+def _mapped_sample(plan: MergePlan, source: Source, base: Source, numel: int) -> np.ndarray | None:
+    """The pre-pass's sample of |expert - base| (``[blocks, length]`` float32, the blocks of ``read_sample``),
+    gathered from the whole tensors mapped once (the mappings end on return); None where they cannot be mapped."""
+    expert = plan.checkpoints[source.model].mapped_elements(source.name, 0, numel)
+    reference = plan.checkpoints[base.model].mapped_elements(base.name, 0, numel)
+    if expert is None or reference is None:
+        return None
+    starts, length = sample_blocks(numel, _SAMPLE_ELEMENTS, 0, _SAMPLE_BLOCKS)
+    positions = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1)
+    sample = (expert[positions].float() - reference[positions].float()).abs_()
+    return sample.reshape(len(starts), length).numpy()
+
+
 def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel: int, chunk_elements: int,
-                           job: TensorJob, replace_nonfinite: bool) -> np.ndarray:
+                           job: TensorJob, replace_nonfinite: bool, band: Band | None = None) -> np.ndarray:
     """|expert - base| of a whole tensor in float32, in chunks mapped from the files (or read into this thread's
-    buffers, as the pre-pass reads them)."""
+    buffers, as the pre-pass reads them), counted into ``band`` when one is given (``band.indices`` is set to
+    None where the counting cannot run)."""
     values = np.empty(numel, dtype=np.float32)
     expert_ckpt, base_ckpt = plan.checkpoints[source.model], plan.checkpoints[base.model]
     chunk_elements = max(1, chunk_elements)
@@ -304,7 +354,10 @@ def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel:
             expert = expert_ckpt.read_elements(source.name, start, stop, raw)
             reference = base_ckpt.read_elements(base.name, start, stop, raw[expert_bytes:])
         out = torch.from_numpy(values[start:stop])
-        if fused.abs_deltas_bf16([expert], reference, out[None]):  # one pass; False where an input is not finite
+        if band is not None and band.indices is not None:
+            if fused.abs_delta_band_bf16(expert, reference, values[start:stop], band, start):  # one pass
+                continue
+        elif fused.abs_deltas_bf16([expert], reference, out[None]):  # one pass; False where an input is not finite
             continue
         expert, reference = expert.float(), reference.float()
         if not (all_finite(expert) and all_finite(reference)):
@@ -313,6 +366,8 @@ def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel:
             reference = torch.where(torch.isfinite(reference), reference, 0.0)
             expert = torch.where(torch.isfinite(expert), expert, reference)
         torch.sub(expert, reference, out=out).abs_()
+        if band is not None and band.indices is not None and not fused.count_band(values[start:stop], band, start):
+            band.indices = None
     return values
 
 

@@ -21,7 +21,7 @@ import torch
 
 from modelfuse._gc import gc_paused
 from modelfuse.kernels.random import GOLDEN_GAMMA, MIX_1, MIX_2, keep_limit
-from modelfuse.kernels.topk import TopkThreshold
+from modelfuse.kernels.topk import Band, TopkThreshold
 from modelfuse.kernels.torch_sort import first_k_masks
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -48,6 +48,7 @@ def _kernels() -> dict[str, Any]:
                 loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
                          "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
                          "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop,
+                         "abs_delta_band_bf16": _abs_delta_band_bf16_loop, "count_band": _count_band_loop,
                          "ties_bf16": _ties_bf16_loop, "dropped_l1_bf16": _dropped_l1_bf16_loop}
                 for name, loop in loops.items():
                     try:
@@ -92,6 +93,9 @@ def warm_up(model_counts: Iterable[int]) -> None:
     half = torch.ones(1, dtype=torch.bfloat16)
     affine_bf16([half], None, [1.0], 1.0, 1.0, torch.empty(1, dtype=torch.bfloat16))
     abs_deltas_bf16([half], half, torch.empty(1, 1))
+    band = Band(0, 1, np.zeros(1, dtype=np.int32))
+    abs_delta_band_bf16(half, half, np.zeros(1, dtype=np.float32), band, 0)
+    count_band(np.zeros(1, dtype=np.float32), band, 0)
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16))
     ties_bf16([half], half, [1.0], [0.5], 1.0, True, [TopkThreshold(1.0, 0)], [0], torch.empty(1, dtype=torch.bfloat16),
               [np.zeros(1, dtype=np.int64)])
@@ -221,6 +225,39 @@ def abs_deltas_bf16(tensors: Sequence[torch.Tensor], base: torch.Tensor, out: to
     bits = tuple(t.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in tensors)
     base_bits = base.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16)
     return _kernels()["abs_deltas_bf16"](bits, base_bits, out.reshape(-1).numpy()) == 0
+
+
+def abs_delta_band_bf16(tensor: torch.Tensor, base: torch.Tensor, out: np.ndarray, band: Band, offset: int
+                        ) -> bool:
+    """``out = |float32(tensor) - float32(base)|`` (flat float32) from bfloat16 inputs, counted into ``band`` as
+    :func:`count_band` counts, in one pass. ``offset``: the flat index of ``out[0]`` in the whole tensor.
+    Returns False, with ``out`` unspecified and ``band`` untouched, when it does not apply (numba missing, other
+    dtypes or sizes) or an input is NaN or infinite."""
+    if not AVAILABLE or out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous:
+        return False
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != out.size
+           for t in (tensor, base)):
+        return False
+    nonfinite, above, inside = _kernels()["abs_delta_band_bf16"](
+        tensor.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16),
+        base.detach().reshape(-1).view(torch.int16).numpy().view(np.uint16), out, band.key_lo, band.key_hi,
+        band.indices, offset, band.inside)
+    if nonfinite:
+        return False
+    band.above += above
+    band.inside = inside
+    return True
+
+
+def count_band(values: np.ndarray, band: Band, offset: int) -> bool:
+    """Count the flat float32 ``values`` (non-negative; ``offset`` the flat index of ``values[0]``) into
+    ``band``: entries above it, and the indices of those inside it while there is room. False without numba."""
+    if not AVAILABLE:
+        return False
+    above, band.inside = _kernels()["count_band"](values.view(np.int32), band.key_lo, band.key_hi, band.indices,
+                                                   offset, band.inside)
+    band.above += above
+    return True
 
 
 def ties_bf16(
@@ -574,6 +611,61 @@ def _affine_bf16_loop(
                                or (rounded & np.uint16(0x7F80)) == np.uint16(0x7F80)) else 0
             out_batch[j] = rounded
     return nonfinite
+
+
+def _abs_delta_band_bf16_loop(source: np.ndarray, base: np.ndarray, out: np.ndarray, key_lo: int, key_hi: int,
+                              indices: np.ndarray, offset: int, inside: int) -> tuple[int, int, int]:
+    """The loop of :func:`abs_delta_band_bf16`: returns (entries not finite, entries above the band, entries
+    inside it so far)."""
+    batch = 4096
+    shift = np.uint32(16)
+    exponent = np.uint16(0x7F80)
+    n = base.size
+    room = indices.size
+    out_bits = out.view(np.uint32)
+    keys = out.view(np.int32)
+    base_wide = np.empty(batch, dtype=np.uint32)
+    base_values = base_wide.view(np.float32)
+    nonfinite = 0
+    above = 0
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        base_batch = base[start : start + size]
+        source_batch = source[start : start + size]
+        row_bits = out_bits[start : start + size]
+        row = out[start : start + size]
+        for j in range(size):
+            nonfinite += 1 if (base_batch[j] & exponent) == exponent else 0
+            nonfinite += 1 if (source_batch[j] & exponent) == exponent else 0
+            base_wide[j] = np.uint32(base_batch[j]) << shift
+            row_bits[j] = np.uint32(source_batch[j]) << shift
+        for j in range(size):
+            row[j] = abs(row[j] - base_values[j])
+        for j in range(size):
+            key = keys[start + j]
+            if key > key_hi:
+                above += 1
+            elif key >= key_lo:
+                if inside < room:
+                    indices[inside] = offset + start + j
+                inside += 1
+    return nonfinite, above, inside
+
+
+def _count_band_loop(keys: np.ndarray, key_lo: int, key_hi: int, indices: np.ndarray, offset: int, inside: int
+                     ) -> tuple[int, int]:
+    """The loop of :func:`count_band`: returns (entries above the band, entries inside it so far)."""
+    room = indices.size
+    above = 0
+    for j in range(keys.size):
+        key = keys[j]
+        if key > key_hi:
+            above += 1
+        elif key >= key_lo:
+            if inside < room:
+                indices[inside] = offset + j
+            inside += 1
+    return above, inside
 
 
 def _abs_deltas_bf16_loop(inputs: tuple[np.ndarray, ...], base: np.ndarray, out: np.ndarray) -> int:

@@ -163,7 +163,7 @@ def topk_thresholds(
         active = []
     bands: dict[int, tuple[int, int]] = {}
     if active:
-        sample = _read_sample(read, numel, sample_elements, generator_seed, sample_blocks, streams)
+        sample = read_sample(read, numel, sample_elements, generator_seed, sample_blocks, streams)
         bands = {index: _bracket(sample[rows[index]], numel, ks[index], capacity) for index in active}
     # Histograms of up to 2**16 bins, but no more bins than the budget's values (small budgets stay cheap).
     histogram_bits = min(_HISTOGRAM_BITS, max(8, capacity.bit_length()))
@@ -211,6 +211,42 @@ def _step(scan: _Scan, k: int) -> TopkThreshold | tuple[int, int]:
     if above_lo + scan.at_lo >= k:  # T is lo
         return TopkThreshold(_unkey(key_lo), k - above_lo, scan.at_lo)
     return _KEY_MIN, key_lo - 1  # T is below the band
+
+
+@dataclass
+class Band:
+    """One pass's count of non-negative float32 values (keys: their bit patterns) against the band of keys
+    ``[key_lo, key_hi]``: how many lie above it, and the flat indices of those inside it, in index order
+    (``indices`` holds the first ``len(indices)`` of them; ``inside`` counts them all; None once a pass could
+    not count)."""
+
+    key_lo: int
+    key_hi: int
+    indices: np.ndarray | None
+    above: int = 0
+    inside: int = 0
+
+
+def sampled_band(sample: np.ndarray, numel: int, k: int, capacity: int) -> Band:
+    """The band that holds the k-th largest of ``numel`` non-negative values with high probability, bracketed
+    from ``sample`` (``[blocks, length]``, see `read_sample`) as :func:`topk_thresholds` brackets its first band
+    for a budget of ``capacity`` values. Its index list has room for every entry (a band of one value may hold
+    most of a tensor): the memory is reserved, and only the part written is used."""
+    key_lo, key_hi = _bracket(sample, numel, k, capacity)
+    index_dtype = np.int32 if numel <= np.iinfo(np.int32).max else np.int64
+    return Band(max(key_lo, 0), min(key_hi, _KEY_MAX), np.empty(numel, dtype=index_dtype))
+
+
+def band_threshold(values: np.ndarray, band: Band, k: int) -> tuple[TopkThreshold, np.ndarray] | None:
+    """The threshold of the ``k`` largest of ``values`` (flat float32, non-negative, counted into ``band``) and
+    the sorted flat indices of every entry equal to it; None when the band missed the k-th value or held more
+    entries than its index room (the caller then runs :func:`topk_thresholds`)."""
+    if band.indices is None or band.inside > len(band.indices) or not band.above < k <= band.above + band.inside:
+        return None
+    inside = band.indices[: band.inside]
+    inner = torch.from_numpy(values[inside])
+    threshold = _select(inner, k - band.above, k, band.above)
+    return threshold, inside[inner.numpy() == np.float32(threshold.value)]
 
 
 def topk_chunk_mask(
@@ -464,14 +500,8 @@ def _select(band: torch.Tensor, rank: int, k: int, above: int) -> TopkThreshold:
     return TopkThreshold(float(value) + 0.0, k - greater, equal)  # + 0.0 turns -0.0 into +0.0
 
 
-def _read_sample(
-    read: Reader, numel: int, sample_elements: int, seed: int, max_blocks: int, streams: int
-) -> np.ndarray:
-    """A seeded sample of every stream, ``[streams, blocks, length]`` float32 (``numel >= 2``).
-
-    The sample is ``blocks`` contiguous blocks, one at a random offset in each of ``blocks`` equal strata of
-    the flat range.
-    """
+def sample_blocks(numel: int, sample_elements: int, seed: int, max_blocks: int) -> tuple[list[int], int]:
+    """The starts and the length of the sample's blocks (see :func:`read_sample`; ``numel >= 2``)."""
     # Smaller tensors get a smaller sample (at most 1/16 of the values) in fewer blocks (one per 8192 values):
     # each block costs a read() call, and a small tensor's band fits the budget anyway.
     sample_elements = min(sample_elements, max(1, numel // 16))
@@ -483,8 +513,19 @@ def _read_sample(
     highs = torch.arange(1, blocks + 1, dtype=torch.int64) * span // blocks
     generator = torch.Generator().manual_seed(seed)
     offsets = (torch.rand(blocks, generator=generator, dtype=torch.float64) * (highs - lows)).to(torch.int64)
-    starts = (lows + offsets).tolist()
-    sample = torch.empty(streams, blocks, length, dtype=torch.float32)  # on CPU whatever device read() returns
+    return (lows + offsets).tolist(), length
+
+
+def read_sample(
+    read: Reader, numel: int, sample_elements: int, seed: int, max_blocks: int, streams: int
+) -> np.ndarray:
+    """A seeded sample of every stream, ``[streams, blocks, length]`` float32 (``numel >= 2``).
+
+    The sample is ``blocks`` contiguous blocks, one at a random offset in each of ``blocks`` equal strata of
+    the flat range.
+    """
+    starts, length = sample_blocks(numel, sample_elements, seed, max_blocks)
+    sample = torch.empty(streams, len(starts), length, dtype=torch.float32)  # on CPU whatever device read() returns
     for row, start in enumerate(starts):
         sample[:, row] = _read(read, start, start + length, streams)  # a copy: read() may reuse its buffer
     _check_no_nan(sample)
@@ -494,7 +535,7 @@ def _read_sample(
 def _bracket(sample_array: np.ndarray, numel: int, k: int, capacity: int) -> tuple[int, int]:
     """Keys ``(lo, hi)`` of a bracket that holds the k-th largest value with high probability.
 
-    ``sample_array`` is one stream's sample, ``[blocks, length]`` (see `_read_sample`).
+    ``sample_array`` is one stream's sample, ``[blocks, length]`` (see `read_sample`).
     """
     blocks = sample_array.shape[0]
     # One sort serves every rank; numpy's sort stays fast on heavy ties (np.partition does not).

@@ -81,12 +81,16 @@ def first_k_masks(values: torch.Tensor, counts: Sequence[int], order: SortOrder)
 
 
 def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: SortOrder, *,
-               magnitudes: bool = False) -> list[np.ndarray]:
+               magnitudes: bool = False, equal_indices: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """For each ``(k, value)`` (a top-k count and the k-th largest value): the sorted flat indices of the entries
     equal to ``value`` that torch's sort counts among the ``k`` largest (the first ``k`` of a descending argsort,
     or the last ``k`` of an ascending sort, per ``order``). ``values`` (float32, flat) is overwritten.
     ``magnitudes``: the caller guarantees the values are absolute values without NaN (no -0.0 either), which
-    spares two passes over them (the check and the sign's removal)."""
+    spares two passes over them (the check and the sign's removal).
+    ``equal_indices`` (with ``magnitudes``): per cut, the sorted flat indices of every entry equal to its value,
+    when the caller found them while looking for the value; the entries are then tagged through those lists
+    (no pass over the values), and carry their position in the list, so the kept ones come out sorted without a
+    sort."""
     numel = values.shape[0]
     replayable = (AVAILABLE and numel > _THRESHOLD) if magnitudes else _replayable(values)
     if not replayable:  # torch's sort itself
@@ -104,7 +108,18 @@ def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: Sor
     if order == "sort_ascending":  # ascending = descending on reversed keys (non-negative still)
         np.subtract(_KEY_MAX, keys, out=keys)
         tags = _KEY_MAX - tags
-    _kernels()["tag"](keys, tags[: len(tag_values)], bits)  # one pass (np.flatnonzero per value costs ~2x more)
+    lists: list[np.ndarray | None] = [None] * len(tag_values)  # per tag value: the entries' list, when given
+    if equal_indices is not None and magnitudes:
+        for (k, value), indices in zip(cuts, equal_indices, strict=True):
+            if k > 0 and np.isfinite(value) and lists[which := tag_values.index(np.float32(value))] is None:
+                lists[which] = indices
+    if all(listed is not None for listed in lists):
+        for which, listed in enumerate(lists):
+            codes = np.arange(len(listed), dtype=keys.dtype) << bits | which
+            keys[listed] = -1 - codes
+    else:
+        lists = [None] * len(tag_values)
+        _kernels()["tag"](keys, tags[: len(tag_values)], bits)  # one pass (np.flatnonzero per value costs ~2x more)
     positions = sorted({k if order == "argsort_descending" else numel - k for k, _ in cuts} - {0, numel})
     if positions:
         _kernels()["select"](keys, np.asarray(positions, dtype=np.int64), tags)
@@ -117,6 +132,12 @@ def equal_kept(values: np.ndarray, cuts: Sequence[tuple[int, float]], order: Sor
         codes = -1 - span[span < 0].astype(np.int64)
         which = tag_values.index(np.float32(value))
         indices = codes[codes & ((1 << bits) - 1) == which] >> bits
+        listed = lists[which]
+        if listed is not None:  # codes are positions in the sorted list: flag them, no sort
+            flags = np.zeros(len(listed), dtype=np.bool_)
+            flags[indices] = True
+            kept.append(listed[flags].astype(np.int64))
+            continue
         small = numel <= np.iinfo(np.int32).max  # 4-byte indices sort about twice as fast
         kept.append(np.sort(indices.astype(np.int32) if small else indices).astype(np.int64))
     return kept
