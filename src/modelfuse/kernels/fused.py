@@ -626,6 +626,7 @@ def _abs_delta_band_bf16_loop(source: np.ndarray, base: np.ndarray, out: np.ndar
     keys = out.view(np.int32)
     base_wide = np.empty(batch, dtype=np.uint32)
     base_values = base_wide.view(np.float32)
+    width = np.uint32(key_hi - key_lo)  # inside: 0 <= key - key_lo <= width, one unsigned comparison
     nonfinite = 0
     above = 0
     for start in range(0, n, batch):
@@ -641,11 +642,11 @@ def _abs_delta_band_bf16_loop(source: np.ndarray, base: np.ndarray, out: np.ndar
             row_bits[j] = np.uint32(source_batch[j]) << shift
         for j in range(size):
             row[j] = abs(row[j] - base_values[j])
-        for j in range(size):
-            key = keys[start + j]
-            if key > key_hi:
-                above += 1
-            elif key >= key_lo:
+        row_keys = keys[start : start + size]
+        for j in range(size):  # no branch: a value's side of the band is unpredictable
+            above += row_keys[j] > key_hi
+        for j in range(size):  # one branch, rarely taken: the band is narrow
+            if np.uint32(row_keys[j] - key_lo) <= width:
                 if inside < room:
                     indices[inside] = offset + start + j
                 inside += 1
@@ -657,11 +658,11 @@ def _count_band_loop(keys: np.ndarray, key_lo: int, key_hi: int, indices: np.nda
     """The loop of :func:`count_band`: returns (entries above the band, entries inside it so far)."""
     room = indices.size
     above = 0
+    width = np.uint32(key_hi - key_lo)
+    for j in range(keys.size):  # as in _abs_delta_band_bf16_loop
+        above += keys[j] > key_hi
     for j in range(keys.size):
-        key = keys[j]
-        if key > key_hi:
-            above += 1
-        elif key >= key_lo:
+        if np.uint32(keys[j] - key_lo) <= width:
             if inside < room:
                 indices[inside] = offset + j
             inside += 1
