@@ -74,8 +74,15 @@ def test_subspace_is_orthonormal_and_spans_the_tasks() -> None:
 
 
 def test_without_steps_it_is_masked_task_aware_arithmetic() -> None:
-    tensors, base = _models(4, shape=(7,))  # a 1-D tensor: no correction
-    result = doge_ta(tensors, base, lam=0.2, density=[1.0, 1.0, 1.0])
+    tensors, base = _models(4, shape=(7, 5))
+    result = doge_ta(tensors, base, lam=0.2, density=[1.0, 1.0, 1.0], steps=0)
     expected = base + sum(0.2 * (t - base) / (t - base).norm() for t in tensors)
     assert torch.allclose(result, expected, atol=1e-12)
     assert torch.equal(doge_ta([base, base], base, density=[0.5, 0.5]), base)  # zero task vectors: the base
+
+
+def test_tensors_that_are_not_matrices_stay_at_the_base() -> None:
+    """A norm's or bias's task vector is tiny: scaled to norm ``lam`` it would be multiplied hundreds of times, so,
+    as in the authors' code (weight matrices only), such tensors keep the base's values."""
+    tensors, base = _models(5, shape=(7,))
+    assert torch.equal(doge_ta(tensors, base, lam=0.2, density=[1.0] * 3), base)

@@ -98,7 +98,9 @@ def doge_ta(
     ``M = sum_i s_i (tau_i + delta)``, each gradient projected out of the tasks' shared subspace (the top
     ``min(out, in) / subspace`` left singular vectors of the stacked top ``min(out, in) / T`` left singular vectors
     of each task). The result is ``theta_base + sum_i s_i (tau_i + delta) * m_i``, ``m_i`` the top-``density`` mask
-    of ``|tau_i|``. Other tensors use the same formula with ``delta = 0``. A zero task vector contributes nothing.
+    of ``|tau_i|``. Tensors that are not 2-D (norms, biases) stay at the base, as in the authors' code (scaled to
+    norm ``lam``, a norm's tiny task vector would be multiplied hundreds of times). A zero task vector contributes
+    nothing.
 
     The authors select each task's top-K over the whole model; here per tensor (the engine's masks).
 
@@ -115,11 +117,13 @@ def doge_ta(
     Returns:
         The merged tensor.
     """
+    if base.ndim != 2:  # the authors merge weight matrices only: norms and biases stay at the base
+        return base.clone()
     deltas = task_vectors(tensors, base)
     norms = [float(delta.norm()) for delta in deltas]
     scales = [lam / norm if norm > 0 else 0.0 for norm in norms]
     shift = torch.zeros_like(base)
-    if base.ndim == 2 and base.numel() and steps > 0 and any(scales):
+    if base.numel() and steps > 0 and any(scales):
         # float64: Adam normalises each entry's step, so rounding differences (the thread count changes how torch
         # sums) would grow over the steps; in float64 they stay far below float32's resolution
         wide = [delta.double() for delta in deltas]
