@@ -48,6 +48,8 @@ def test_mapped_equals_read(tmp_path: Path) -> None:
                 elements = checkpoint.mapped_elements(name, start, stop)
                 assert elements is not None and torch.equal(elements, checkpoint.read_elements(name, start, stop))
                 assert torch.equal(elements, expected.reshape(-1)[start:stop])
+                scattered = checkpoint.mapped_elements(name, start, stop, scattered=True)  # no read-around
+                assert scattered is not None and torch.equal(scattered, elements)
 
 
 def test_writes_stay_in_memory(tmp_path: Path) -> None:

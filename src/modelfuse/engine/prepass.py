@@ -326,8 +326,8 @@ def _banded_selection(plan: MergePlan, source: Source, job: TensorJob, numel: in
 def _mapped_sample(plan: MergePlan, source: Source, base: Source, numel: int) -> np.ndarray | None:
     """The pre-pass's sample of |expert - base| (``[blocks, length]`` float32, the blocks of ``read_sample``),
     gathered from the whole tensors mapped once (the mappings end on return); None where they cannot be mapped."""
-    expert = plan.checkpoints[source.model].mapped_elements(source.name, 0, numel)
-    reference = plan.checkpoints[base.model].mapped_elements(base.name, 0, numel)
+    expert = plan.checkpoints[source.model].mapped_elements(source.name, 0, numel, scattered=True)
+    reference = plan.checkpoints[base.model].mapped_elements(base.name, 0, numel, scattered=True)
     if expert is None or reference is None:
         return None
     starts, length = sample_blocks(numel, _SAMPLE_ELEMENTS, 0, _SAMPLE_BLOCKS)

@@ -208,11 +208,11 @@ class AdaptedCheckpoint(Checkpoint):
         """The base folder and the adapter folder."""
         return [self.folder, self.adapter.folder]
 
-    def _map(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+    def _map(self, name: str, start: int, stop: int, scattered: bool = False) -> torch.Tensor | None:
         """As ``Checkpoint._map`` for the tensors the adapter leaves alone; None (so ``read``) for adapted ones."""
         if name in self.adapter.modules or name in self.adapter.replaced:
             return None
-        return super()._map(name, start, stop)
+        return super()._map(name, start, stop, scattered)
 
     def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """As ``Checkpoint.read``, with the adapter's delta added to adapted tensors."""

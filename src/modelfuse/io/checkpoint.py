@@ -300,16 +300,17 @@ class Checkpoint(Mapping[str, TensorInfo]):
         flat = self._map(name, start * row_elements, stop * row_elements)
         return flat.reshape(stop - start, *shape[1:]) if flat is not None else None
 
-    def mapped_elements(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+    def mapped_elements(self, name: str, start: int, stop: int, *, scattered: bool = False) -> torch.Tensor | None:
         """The flat (row-major) elements ``[start, stop)`` of one tensor, mapped as ``mapped`` maps (None where
-        that gives None: ``read_elements`` then).
+        that gives None: ``read_elements`` then). ``scattered``: the caller reads a few scattered places, so a
+        read maps only its own page (no read-around: a sample of a large tensor stays small in memory).
 
         Raises:
             CheckpointError: If the file is shorter than its header says, naming the file and tensor.
         """
-        return self._map(name, start, stop)
+        return self._map(name, start, stop, scattered)
 
-    def _map(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+    def _map(self, name: str, start: int, stop: int, scattered: bool = False) -> torch.Tensor | None:
         """Flat elements ``[start, stop)`` of tensor ``name`` mapped from its file (1-D), or None."""
         info = self._tensors[name]
         itemsize = info.dtype.itemsize
@@ -322,6 +323,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
                                   path=str(info.file), tensor=name)
         aligned = absolute - absolute % mmap.ALLOCATIONGRANULARITY
         region = mmap.mmap(descriptor, absolute - aligned + nbytes, access=mmap.ACCESS_COPY, offset=aligned)
+        if scattered:
+            region.madvise(mmap.MADV_RANDOM)
         flat = torch.frombuffer(region, dtype=torch.uint8, offset=absolute - aligned, count=nbytes)  # keeps region
         return flat.view(info.dtype)
 
