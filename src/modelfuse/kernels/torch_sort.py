@@ -323,18 +323,24 @@ def _partition(keys: np.ndarray, first: int, last: int, pivot: int, tags: np.nda
     previous_right = last
     # With one cut value (the common case) a key's comparison with the pivot needs no lookup: a tagged
     # (negative) key stops the left scan iff its tag is not after the pivot, the right scan iff not before it.
+    # One comparison a key: where tagged keys must not stop a scan, compare as unsigned (negative keys become
+    # larger than any pivot).
     single = tags.shape[0] == 1
-    left_floor = _NO_BOUND if tags[0] <= pivot else 0  # left stop: left_floor <= key <= pivot
-    right_ceiling = 0 if tags[0] >= pivot else _NO_BOUND  # right stop: key >= pivot or key < right_ceiling
+    left_unsigned = tags[0] > pivot  # left stop: key <= pivot, and key >= 0 when unsigned
+    right_unsigned = tags[0] >= pivot  # right stop: key >= pivot, or key < 0 when unsigned
+    unsigned_pivot = np.uint64(pivot)
     while True:
         if left_used == left_count:
             left_count = left_used = 0
             stop = min(left_next + _BLOCK, last)
-            if single:
+            if single and left_unsigned:
                 for position in range(left_next, stop):
-                    key = keys[position]
                     left_stops[left_count] = position
-                    left_count += (key <= pivot) & (key >= left_floor)
+                    left_count += np.uint64(keys[position]) <= unsigned_pivot
+            elif single:
+                for position in range(left_next, stop):
+                    left_stops[left_count] = position
+                    left_count += keys[position] <= pivot
             else:
                 for position in range(left_next, stop):
                     left_stops[left_count] = position
@@ -347,11 +353,14 @@ def _partition(keys: np.ndarray, first: int, last: int, pivot: int, tags: np.nda
         if right_used == right_count:
             right_count = right_used = 0
             stop = max(right_next - _BLOCK, first - 2)  # down to the pivot at first - 1, which stops the scan
-            if single:
+            if single and right_unsigned:
                 for position in range(right_next, stop, -1):
-                    key = keys[position]
                     right_stops[right_count] = position
-                    right_count += (key >= pivot) | (key < right_ceiling)
+                    right_count += np.uint64(keys[position]) >= unsigned_pivot
+            elif single:
+                for position in range(right_next, stop, -1):
+                    right_stops[right_count] = position
+                    right_count += keys[position] >= pivot
             else:
                 for position in range(right_next, stop, -1):
                     right_stops[right_count] = position
