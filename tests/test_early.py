@@ -27,9 +27,10 @@ def test_merge_command_lines(argv: list[str], expected: bool) -> None:
 def test_a_merge_process_starts_numba_while_importing() -> None:
     """Importing modelfuse in a merge command line starts the set-up thread, which imports numba; elsewhere
     (a library import) nothing starts and numba is not imported."""
-    probe = ("import sys; sys.argv = {argv!r}; import modelfuse; from modelfuse import _early; "
-             "_early.started is None or _early.started.join(); "
-             "print(_early.started is not None, 'numba' in sys.modules)")
+    probe = ("import sys, threading; sys.argv = {argv!r}; import modelfuse; "
+             "names = [t.name for t in threading.enumerate()]; "
+             "[t.join() for t in threading.enumerate() if t.name == 'modelfuse-numba-set-up']; "
+             "print('modelfuse-numba-set-up' in names, 'numba' in sys.modules)")
     merging = subprocess.run([sys.executable, "-c", probe.format(argv=["modelfuse", "merge", "r.yml"])],
                              capture_output=True, text=True, check=True)
     assert merging.stdout.split() == ["True", "True"]

@@ -15,8 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "modelfuse"
 # Bottom to top; a module may import modules of its own layer and of the layers before it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("_version", "_gc", "_early", "errors", "units", "params", "architecture", "devices",
-                    "options", "settings")),
+    ("foundation", ("_version", "_gc", "errors", "units", "params", "architecture", "devices", "options", "settings")),
     ("io", ("io",)),
     ("kernels, methods", ("kernels", "methods")),
     ("plan", ("recipe", "mergekit_compat", "compat", "plan")),

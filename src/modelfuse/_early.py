@@ -9,13 +9,8 @@ import os
 import threading
 from collections.abc import Sequence
 
-from modelfuse._gc import gc_paused
-
 PROGRAMS = ("modelfuse", "-m", "__main__.py")
 """``sys.argv[0]`` of the console script, and of ``python -m modelfuse.cli`` while the package is imported."""
-
-started: threading.Thread | None = None
-"""The set-up thread, once started."""
 
 
 def merge_command(argv: Sequence[str]) -> bool:
@@ -31,26 +26,18 @@ def start_numba_set_up(argv: Sequence[str]) -> threading.Thread | None:
     """For a merge command line, start numba's set-up on a daemon thread (None otherwise, or without numba)."""
     if not merge_command(argv) or importlib.util.find_spec("numba") is None:
         return None
-    global started
-    started = threading.Thread(target=_set_up, name="modelfuse-numba-set-up", daemon=True)
-    started.start()
-    return started
-
-
-def _increment(value: int) -> int:
-    """A trivial function: its first compiled call makes numba build its typing registries."""
-    return value + 1
+    thread = threading.Thread(target=_set_up, name="modelfuse-numba-set-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _set_up() -> None:
+    from modelfuse._gc import gc_paused
+
     with gc_paused():  # numba's import: modelfuse/_gc.py
         try:
-            import numba  # the optional compiler, loaded only in a merge process
+            from modelfuse import _numba_set_up
 
-            try:
-                compiled = numba.njit(cache=True)(_increment)
-            except RuntimeError:  # no writable cache folder: compile in this process
-                compiled = numba.njit(_increment)
-            compiled(1)
+            _numba_set_up.first_call()
         except Exception:  # only a head start: the merge's own warm-up loads the kernels and reports
             return
