@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modelfuse._early import start_numba_set_up
 from modelfuse._gc import gc_paused
-
-start_numba_set_up(sys.argv)  # a `modelfuse merge` process: numba's set-up overlaps torch's import
 
 with gc_paused():  # torch's import: modelfuse/_gc.py
     from modelfuse._version import __version__
