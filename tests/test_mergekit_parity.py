@@ -391,3 +391,38 @@ def test_the_banded_selection_equals_mergekit(make_family: Any, mergekit_parity:
     mk, mf = mergekit_parity.run(config, chunk_elements=96)  # row blocks: the pre-pass selects
     mergekit_parity.assert_equal(mk, mf, tol=0.0 if inputs != torch.float32 else TOL)
     assert sum(taken) > len(taken) // 2  # most tensors took the band (a missed band falls back, also exact)
+
+
+@pytest.mark.parametrize("banded", [True, False], ids=["banded", "general"])
+def test_the_mergekit_selection_refuses_nonfinite_inputs_naming_them(make_family: Any, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    banded: bool) -> None:
+    """An Inf in one of two experts, in mergekit's order with row blocks (banded or not): the model, tensor and
+    count in one line (this check used to fail on its own bookkeeping with two experts), the input untouched."""
+    import hashlib
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    import modelfuse
+    from modelfuse.engine import prepass
+
+    monkeypatch.setattr(prepass, "_BANDED_MIN_ELEMENTS", 1 if banded else 1 << 62)
+    paths = make_family("llama", dtype=torch.bfloat16)
+    weights = paths["e1"] / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name].reshape(-1)[5:7] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(paths["base"]),
+        "models": _models(paths, ("e1", {"weight": 0.7}), ("e2", {"weight": 0.5})),
+        "parameters": {"density": 0.3}, "dtype": "float32", "out_dtype": "bfloat16"}))
+    with pytest.raises(modelfuse.ModelfuseError) as raised:
+        modelfuse.merge(modelfuse.load_recipe(recipe), tmp_path / "out",
+                        options=modelfuse.MergeOptions(chunk_elements=96))
+    message = str(raised.value)
+    assert name in message and "2 Inf" in message and len(message.splitlines()) == 1, message
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before

@@ -4,7 +4,7 @@ passes before the tensor's element-wise pass."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -362,7 +362,7 @@ def _task_vector_magnitude(plan: MergePlan, source: Source, base: Source, numel:
         expert, reference = expert.float(), reference.float()
         if not (all_finite(expert) and all_finite(reference)):
             if not replace_nonfinite:
-                FiniteCheck(job, plan, False).inputs([expert], reference)
+                FiniteCheck(replace(job, sources=[source]), plan, False).inputs([expert], reference)  # this model's
             reference = torch.where(torch.isfinite(reference), reference, 0.0)
             expert = torch.where(torch.isfinite(expert), expert, reference)
         torch.sub(expert, reference, out=out).abs_()
