@@ -45,6 +45,7 @@ def _kernels() -> dict[str, Any]:
                 from numba.extending import register_jitable
 
                 register_jitable(_sum4)  # called from the compiled loops; a plain function here
+                register_jitable(_count_band_loop)
                 loops = {"ties_combine": _ties_combine_loop, "weighted_sum": _weighted_sum_loop,
                          "topk_keep": _topk_keep_loop, "drop_and_rescale": _drop_and_rescale_loop,
                          "affine_bf16": _affine_bf16_loop, "abs_deltas_bf16": _abs_deltas_bf16_loop,
@@ -621,12 +622,10 @@ def _abs_delta_band_bf16_loop(source: np.ndarray, base: np.ndarray, out: np.ndar
     shift = np.uint32(16)
     exponent = np.uint16(0x7F80)
     n = base.size
-    room = indices.size
     out_bits = out.view(np.uint32)
     keys = out.view(np.int32)
     base_wide = np.empty(batch, dtype=np.uint32)
     base_values = base_wide.view(np.float32)
-    width = np.uint32(key_hi - key_lo)  # inside: 0 <= key - key_lo <= width, one unsigned comparison
     nonfinite = 0
     above = 0
     for start in range(0, n, batch):
@@ -642,14 +641,9 @@ def _abs_delta_band_bf16_loop(source: np.ndarray, base: np.ndarray, out: np.ndar
             row_bits[j] = np.uint32(source_batch[j]) << shift
         for j in range(size):
             row[j] = abs(row[j] - base_values[j])
-        row_keys = keys[start : start + size]
-        for j in range(size):  # no branch: a value's side of the band is unpredictable
-            above += row_keys[j] > key_hi
-        for j in range(size):  # one branch, rarely taken: the band is narrow
-            if np.uint32(row_keys[j] - key_lo) <= width:
-                if inside < room:
-                    indices[inside] = offset + start + j
-                inside += 1
+        counted, inside = _count_band_loop(keys[start : start + size], key_lo, key_hi, indices, offset + start,
+                                           inside)
+        above += counted
     return nonfinite, above, inside
 
 
@@ -658,10 +652,10 @@ def _count_band_loop(keys: np.ndarray, key_lo: int, key_hi: int, indices: np.nda
     """The loop of :func:`count_band`: returns (entries above the band, entries inside it so far)."""
     room = indices.size
     above = 0
-    width = np.uint32(key_hi - key_lo)
-    for j in range(keys.size):  # as in _abs_delta_band_bf16_loop
+    width = np.uint32(key_hi - key_lo)  # inside: 0 <= key - key_lo <= width, one unsigned comparison
+    for j in range(keys.size):  # no branch: a value's side of the band is unpredictable
         above += keys[j] > key_hi
-    for j in range(keys.size):
+    for j in range(keys.size):  # one branch, rarely taken: the band is narrow
         if np.uint32(keys[j] - key_lo) <= width:
             if inside < room:
                 indices[inside] = offset + j
