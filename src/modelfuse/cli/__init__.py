@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from modelfuse._gc import gc_paused
+from modelfuse._gc import freeze_at_exit, gc_paused
 
 with gc_paused():  # typer, rich, pydantic: modelfuse/_gc.py
     import typer
@@ -20,6 +20,7 @@ with gc_paused():  # typer, rich, pydantic: modelfuse/_gc.py
 
 def main() -> None:
     """Entry point: run the app, turning modelfuse errors into a message and exit code 1."""
+    freeze_at_exit()
     try:
         app(standalone_mode=False)
     except ModelfuseError as error:
