@@ -29,7 +29,7 @@ class MergeOptions(BaseModel):
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
     threads: int = Field(default_factory=default_threads, ge=1, le=256, description="Worker threads.")
     max_memory: str = Field(default="2GiB", description="RAM budget for tensor data, e.g. 2GiB or 4GB.")
-    chunk_elements: int = Field(default=1 << 20, ge=1, description="Elements per row block of block-wise methods.")
+    chunk_elements: int = Field(default=1 << 21, ge=1, description="Elements per row block of block-wise methods.")
     allow_nonfinite: bool = Field(default=False, description="Merge inputs holding NaN or Inf (a non-finite result "
                                   "is still refused).")
     resume: bool = Field(default=False, description="Continue the partial output an interrupted merge left.")
