@@ -176,3 +176,59 @@ def test_bf16_ties_with_tied_magnitudes_equals_the_torch_steps(
     monkeypatch.setattr(fused, "AVAILABLE", False)
     plain = modelfuse.merge(merge, tmp_path / "plain", options=options)
     assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dare_ties", "dare_linear", "della", "ties"])
+def test_bf16_kernels_by_read_pieces_equal_the_torch_steps(
+    method: str, make_family: Callable[..., Family], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row blocks computed piece by piece from read inputs (pieces of 13 elements: ends inside rows, blocks of
+    several pieces) give the bytes of the torch steps; methods with top-k selection or without a bf16 kernel keep
+    the mapped path."""
+    from modelfuse.engine import compute
+    from modelfuse.kernels import fused
+
+    family = make_family("llama", dtype=torch.bfloat16)
+    options = MergeOptions(chunk_elements=300, threads=2)
+    monkeypatch.setattr(compute, "READ_PIECE_ELEMENTS", 13)
+    by_pieces = []
+    original = compute._kernel_by_pieces
+    monkeypatch.setattr(compute, "_kernel_by_pieces",
+                        lambda *args: by_pieces.append(original(*args)) or by_pieces[-1])
+    fast = modelfuse.merge(recipe(family, method), tmp_path / "fast", options=options)
+    spec = modelfuse.get_method(method)
+    if spec.bf16_kernel is not None and spec.topk is None:
+        assert by_pieces and all(result is not None for result in by_pieces)
+    else:
+        assert not by_pieces
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    plain = modelfuse.merge(recipe(family, method), tmp_path / "plain", options=options)
+    assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("allow_nonfinite", [False, True])
+def test_bf16_read_pieces_with_a_nan_go_the_checked_way(
+    allow_nonfinite: bool, make_family: Callable[..., Family], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN in a piece makes the kernel decline the block, which is then computed the checked way: refused
+    naming the model and tensor, or (--allow-nonfinite) merged as the torch steps merge it."""
+    from safetensors.torch import load_file, save_file
+
+    from modelfuse.engine import compute
+    from modelfuse.kernels import fused
+
+    family = make_family("llama", dtype=torch.bfloat16)
+    tensors = load_file(str(family["e1"] / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name].view(-1)[1000] = float("nan")
+    save_file(tensors, str(family["e1"] / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(compute, "READ_PIECE_ELEMENTS", 13)
+    options = MergeOptions(chunk_elements=300, threads=2, allow_nonfinite=allow_nonfinite)
+    if not allow_nonfinite:
+        with pytest.raises(modelfuse.CheckpointError, match=r"up_proj.*NaN|NaN.*up_proj"):
+            modelfuse.merge(recipe(family, "linear"), tmp_path / "fast", options=options)
+        return
+    fast = modelfuse.merge(recipe(family, "linear"), tmp_path / "fast", options=options)
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    plain = modelfuse.merge(recipe(family, "linear"), tmp_path / "plain", options=options)
+    assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
