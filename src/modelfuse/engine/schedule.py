@@ -32,7 +32,7 @@ class DoneRecord(Protocol):
 
     def flush(self, sync: Callable[[], None]) -> None: ...
 
-_ENGINE_RESERVE_BYTES = 16 << 20  # writer buffers, thread stacks, Python objects
+_ENGINE_RESERVE_BYTES = 32 << 20  # the writer's staging buffers (24 MiB), thread stacks, Python objects
 MIN_TENSOR_BUDGET_BYTES = 8 << 20
 
 
