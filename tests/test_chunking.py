@@ -223,12 +223,18 @@ def test_bf16_read_pieces_with_a_nan_go_the_checked_way(
     tensors[name].view(-1)[1000] = float("nan")
     save_file(tensors, str(family["e1"] / "model.safetensors"), metadata={"format": "pt"})
     monkeypatch.setattr(compute, "READ_PIECE_ELEMENTS", 13)
+    by_pieces = []
+    original = compute._kernel_by_pieces
+    monkeypatch.setattr(compute, "_kernel_by_pieces",
+                        lambda *args: by_pieces.append(original(*args)) or by_pieces[-1])
     options = MergeOptions(chunk_elements=300, threads=2, allow_nonfinite=allow_nonfinite)
     if not allow_nonfinite:
         with pytest.raises(modelfuse.CheckpointError, match=r"up_proj.*NaN|NaN.*up_proj"):
             modelfuse.merge(recipe(family, "linear"), tmp_path / "fast", options=options)
+        assert None in by_pieces  # the piece path declined the block with the NaN
         return
     fast = modelfuse.merge(recipe(family, "linear"), tmp_path / "fast", options=options)
+    assert None in by_pieces and any(result is not None for result in by_pieces)
     monkeypatch.setattr(fused, "AVAILABLE", False)
     plain = modelfuse.merge(recipe(family, "linear"), tmp_path / "plain", options=options)
     assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()

@@ -27,14 +27,15 @@ def test_only_the_named_command_is_kept(arguments: list[str], kept: list[str]) -
     assert len(app.registered_commands) > 20  # the whole app is left as it was
 
 
-@pytest.mark.parametrize("arguments", [[], ["--help"], ["--debug"], ["mrge", "x.yml"], ["merge-lora"]])
+@pytest.mark.parametrize("arguments", [[], ["--help"], ["--debug"], ["mrge", "x.yml"], ["merge-lora"],
+                                       ["--help", "merge"], ["--debug", "--help", "lora"]])
 def test_a_line_naming_no_command_gets_the_whole_app(arguments: list[str]) -> None:
     assert app_for(arguments) is app
 
 
 @pytest.mark.parametrize("arguments", [
     ["merge", "--help"], ["lora", "merge", "--help"], ["eval", "--help"], ["--debug", "methods"],
-    ["plan"], ["merge", "--no-such-option"], ["mrge"], ["--help"],
+    ["plan"], ["merge", "--no-such-option"], ["mrge"], ["--help"], ["--help", "merge"], ["--verbose", "--help", "moe"],
 ])
 def test_the_narrowed_app_prints_and_fails_as_the_whole_app(arguments: list[str]) -> None:
     runner = CliRunner()

@@ -12,6 +12,7 @@ from _adapters import make_adapter
 from safetensors.torch import load_file
 
 import modelfuse
+import modelfuse.lora
 from conftest import Builder, Cli, assert_clean_failure, tiny_model
 
 pytestmark = pytest.mark.integration
@@ -155,7 +156,8 @@ def test_damaged_adapters(damage: Any, needles: tuple[str, ...], run_cli: Cli, t
 
 def test_adapted_tensors_are_read_never_mapped(tmp_path: Path) -> None:
     """The engine maps the inputs it can (``Checkpoint.mapped``); a BASE+ADAPTER model's adapted tensors come from
-    ``read`` (the adapter's delta added): mapped gives None for them and the stored values for the others."""
+    ``read`` (the adapter's delta added): mapped gives None for them and the stored values for the others, and
+    only the others are ``stored_as_is`` (the engine reads those piece by piece for a bf16 kernel)."""
     from modelfuse.io.opening import open_checkpoint
 
     base = tmp_path / "base"
@@ -165,6 +167,7 @@ def test_adapted_tensors_are_read_never_mapped(tmp_path: Path) -> None:
     adapted = []
     for name in adapted_model:
         mapped = adapted_model.mapped(name)
+        assert adapted_model.stored_as_is(name) == (mapped is not None) and plain.stored_as_is(name), name
         if mapped is None:
             adapted.append(name)
             assert not torch.equal(adapted_model.read(name), plain.read(name)), name

@@ -19,13 +19,18 @@ with gc_paused():  # typer, rich, pydantic: modelfuse/_gc.py
     from modelfuse.errors import ModelfuseError, interrupt_exit_code
 
 
+_APP_OPTIONS = ("--debug", "--verbose")  # the options of the app itself (``cli._app._main``)
+
+
 def app_for(arguments: list[str]) -> typer.Typer:
     """The app with only the command or group that ``arguments`` name, or the whole app when they name none
     (``--help``, a typo: the whole app lists the commands). Typer builds every registered command's parameters
     from its type hints before it runs one, which cost 0.2 s of each command's start; the named command alone
     parses, runs and prints its help as in the whole app."""
-    name = next((argument for argument in arguments if not argument.startswith("-")), None)  # the app's own
-    # options (--debug, --verbose) take no value
+    leading = 0  # the app's own options (--debug, --verbose) take no value; any other before the name (--help)
+    while leading < len(arguments) and arguments[leading] in _APP_OPTIONS:
+        leading += 1
+    name = arguments[leading] if leading < len(arguments) else None
     commands = [command for command in app.registered_commands
                 if (command.name or typer.main.get_command_name(command.callback.__name__)) == name]
     groups = [group for group in app.registered_groups if group.name == name]

@@ -164,11 +164,15 @@ def compute_tensor(
 def _reads_by_piece(job: TensorJob, plan: MergePlan, inputs: Sequence[Source], thresholds: object,
                     device: torch.device) -> bool:
     """Whether a row block of ``job`` goes to :func:`_kernel_by_pieces`: a method's bf16 kernel without top-k
-    selection, on the CPU, from bfloat16 inputs to a bfloat16 result computed in plain float32."""
+    selection (numba at hand), on the CPU, from bfloat16 inputs stored as they are read (a pickle's tensors and
+    an adapter's are read whole or by block: per piece would repeat their conversion) to a bfloat16 result
+    computed in plain float32."""
     kernel = job.method.bf16_kernel
-    return (kernel is not None and thresholds is None and job.method.topk is None and device.type == "cpu"
-            and job.dtype == torch.bfloat16 and _plain_float32(plan) and not torch_draws(job, plan)
-            and all(plan.checkpoints[source.model][source.name].dtype == torch.bfloat16 for source in inputs))
+    return (kernel is not None and fused.AVAILABLE and thresholds is None and job.method.topk is None
+            and device.type == "cpu" and job.dtype == torch.bfloat16 and _plain_float32(plan)
+            and not torch_draws(job, plan)
+            and all(plan.checkpoints[source.model][source.name].dtype == torch.bfloat16
+                    and plan.checkpoints[source.model].stored_as_is(source.name) for source in inputs))
 
 
 def _kernel_by_pieces(job: TensorJob, plan: MergePlan, inputs: Sequence[Source], rows: tuple[int, int],

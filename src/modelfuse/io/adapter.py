@@ -208,6 +208,10 @@ class AdaptedCheckpoint(Checkpoint):
         """The base folder and the adapter folder."""
         return [self.folder, self.adapter.folder]
 
+    def stored_as_is(self, name: str) -> bool:
+        """As ``Checkpoint.stored_as_is``; False for the tensors the adapter changes."""
+        return name not in self.adapter.modules and name not in self.adapter.replaced and super().stored_as_is(name)
+
     def _map(self, name: str, start: int, stop: int, scattered: bool = False) -> torch.Tensor | None:
         """As ``Checkpoint._map`` for the tensors the adapter leaves alone; None (so ``read``) for adapted ones."""
         if name in self.adapter.modules or name in self.adapter.replaced:

@@ -282,6 +282,11 @@ class Checkpoint(Mapping[str, TensorInfo]):
         block = self._pread(name, start * row_bytes, (stop - start) * row_bytes, out)
         return block.view(info.dtype).reshape(stop - start, *shape[1:])
 
+    def stored_as_is(self, name: str) -> bool:
+        """Whether tensor ``name``'s values are its bytes in its file, read in place (not a pickle file's tensor,
+        nor one an adapter changes): reading any range of it is then one ``pread``."""
+        return name not in self._loaded
+
     def mapped(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         """One tensor, or its row block ``[start, stop)``, as a private (copy-on-write) memory map of its bytes in
         the file: no copy is made, writes to it stay in memory, and its pages leave this process's resident
