@@ -238,3 +238,26 @@ def test_bf16_read_pieces_with_a_nan_go_the_checked_way(
     monkeypatch.setattr(fused, "AVAILABLE", False)
     plain = modelfuse.merge(recipe(family, "linear"), tmp_path / "plain", options=options)
     assert (fast / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
+def test_bf16_read_pieces_name_a_file_cut_short_during_the_merge(
+    make_family: Callable[..., Family], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard cut short after planning (another process truncating it) is named with the tensor when a piece is
+    read, and the file is left as it is."""
+    from modelfuse.engine import compute
+    from modelfuse.errors import CheckpointError
+
+    family = make_family("llama", dtype=torch.bfloat16)
+    plan = modelfuse.plan(recipe(family, "linear"))
+    job = next(job for job in plan.jobs if job.name == "model.layers.1.mlp.down_proj.weight")
+    monkeypatch.setattr(compute, "READ_PIECE_ELEMENTS", 13)
+    shard = family["e2"] / "model.safetensors"
+    with shard.open("r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    size = shard.stat().st_size
+    rows = (job.shape[0] - 2, job.shape[0])  # the last rows: past the new end of the file
+    assert compute._reads_by_piece(job, plan, job.sources, None, compute.CPU)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*down_proj.*truncated"):
+        compute.compute_tensor(job, plan, rows)
+    assert shard.stat().st_size == size
